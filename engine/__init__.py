@@ -1,0 +1,1 @@
+"""flux-bot engine: everything that decides, queues, charges and generates."""

@@ -1,0 +1,1 @@
+"""Image backends: the BFL API client and the local FLUX.1 worker supervisor."""

@@ -1,0 +1,333 @@
+"""config.toml + environment -> typed, validated settings, loaded once and passed explicitly.
+
+Secrets never come from the file: only from the environment (`Secrets`). Any problem stops start-up with one
+`ConfigError` naming the file, the key and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from engine.errors import ConfigError
+from engine.models import credits_to_micros, dollars_to_micros
+
+CONFIG_ENV = "FLUX_BOT_CONFIG"
+DEFAULT_BFL_URL = "https://api.bfl.ai"
+
+ASPECT_RATIOS = ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9", "9:21")
+
+Dollars = Annotated[Decimal, Field(ge=0, max_digits=12, decimal_places=6)]
+
+
+class _Section(BaseModel):
+    # A typo in config.toml is an error, not a silently ignored key.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BotSettings(_Section):
+    state_dir: Path = Path("state")
+    database: str = "flux-bot.db"
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(
+                f"unknown time zone {value!r} (use an IANA name such as 'UTC' or 'Europe/Berlin')"
+            ) from exc
+        return value
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    @property
+    def database_path(self) -> Path:
+        return self.state_dir / self.database
+
+    @property
+    def images_dir(self) -> Path:
+        # Results are kept on disk so an image can still be delivered after a restart.
+        return self.state_dir / "images"
+
+
+class AdminSettings(_Section):
+    user_ids: tuple[str, ...] = ()
+    role_ids: tuple[str, ...] = ()
+
+
+class RoutingSettings(_Section):
+    max_local_wait_s: float = Field(60.0, ge=0)
+    commercial: bool = False
+    default_model: str = "schnell"
+    local_enabled: bool = True
+    api_enabled: bool = True
+
+
+class SchedulerSettings(_Section):
+    max_running_per_user: int = Field(1, ge=1)
+    local_retries: int = Field(1, ge=0, le=5)
+    local_capacity: int = Field(1, ge=1)
+
+
+class BflSettings(_Section):
+    api_url: str = DEFAULT_BFL_URL
+    max_concurrency: int = Field(20, ge=1, le=24)
+    request_timeout_s: float = Field(30.0, gt=0)
+    total_timeout_s: float = Field(300.0, gt=0)
+    poll_interval_s: float = Field(0.5, gt=0)
+    poll_max_interval_s: float = Field(5.0, gt=0)
+    max_retries: int = Field(3, ge=0, le=10)
+    safety_tolerance: int = Field(2, ge=0, le=6)
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    seconds_estimate: float = Field(18.0, gt=0)
+
+
+class LocalSettings(_Section):
+    """The local FLUX.1 worker(s): one process per GPU, supervised by engine/backends/local.py."""
+
+    model: str = ""  # a folder or a Hugging Face id; empty = the built-in tiny demo model (random weights)
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    device: str = "auto"  # "auto" = cuda when present, else cpu
+    gpus: tuple[int, ...] = ()  # one worker per index (CUDA_VISIBLE_DEVICES); empty = one worker on `device`
+    resolution_buckets: tuple[str, ...] = (
+        "1024x1024",
+        "1344x768",
+        "768x1344",
+        "1152x896",
+        "896x1152",
+        "1216x832",
+        "832x1216",
+    )
+    warmup: bool = True
+    compile: bool = False
+    fp8: bool = False
+    fuse_qkv: bool = False
+    vae_tiling: bool = False
+    cpu_offload: bool = False
+    recycle_after_jobs: int = Field(500, ge=1)
+    max_reserved_slack_mb: int = Field(4096, ge=0)
+    max_rss_growth_mb: int = Field(4096, ge=0)
+    job_timeout_s: float = Field(600.0, gt=0)
+    step_timeout_s: float = Field(120.0, gt=0)
+    start_timeout_s: float = Field(600.0, gt=0)
+    preview_every: int = Field(4, ge=0)
+
+
+class ModelSettings(_Section):
+    display_name: str
+    local: bool = False
+    api_endpoint: str | None = None
+    non_commercial: bool = False
+    price_credits: Decimal = Field(Decimal(0), ge=0)
+    default_steps: int = Field(28, ge=1)
+    max_steps: int = Field(50, ge=1)
+    default_guidance: float | None = None
+    min_guidance: float = 1.5
+    max_guidance: float = 5.0
+    sizing: Literal["pixels", "aspect"] = "pixels"
+    megapixels: float = Field(1.0, gt=0, le=4.0)
+    needs_input_image: bool = False
+    local_seconds_per_step: float = Field(0.25, gt=0)
+
+    @model_validator(mode="after")
+    def _runs_somewhere(self) -> ModelSettings:
+        if not self.local and not self.api_endpoint:
+            raise ValueError("a model must run locally (local = true) or name an api_endpoint")
+        if self.default_steps > self.max_steps:
+            raise ValueError("default_steps is larger than max_steps")
+        return self
+
+    @property
+    def price_micros(self) -> int:
+        return credits_to_micros(self.price_credits)
+
+
+class PolicySettings(_Section):
+    min_prompt_chars: int = Field(3, ge=1)
+    max_prompt_chars: int = Field(1500, ge=1)
+    blocked_words: tuple[str, ...] = ()
+    allowed_phrases: tuple[str, ...] = ()
+
+
+class TierSettings(_Section):
+    roles: tuple[str, ...] = ()
+    images_per_day: int | None = Field(None, ge=0)
+    gpu_seconds_per_day: int | None = Field(None, ge=0)
+    api_usd_per_month: Dollars | None = None
+    concurrent_jobs: int | None = Field(None, ge=1)
+
+
+class LimitSettings(_Section):
+    guild_api_usd_per_month: Dollars | None = None
+    global_api_usd_per_month: Dollars | None = None
+
+
+def _default_models() -> dict[str, ModelSettings]:
+    return {
+        "schnell": ModelSettings(
+            display_name="FLUX.1 [schnell]",
+            local=True,
+            default_steps=4,
+            max_steps=8,
+            local_seconds_per_step=0.1,
+        ),
+        "dev": ModelSettings(
+            display_name="FLUX.1 [dev]",
+            local=True,
+            api_endpoint="flux-dev",
+            non_commercial=True,
+            price_credits=Decimal("2.5"),
+            default_guidance=3.0,
+        ),
+        "pro": ModelSettings(display_name="FLUX1.1 [pro]", api_endpoint="flux-pro-1.1", price_credits=Decimal(4)),
+        "ultra": ModelSettings(
+            display_name="FLUX1.1 [pro] ultra",
+            api_endpoint="flux-pro-1.1-ultra",
+            price_credits=Decimal(6),
+            sizing="aspect",
+            megapixels=4.0,
+        ),
+    }
+
+
+_DEFAULT_TIER = TierSettings(
+    images_per_day=50, gpu_seconds_per_day=1800, api_usd_per_month=Decimal("2.00"), concurrent_jobs=3
+)
+
+
+class Settings(_Section):
+    bot: BotSettings = BotSettings()
+    admins: AdminSettings = AdminSettings()
+    routing: RoutingSettings = RoutingSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    bfl: BflSettings = BflSettings()
+    local: LocalSettings = LocalSettings()
+    policy: PolicySettings = PolicySettings()
+    limits: LimitSettings = LimitSettings()
+    models: dict[str, ModelSettings] = Field(default_factory=_default_models)
+    tiers: dict[str, TierSettings] = Field(default_factory=lambda: {"default": _DEFAULT_TIER})
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.routing.default_model not in self.models:
+            raise ValueError(f"routing.default_model {self.routing.default_model!r} is not one of [models.*]")
+        if "default" not in self.tiers:
+            raise ValueError("[tiers.default] is required: it holds the limits of users with no other tier")
+        return self
+
+
+@dataclass(frozen=True)
+class Secrets:
+    """Tokens and keys, from the environment only. repr() never shows a value."""
+
+    discord_token: str | None = field(default=None, repr=False)
+    slack_bot_token: str | None = field(default=None, repr=False)
+    slack_app_token: str | None = field(default=None, repr=False)
+    slack_signing_secret: str | None = field(default=None, repr=False)
+    bfl_api_key: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Secrets:
+        def get(name: str) -> str | None:
+            value = env.get(name, "").strip()
+            return value or None
+
+        return cls(
+            discord_token=get("DISCORD_TOKEN"),
+            slack_bot_token=get("SLACK_BOT_TOKEN"),
+            slack_app_token=get("SLACK_APP_TOKEN"),
+            slack_signing_secret=get("SLACK_SIGNING_SECRET"),
+            bfl_api_key=get("BFL_API_KEY"),
+        )
+
+    def values(self) -> tuple[str, ...]:
+        """Every secret that is set, so logging can redact them."""
+        return tuple(
+            v
+            for v in (
+                self.discord_token,
+                self.slack_bot_token,
+                self.slack_app_token,
+                self.slack_signing_secret,
+                self.bfl_api_key,
+            )
+            if v
+        )
+
+
+_SECRET_KEYS = {
+    "token",
+    "api_key",
+    "key",
+    "secret",
+    "signing_secret",
+    "password",
+    "bfl_api_key",
+    "discord_token",
+}
+
+
+def _reject_secrets(data: Any, path: str, file: str) -> None:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            where = f"{path}.{key}" if path else key
+            if key.lower() in _SECRET_KEYS or key.lower().endswith(("_token", "_secret", "_key")):
+                raise ConfigError(file, where, "secrets are read only from the environment; remove this key")
+            _reject_secrets(value, where, file)
+
+
+def _describe(error: Mapping[str, Any]) -> tuple[str, str]:
+    where = ".".join(str(part) for part in error.get("loc", ()) if part != "__root__") or "(top level)"
+    message = str(error.get("msg", "invalid value"))
+    if error.get("type") == "extra_forbidden":
+        message = "unknown key (check its spelling against the documented config.toml)"
+    return where, message.removeprefix("Value error, ")
+
+
+def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None) -> tuple[Settings, Secrets]:
+    """Read the file (or the built-in defaults), apply environment overrides, validate, resolve paths."""
+    env = os.environ if env is None else env
+    if path is None and env.get(CONFIG_ENV):
+        path = Path(env[CONFIG_ENV])
+    raw: dict[str, Any] = {}
+    file = str(path) if path else "(built-in defaults)"
+    base_dir = Path.cwd()
+    if path is not None:
+        try:
+            with path.open("rb") as handle:
+                raw = tomllib.load(handle)
+        except FileNotFoundError as exc:
+            raise ConfigError(file, "(file)", "file not found") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(file, "(syntax)", str(exc)) from exc
+        base_dir = path.resolve().parent
+    _reject_secrets(raw, "", file)
+    if env.get("BFL_API_URL"):
+        raw.setdefault("bfl", {})["api_url"] = env["BFL_API_URL"]
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        where, problem = _describe(exc.errors()[0])
+        raise ConfigError(file, where, problem) from exc
+    if not settings.bot.state_dir.is_absolute():
+        bot = settings.bot.model_copy(update={"state_dir": base_dir / settings.bot.state_dir})
+        settings = settings.model_copy(update={"bot": bot})
+    return settings, Secrets.from_env(env)
+
+
+def dollars(value: Decimal | None) -> int | None:
+    """A configured dollar limit as micro-dollars (None stays None: no limit)."""
+    return None if value is None else dollars_to_micros(value)

@@ -1,0 +1,87 @@
+"""The one exception root of flux-bot and its structured subclasses.
+
+Adapters turn each subclass into one friendly message (bot/render.py); the fields carry what that message needs,
+so no adapter ever parses an exception's text.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+
+class EngineError(Exception):
+    """Root of every error the engine raises on purpose."""
+
+
+class InvalidRequest(EngineError):
+    """The user's input cannot be served as given (bad option, unknown model, malformed command)."""
+
+    def __init__(self, problem: str, *, field: str | None = None) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.field = field
+
+
+class PolicyBlocked(EngineError):
+    """The prompt policy refused the prompt."""
+
+    def __init__(self, rule: str, detail: str) -> None:
+        super().__init__(f"{rule}: {detail}")
+        self.rule = rule
+        self.detail = detail
+
+
+class QuotaExceeded(EngineError):
+    """A reservation would cross a limit. `remaining` is in the limit's own unit (images, ms, micro-dollars)."""
+
+    def __init__(self, limit: str, *, unit: str, limit_value: int, remaining: int, resets_at: datetime | None) -> None:
+        super().__init__(f"{limit}: {remaining} {unit} left of {limit_value}")
+        self.limit = limit
+        self.unit = unit
+        self.limit_value = limit_value
+        self.remaining = remaining
+        self.resets_at = resets_at
+
+
+class BackendUnavailable(EngineError):
+    """No backend can take the job now; `reason` says what would help."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class GenerationFailed(EngineError):
+    """A generation ended in failure; `charged_micros` is what the user paid for it (0 when nothing)."""
+
+    def __init__(self, reason: str, *, charged_micros: int = 0) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.charged_micros = charged_micros
+
+
+class JobNotFound(EngineError):
+    """No job has that id (or it belongs to someone else and the caller is not an admin)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+
+class NotAllowed(EngineError):
+    """The requester lacks the right for this action (admin command, someone else's job, a banned user)."""
+
+    def __init__(self, action: str, reason: str) -> None:
+        super().__init__(f"{action}: {reason}")
+        self.action = action
+        self.reason = reason
+
+
+class ConfigError(EngineError):
+    """The configuration cannot be used; start-up stops with one message naming file, field and problem."""
+
+    def __init__(self, file: str, field: str, problem: str) -> None:
+        super().__init__(f"{file}: {field}: {problem}")
+        self.file = file
+        self.field = field
+        self.problem = problem

@@ -1,0 +1,352 @@
+"""Domain types shared by the engine and the front-ends: small, frozen, typed, platform-free.
+
+Money is integer micro-dollars everywhere (1 BFL credit = $0.01 = 10,000 micro-dollars); local GPU time is integer
+milliseconds. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from enum import StrEnum
+
+MICROS_PER_DOLLAR = 1_000_000
+MICROS_PER_CREDIT = 10_000
+
+
+def credits_to_micros(credits: float | int | str | Decimal) -> int:
+    """BFL bills in credits (1 credit = $0.01); convert exactly, never through binary floating point."""
+    value = Decimal(str(credits)) * MICROS_PER_CREDIT
+    return int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def dollars_to_micros(dollars: float | int | str | Decimal) -> int:
+    value = Decimal(str(dollars)) * MICROS_PER_DOLLAR
+    return int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def format_usd(micros: int) -> str:
+    """$0.04, $12.50, $0.0025: cents always shown, sub-cent digits only when they are not zero."""
+    sign = "-" if micros < 0 else ""
+    dollars = Decimal(abs(micros)) / MICROS_PER_DOLLAR
+    text = f"{dollars:.6f}".rstrip("0")
+    whole, _, fraction = text.partition(".")
+    return f"{sign}${whole}.{fraction.ljust(2, '0')}"
+
+
+def new_job_id() -> str:
+    """Short, time-ordered, unguessable enough to type: 'j' + 6 base-36 time digits + 4 random hex digits."""
+    stamp = int(time.time() * 1000) % 36**6
+    digits = ""
+    for _ in range(6):
+        stamp, rest = divmod(stamp, 36)
+        digits = "0123456789abcdefghijklmnopqrstuvwxyz"[rest] + digits
+    return f"j{digits}{secrets.token_hex(2)}"
+
+
+class Mode(StrEnum):
+    AUTO = "auto"
+    FAST = "fast"  # the API first
+    RELAX = "relax"  # the local GPU only
+
+
+class Platform(StrEnum):
+    CONSOLE = "console"
+    DISCORD = "discord"
+    SLACK = "slack"
+
+
+class BackendKind(StrEnum):
+    LOCAL = "local"
+    API = "api"
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+class Resource(StrEnum):
+    """What a ledger line counts. Each resource has one calendar period for its limits."""
+
+    IMAGES = "images"  # per day
+    GPU_MS = "gpu_ms"  # per day
+    USD_MICROS = "usd_micros"  # per month
+
+    @property
+    def period(self) -> Period:
+        return Period.MONTH if self is Resource.USD_MICROS else Period.DAY
+
+
+class Period(StrEnum):
+    DAY = "day"
+    MONTH = "month"
+
+
+class FailureReason(StrEnum):
+    OOM = "oom"
+    CRASH = "crash"
+    TIMEOUT = "timeout"
+    HUNG = "hung"
+    MODERATED = "moderated"
+    RATE_LIMITED = "rate_limited"
+    SERVER_ERROR = "server_error"
+    BAD_REQUEST = "bad_request"
+    OUT_OF_CREDITS = "out_of_credits"
+    AUTH = "auth"
+    TASK_NOT_FOUND = "task_not_found"
+    DOWNLOAD_FAILED = "download_failed"
+    INTERRUPTED = "interrupted"
+    INTERNAL = "internal"
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRequest:
+    """What the user asked for, after the adapter parsed it. Unset options take the model's defaults."""
+
+    prompt: str
+    model: str
+    width: int | None = None
+    height: int | None = None
+    aspect_ratio: str | None = None  # "16:9"; turned into width/height (or sent as-is to ultra/kontext)
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int | None = None
+    mode: Mode = Mode.AUTO
+    input_image_url: str | None = None  # Kontext edits
+
+
+@dataclass(frozen=True, slots=True)
+class Requester:
+    """Who asked, in platform-neutral terms. `user_key` is the identity that quotas and jobs key on."""
+
+    platform: Platform
+    user_id: str
+    guild_id: str | None = None  # Discord guild or Slack workspace (team id)
+    channel_id: str | None = None
+    roles: tuple[str, ...] = ()
+    is_admin: bool = False
+    display_name: str | None = None
+
+    @property
+    def user_key(self) -> str:
+        # Slack user ids are only unique within a workspace; Discord and console ids are global to the platform.
+        if self.platform is Platform.SLACK:
+            return f"slack:{self.guild_id}:{self.user_id}"
+        return f"{self.platform.value}:{self.user_id}"
+
+    @property
+    def guild_key(self) -> str | None:
+        return f"{self.platform.value}:{self.guild_id}" if self.guild_id else None
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedRequest:
+    """An ImageRequest with every option filled in and checked against the model's limits."""
+
+    prompt: str
+    model: str
+    width: int
+    height: int
+    aspect_ratio: str
+    steps: int
+    guidance: float | None
+    seed: int
+    mode: Mode
+    input_image_url: str | None = None
+
+    @property
+    def megapixels(self) -> float:
+        return self.width * self.height / 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class BackendStatus:
+    """What the router knows of one backend at the moment of a decision."""
+
+    kind: BackendKind
+    healthy: bool
+    paused: bool = False
+    eta_s: float = 0.0  # expected seconds until a new job of this shape would be finished
+    in_flight: int = 0
+    capacity: int = 1
+    detail: str = ""
+
+    @property
+    def available(self) -> bool:
+        return self.healthy and not self.paused
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRoom:
+    """How much the requester may still spend: the smallest room across every limit that applies (None = no limit)."""
+
+    api_micros: int | None
+    gpu_ms: int | None
+    images: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDecision:
+    backend: BackendKind
+    reason: str
+    estimated_cost_micros: int = 0  # API only; local jobs cost GPU time, not money
+    estimated_gpu_ms: int = 0  # local only
+    eta_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteTask:
+    """An API task that was accepted: stored before waiting so a restart polls it again instead of resubmitting."""
+
+    task_id: str
+    polling_url: str
+    cost_micros: int
+
+
+@dataclass(frozen=True, slots=True)
+class BackendJob:
+    """What a backend is handed: the job id (for logs), the resolved request and, after a restart, the task."""
+
+    job_id: str
+    request: ResolvedRequest
+    resume: RemoteTask | None = None
+
+
+# ---- events a backend yields while it works on a job ----
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    backend: BackendKind
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """The API accepted the task (it may now bill for it)."""
+
+    task: RemoteTask
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    step: int
+    total: int
+    preview_png: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    image: bytes
+    mime: str
+    seed: int
+    cost_micros: int = 0
+    gpu_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    reason: FailureReason
+    detail: str
+    charged_micros: int = 0  # what the provider bills for this failure (a timed-out BFL task still costs)
+    retryable: bool = False
+    gpu_ms: int = 0
+
+
+BackendEvent = Started | Submitted | Progress | Finished | Failed
+
+
+# ---- events the engine sends to front-ends ----
+
+
+@dataclass(frozen=True, slots=True)
+class JobQueued:
+    job_id: str
+    position: int
+    eta_s: float
+    route: RouteDecision
+
+
+@dataclass(frozen=True, slots=True)
+class JobRerouted:
+    job_id: str
+    route: RouteDecision
+    after: FailureReason
+
+
+@dataclass(frozen=True, slots=True)
+class JobStarted:
+    job_id: str
+    backend: BackendKind
+
+
+@dataclass(frozen=True, slots=True)
+class JobProgress:
+    job_id: str
+    step: int
+    total: int
+    preview_png: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobDone:
+    job_id: str
+    image: bytes
+    mime: str
+    seed: int
+    backend: BackendKind
+    cost_micros: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class JobFailed:
+    job_id: str
+    reason: FailureReason
+    detail: str
+    charged_micros: int
+
+
+@dataclass(frozen=True, slots=True)
+class JobCancelled:
+    job_id: str
+    charged_micros: int
+
+
+JobEvent = JobQueued | JobRerouted | JobStarted | JobProgress | JobDone | JobFailed | JobCancelled
+TERMINAL_EVENTS = (JobDone, JobFailed, JobCancelled)
+
+
+@dataclass(slots=True)
+class Job:
+    """A job as stored. Mutable only inside the scheduler and store; everyone else gets copies from the store."""
+
+    id: str
+    requester: Requester
+    request: ResolvedRequest
+    state: JobState
+    backend: BackendKind
+    reason: str
+    created_at: float
+    attempts: int = 0
+    local_attempts: int = 0
+    estimated_cost_micros: int = 0
+    estimated_gpu_ms: int = 0
+    task: RemoteTask | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    failure_reason: FailureReason | None = None
+    error: str | None = None
+    cost_micros: int = 0
+    result_path: str | None = None
+    delivered: bool = False

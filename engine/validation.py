@@ -1,0 +1,75 @@
+"""ImageRequest -> ResolvedRequest: every option filled from the model's defaults and checked against its limits.
+
+Sizes come from fixed resolution buckets (one per aspect ratio, about one megapixel, multiples of 32 inside the
+256-1440 range that FLUX.1 [dev] accepts on the API), so a local worker warmed on those buckets never meets a new
+shape and never recompiles in service.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from engine.config import ASPECT_RATIOS, ModelSettings
+from engine.errors import InvalidRequest
+from engine.models import ImageRequest, ResolvedRequest
+
+ASPECT_SIZES: dict[str, tuple[int, int]] = {
+    "1:1": (1024, 1024),
+    "16:9": (1344, 768),
+    "9:16": (768, 1344),
+    "4:3": (1152, 896),
+    "3:4": (896, 1152),
+    "3:2": (1216, 832),
+    "2:3": (832, 1216),
+    "21:9": (1440, 608),
+    "9:21": (608, 1440),
+}
+MIN_SIDE, MAX_SIDE, SIDE_STEP = 256, 1440, 32
+MAX_SEED = 2**32 - 1
+
+
+def resolve(request: ImageRequest, model: ModelSettings) -> ResolvedRequest:
+    aspect = request.aspect_ratio or "1:1"
+    if aspect not in ASPECT_RATIOS:
+        raise InvalidRequest(f"aspect ratio {aspect!r} is not one of {', '.join(ASPECT_RATIOS)}", field="aspect")
+    width, height = _size(request, aspect, model)
+    steps = model.default_steps if request.steps is None else request.steps
+    if not 1 <= steps <= model.max_steps:
+        raise InvalidRequest(f"steps must be between 1 and {model.max_steps} for {model.display_name}", field="steps")
+    guidance = request.guidance if request.guidance is not None else model.default_guidance
+    if guidance is not None and not model.min_guidance <= guidance <= model.max_guidance:
+        raise InvalidRequest(
+            f"guidance must be between {model.min_guidance} and {model.max_guidance}", field="guidance"
+        )
+    seed = secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed
+    if not 0 <= seed <= MAX_SEED:
+        raise InvalidRequest(f"seed must be between 0 and {MAX_SEED}", field="seed")
+    if model.needs_input_image and not request.input_image_url:
+        raise InvalidRequest(f"{model.display_name} edits an image: attach one", field="image")
+    return ResolvedRequest(
+        prompt=request.prompt,
+        model=request.model,
+        width=width,
+        height=height,
+        aspect_ratio=aspect,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        mode=request.mode,
+        input_image_url=request.input_image_url,
+    )
+
+
+def _size(request: ImageRequest, aspect: str, model: ModelSettings) -> tuple[int, int]:
+    if request.width is None and request.height is None:
+        return ASPECT_SIZES[aspect]
+    if model.sizing == "aspect":
+        raise InvalidRequest(f"{model.display_name} takes an aspect ratio, not a width and height", field="size")
+    if request.width is None or request.height is None:
+        raise InvalidRequest("give both width and height, or an aspect ratio", field="size")
+    for name, side in (("width", request.width), ("height", request.height)):
+        if not MIN_SIDE <= side <= MAX_SIDE or side % SIDE_STEP:
+            raise InvalidRequest(
+                f"{name} must be a multiple of {SIDE_STEP} between {MIN_SIDE} and {MAX_SIDE}", field=name
+            )
+    return request.width, request.height
