@@ -1,0 +1,324 @@
+"""Limits and budgets: which limits apply to a requester, what a job reserves, and how reservations end.
+
+The money rules (DESIGN.md): integer micro-dollars; reserve -> settle | void; spend = posted + pending; a
+reservation that would cross any limit fails inside the same transaction (the store checks `LimitCheck`s under
+`BEGIN IMMEDIATE`); periods reset by the calendar in the configured time zone, so no cron is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from engine.config import Settings, TierSettings, dollars
+from engine.errors import InvalidRequest, QuotaExceeded
+from engine.models import (
+    BackendKind,
+    BudgetRoom,
+    Failed,
+    Finished,
+    Requester,
+    Resource,
+    RouteDecision,
+    dollars_to_micros,
+)
+from engine.store import AuditEntry, Close, LimitCheck, OpenReservation, Reservation, Scope, Store
+
+# The per-user limits an admin can override, with the unit each is set in.
+OVERRIDABLE = {
+    "images_per_day": "images",
+    "gpu_seconds_per_day": "seconds",
+    "api_usd_per_month": "dollars",
+    "concurrent_jobs": "jobs",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """One user's effective limits (None = unlimited), after tier and admin overrides."""
+
+    tier: str
+    images_per_day: int | None
+    gpu_ms_per_day: int | None
+    api_micros_per_month: int | None
+    concurrent_jobs: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Periods:
+    day: str
+    month: str
+    day_resets_at: datetime
+    month_resets_at: datetime
+
+    def key(self, resource: Resource) -> str:
+        return self.month if resource is Resource.USD_MICROS else self.day
+
+    def resets_at(self, resource: Resource) -> datetime:
+        return self.month_resets_at if resource is Resource.USD_MICROS else self.day_resets_at
+
+
+@dataclass(frozen=True, slots=True)
+class UsageLine:
+    name: str
+    resource: Resource
+    used: int
+    limit: int | None
+    resets_at: datetime
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.limit is None else max(0, self.limit - self.used)
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaView:
+    user_key: str
+    limits: Limits
+    lines: tuple[UsageLine, ...]
+    banned: bool
+
+
+class Quota:
+    def __init__(self, store: Store, settings: Settings, clock: Callable[[], float]) -> None:
+        self._store = store
+        self._settings = settings
+        self._clock = clock
+
+    # ---- what applies ----
+
+    def periods(self, now: float | None = None) -> Periods:
+        zone = self._settings.bot.zone
+        local = datetime.fromtimestamp(self._clock() if now is None else now, zone)
+        midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        next_day = (midnight + timedelta(days=1, hours=2)).replace(hour=0)  # DST-safe: land inside the next day
+        first = midnight.replace(day=1)
+        next_month = (first + timedelta(days=32)).replace(day=1)
+        return Periods(local.strftime("%Y-%m-%d"), local.strftime("%Y-%m"), next_day, next_month)
+
+    def tier_for(self, requester: Requester) -> tuple[str, TierSettings]:
+        """The first tier (in config order) one of whose roles the requester has, else the default tier."""
+        roles = set(requester.roles)
+        for name, tier in self._settings.tiers.items():
+            if name != "default" and roles.intersection(tier.roles):
+                return name, tier
+        return "default", self._settings.tiers["default"]
+
+    async def limits_for(self, requester: Requester) -> Limits:
+        tier_name, tier = self.tier_for(requester)
+        record = await self._store.get_user(requester.user_key)
+        overrides: dict[str, Any] = record.overrides if record else {}
+
+        def pick(field: str, tier_value: Any) -> Any:
+            return overrides.get(field, tier_value)
+
+        gpu_seconds = pick("gpu_seconds_per_day", tier.gpu_seconds_per_day)
+        api_micros = (
+            overrides["api_usd_per_month"] if "api_usd_per_month" in overrides else dollars(tier.api_usd_per_month)
+        )
+        return Limits(
+            tier=tier_name + (" (with admin overrides)" if overrides else ""),
+            images_per_day=pick("images_per_day", tier.images_per_day),
+            gpu_ms_per_day=None if gpu_seconds is None else int(gpu_seconds) * 1000,
+            api_micros_per_month=api_micros,
+            concurrent_jobs=pick("concurrent_jobs", tier.concurrent_jobs),
+        )
+
+    def checks(self, requester: Requester, limits: Limits, periods: Periods) -> list[LimitCheck]:
+        user = Scope("user", requester.user_key)
+        wanted: list[tuple[str, Scope, Resource, int | None]] = [
+            ("your images per day", user, Resource.IMAGES, limits.images_per_day),
+            ("your GPU time per day", user, Resource.GPU_MS, limits.gpu_ms_per_day),
+            ("your API budget this month", user, Resource.USD_MICROS, limits.api_micros_per_month),
+            ("the server's API budget this month", Scope("global", None), Resource.USD_MICROS,
+             dollars(self._settings.limits.global_api_usd_per_month)),
+        ]  # fmt: skip
+        if requester.guild_key:
+            wanted.append(
+                (
+                    "this server's API budget this month",
+                    Scope("guild", requester.guild_key),
+                    Resource.USD_MICROS,
+                    dollars(self._settings.limits.guild_api_usd_per_month),
+                )
+            )
+        return [
+            LimitCheck(name, scope, resource, periods.key(resource), limit, periods.resets_at(resource).timestamp())
+            for name, scope, resource, limit in wanted
+            if limit is not None
+        ]
+
+    async def room(self, requester: Requester) -> BudgetRoom:
+        """The smallest room left across every limit, per resource, for the router's budget rule."""
+        limits = await self.limits_for(requester)
+        periods = self.periods()
+        room: dict[Resource, int | None] = dict.fromkeys(Resource)
+        for check in self.checks(requester, limits, periods):
+            left = max(0, check.limit - await self._store.usage(check.scope, check.resource, check.period_key))
+            current = room[check.resource]
+            room[check.resource] = left if current is None else min(current, left)
+        return BudgetRoom(
+            api_micros=room[Resource.USD_MICROS], gpu_ms=room[Resource.GPU_MS], images=room[Resource.IMAGES]
+        )
+
+    async def ensure_room(self, requester: Requester, resource: Resource, amount: int) -> None:
+        """QuotaExceeded now, with the limit and its reset time, when `amount` would not fit (a pre-check: the
+        reserving transaction checks again)."""
+        limits = await self.limits_for(requester)
+        for check in self.checks(requester, limits, self.periods()):
+            if check.resource is not resource:
+                continue
+            used = await self._store.usage(check.scope, check.resource, check.period_key)
+            if used + amount > check.limit:
+                raise QuotaExceeded(
+                    check.name,
+                    unit=resource.value,
+                    limit_value=check.limit,
+                    remaining=max(0, check.limit - used),
+                    resets_at=datetime.fromtimestamp(check.resets_at, UTC) if check.resets_at else None,
+                )
+
+    # ---- what a job reserves and how it ends ----
+
+    def reservations(self, decision: RouteDecision, periods: Periods, *, with_image: bool) -> list[Reservation]:
+        """The image is reserved once per job; the route-specific cost once per route taken."""
+        out: list[Reservation] = []
+        if with_image:
+            out.append(Reservation(Resource.IMAGES, 1, decision.backend, periods.day, periods.month))
+        if decision.backend is BackendKind.API:
+            out.append(
+                Reservation(
+                    Resource.USD_MICROS,
+                    decision.estimated_cost_micros,
+                    decision.backend,
+                    periods.day,
+                    periods.month,
+                )
+            )
+        else:
+            out.append(
+                Reservation(Resource.GPU_MS, decision.estimated_gpu_ms, decision.backend, periods.day, periods.month)
+            )
+        return out
+
+    @staticmethod
+    def closes_for_success(open_: list[OpenReservation], finished: Finished) -> list[Close]:
+        actual = {
+            Resource.IMAGES: 1,
+            Resource.GPU_MS: finished.gpu_ms,
+            Resource.USD_MICROS: finished.cost_micros,
+        }
+        return [Close(r.id, actual[r.resource], "done") for r in open_]
+
+    @staticmethod
+    def closes_for_attempt(open_: list[OpenReservation], failed: Failed | None, *, keep_image: bool) -> list[Close]:
+        """End one route's reservations after a failed or interrupted attempt.
+
+        What the provider bills (a timed-out BFL task) is posted with its reason; our own failures and queue time
+        are never charged, so GPU time is voided.
+        """
+        closes: list[Close] = []
+        reason = f"failed: {failed.reason.value}" if failed else "interrupted"
+        for r in open_:
+            if r.resource is Resource.IMAGES:
+                if not keep_image:
+                    closes.append(Close(r.id, None, reason))
+            elif r.resource is Resource.USD_MICROS and failed is not None and failed.charged_micros > 0:
+                closes.append(Close(r.id, failed.charged_micros, f"billed by the provider: {failed.reason.value}"))
+            else:
+                closes.append(Close(r.id, None, reason))
+        return closes
+
+    @staticmethod
+    def closes_for_cancel(open_: list[OpenReservation], billed_micros: int) -> list[Close]:
+        closes = []
+        for r in open_:
+            if r.resource is Resource.USD_MICROS and billed_micros > 0:
+                closes.append(Close(r.id, billed_micros, "cancelled after the API accepted the task"))
+            else:
+                closes.append(Close(r.id, None, "cancelled"))
+        return closes
+
+    # ---- views and admin operations ----
+
+    async def view(self, requester: Requester) -> QuotaView:
+        limits = await self.limits_for(requester)
+        periods = self.periods()
+        user = Scope("user", requester.user_key)
+        record = await self._store.get_user(requester.user_key)
+        lines = []
+        for name, resource, limit in (
+            ("images today", Resource.IMAGES, limits.images_per_day),
+            ("GPU time today", Resource.GPU_MS, limits.gpu_ms_per_day),
+            ("API spend this month", Resource.USD_MICROS, limits.api_micros_per_month),
+        ):
+            used = await self._store.usage(user, resource, periods.key(resource))
+            lines.append(UsageLine(name, resource, used, limit, periods.resets_at(resource)))
+        return QuotaView(requester.user_key, limits, tuple(lines), bool(record and record.banned))
+
+    async def set_limit(self, user_key: str, field: str, value: str, actor: str) -> None:
+        """An admin override of one limit; value 'none' removes the limit, 'tier' returns to the tier's value."""
+        if field not in OVERRIDABLE:
+            raise InvalidRequest(f"unknown limit {field!r}; use one of: {', '.join(OVERRIDABLE)}", field="limit")
+        record = await self._store.get_user(user_key)
+        overrides = dict(record.overrides) if record else {}
+        if value.lower() == "tier":
+            overrides.pop(field, None)
+        else:
+            overrides[field] = _parse_limit(field, value)
+        await self._store.update_user(
+            user_key,
+            overrides=overrides,
+            audit=AuditEntry(actor, "quota.set", user_key, detail={"field": field, "value": value}),
+        )
+
+    async def grant(self, user_key: str, resource: Resource, amount: int, actor: str) -> None:
+        """Extra allowance for this period only (images or GPU ms today, micro-dollars this month)."""
+        if amount <= 0:
+            raise InvalidRequest("a grant must be a positive amount", field="amount")
+        periods = self.periods()
+        await self._store.grant(
+            user_key,
+            resource,
+            amount,
+            periods.day,
+            periods.month,
+            f"granted by {actor}",
+            AuditEntry(actor, "quota.grant", user_key, detail={"resource": resource.value, "amount": amount}),
+        )
+
+    async def reset(self, user_key: str, actor: str) -> None:
+        """Start the user's current periods afresh: a grant equal to what they have used so far."""
+        periods = self.periods()
+        user = Scope("user", user_key)
+        for resource in Resource:
+            used = await self._store.usage(user, resource, periods.key(resource))
+            if used > 0:
+                await self._store.grant(
+                    user_key,
+                    resource,
+                    used,
+                    periods.day,
+                    periods.month,
+                    f"reset by {actor}",
+                    AuditEntry(actor, "quota.reset", user_key, detail={"resource": resource.value, "amount": used}),
+                )
+
+
+def _parse_limit(field: str, value: str) -> int | None:
+    """Overrides are stored in the unit the limit is named in, except dollars, which become micro-dollars."""
+    if value.lower() in ("none", "unlimited"):
+        return None
+    unit = OVERRIDABLE[field]
+    try:
+        parsed = dollars_to_micros(Decimal(value.removeprefix("$"))) if unit == "dollars" else int(value)
+    except (ArithmeticError, ValueError, TypeError) as exc:
+        raise InvalidRequest(f"{value!r} is not a number of {unit}", field=field) from exc
+    if parsed < 0:
+        raise InvalidRequest(f"a limit cannot be negative ({value})", field=field)
+    if field == "concurrent_jobs" and parsed == 0:
+        raise InvalidRequest("concurrent_jobs must be at least 1 (ban the user to stop them)", field=field)
+    return parsed

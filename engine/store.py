@@ -1,0 +1,837 @@
+"""The only module that speaks SQL: migrations, users, jobs, the append-only ledger, the audit log, controls.
+
+One aiosqlite connection serves the process; an asyncio lock makes each transaction exclusive inside it and
+`BEGIN IMMEDIATE` makes it exclusive against other processes (the admin CLI) on the same file, so a reserve that
+reads usage and writes a reservation can never interleave with another one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from engine.errors import JobNotFound, QuotaExceeded
+from engine.models import (
+    BackendKind,
+    FailureReason,
+    Job,
+    JobState,
+    Mode,
+    Platform,
+    RemoteTask,
+    Requester,
+    ResolvedRequest,
+    Resource,
+)
+
+log = logging.getLogger("flux_bot.store")
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the first schema
+    """
+    CREATE TABLE users (
+        user_key     TEXT PRIMARY KEY,
+        display_name TEXT,
+        roles        TEXT NOT NULL DEFAULT '[]',  -- the chat roles seen last, so admin views find the user's tier
+        banned       INTEGER NOT NULL DEFAULT 0,
+        overrides    TEXT NOT NULL DEFAULT '{}',  -- JSON: limits an admin set for this user
+        settings     TEXT NOT NULL DEFAULT '{}',  -- JSON: the user's own defaults (model, aspect, mode)
+        created_at   REAL NOT NULL,
+        updated_at   REAL NOT NULL
+    );
+    CREATE TABLE jobs (
+        id                    TEXT PRIMARY KEY,
+        user_key              TEXT NOT NULL REFERENCES users(user_key),
+        guild_key             TEXT,
+        platform              TEXT NOT NULL,
+        user_id               TEXT NOT NULL,
+        guild_id              TEXT,
+        channel_id            TEXT,
+        display_name          TEXT,
+        roles                 TEXT NOT NULL DEFAULT '[]',
+        is_admin              INTEGER NOT NULL DEFAULT 0,
+        prompt                TEXT NOT NULL,
+        model                 TEXT NOT NULL,
+        width                 INTEGER NOT NULL,
+        height                INTEGER NOT NULL,
+        aspect_ratio          TEXT NOT NULL,
+        steps                 INTEGER NOT NULL,
+        guidance              REAL,
+        seed                  INTEGER NOT NULL,
+        mode                  TEXT NOT NULL,
+        input_image_url       TEXT,
+        state                 TEXT NOT NULL CHECK (state IN ('queued','running','done','failed','cancelled')),
+        backend               TEXT NOT NULL CHECK (backend IN ('local','api')),
+        reason                TEXT NOT NULL,
+        attempts              INTEGER NOT NULL DEFAULT 0,
+        local_attempts        INTEGER NOT NULL DEFAULT 0,
+        estimated_cost_micros INTEGER NOT NULL DEFAULT 0,
+        estimated_gpu_ms      INTEGER NOT NULL DEFAULT 0,
+        task_id               TEXT,
+        polling_url           TEXT,
+        task_cost_micros      INTEGER,
+        created_at            REAL NOT NULL,
+        started_at            REAL,
+        finished_at           REAL,
+        failure_reason        TEXT,
+        error                 TEXT,
+        cost_micros           INTEGER NOT NULL DEFAULT 0,
+        result_path           TEXT,
+        delivered             INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX jobs_by_state ON jobs (state, backend, created_at);
+    CREATE INDEX jobs_by_user ON jobs (user_key, state);
+    CREATE INDEX jobs_undelivered ON jobs (delivered, state);
+
+    -- Append-only. A 'reserve' line is pending until one 'settle' (posted at the actual amount) or 'void' line
+    -- names it in `ref`; 'grant' lines are an admin's extra allowance for one user in one period.
+    CREATE TABLE ledger (
+        id         INTEGER PRIMARY KEY,
+        entry      TEXT NOT NULL CHECK (entry IN ('reserve','settle','void','grant')),
+        ref        INTEGER REFERENCES ledger(id),
+        job_id     TEXT REFERENCES jobs(id),
+        user_key   TEXT NOT NULL,
+        guild_key  TEXT,
+        backend    TEXT,
+        resource   TEXT NOT NULL CHECK (resource IN ('images','gpu_ms','usd_micros')),
+        amount     INTEGER NOT NULL,
+        day        TEXT NOT NULL,
+        month      TEXT NOT NULL,
+        reason     TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        CHECK ((entry IN ('settle','void')) = (ref IS NOT NULL))
+    );
+    -- A reservation is closed at most once: a job can never be settled twice.
+    CREATE UNIQUE INDEX ledger_one_close ON ledger (ref) WHERE ref IS NOT NULL;
+    CREATE INDEX ledger_user_month ON ledger (user_key, resource, month);
+    CREATE INDEX ledger_user_day ON ledger (user_key, resource, day);
+    CREATE INDEX ledger_guild_month ON ledger (guild_key, resource, month);
+    CREATE INDEX ledger_resource_month ON ledger (resource, month);
+    CREATE INDEX ledger_job ON ledger (job_id);
+    CREATE TRIGGER ledger_no_update BEFORE UPDATE ON ledger
+        BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
+    CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger
+        BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
+
+    CREATE TABLE audit (
+        id         INTEGER PRIMARY KEY,
+        at         REAL NOT NULL,
+        actor      TEXT NOT NULL,
+        action     TEXT NOT NULL,
+        subject    TEXT,
+        job_id     TEXT,
+        detail     TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX audit_by_action ON audit (action, at);
+
+    CREATE TABLE controls (
+        name  TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    """,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Whose usage a limit counts: one user, one guild/workspace, or everyone (key None for global)."""
+
+    kind: str  # "user" | "guild" | "global"
+    key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitCheck:
+    """One limit that a reservation must stay within, checked inside the reserving transaction."""
+
+    name: str  # user-facing name: "images per day", "API budget this month", ...
+    scope: Scope
+    resource: Resource
+    period_key: str  # "2026-11-26" or "2026-11", matching resource.period
+    limit: int
+    resets_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    resource: Resource
+    amount: int
+    backend: BackendKind | None
+    day: str
+    month: str
+
+
+@dataclass(frozen=True, slots=True)
+class OpenReservation:
+    id: int
+    resource: Resource
+    amount: int
+    backend: BackendKind | None
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """How one open reservation ends: settled at `amount` or voided (amount None)."""
+
+    reservation_id: int
+    amount: int | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    user_key: str
+    display_name: str | None
+    roles: tuple[str, ...]
+    banned: bool
+    overrides: dict[str, Any]
+    settings: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    actor: str
+    action: str
+    subject: str | None = None
+    job_id: str | None = None
+    detail: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SpendRow:
+    user_key: str
+    backend: str
+    images: int
+    usd_micros: int
+    pending_usd_micros: int
+
+
+_JOB_COLUMNS = (
+    "id, user_key, guild_key, platform, user_id, guild_id, channel_id, display_name, roles, is_admin, prompt, model,"
+    " width, height, aspect_ratio, steps, guidance, seed, mode, input_image_url, state, backend, reason, attempts,"
+    " local_attempts, estimated_cost_micros, estimated_gpu_ms, task_id, polling_url, task_cost_micros, created_at,"
+    " started_at, finished_at, failure_reason, error, cost_micros, result_path, delivered"
+)
+
+
+def _job_from_row(row: aiosqlite.Row) -> Job:
+    requester = Requester(
+        platform=Platform(row["platform"]),
+        user_id=row["user_id"],
+        guild_id=row["guild_id"],
+        channel_id=row["channel_id"],
+        roles=tuple(json.loads(row["roles"])),
+        is_admin=bool(row["is_admin"]),
+        display_name=row["display_name"],
+    )
+    request = ResolvedRequest(
+        prompt=row["prompt"],
+        model=row["model"],
+        width=row["width"],
+        height=row["height"],
+        aspect_ratio=row["aspect_ratio"],
+        steps=row["steps"],
+        guidance=row["guidance"],
+        seed=row["seed"],
+        mode=Mode(row["mode"]),
+        input_image_url=row["input_image_url"],
+    )
+    task = None
+    if row["task_id"] and row["polling_url"]:
+        task = RemoteTask(row["task_id"], row["polling_url"], row["task_cost_micros"] or 0)
+    return Job(
+        id=row["id"],
+        requester=requester,
+        request=request,
+        state=JobState(row["state"]),
+        backend=BackendKind(row["backend"]),
+        reason=row["reason"],
+        created_at=row["created_at"],
+        attempts=row["attempts"],
+        local_attempts=row["local_attempts"],
+        estimated_cost_micros=row["estimated_cost_micros"],
+        estimated_gpu_ms=row["estimated_gpu_ms"],
+        task=task,
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        failure_reason=FailureReason(row["failure_reason"]) if row["failure_reason"] else None,
+        error=row["error"],
+        cost_micros=row["cost_micros"],
+        result_path=row["result_path"],
+        delivered=bool(row["delivered"]),
+    )
+
+
+class Store:
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self._lock = asyncio.Lock()
+        self.path = path
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(path, isolation_level=None)
+        db.row_factory = aiosqlite.Row
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA busy_timeout=10000")
+        await db.execute("PRAGMA foreign_keys=ON")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        store = cls(db, path)
+        await store._migrate()
+        return store
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def integrity_ok(self) -> bool:
+        rows = await self._read("PRAGMA integrity_check")
+        return bool(rows) and rows[0][0] == "ok"
+
+    async def _migrate(self) -> None:
+        async with self._tx() as db:
+            await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = await (await db.execute("SELECT MAX(version) FROM schema_version")).fetchone()
+            current = row[0] if row and row[0] is not None else 0
+            if current > len(MIGRATIONS):
+                raise RuntimeError(f"{self.path} has schema version {current}, newer than this flux-bot knows")
+            for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
+                for statement in _statements(script):
+                    await db.execute(statement)
+                await db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+                log.info("database %s migrated to schema version %d", self.path, version)
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+            await self._db.execute("COMMIT")
+
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
+        async with self._lock:
+            cursor = await self._db.execute(sql, params)
+            return list(await cursor.fetchall())
+
+    # ---- users ----
+
+    async def get_user(self, user_key: str) -> UserRecord | None:
+        rows = await self._read("SELECT * FROM users WHERE user_key = ?", (user_key,))
+        if not rows:
+            return None
+        row = rows[0]
+        return UserRecord(
+            user_key=row["user_key"],
+            display_name=row["display_name"],
+            roles=tuple(json.loads(row["roles"])),
+            banned=bool(row["banned"]),
+            overrides=json.loads(row["overrides"]),
+            settings=json.loads(row["settings"]),
+        )
+
+    async def update_user(
+        self,
+        user_key: str,
+        *,
+        display_name: str | None = None,
+        banned: bool | None = None,
+        overrides: dict[str, Any] | None = None,
+        settings: dict[str, Any] | None = None,
+        audit: AuditEntry | None = None,
+    ) -> None:
+        async with self._tx() as db:
+            await _ensure_user(db, user_key, display_name)
+            if banned is not None:
+                await db.execute("UPDATE users SET banned = ? WHERE user_key = ?", (int(banned), user_key))
+            if overrides is not None:
+                await db.execute("UPDATE users SET overrides = ? WHERE user_key = ?", (json.dumps(overrides), user_key))
+            if settings is not None:
+                await db.execute("UPDATE users SET settings = ? WHERE user_key = ?", (json.dumps(settings), user_key))
+            await db.execute("UPDATE users SET updated_at = ? WHERE user_key = ?", (time.time(), user_key))
+            if audit:
+                await _audit(db, audit)
+
+    # ---- jobs ----
+
+    async def submit_job(
+        self,
+        job: Job,
+        reservations: Iterable[Reservation],
+        checks: Iterable[LimitCheck],
+        max_active_jobs: int | None,
+        audit: AuditEntry | None = None,
+    ) -> None:
+        """Insert the job and its reservations if every limit holds, all in one transaction; else QuotaExceeded."""
+        requester = job.requester
+        async with self._tx() as db:
+            await _ensure_user(db, requester.user_key, requester.display_name, requester.roles)
+            if max_active_jobs is not None:
+                row = await (
+                    await db.execute(
+                        "SELECT COUNT(*) FROM jobs WHERE user_key = ? AND state IN ('queued','running')",
+                        (requester.user_key,),
+                    )
+                ).fetchone()
+                active = row[0] if row else 0
+                if active >= max_active_jobs:
+                    raise QuotaExceeded(
+                        "jobs at once", unit="jobs", limit_value=max_active_jobs, remaining=0, resets_at=None
+                    )
+            reservations = list(reservations)
+            await _check_limits(db, reservations, checks, requester.user_key, requester.guild_key)
+            r = job.request
+            await db.execute(
+                f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * 38)})",
+                (
+                    job.id,
+                    requester.user_key,
+                    requester.guild_key,
+                    requester.platform.value,
+                    requester.user_id,
+                    requester.guild_id,
+                    requester.channel_id,
+                    requester.display_name,
+                    json.dumps(list(requester.roles)),
+                    int(requester.is_admin),
+                    r.prompt,
+                    r.model,
+                    r.width,
+                    r.height,
+                    r.aspect_ratio,
+                    r.steps,
+                    r.guidance,
+                    r.seed,
+                    r.mode.value,
+                    r.input_image_url,
+                    job.state.value,
+                    job.backend.value,
+                    job.reason,
+                    job.attempts,
+                    job.local_attempts,
+                    job.estimated_cost_micros,
+                    job.estimated_gpu_ms,
+                    None,
+                    None,
+                    None,
+                    job.created_at,
+                    None,
+                    None,
+                    None,
+                    None,
+                    0,
+                    None,
+                    0,
+                ),
+            )
+            await _insert_reservations(db, job.id, requester.user_key, requester.guild_key, reservations)
+            if audit:
+                await _audit(db, audit)
+
+    async def get_job(self, job_id: str) -> Job:
+        rows = await self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
+            raise JobNotFound(job_id)
+        return _job_from_row(rows[0])
+
+    async def jobs(
+        self,
+        *,
+        states: Iterable[JobState] | None = None,
+        user_key: str | None = None,
+        backend: BackendKind | None = None,
+        limit: int = 1000,
+        newest_first: bool = False,
+    ) -> list[Job]:
+        where: list[str] = []
+        params: list[Any] = []
+        if states is not None:
+            state_list = [s.value for s in states]
+            where.append(f"state IN ({', '.join('?' * len(state_list))})")
+            params.extend(state_list)
+        if user_key is not None:
+            where.append("user_key = ?")
+            params.append(user_key)
+        if backend is not None:
+            where.append("backend = ?")
+            params.append(backend.value)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        order = "DESC" if newest_first else "ASC"
+        rows = await self._read(
+            f"SELECT {_JOB_COLUMNS} FROM jobs {clause} ORDER BY created_at {order}, id {order} LIMIT ?",
+            (*params, limit),
+        )
+        return [_job_from_row(row) for row in rows]
+
+    async def count_jobs(self, state: JobState, backend: BackendKind | None = None) -> int:
+        if backend is None:
+            rows = await self._read("SELECT COUNT(*) FROM jobs WHERE state = ?", (state.value,))
+        else:
+            rows = await self._read(
+                "SELECT COUNT(*) FROM jobs WHERE state = ? AND backend = ?", (state.value, backend.value)
+            )
+        return int(rows[0][0])
+
+    async def queue_position(self, job: Job) -> int:
+        """How many queued jobs on the same backend were submitted before this one."""
+        rows = await self._read(
+            "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND backend = ? AND (created_at < ? OR"
+            " (created_at = ? AND id < ?))",
+            (job.backend.value, job.created_at, job.created_at, job.id),
+        )
+        return int(rows[0][0])
+
+    async def mark_running(self, job_id: str, now: float) -> Job:
+        """queued -> running, counting the attempt; returns the updated job."""
+        async with self._tx() as db:
+            cursor = await db.execute(
+                "UPDATE jobs SET state = 'running', attempts = attempts + 1,"
+                " local_attempts = local_attempts + (backend = 'local'), started_at = ?"
+                " WHERE id = ? AND state = 'queued'",
+                (now, job_id),
+            )
+            if cursor.rowcount != 1:
+                raise JobNotFound(job_id)
+            row = await (await db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))).fetchone()
+        assert row is not None
+        return _job_from_row(row)
+
+    async def store_task(self, job_id: str, task: RemoteTask) -> None:
+        """Remember an accepted API task before waiting on it, so a restart polls it instead of resubmitting."""
+        async with self._tx() as db:
+            await db.execute(
+                "UPDATE jobs SET task_id = ?, polling_url = ?, task_cost_micros = ? WHERE id = ?",
+                (task.task_id, task.polling_url, task.cost_micros, job_id),
+            )
+
+    async def open_reservations(self, job_id: str) -> list[OpenReservation]:
+        async with self._lock:
+            return await _open_reservations(self._db, job_id)
+
+    async def finish_job(
+        self,
+        job_id: str,
+        state: JobState,
+        closes: Iterable[Close],
+        *,
+        now: float,
+        cost_micros: int = 0,
+        failure_reason: FailureReason | None = None,
+        error: str | None = None,
+        result_path: str | None = None,
+        audit: AuditEntry | None = None,
+    ) -> bool:
+        """Move a non-terminal job to a terminal state and close its reservations in one transaction.
+
+        Returns False (and changes nothing) when the job had already ended: a terminal state is reached once.
+        """
+        assert state.terminal
+        async with self._tx() as db:
+            cursor = await db.execute(
+                "UPDATE jobs SET state = ?, finished_at = ?, cost_micros = ?, failure_reason = ?, error = ?,"
+                " result_path = ? WHERE id = ? AND state IN ('queued','running')",
+                (
+                    state.value,
+                    now,
+                    cost_micros,
+                    failure_reason.value if failure_reason else None,
+                    error,
+                    result_path,
+                    job_id,
+                ),
+            )
+            if cursor.rowcount != 1:
+                return False
+            await _close(db, closes, now)
+            if audit:
+                await _audit(db, audit)
+        return True
+
+    async def reroute(
+        self,
+        job_id: str,
+        backend: BackendKind,
+        reason: str,
+        closes: Iterable[Close],
+        reservations: Iterable[Reservation],
+        checks: Iterable[LimitCheck],
+        *,
+        estimated_cost_micros: int,
+        estimated_gpu_ms: int,
+        now: float,
+    ) -> None:
+        """Put a failed attempt back in the queue on `backend` with fresh reservations (QuotaExceeded if no room)."""
+        async with self._tx() as db:
+            row = await (await db.execute("SELECT user_key, guild_key FROM jobs WHERE id = ?", (job_id,))).fetchone()
+            if row is None:
+                raise JobNotFound(job_id)
+            await _close(db, closes, now)
+            reservations = list(reservations)
+            await _check_limits(db, reservations, checks, row["user_key"], row["guild_key"])
+            await db.execute(
+                "UPDATE jobs SET state = 'queued', backend = ?, reason = ?, estimated_cost_micros = ?,"
+                " estimated_gpu_ms = ?, task_id = NULL, polling_url = NULL, task_cost_micros = NULL"
+                " WHERE id = ? AND state IN ('queued','running')",
+                (backend.value, reason, estimated_cost_micros, estimated_gpu_ms, job_id),
+            )
+            await _insert_reservations(db, job_id, row["user_key"], row["guild_key"], reservations, now=now)
+
+    async def requeue(self, job_id: str, reason: str) -> None:
+        """running -> queued on the same backend, keeping its reservations (a local job caught in a restart)."""
+        async with self._tx() as db:
+            await db.execute(
+                "UPDATE jobs SET state = 'queued', reason = ? WHERE id = ? AND state = 'running'",
+                (reason, job_id),
+            )
+
+    async def mark_delivered(self, job_id: str) -> None:
+        async with self._tx() as db:
+            await db.execute("UPDATE jobs SET delivered = 1 WHERE id = ?", (job_id,))
+
+    async def undelivered(self) -> list[Job]:
+        rows = await self._read(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE delivered = 0 AND state IN ('done','failed','cancelled')"
+            " ORDER BY finished_at"
+        )
+        return [_job_from_row(row) for row in rows]
+
+    # ---- ledger ----
+
+    async def usage(self, scope: Scope, resource: Resource, period_key: str) -> int:
+        async with self._lock:
+            return await _usage(self._db, scope, resource, period_key)
+
+    async def grant(
+        self,
+        user_key: str,
+        resource: Resource,
+        amount: int,
+        day: str,
+        month: str,
+        reason: str,
+        audit: AuditEntry,
+    ) -> None:
+        async with self._tx() as db:
+            await _ensure_user(db, user_key, None)
+            await db.execute(
+                "INSERT INTO ledger (entry, user_key, resource, amount, day, month, reason, created_at)"
+                " VALUES ('grant', ?, ?, ?, ?, ?, ?, ?)",
+                (user_key, resource.value, amount, day, month, reason, time.time()),
+            )
+            await _audit(db, audit)
+
+    async def spend_report(self, month: str) -> list[SpendRow]:
+        """Per user and backend for one month: images made, money posted, money still pending."""
+        rows = await self._read(
+            """
+            SELECT r.user_key AS user_key, COALESCE(r.backend, '-') AS backend,
+                   SUM(CASE WHEN r.resource = 'images' AND c.entry = 'settle' THEN c.amount ELSE 0 END) AS images,
+                   SUM(CASE WHEN r.resource = 'usd_micros' AND c.entry = 'settle' THEN c.amount ELSE 0 END) AS usd,
+                   SUM(CASE WHEN r.resource = 'usd_micros' AND c.id IS NULL THEN r.amount ELSE 0 END) AS pending
+            FROM ledger r LEFT JOIN ledger c ON c.ref = r.id
+            WHERE r.entry = 'reserve' AND r.month = ?
+            GROUP BY r.user_key, r.backend
+            ORDER BY usd DESC, r.user_key
+            """,
+            (month,),
+        )
+        return [SpendRow(row["user_key"], row["backend"], row["images"], row["usd"], row["pending"]) for row in rows]
+
+    async def job_ledger(self, job_id: str) -> list[dict[str, Any]]:
+        rows = await self._read("SELECT * FROM ledger WHERE job_id = ? ORDER BY id", (job_id,))
+        return [dict(row) for row in rows]
+
+    async def ledger_totals(self) -> dict[str, int]:
+        """Posted amounts by resource over all time (for consistency checks and stats)."""
+        rows = await self._read(
+            "SELECT r.resource, COALESCE(SUM(c.amount), 0) FROM ledger r JOIN ledger c ON c.ref = r.id"
+            " WHERE c.entry = 'settle' GROUP BY r.resource"
+        )
+        return {row[0]: int(row[1]) for row in rows}
+
+    # ---- audit and controls ----
+
+    async def audit(self, entry: AuditEntry) -> None:
+        async with self._tx() as db:
+            await _audit(db, entry)
+
+    async def audit_log(self, action: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        if action is None:
+            rows = await self._read("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))
+        else:
+            rows = await self._read("SELECT * FROM audit WHERE action = ? ORDER BY id DESC LIMIT ?", (action, limit))
+        return [dict(row) for row in rows]
+
+    async def get_control(self, name: str) -> str | None:
+        rows = await self._read("SELECT value FROM controls WHERE name = ?", (name,))
+        return str(rows[0][0]) if rows else None
+
+    async def set_control(self, name: str, value: str, audit: AuditEntry) -> None:
+        async with self._tx() as db:
+            await db.execute(
+                "INSERT INTO controls (name, value) VALUES (?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET value = excluded.value",
+                (name, value),
+            )
+            await _audit(db, audit)
+
+
+# ---- helpers that run inside a caller's transaction ----
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements, keeping trigger bodies (which contain ';') whole."""
+    statements, current = [], []
+    for line in script.splitlines():
+        stripped = line.split("--", 1)[0].rstrip()
+        if not stripped.strip():
+            continue
+        current.append(stripped)
+        text = " ".join(current).strip()
+        if text.endswith(";") and (not text.upper().startswith("CREATE TRIGGER") or text.upper().endswith("END;")):
+            statements.append(text)
+            current = []
+    return statements
+
+
+async def _ensure_user(
+    db: aiosqlite.Connection, user_key: str, display_name: str | None, roles: tuple[str, ...] | None = None
+) -> None:
+    now = time.time()
+    await db.execute(
+        "INSERT INTO users (user_key, display_name, roles, created_at, updated_at) VALUES (?, ?, ?, ?, ?)"
+        " ON CONFLICT(user_key) DO UPDATE SET display_name = COALESCE(excluded.display_name, users.display_name),"
+        " roles = CASE WHEN ? THEN excluded.roles ELSE users.roles END",
+        (user_key, display_name, json.dumps(list(roles or ())), now, now, roles is not None),
+    )
+
+
+async def _usage(db: aiosqlite.Connection, scope: Scope, resource: Resource, period_key: str) -> int:
+    """Spend in a period = posted + pending - the user's grants (grants only lift a user's own limits)."""
+    period = resource.period.value
+    filters = {"user": "r.user_key = ?", "guild": "r.guild_key = ?", "global": "1 = 1"}
+    params: list[Any] = [resource.value, period_key]
+    if scope.kind != "global":
+        params.append(scope.key)
+    row = await (
+        await db.execute(
+            "SELECT COALESCE(SUM(CASE c.entry WHEN 'settle' THEN c.amount WHEN 'void' THEN 0 ELSE r.amount END), 0)"
+            f" FROM ledger r LEFT JOIN ledger c ON c.ref = r.id"
+            f" WHERE r.entry = 'reserve' AND r.resource = ? AND r.{period} = ? AND {filters[scope.kind]}",
+            params,
+        )
+    ).fetchone()
+    used = int(row[0]) if row else 0
+    if scope.kind == "user":
+        row = await (
+            await db.execute(
+                f"SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE entry = 'grant' AND resource = ?"
+                f" AND {period} = ? AND user_key = ?",
+                (resource.value, period_key, scope.key),
+            )
+        ).fetchone()
+        used -= int(row[0]) if row else 0
+    return used
+
+
+async def _check_limits(
+    db: aiosqlite.Connection,
+    reservations: list[Reservation],
+    checks: Iterable[LimitCheck],
+    user_key: str,
+    guild_key: str | None,
+) -> None:
+    wanted: dict[Resource, int] = {}
+    for reservation in reservations:
+        wanted[reservation.resource] = wanted.get(reservation.resource, 0) + reservation.amount
+    for check in checks:
+        amount = wanted.get(check.resource, 0)
+        if amount == 0:
+            continue
+        used = await _usage(db, check.scope, check.resource, check.period_key)
+        if used + amount > check.limit:
+            raise QuotaExceeded(
+                check.name,
+                unit=check.resource.value,
+                limit_value=check.limit,
+                remaining=max(0, check.limit - used),
+                resets_at=None if check.resets_at is None else datetime.fromtimestamp(check.resets_at, UTC),
+            )
+
+
+async def _insert_reservations(
+    db: aiosqlite.Connection,
+    job_id: str,
+    user_key: str,
+    guild_key: str | None,
+    reservations: Iterable[Reservation],
+    *,
+    now: float | None = None,
+) -> None:
+    stamp = time.time() if now is None else now
+    for reservation in reservations:
+        await db.execute(
+            "INSERT INTO ledger (entry, job_id, user_key, guild_key, backend, resource, amount, day, month,"
+            " created_at) VALUES ('reserve', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                job_id,
+                user_key,
+                guild_key,
+                reservation.backend.value if reservation.backend else None,
+                reservation.resource.value,
+                reservation.amount,
+                reservation.day,
+                reservation.month,
+                stamp,
+            ),
+        )
+
+
+async def _open_reservations(db: aiosqlite.Connection, job_id: str) -> list[OpenReservation]:
+    cursor = await db.execute(
+        "SELECT r.id, r.resource, r.amount, r.backend FROM ledger r LEFT JOIN ledger c ON c.ref = r.id"
+        " WHERE r.job_id = ? AND r.entry = 'reserve' AND c.id IS NULL ORDER BY r.id",
+        (job_id,),
+    )
+    return [
+        OpenReservation(row[0], Resource(row[1]), row[2], BackendKind(row[3]) if row[3] else None)
+        for row in await cursor.fetchall()
+    ]
+
+
+async def _close(db: aiosqlite.Connection, closes: Iterable[Close], now: float) -> None:
+    for close in closes:
+        # The reservation's own user, guild, period and backend are copied so every line stands on its own.
+        await db.execute(
+            "INSERT INTO ledger (entry, ref, job_id, user_key, guild_key, backend, resource, amount, day, month,"
+            " reason, created_at)"
+            " SELECT ?, id, job_id, user_key, guild_key, backend, resource, ?, day, month, ?, ?"
+            " FROM ledger WHERE id = ? AND entry = 'reserve'",
+            (
+                "void" if close.amount is None else "settle",
+                0 if close.amount is None else close.amount,
+                close.reason,
+                now,
+                close.reservation_id,
+            ),
+        )
+
+
+async def _audit(db: aiosqlite.Connection, entry: AuditEntry) -> None:
+    await db.execute(
+        "INSERT INTO audit (at, actor, action, subject, job_id, detail) VALUES (?, ?, ?, ?, ?, ?)",
+        (time.time(), entry.actor, entry.action, entry.subject, entry.job_id, json.dumps(entry.detail or {})),
+    )
