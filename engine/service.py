@@ -1,0 +1,415 @@
+"""The Engine facade that bot/ uses: submit, cancel, events, quota views, admin operations and stats.
+
+Everything a front-end can do goes through here, so every rule (policy, routing, quota, admin rights) is applied
+in one place whatever the platform.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine import router
+from engine.backends.base import Backend
+from engine.config import ASPECT_RATIOS, Secrets, Settings
+from engine.errors import BackendUnavailable, InvalidRequest, JobNotFound, NotAllowed, PolicyBlocked
+from engine.models import (
+    TERMINAL_EVENTS,
+    BackendKind,
+    ImageRequest,
+    Job,
+    JobCancelled,
+    JobDone,
+    JobEvent,
+    JobFailed,
+    JobQueued,
+    JobState,
+    Mode,
+    Platform,
+    Requester,
+    Resource,
+    new_job_id,
+)
+from engine.policy import PromptPolicy
+from engine.quota import Quota, QuotaView
+from engine.scheduler import Scheduler
+from engine.store import AuditEntry, SpendRow, Store
+from engine.validation import resolve
+
+log = logging.getLogger("flux_bot.engine")
+
+USER_SETTINGS = {"model", "aspect", "mode"}
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSummary:
+    queued: dict[BackendKind, int]
+    running: dict[BackendKind, int]
+    mine: list[Job]
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: Settings,
+        secrets: Secrets,
+        store: Store,
+        backends: Mapping[BackendKind, Backend],
+        *,
+        clock: Callable[[], float] = time.time,
+        demo: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.secrets = secrets
+        self.store = store
+        self.demo = demo  # the local backend runs the tiny random-weights model: its images are noise
+        self._backends = dict(backends)
+        self._clock = clock
+        self.quota = Quota(store, settings, clock)
+        self.policy = PromptPolicy(settings.policy)
+        self.scheduler = Scheduler(store, self.quota, settings, backends, self._publish, clock)
+        self._watchers: dict[str, set[asyncio.Queue[JobEvent]]] = {}
+        self._latest: dict[str, JobEvent] = {}
+        self._everything: set[asyncio.Queue[JobEvent]] = set()
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls,
+        settings: Settings,
+        secrets: Secrets,
+        *,
+        backends: Mapping[BackendKind, Backend] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> Engine:
+        """Open the database, build the configured backends (unless given) and start dispatching."""
+        from engine.backends.factory import build_backends
+
+        store = await Store.open(settings.bot.database_path)
+        demo = False
+        if backends is None:
+            backends, demo = await build_backends(settings, secrets)
+        engine = cls(settings, secrets, store, backends, clock=clock, demo=demo)
+        await engine.start()
+        return engine
+
+    async def start(self, *, dispatch: bool = True) -> None:
+        """Start the backends and, unless only administering the database (the CLI), the dispatcher."""
+        for backend in self._backends.values():
+            await backend.start()
+        for kind in BackendKind:
+            if await self.store.get_control(f"paused.{kind.value}") == "1":
+                self.scheduler.paused.add(kind)
+        if dispatch:
+            await self.scheduler.start()
+
+    async def close(self) -> None:
+        """Stop without ending running jobs (the next start recovers them). Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.scheduler.stop()
+        for backend in self._backends.values():
+            await backend.close()
+        await self.store.close()
+
+    # ---- jobs ----
+
+    async def submit(self, requester: Requester, request: ImageRequest) -> JobQueued:
+        """Validate, apply the policy, route, reserve and persist; the job is queued when this returns."""
+        user = await self.store.get_user(requester.user_key)
+        if user is not None and user.banned:
+            raise NotAllowed("imagine", "you are banned from generating images here; ask an admin")
+        model = self.settings.models.get(request.model)
+        if model is None:
+            known = ", ".join(self.settings.models)
+            raise InvalidRequest(f"unknown model {request.model!r}; choose one of: {known}", field="model")
+        decision_of_policy = self.policy.check(request.prompt)
+        policy_audit = AuditEntry(
+            requester.user_key,
+            "policy.allow" if decision_of_policy.allowed else "policy.block",
+            requester.user_key,
+            detail={"rule": decision_of_policy.rule, "matched": decision_of_policy.matched},
+        )
+        if not decision_of_policy.allowed:
+            await self.store.audit(policy_audit)
+            raise PolicyBlocked(decision_of_policy.rule, decision_of_policy.detail)
+        resolved = resolve(
+            ImageRequest(
+                prompt=self.policy.normalise(request.prompt),
+                model=request.model,
+                width=request.width,
+                height=request.height,
+                aspect_ratio=request.aspect_ratio,
+                steps=request.steps,
+                guidance=request.guidance,
+                seed=request.seed,
+                mode=request.mode,
+                input_image_url=request.input_image_url,
+            ),
+            model,
+        )
+        # The image allowance does not depend on the route: say so plainly, with its reset time, before routing.
+        await self.quota.ensure_room(requester, Resource.IMAGES, 1)
+        decision = router.route(
+            resolved,
+            request.model,
+            model,
+            self.settings.routing,
+            await self.scheduler.status(BackendKind.LOCAL, resolved),
+            await self.scheduler.status(BackendKind.API, resolved),
+            await self.quota.room(requester),
+        )
+        job = Job(
+            id=new_job_id(),
+            requester=requester,
+            request=resolved,
+            state=JobState.QUEUED,
+            backend=decision.backend,
+            reason=decision.reason,
+            created_at=self._clock(),
+            estimated_cost_micros=decision.estimated_cost_micros,
+            estimated_gpu_ms=decision.estimated_gpu_ms,
+        )
+        limits = await self.quota.limits_for(requester)
+        periods = self.quota.periods()
+        await self.store.submit_job(
+            job,
+            self.quota.reservations(decision, periods, with_image=True),
+            self.quota.checks(requester, limits, periods),
+            limits.concurrent_jobs,
+            audit=AuditEntry(
+                policy_audit.actor, policy_audit.action, policy_audit.subject, job.id, policy_audit.detail
+            ),
+        )
+        log.info(
+            "job %s: queued for %s on %s (%s): %s",
+            job.id,
+            requester.user_key,
+            decision.backend.value,
+            request.model,
+            decision.reason,
+        )
+        queued = await self.scheduler.queued_event(job)
+        self._publish(queued)
+        self.scheduler.wake()
+        return queued
+
+    async def cancel(self, requester: Requester, job_id: str) -> JobCancelled:
+        job = await self.job(requester, job_id)
+        if job.state.terminal:
+            raise InvalidRequest(f"job {job_id} has already ended ({job.state.value})", field="job")
+        return await self.scheduler.cancel(job, requester.user_key)
+
+    async def job(self, requester: Requester, job_id: str) -> Job:
+        """A job of the requester's own (any job for an admin); someone else's looks like a missing one."""
+        job = await self.store.get_job(job_id.strip())
+        if job.requester.user_key != requester.user_key and not self.is_admin(requester):
+            raise JobNotFound(job_id)
+        return job
+
+    async def events(self, job_id: str) -> AsyncIterator[JobEvent]:
+        """The job's events from now until its terminal one (at once, if it has already ended)."""
+        queue: asyncio.Queue[JobEvent] = asyncio.Queue()
+        self._watchers.setdefault(job_id, set()).add(queue)
+        try:
+            job = await self.store.get_job(job_id)
+            if job.state.terminal:
+                yield await self.terminal_event(job)
+                return
+            latest = self._latest.get(job_id)
+            if latest is not None:
+                yield latest
+            while True:
+                event = await queue.get()
+                yield event
+                if isinstance(event, TERMINAL_EVENTS):
+                    return
+        finally:
+            watchers = self._watchers.get(job_id)
+            if watchers is not None:
+                watchers.discard(queue)
+                if not watchers:
+                    del self._watchers[job_id]
+
+    async def all_events(self) -> AsyncIterator[JobEvent]:
+        """Every job's events, for a front-end that delivers results itself (the console, a restart catch-up)."""
+        queue: asyncio.Queue[JobEvent] = asyncio.Queue()
+        self._everything.add(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            self._everything.discard(queue)
+
+    def _publish(self, event: JobEvent) -> None:
+        if isinstance(event, TERMINAL_EVENTS):
+            self._latest.pop(event.job_id, None)
+        else:
+            self._latest[event.job_id] = event
+        for queue in (*self._watchers.get(event.job_id, ()), *self._everything):
+            queue.put_nowait(event)
+
+    async def terminal_event(self, job: Job) -> JobEvent:
+        """Rebuild the terminal event of an ended job from the database (and the saved image)."""
+        if job.state is JobState.DONE and job.result_path:
+            image = await asyncio.to_thread(Path(job.result_path).read_bytes)
+            mime = "image/" + {"jpg": "jpeg"}.get(Path(job.result_path).suffix[1:], Path(job.result_path).suffix[1:])
+            seconds = (job.finished_at or job.created_at) - job.created_at
+            return JobDone(job.id, image, mime, job.request.seed, job.backend, job.cost_micros, seconds)
+        if job.state is JobState.CANCELLED:
+            return JobCancelled(job.id, job.cost_micros)
+        if job.state is JobState.FAILED and job.failure_reason is not None:
+            return JobFailed(job.id, job.failure_reason, job.error or "", job.cost_micros)
+        raise InvalidRequest(f"job {job.id} has not ended yet", field="job")
+
+    async def undelivered(self) -> list[Job]:
+        return await self.store.undelivered()
+
+    async def mark_delivered(self, job_id: str) -> None:
+        await self.store.mark_delivered(job_id)
+
+    async def queue(self, requester: Requester) -> QueueSummary:
+        queued = {kind: await self.store.count_jobs(JobState.QUEUED, kind) for kind in BackendKind}
+        running = {kind: self.scheduler.running_count(kind) for kind in BackendKind}
+        mine = await self.store.jobs(states=[JobState.QUEUED, JobState.RUNNING], user_key=requester.user_key)
+        return QueueSummary(queued, running, mine)
+
+    async def queued_event(self, job: Job) -> JobQueued:
+        return await self.scheduler.queued_event(job)
+
+    # ---- the user's own views ----
+
+    async def quota_view(self, requester: Requester) -> QuotaView:
+        return await self.quota.view(requester)
+
+    async def user_settings(self, requester: Requester) -> dict[str, Any]:
+        record = await self.store.get_user(requester.user_key)
+        return dict(record.settings) if record else {}
+
+    async def set_user_setting(self, requester: Requester, name: str, value: str) -> dict[str, Any]:
+        if name not in USER_SETTINGS:
+            raise InvalidRequest(f"unknown setting {name!r}; use one of: {', '.join(sorted(USER_SETTINGS))}")
+        if name == "model" and value not in self.settings.models:
+            raise InvalidRequest(f"unknown model {value!r}; choose one of: {', '.join(self.settings.models)}")
+        if name == "mode":
+            try:
+                Mode(value)
+            except ValueError as exc:
+                raise InvalidRequest("mode must be auto, fast or relax", field="mode") from exc
+        if name == "aspect" and value not in ASPECT_RATIOS:
+            raise InvalidRequest(f"aspect must be one of {', '.join(ASPECT_RATIOS)}", field="aspect")
+        settings = await self.user_settings(requester)
+        settings[name] = value
+        await self.store.update_user(requester.user_key, display_name=requester.display_name, settings=settings)
+        return settings
+
+    # ---- admin operations (checked here, whatever the front-end did) ----
+
+    def is_admin(self, requester: Requester) -> bool:
+        admins = self.settings.admins
+        return (
+            requester.is_admin
+            or requester.user_id in admins.user_ids
+            or bool(set(requester.roles).intersection(admins.role_ids))
+        )
+
+    def require_admin(self, requester: Requester, action: str) -> None:
+        if not self.is_admin(requester):
+            raise NotAllowed(action, "only admins can do this")
+
+    async def _subject(self, user_key: str) -> Requester:
+        """The requester an admin command is about, with the roles seen last (they decide the tier)."""
+        subject = _parse_user_key(user_key)
+        record = await self.store.get_user(user_key)
+        if record is None:
+            return subject
+        return Requester(subject.platform, subject.user_id, subject.guild_id, roles=record.roles)
+
+    async def admin_quota_show(self, actor: Requester, user_key: str) -> QuotaView:
+        self.require_admin(actor, "quota show")
+        return await self.quota.view(await self._subject(user_key))
+
+    async def admin_quota_set(self, actor: Requester, user_key: str, field: str, value: str) -> QuotaView:
+        self.require_admin(actor, "quota set")
+        await self.quota.set_limit(user_key, field, value, actor.user_key)
+        return await self.quota.view(await self._subject(user_key))
+
+    async def admin_quota_grant(self, actor: Requester, user_key: str, resource: Resource, amount: int) -> QuotaView:
+        self.require_admin(actor, "quota grant")
+        await self.quota.grant(user_key, resource, amount, actor.user_key)
+        return await self.quota.view(await self._subject(user_key))
+
+    async def admin_quota_reset(self, actor: Requester, user_key: str) -> QuotaView:
+        self.require_admin(actor, "quota reset")
+        await self.quota.reset(user_key, actor.user_key)
+        return await self.quota.view(await self._subject(user_key))
+
+    async def admin_spend(self, actor: Requester, month: str | None = None) -> tuple[str, list[SpendRow]]:
+        self.require_admin(actor, "spend")
+        month = month or self.quota.periods().month
+        return month, await self.store.spend_report(month)
+
+    async def admin_credits(self, actor: Requester) -> int:
+        self.require_admin(actor, "credits")
+        backend = self._backends.get(BackendKind.API)
+        credits = getattr(backend, "credits", None)
+        if credits is None:
+            raise BackendUnavailable("the BFL API is not configured: set BFL_API_KEY")
+        micros: int = await credits()
+        return micros
+
+    async def admin_pause(self, actor: Requester, kind: BackendKind, paused: bool) -> None:
+        self.require_admin(actor, "pause" if paused else "resume")
+        await self.store.set_control(
+            f"paused.{kind.value}",
+            "1" if paused else "0",
+            AuditEntry(actor.user_key, "routing.pause" if paused else "routing.resume", kind.value),
+        )
+        if paused:
+            self.scheduler.paused.add(kind)
+        else:
+            self.scheduler.paused.discard(kind)
+            self.scheduler.wake()
+
+    async def admin_ban(self, actor: Requester, user_key: str, banned: bool) -> None:
+        self.require_admin(actor, "ban" if banned else "unban")
+        await self.store.update_user(
+            user_key, banned=banned, audit=AuditEntry(actor.user_key, "user.ban" if banned else "user.unban", user_key)
+        )
+
+    async def admin_jobs(self, actor: Requester, states: list[JobState] | None = None, limit: int = 50) -> list[Job]:
+        self.require_admin(actor, "jobs")
+        return await self.store.jobs(
+            states=states or [JobState.QUEUED, JobState.RUNNING], limit=limit, newest_first=True
+        )
+
+    async def stats(self) -> dict[str, Any]:
+        counts = {state.value: await self.store.count_jobs(state) for state in JobState}
+        return {
+            "jobs": counts,
+            "running": {kind.value: self.scheduler.running_count(kind) for kind in BackendKind},
+            "paused": sorted(kind.value for kind in self.scheduler.paused),
+            "posted": await self.store.ledger_totals(),
+            "backends": sorted(kind.value for kind in self._backends),
+            "demo": self.demo,
+        }
+
+
+def _parse_user_key(user_key: str) -> Requester:
+    platform, _, rest = user_key.partition(":")
+    try:
+        kind = Platform(platform)
+    except ValueError as exc:
+        raise InvalidRequest(
+            f"{user_key!r} is not a user key such as discord:1234, slack:T123:U456 or console:alice", field="user"
+        ) from exc
+    if kind is Platform.SLACK:
+        team, _, user = rest.partition(":")
+        return Requester(kind, user, guild_id=team)
+    return Requester(kind, rest)

@@ -1,0 +1,203 @@
+"""The persistent queue: fairness, per-user caps, failover, cancellation and restart recovery."""
+
+from __future__ import annotations
+
+import asyncio
+
+from engine.config import Secrets
+from engine.models import (
+    BackendEvent,
+    BackendJob,
+    BackendKind,
+    FailureReason,
+    Finished,
+    ImageRequest,
+    JobCancelled,
+    JobDone,
+    JobFailed,
+    JobRerouted,
+    JobState,
+    Mode,
+    RemoteTask,
+    Resource,
+    Submitted,
+)
+from engine.service import Engine
+from engine.store import Store
+from tests.conftest import EngineFactory, SettingsFactory, user, wait_terminal
+from tests.fakes.backends import ScriptedBackend, fail, tiny_png
+
+UNLIMITED = {"default": {"concurrent_jobs": 100, "images_per_day": 1000}}
+
+
+async def test_one_users_burst_does_not_block_others(make_engine: EngineFactory, make_settings: SettingsFactory) -> None:
+    local = ScriptedBackend(gate=asyncio.Event())
+    engine = await make_engine({BackendKind.LOCAL: local}, make_settings(tiers=UNLIMITED))
+    alice, bob = user("alice"), user("bob")
+    burst = [await engine.submit(alice, ImageRequest(f"cat {i}", "schnell")) for i in range(6)]
+    await local.started_event.wait()
+    late = await engine.submit(bob, ImageRequest("a dog", "schnell"))
+    assert local.gate is not None
+    local.gate.set()
+    for queued in [*burst, late]:
+        assert isinstance(await wait_terminal(engine, queued.job_id), JobDone)
+    # Alice's first job was already running; Bob's job is the very next one, ahead of her 5 others.
+    assert local.started[:2] == [burst[0].job_id, late.job_id]
+
+
+async def test_per_user_running_cap(make_engine: EngineFactory, make_settings: SettingsFactory) -> None:
+    local = ScriptedBackend(slots=4, gate=asyncio.Event())
+    settings = make_settings(tiers=UNLIMITED, scheduler={"max_running_per_user": 1})
+    engine = await make_engine({BackendKind.LOCAL: local}, settings)
+    alice, bob = user("alice"), user("bob")
+    jobs = [await engine.submit(alice, ImageRequest(f"cat {i}", "schnell")) for i in range(4)]
+    jobs.append(await engine.submit(bob, ImageRequest("a dog", "schnell")))
+    while local.in_flight < 2:
+        await asyncio.sleep(0.01)
+    assert local.in_flight == 2  # one of Alice's and Bob's, though 4 slots are free
+    assert local.gate is not None
+    local.gate.set()
+    for queued in jobs:
+        await wait_terminal(engine, queued.job_id)
+    assert local.max_in_flight == 2
+
+
+async def test_local_oom_is_retried_locally_once(make_engine: EngineFactory) -> None:
+    def plan(job: BackendJob, attempt: int) -> list[BackendEvent] | None:
+        return fail(FailureReason.OOM) if attempt == 1 else None
+
+    local = ScriptedBackend(plan=plan)
+    engine = await make_engine({BackendKind.LOCAL: local})
+    queued = await engine.submit(user(), ImageRequest("a teapot", "schnell"))
+    seen = [event async for event in engine.events(queued.job_id)]
+    assert any(isinstance(e, JobRerouted) and "local retry" in e.route.reason for e in seen)
+    assert isinstance(seen[-1], JobDone) and seen[-1].cost_micros == 0
+    job = await engine.store.get_job(queued.job_id)
+    assert job.attempts == 2 and job.local_attempts == 2
+    ledger = await engine.store.job_ledger(queued.job_id)
+    gpu = [line for line in ledger if line["resource"] == "gpu_ms"]
+    assert [line["entry"] for line in gpu] == ["reserve", "void", "reserve", "settle"]  # the failed try is free
+
+
+async def test_local_failures_fail_over_to_the_api(make_engine: EngineFactory) -> None:
+    local = ScriptedBackend(plan=lambda job, attempt: fail(FailureReason.CRASH))
+    api = ScriptedBackend(kind=BackendKind.API, slots=4)
+    engine = await make_engine({BackendKind.LOCAL: local, BackendKind.API: api})
+    queued = await engine.submit(user(), ImageRequest("a teapot", "dev"))
+    assert queued.route.backend is BackendKind.LOCAL
+    done = await wait_terminal(engine, queued.job_id)
+    assert isinstance(done, JobDone) and done.backend is BackendKind.API and done.cost_micros == 40_000
+    assert local.seen[queued.job_id] == 2  # the first try and one local retry, then the API
+
+
+async def test_billed_api_timeout_fails_over_locally_and_stays_charged(make_engine: EngineFactory) -> None:
+    api = ScriptedBackend(
+        kind=BackendKind.API, slots=4, plan=lambda job, attempt: fail(FailureReason.TIMEOUT, charged=25_000)
+    )
+    local = ScriptedBackend()
+    engine = await make_engine({BackendKind.LOCAL: local, BackendKind.API: api})
+    queued = await engine.submit(user(), ImageRequest("a teapot", "dev", mode=Mode.FAST))
+    assert queued.route.backend is BackendKind.API
+    done = await wait_terminal(engine, queued.job_id)
+    assert isinstance(done, JobDone) and done.backend is BackendKind.LOCAL
+    assert done.cost_micros == 25_000  # what BFL billed for the timed-out task
+    settled = [
+        line for line in await engine.store.job_ledger(queued.job_id) if line["entry"] == "settle"
+    ]
+    assert sorted((line["resource"], line["amount"]) for line in settled) == [
+        ("gpu_ms", 1500),
+        ("images", 1),
+        ("usd_micros", 25_000),
+    ]
+
+
+async def test_moderation_is_not_retried_nor_charged(make_engine: EngineFactory) -> None:
+    api = ScriptedBackend(kind=BackendKind.API, plan=lambda job, a: fail(FailureReason.MODERATED, retryable=False))
+    local = ScriptedBackend()
+    engine = await make_engine({BackendKind.LOCAL: local, BackendKind.API: api})
+    queued = await engine.submit(user(), ImageRequest("something", "dev", mode=Mode.FAST))
+    failed = await wait_terminal(engine, queued.job_id)
+    assert isinstance(failed, JobFailed) and failed.reason is FailureReason.MODERATED and failed.charged_micros == 0
+    assert local.started == []
+    view = await engine.quota_view(user())
+    assert [line.used for line in view.lines] == [0, 0, 0]
+
+
+async def test_cancel_queued_and_running(make_engine: EngineFactory, make_settings: SettingsFactory) -> None:
+    local = ScriptedBackend(gate=asyncio.Event())
+    engine = await make_engine({BackendKind.LOCAL: local}, make_settings(tiers=UNLIMITED))
+    alice = user()
+    running = await engine.submit(alice, ImageRequest("first", "schnell"))
+    waiting = await engine.submit(alice, ImageRequest("second", "schnell"))
+    await local.started_event.wait()
+    assert await engine.cancel(alice, waiting.job_id) == JobCancelled(waiting.job_id, 0)
+    cancelled = await engine.cancel(alice, running.job_id)
+    assert cancelled.charged_micros == 0
+    for job_id in (running.job_id, waiting.job_id):
+        assert (await engine.store.get_job(job_id)).state is JobState.CANCELLED
+        assert await engine.store.open_reservations(job_id) == []
+    assert local.started == [running.job_id]
+
+
+async def test_restart_recovers_every_job_exactly_once(make_settings: SettingsFactory) -> None:
+    """Stop the engine with jobs queued and running; a new engine on the same database finishes each once."""
+    settings = make_settings(tiers=UNLIMITED, scheduler={"max_running_per_user": 3})
+    submitted_tasks: dict[str, RemoteTask] = {}
+
+    def api_first_life(job: BackendJob, attempt: int) -> list[BackendEvent] | None:
+        task = RemoteTask(f"task-{job.job_id}", f"http://127.0.0.1:1/v1/get_result?id={job.job_id}", 40_000)
+        submitted_tasks[job.job_id] = task
+        return [Submitted(task)]  # accepted, then the process stops while it is waiting
+
+    hold = asyncio.Event()
+    local1 = ScriptedBackend(gate=hold)
+    api1 = ScriptedBackend(kind=BackendKind.API, slots=2, plan=api_first_life, gate=hold)
+    store = await Store.open(settings.bot.database_path)
+    first = Engine(settings, Secrets(), store, {BackendKind.LOCAL: local1, BackendKind.API: api1})
+    await first.start()
+    alice, bob = user("alice"), user("bob")
+    local_jobs = [await first.submit(who, ImageRequest("a lamp", "schnell")) for who in (alice, bob, alice)]
+    api_jobs = [await first.submit(who, ImageRequest("a lamp", "pro")) for who in (alice, bob)]
+    async def both_running() -> None:
+        while len(submitted_tasks) < 2 or not local1.started:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(both_running(), 10)
+    await asyncio.sleep(0.05)  # let the API jobs' task ids reach the database
+    await first.close()
+
+    resumed: list[RemoteTask | None] = []
+
+    def api_second_life(job: BackendJob, attempt: int) -> list[BackendEvent] | None:
+        resumed.append(job.resume)
+        return [Finished(tiny_png(), "image/png", job.request.seed, cost_micros=40_000)]
+
+    local2 = ScriptedBackend()
+    api2 = ScriptedBackend(kind=BackendKind.API, slots=2, plan=api_second_life)
+    store2 = await Store.open(settings.bot.database_path)
+    second = Engine(settings, Secrets(), store2, {BackendKind.LOCAL: local2, BackendKind.API: api2})
+    terminal_events = []
+
+    async def collect() -> None:
+        async for event in second.all_events():
+            if isinstance(event, (JobDone, JobFailed, JobCancelled)):
+                terminal_events.append(event.job_id)
+
+    collector = asyncio.create_task(collect())
+    await second.start()
+    try:
+        all_ids = [q.job_id for q in [*local_jobs, *api_jobs]]
+        for job_id in all_ids:
+            assert isinstance(await wait_terminal(second, job_id), JobDone)
+        await asyncio.sleep(0.05)
+        assert sorted(terminal_events) == sorted(all_ids)  # exactly one terminal event per job
+        assert sorted(t.task_id for t in resumed if t) == sorted(f"task-{q.job_id}" for q in api_jobs)
+        assert None not in resumed  # the API tasks were polled again, never submitted twice
+        for job_id in all_ids:
+            assert await second.store.open_reservations(job_id) == []
+        usd = await second.store.ledger_totals()
+        assert usd[Resource.USD_MICROS.value] == 2 * 40_000
+        assert usd[Resource.IMAGES.value] == 5
+    finally:
+        collector.cancel()
+        await second.close()
