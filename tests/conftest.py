@@ -57,11 +57,13 @@ async def make_engine(make_settings: SettingsFactory) -> AsyncIterator[EngineFac
         await engine.close()
 
 
-def user(name: str = "alice", *, guild: str | None = "g1", roles: tuple[str, ...] = (), admin: bool = False) -> Requester:
+def user(
+    name: str = "alice", *, guild: str | None = "g1", roles: tuple[str, ...] = (), admin: bool = False
+) -> Requester:
     return Requester(Platform.DISCORD, name, guild_id=guild, channel_id="c1", roles=roles, is_admin=admin)
 
 
-async def wait_terminal(engine: Engine, job_id: str, timeout: float = 30.0) -> JobEvent:
+async def wait_terminal(engine: Engine, job_id: str, limit_s: float = 30.0) -> JobEvent:
     """The job's terminal event (the timeout only guards against a hung test, it is never the expected path)."""
 
     async def last() -> JobEvent:
@@ -70,4 +72,4 @@ async def wait_terminal(engine: Engine, job_id: str, timeout: float = 30.0) -> J
                 return event
         raise AssertionError("events ended without a terminal event")
 
-    return await asyncio.wait_for(last(), timeout)
+    return await asyncio.wait_for(last(), limit_s)

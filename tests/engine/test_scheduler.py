@@ -30,7 +30,9 @@ from tests.fakes.backends import ScriptedBackend, fail, tiny_png
 UNLIMITED = {"default": {"concurrent_jobs": 100, "images_per_day": 1000}}
 
 
-async def test_one_users_burst_does_not_block_others(make_engine: EngineFactory, make_settings: SettingsFactory) -> None:
+async def test_one_users_burst_does_not_block_others(
+    make_engine: EngineFactory, make_settings: SettingsFactory
+) -> None:
     local = ScriptedBackend(gate=asyncio.Event())
     engine = await make_engine({BackendKind.LOCAL: local}, make_settings(tiers=UNLIMITED))
     alice, bob = user("alice"), user("bob")
@@ -101,9 +103,7 @@ async def test_billed_api_timeout_fails_over_locally_and_stays_charged(make_engi
     done = await wait_terminal(engine, queued.job_id)
     assert isinstance(done, JobDone) and done.backend is BackendKind.LOCAL
     assert done.cost_micros == 25_000  # what BFL billed for the timed-out task
-    settled = [
-        line for line in await engine.store.job_ledger(queued.job_id) if line["entry"] == "settle"
-    ]
+    settled = [line for line in await engine.store.job_ledger(queued.job_id) if line["entry"] == "settle"]
     assert sorted((line["resource"], line["amount"]) for line in settled) == [
         ("gpu_ms", 1500),
         ("images", 1),
@@ -158,6 +158,7 @@ async def test_restart_recovers_every_job_exactly_once(make_settings: SettingsFa
     alice, bob = user("alice"), user("bob")
     local_jobs = [await first.submit(who, ImageRequest("a lamp", "schnell")) for who in (alice, bob, alice)]
     api_jobs = [await first.submit(who, ImageRequest("a lamp", "pro")) for who in (alice, bob)]
+
     async def both_running() -> None:
         while len(submitted_tasks) < 2 or not local1.started:
             await asyncio.sleep(0.01)

@@ -1,0 +1,1 @@
+"""flux-bot chat front-ends: they translate, they never decide."""

@@ -1,0 +1,196 @@
+"""`flux-bot` (== `python -m bot`): run | console | admin | doctor | worker."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bot.commands import Commands
+from bot.console import Console, stdin_reader
+from bot.render import error_message
+from engine.config import Secrets, Settings, load_settings
+from engine.errors import ConfigError, EngineError
+from engine.models import BackendKind, Platform, Requester
+from engine.service import Engine
+from engine.store import Store
+
+log = logging.getLogger("flux_bot")
+
+
+class RedactSecrets(logging.Filter):
+    """Replaces every configured secret in log records, whatever logged it (aiohttp, discord.py, ours)."""
+
+    def __init__(self, secrets: Sequence[str]) -> None:
+        super().__init__()
+        self._secrets = [s for s in secrets if len(s) >= 6]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._secrets:
+            message = record.getMessage()
+            for secret in self._secrets:
+                message = message.replace(secret, "[redacted]")
+            record.msg, record.args = message, None
+        return True
+
+
+def setup_logging(level: str, secrets: Secrets) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactSecrets(secrets.values()))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="flux-bot", description="FLUX.1 image generation for Discord and Slack")
+    top.add_argument("--config", type=Path, help="config file (default: $FLUX_BOT_CONFIG, else built-in defaults)")
+    top.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = top.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="start the chat front-ends whose tokens are set (the console if none is)")
+    run.add_argument("--sync-guild", help="sync Discord commands to this guild only (development)")
+
+    console = sub.add_parser("console", help="the commands on stdin/stdout")
+    console.add_argument("--user", default=None, help="who you are in quotas and jobs (default: your login name)")
+    console.add_argument("--out", type=Path, default=None, help="folder for the images (default: STATE_DIR/out)")
+    console.add_argument("--admin", action="store_true", help="allow /admin commands")
+    console.add_argument("--demo", action="store_true", help="use the built-in tiny demo model and no API")
+
+    admin = sub.add_parser("admin", help="quota, spend and routing administration on the bot's database")
+    admin.add_argument("words", nargs=argparse.REMAINDER, help="e.g. quota show console:alice | spend --month 2026-11")
+
+    sub.add_parser("doctor", help="check the configuration, database, keys and GPU")
+    worker = sub.add_parser("worker", help="run one local FLUX.1 worker process (started by the supervisor)")
+    worker.add_argument("worker_args", nargs=argparse.REMAINDER)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "worker":
+        from engine.backends.worker import main as worker_main
+
+        return worker_main(list(args.worker_args))
+    try:
+        settings, secrets = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"flux-bot: configuration error in {exc.file}: {exc.field}: {exc.problem}", file=sys.stderr)
+        return 2
+    setup_logging("WARNING" if args.command in ("console", "admin") else args.log_level, secrets)
+    try:
+        match args.command:
+            case "run":
+                return asyncio.run(run(settings, secrets))
+            case "console":
+                if args.demo:
+                    settings, secrets = demo_settings(settings)
+                user = args.user or getpass.getuser()
+                out = args.out or settings.bot.state_dir / "out"
+                return asyncio.run(console(settings, secrets, user, out, admin=args.admin))
+            case "admin":
+                return asyncio.run(admin(settings, secrets, list(args.words)))
+            case "doctor":
+                return asyncio.run(doctor(settings, secrets))
+    except KeyboardInterrupt:
+        return 130
+    except EngineError as exc:
+        print(f"flux-bot: {error_message(exc)}", file=sys.stderr)
+        return 1
+    return 2
+
+
+def demo_settings(settings: Settings) -> tuple[Settings, Secrets]:
+    """The built-in tiny model on the local backend only: no weights, no GPU, no API key needed."""
+    local = settings.local.model_copy(update={"model": "", "warmup": False, "compile": False, "fp8": False})
+    routing = settings.routing.model_copy(update={"local_enabled": True, "api_enabled": False})
+    return settings.model_copy(update={"local": local, "routing": routing}), Secrets()
+
+
+async def run(settings: Settings, secrets: Secrets) -> int:
+    wanted = [name for name, token in (("Discord", secrets.discord_token), ("Slack", secrets.slack_bot_token)) if token]
+    if wanted:
+        print(
+            f"flux-bot: {' and '.join(wanted)} token(s) are set, but this build has no {' or '.join(wanted)}"
+            " front-end yet. Unset the token(s) to use the console.",
+            file=sys.stderr,
+        )
+        return 2
+    print("No chat token is set (DISCORD_TOKEN, SLACK_BOT_TOKEN): starting the console front-end.")
+    if not secrets.bfl_api_key and not settings.local.model:
+        settings, secrets = demo_settings(settings)
+    return await console(settings, secrets, getpass.getuser(), settings.bot.state_dir / "out", admin=True)
+
+
+async def console(settings: Settings, secrets: Secrets, user: str, out: Path, *, admin: bool) -> int:
+    engine = await Engine.open(settings, secrets)
+    try:
+        requester = Requester(Platform.CONSOLE, user, is_admin=admin, display_name=user)
+        return await Console(engine, requester, out).run(stdin_reader(sys.stdin.isatty()))
+    finally:
+        await engine.close()
+
+
+async def admin(settings: Settings, secrets: Secrets, words: list[str]) -> int:
+    """Admin commands at a shell: the same handlers as /admin, on the same database, without dispatching jobs."""
+    if "--month" in words:
+        at = words.index("--month")
+        words = [*words[:at], *words[at + 1 :]]
+    backends = {}
+    if secrets.bfl_api_key:
+        from engine.backends.bfl import BflBackend
+
+        backends[BackendKind.API] = BflBackend(settings.bfl, settings.models, secrets.bfl_api_key)
+    store = await Store.open(settings.bot.database_path)
+    engine = Engine(settings, secrets, store, backends)
+    await engine.start(dispatch=False)
+    try:
+        operator = Requester(Platform.CONSOLE, f"cli-{getpass.getuser()}", is_admin=True)
+        text = " ".join(_quote(word) for word in words)
+        print(await Commands(engine).admin(operator, text))
+        return 0
+    except EngineError as exc:
+        print(error_message(exc), file=sys.stderr)
+        return 1
+    finally:
+        await engine.close()
+
+
+def _quote(word: str) -> str:
+    return word if word and " " not in word else repr(word)
+
+
+async def doctor(settings: Settings, secrets: Secrets) -> int:
+    """One line per check, with a fix hint; non-zero exit when any check fails."""
+    from engine.backends.factory import gpu_extra_installed
+
+    failures = 0
+
+    def report(ok: bool, what: str, hint: str = "") -> None:
+        nonlocal failures
+        failures += not ok
+        print(f"[{'ok' if ok else 'FAIL'}] {what}" + ("" if ok or not hint else f" — {hint}"))
+
+    report(True, f"configuration loaded ({len(settings.models)} models, {len(settings.tiers)} tiers)")
+    try:
+        store = await Store.open(settings.bot.database_path)
+        ok = await store.integrity_ok()
+        await store.close()
+        report(ok, f"database {settings.bot.database_path}", "restore it from a backup")
+    except Exception as exc:  # doctor reports every failure as a line, never a traceback
+        report(False, f"database {settings.bot.database_path}: {exc}", "check [bot] state_dir and its permissions")
+    local_ok = settings.routing.local_enabled and gpu_extra_installed()
+    api_ok = settings.routing.api_enabled and bool(secrets.bfl_api_key)
+    print(f"[{'ok' if api_ok else 'info'}] BFL API " + ("key set" if api_ok else "not used: BFL_API_KEY is not set"))
+    print(f"[{'ok' if local_ok else 'info'}] local worker packages " + ("installed" if local_ok else "not installed"))
+    report(local_ok or api_ok, "at least one image backend", "set BFL_API_KEY or pip install 'flux-bot[gpu]'")
+    chat = bool(secrets.discord_token or secrets.slack_bot_token)
+    print(f"[{'ok' if chat else 'info'}] chat token " + ("set" if chat else "not set: the console front-end is used"))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

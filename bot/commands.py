@@ -1,0 +1,230 @@
+"""Platform-neutral command handlers: typed arguments in, engine calls, texts out.
+
+Adapters (console, Discord, Slack, the admin CLI) parse their platform's input into these calls and deliver the
+texts; nothing here knows a platform. Errors are raised as EngineError for the adapter to render with
+render.error_message, so every front-end says the same thing about the same failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+from dataclasses import dataclass
+
+from bot import render
+from engine.errors import InvalidRequest
+from engine.models import (
+    BackendKind,
+    ImageRequest,
+    JobCancelled,
+    JobQueued,
+    Mode,
+    Requester,
+    Resource,
+    dollars_to_micros,
+    format_usd,
+)
+from engine.service import Engine
+
+log = logging.getLogger("flux_bot.commands")
+
+IMAGINE_OPTIONS = ("model", "aspect", "steps", "guidance", "seed", "mode", "width", "height")
+ADMIN_USAGE = (
+    "admin commands: quota show USER | quota set USER LIMIT VALUE | quota grant USER images|gpu-seconds|usd AMOUNT"
+    " | quota reset USER | spend [YYYY-MM] | credits | pause local|api | resume local|api | ban USER | unban USER"
+    " | jobs | cancel JOB"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ImagineArgs:
+    prompt: str
+    options: dict[str, str]
+
+
+def parse_int(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise InvalidRequest(f"{name} must be a whole number, not {value!r}", field=name) from exc
+
+
+def parse_float(name: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise InvalidRequest(f"{name} must be a number, not {value!r}", field=name) from exc
+
+
+_OPTION = re.compile(r"(?:^|\s)(\w+)=(\S+)")
+
+
+def parse_imagine_text(text: str) -> ImagineArgs:
+    """'a red cat model=dev aspect=16:9' -> prompt and options; unknown `key=value` options are errors."""
+    options: dict[str, str] = {}
+    for match in _OPTION.finditer(text):
+        key = match.group(1).lower()
+        if key not in IMAGINE_OPTIONS:
+            raise InvalidRequest(f"unknown option {key!r}; use {', '.join(o + '=' for o in IMAGINE_OPTIONS)}")
+        options[key] = match.group(2)
+    prompt = _OPTION.sub(" ", text).strip()
+    return ImagineArgs(prompt, options)
+
+
+class Commands:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def model_display(self, name: str) -> str:
+        model = self.engine.settings.models.get(name)
+        return model.display_name if model else name
+
+    async def imagine(self, requester: Requester, prompt: str, options: dict[str, str]) -> JobQueued:
+        """Submit, filling unset options from the user's /settings, then the server's defaults."""
+        defaults = await self.engine.user_settings(requester)
+        model = options.get("model") or defaults.get("model") or self.engine.settings.routing.default_model
+        mode_text = options.get("mode") or defaults.get("mode") or Mode.AUTO.value
+        try:
+            mode = Mode(mode_text.lower())
+        except ValueError as exc:
+            raise InvalidRequest(f"mode must be auto, fast or relax, not {mode_text!r}", field="mode") from exc
+        request = ImageRequest(
+            prompt=prompt,
+            model=model.lower(),
+            width=parse_int("width", options["width"]) if "width" in options else None,
+            height=parse_int("height", options["height"]) if "height" in options else None,
+            aspect_ratio=options.get("aspect") or defaults.get("aspect"),
+            steps=parse_int("steps", options["steps"]) if "steps" in options else None,
+            guidance=parse_float("guidance", options["guidance"]) if "guidance" in options else None,
+            seed=parse_int("seed", options["seed"]) if "seed" in options else None,
+            mode=mode,
+        )
+        return await self.engine.submit(requester, request)
+
+    async def quota(self, requester: Requester) -> str:
+        return render.quota_text(await self.engine.quota_view(requester))
+
+    async def cancel(self, requester: Requester, job_id: str) -> JobCancelled:
+        if not job_id.strip():
+            raise InvalidRequest("say which job to cancel: /cancel JOB_ID (see /queue)", field="job")
+        return await self.engine.cancel(requester, job_id)
+
+    async def queue(self, requester: Requester) -> str:
+        summary = await self.engine.queue(requester)
+        lines = [
+            "Queue: "
+            + ", ".join(
+                f"{render.backend_name(kind)} {summary.queued[kind]} waiting / {summary.running[kind]} running"
+                for kind in BackendKind
+            )
+        ]
+        if summary.mine:
+            lines.append("Your jobs:")
+            lines += [
+                f"  {job.id} {job.state.value} on {job.backend.value}: {job.request.prompt[:60]}"
+                for job in summary.mine
+            ]
+        else:
+            lines.append("You have no jobs waiting or running.")
+        return "\n".join(lines)
+
+    async def job(self, requester: Requester, job_id: str) -> str:
+        job = await self.engine.job(requester, job_id)
+        return render.job_text(job, self.model_display(job.request.model))
+
+    async def settings(self, requester: Requester, name: str | None, value: str | None) -> str:
+        if name and value:
+            current = await self.engine.set_user_setting(requester, name.lower(), value.lower())
+        elif name or value:
+            raise InvalidRequest("use /settings NAME VALUE, e.g. /settings model dev")
+        else:
+            current = await self.engine.user_settings(requester)
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(current.items())) or "none (server defaults)"
+        return f"Your defaults: {shown}"
+
+    async def admin(self, requester: Requester, text: str) -> str:
+        """The admin commands as text, shared by the console, Slack and the CLI."""
+        try:
+            words = shlex.split(text)
+        except ValueError as exc:
+            raise InvalidRequest(f"could not read that command ({exc}); {ADMIN_USAGE}") from exc
+        self.engine.require_admin(requester, words[0] if words else "admin")
+        if not words:
+            raise InvalidRequest(ADMIN_USAGE)
+        engine = self.engine
+        match [w.lower() if i < 2 else w for i, w in enumerate(words)]:
+            case ["quota", "show", user]:
+                return render.quota_text(await engine.admin_quota_show(requester, self._user(requester, user)))
+            case ["quota", "set", user, limit, value]:
+                view = await engine.admin_quota_set(requester, self._user(requester, user), limit.lower(), value)
+                return "Limit set.\n" + render.quota_text(view)
+            case ["quota", "grant", user, resource, value]:
+                kind, amount = _grant_amount(resource, value)
+                view = await engine.admin_quota_grant(requester, self._user(requester, user), kind, amount)
+                return f"Granted {render.amount(kind, amount)}.\n" + render.quota_text(view)
+            case ["quota", "reset", user]:
+                view = await engine.admin_quota_reset(requester, self._user(requester, user))
+                return "Usage for the current periods reset.\n" + render.quota_text(view)
+            case ["spend"] | ["spend", _]:
+                month = words[1] if len(words) > 1 else None
+                if month is not None and not re.fullmatch(r"\d{4}-(0[1-9]|1[0-2])", month):
+                    raise InvalidRequest(f"month must look like 2026-11, not {month!r}", field="month")
+                shown_month, rows = await engine.admin_spend(requester, month)
+                return render.spend_text(shown_month, rows)
+            case ["credits"]:
+                return f"BFL credits left: {format_usd(await engine.admin_credits(requester))}"
+            case ["pause", kind] | ["resume", kind]:
+                backend = _backend(kind)
+                await engine.admin_pause(requester, backend, words[0].lower() == "pause")
+                state = "paused" if words[0].lower() == "pause" else "resumed"
+                return f"Routing to {render.backend_name(backend)} {state}."
+            case ["ban", user] | ["unban", user]:
+                banned = words[0].lower() == "ban"
+                await engine.admin_ban(requester, self._user(requester, user), banned)
+                return f"{self._user(requester, user)} {'banned' if banned else 'unbanned'}."
+            case ["jobs"]:
+                jobs = await engine.admin_jobs(requester)
+                if not jobs:
+                    return "No jobs waiting or running."
+                return "\n".join(
+                    f"{j.id} {j.state.value} {j.backend.value} {j.requester.user_key}: {j.request.prompt[:60]}"
+                    for j in jobs
+                )
+            case ["cancel", job_id]:
+                cancelled = await engine.cancel(requester, job_id)
+                return render.cancelled_text(cancelled)
+        raise InvalidRequest(f"unknown or incomplete admin command {text.strip()!r}; {ADMIN_USAGE}")
+
+    @staticmethod
+    def _user(requester: Requester, user: str) -> str:
+        """'alice' means a user of the admin's own platform; 'discord:123' names one explicitly."""
+        user = user.strip().lstrip("@")
+        if not user:
+            raise InvalidRequest("name a user", field="user")
+        if ":" in user:
+            return user
+        if requester.guild_id and requester.platform.value == "slack":
+            return f"slack:{requester.guild_id}:{user}"
+        return f"{requester.platform.value}:{user}"
+
+
+def _backend(text: str) -> BackendKind:
+    try:
+        return BackendKind(text.lower())
+    except ValueError as exc:
+        raise InvalidRequest(f"say local or api, not {text!r}", field="backend") from exc
+
+
+def _grant_amount(resource: str, value: str) -> tuple[Resource, int]:
+    resource = resource.lower()
+    if resource == "images":
+        return Resource.IMAGES, parse_int("amount", value)
+    if resource in ("gpu-seconds", "gpu_seconds", "seconds"):
+        return Resource.GPU_MS, parse_int("amount", value) * 1000
+    if resource in ("usd", "dollars", "$"):
+        try:
+            return Resource.USD_MICROS, dollars_to_micros(value.removeprefix("$"))
+        except ArithmeticError as exc:
+            raise InvalidRequest(f"{value!r} is not an amount of dollars", field="amount") from exc
+    raise InvalidRequest(f"grant images, gpu-seconds or usd, not {resource!r}", field="resource")

@@ -1,0 +1,249 @@
+"""Platform-neutral texts: progress bar, ETA, quota summary, and one friendly message per error type.
+
+Every message a user sees after a failure says what happened, whether they were charged, and what to do next.
+No traceback or internal detail ever reaches a chat user; the log has them, keyed by job id.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from engine.errors import (
+    BackendUnavailable,
+    ConfigError,
+    EngineError,
+    GenerationFailed,
+    InvalidRequest,
+    JobNotFound,
+    NotAllowed,
+    PolicyBlocked,
+    QuotaExceeded,
+)
+from engine.models import (
+    BackendKind,
+    FailureReason,
+    Job,
+    JobCancelled,
+    JobDone,
+    JobEvent,
+    JobFailed,
+    JobProgress,
+    JobQueued,
+    JobRerouted,
+    JobStarted,
+    Resource,
+    format_usd,
+)
+from engine.quota import QuotaView
+from engine.store import SpendRow
+
+NOT_CHARGED = "You were not charged."
+
+
+def duration(seconds: float) -> str:
+    if seconds < 1:
+        return "under 1 s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def progress_bar(step: int, total: int, width: int = 20) -> str:
+    total = max(total, 1)
+    filled = min(width, round(width * step / total))
+    return f"[{'#' * filled}{'.' * (width - filled)}] {step}/{total}"
+
+
+def charged_text(micros: int) -> str:
+    return NOT_CHARGED if micros <= 0 else f"You were charged {format_usd(micros)}."
+
+
+def backend_name(kind: BackendKind) -> str:
+    return "the local GPU" if kind is BackendKind.LOCAL else "the BFL API"
+
+
+def amount(resource: Resource | str, value: int) -> str:
+    resource = Resource(resource)
+    if resource is Resource.USD_MICROS:
+        return format_usd(value)
+    if resource is Resource.GPU_MS:
+        return f"{value / 1000:.0f} GPU-seconds"
+    return f"{value} image{'s' if value != 1 else ''}"
+
+
+def when(moment: datetime | None) -> str:
+    if moment is None:
+        return ""
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+_FAILURES = {
+    FailureReason.OOM: "the GPU ran out of memory",
+    FailureReason.CRASH: "the GPU worker crashed",
+    FailureReason.TIMEOUT: "it took too long",
+    FailureReason.HUNG: "the GPU worker stopped responding",
+    FailureReason.MODERATED: "the image service's safety filter refused this prompt or image",
+    FailureReason.RATE_LIMITED: "the image API is busy",
+    FailureReason.SERVER_ERROR: "the image API had an error",
+    FailureReason.BAD_REQUEST: "the image API did not accept these settings",
+    FailureReason.OUT_OF_CREDITS: "the server's BFL account is out of credits",
+    FailureReason.AUTH: "the server's BFL API key was refused",
+    FailureReason.TASK_NOT_FOUND: "the image API lost the task",
+    FailureReason.DOWNLOAD_FAILED: "the finished image could not be downloaded in time",
+    FailureReason.INTERRUPTED: "flux-bot restarted while it was working on it",
+    FailureReason.INTERNAL: "something went wrong inside flux-bot",
+}
+
+_ADVICE = {
+    FailureReason.MODERATED: "Rephrase the prompt and try again.",
+    FailureReason.BAD_REQUEST: "Try other settings (size, steps, guidance).",
+    FailureReason.OUT_OF_CREDITS: "Tell an admin; try mode=relax to use the local GPU.",
+    FailureReason.AUTH: "Tell an admin; try mode=relax to use the local GPU.",
+}
+
+
+def failed_text(event: JobFailed) -> str:
+    what = _FAILURES.get(event.reason, "it failed")
+    advice = _ADVICE.get(event.reason, "Try again in a minute; if it keeps failing, tell an admin.")
+    return f"Job {event.job_id} failed: {what}. {charged_text(event.charged_micros)} {advice}"
+
+
+def cancelled_text(event: JobCancelled) -> str:
+    if event.charged_micros > 0:
+        return (
+            f"Job {event.job_id} cancelled. The image API had already accepted it and bills for it: "
+            f"you were charged {format_usd(event.charged_micros)}."
+        )
+    return f"Job {event.job_id} cancelled. {NOT_CHARGED}"
+
+
+def queued_text(event: JobQueued, model_display: str) -> str:
+    route = event.route
+    where = backend_name(route.backend)
+    place = "next in line" if event.position == 0 else f"position {event.position + 1} in the queue"
+    cost = (
+        f"estimated cost {format_usd(route.estimated_cost_micros)}"
+        if route.backend is BackendKind.API
+        else "free (local GPU)"
+    )
+    return (
+        f"Job {event.job_id}: {model_display} on {where}, {place}, ETA {duration(event.eta_s)}, {cost}. "
+        f"Why: {route.reason}"
+    )
+
+
+def done_caption(job: Job, event: JobDone, model_display: str) -> str:
+    cost = "free" if event.cost_micros <= 0 else format_usd(event.cost_micros)
+    prompt = job.request.prompt if len(job.request.prompt) <= 300 else job.request.prompt[:297] + "..."
+    return (
+        f'"{prompt}" — {model_display}, seed {event.seed}, {job.request.width}x{job.request.height}, '
+        f"{backend_name(event.backend)}, {duration(event.seconds)}, {cost} (job {job.id})"
+    )
+
+
+def event_line(event: JobEvent) -> str:
+    """One line per event, for the console and logs."""
+    match event:
+        case JobQueued():
+            return (
+                f"[{event.job_id}] queued on {event.route.backend.value}: position {event.position + 1}, "
+                f"ETA {duration(event.eta_s)} — {event.route.reason}"
+            )
+        case JobRerouted():
+            return (
+                f"[{event.job_id}] rerouted to {event.route.backend.value} after {event.after.value}: "
+                f"{event.route.reason}"
+            )
+        case JobStarted():
+            return f"[{event.job_id}] started on {backend_name(event.backend)}"
+        case JobProgress():
+            preview = " (preview)" if event.preview_png else ""
+            return f"[{event.job_id}] {progress_bar(event.step, event.total)}{preview}"
+        case JobDone():
+            cost = "free" if event.cost_micros <= 0 else format_usd(event.cost_micros)
+            return f"[{event.job_id}] done on {event.backend.value} in {duration(event.seconds)}, {cost}"
+        case JobFailed():
+            return f"[{event.job_id}] {failed_text(event)}"
+        case JobCancelled():
+            return f"[{event.job_id}] {cancelled_text(event)}"
+    raise TypeError(f"unknown event {event!r}")
+
+
+def quota_text(view: QuotaView) -> str:
+    lines = [f"Quota for {view.user_key} (tier: {view.limits.tier})" + (" — BANNED" if view.banned else "")]
+    for line in view.lines:
+        if line.limit is None:
+            lines.append(f"  {line.name}: {amount(line.resource, line.used)} used, no limit")
+        else:
+            used = format_usd(line.used) if line.resource is Resource.USD_MICROS else amount(line.resource, line.used)
+            used = used.split(" ")[0]  # the unit is said once, with the limit: "3 of 50 images"
+            lines.append(
+                f"  {line.name}: {used} of {amount(line.resource, line.limit)} used, "
+                f"{amount(line.resource, line.remaining or 0)} left, resets {when(line.resets_at)}"
+            )
+    if view.limits.concurrent_jobs is not None:
+        lines.append(f"  jobs at once: up to {view.limits.concurrent_jobs}")
+    return "\n".join(lines)
+
+
+def spend_text(month: str, rows: list[SpendRow]) -> str:
+    if not rows:
+        return f"No spending recorded for {month}."
+    total = sum(r.usd_micros for r in rows)
+    pending = sum(r.pending_usd_micros for r in rows)
+    lines = [f"Spend for {month}: {format_usd(total)} posted, {format_usd(pending)} pending"]
+    for row in rows:
+        lines.append(
+            f"  {row.user_key} on {row.backend}: {row.images} images, {format_usd(row.usd_micros)}"
+            + (f" (+{format_usd(row.pending_usd_micros)} pending)" if row.pending_usd_micros else "")
+        )
+    return "\n".join(lines)
+
+
+def job_text(job: Job, model_display: str) -> str:
+    r = job.request
+    lines = [
+        f"Job {job.id}: {job.state.value} — {model_display} on {backend_name(job.backend)}",
+        f"  prompt: {r.prompt}",
+        f"  size {r.width}x{r.height} ({r.aspect_ratio}), steps {r.steps}, "
+        + (f"guidance {r.guidance}, " if r.guidance is not None else "")
+        + f"seed {r.seed}, mode {r.mode.value}",
+        f"  route: {job.reason}",
+        f"  attempts: {job.attempts}, cost: {format_usd(job.cost_micros)}",
+    ]
+    if job.error:
+        lines.append(f"  error: {job.error}")
+    return "\n".join(lines)
+
+
+def error_message(exc: EngineError) -> str:
+    """The one friendly message for each error type (none of these cost the user anything)."""
+    match exc:
+        case InvalidRequest():
+            return f"That request can't be made: {exc.problem}. {NOT_CHARGED}"
+        case PolicyBlocked():
+            return f"That prompt was not accepted by this server's rules: {exc.detail}. {NOT_CHARGED}"
+        case QuotaExceeded():
+            resets = f" It resets {when(exc.resets_at)}." if exc.resets_at else ""
+            left = (
+                amount(exc.unit, exc.remaining)
+                if exc.unit in {r.value for r in Resource}
+                else f"{exc.remaining} {exc.unit}"
+            )
+            return (
+                f"That would go over {exc.limit} ({left} left).{resets} {NOT_CHARGED} "
+                "Wait for the reset, try mode=relax for the free local GPU, or ask an admin."
+            )
+        case BackendUnavailable():
+            return f"No image backend can take this now: {exc.reason}. {NOT_CHARGED}"
+        case GenerationFailed():
+            return f"The image could not be made: {exc.reason}. {charged_text(exc.charged_micros)}"
+        case JobNotFound():
+            return f"No job {exc.job_id!r} of yours was found. Use /queue to see your jobs."
+        case NotAllowed():
+            return f"You can't do that: {exc.reason}."
+        case ConfigError():
+            return f"flux-bot is misconfigured ({exc.field}); tell an admin."
+    return "Something went wrong inside flux-bot; it has been logged. Try again, or tell an admin."

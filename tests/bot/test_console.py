@@ -1,0 +1,193 @@
+"""The console front-end and the admin CLI: in-process with a scripted backend, and as real subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bot.commands import Commands
+from bot.console import Console
+from engine.errors import InvalidRequest
+from engine.models import BackendKind, Platform, Requester
+from tests.conftest import EngineFactory
+from tests.fakes.backends import ScriptedBackend
+from tests.fakes.bfl_server import API_KEY, FakeBfl
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def feeder(lines: list[str]) -> Iterator[str]:
+    yield from (line + "\n" for line in lines)
+
+
+async def run_console(engine_factory: EngineFactory, out: Path, lines: list[str], **kwargs: object) -> list[str]:
+    engine = await engine_factory({BackendKind.LOCAL: ScriptedBackend()})
+    written: list[str] = []
+    requester = Requester(Platform.CONSOLE, "alice", display_name="alice", is_admin=bool(kwargs.get("admin")))
+    lines_iter = feeder(lines)
+    console = Console(engine, requester, out, write=written.append)
+    assert await asyncio.wait_for(console.run(lambda: next(lines_iter, "")), 30) == 0
+    return written
+
+
+async def test_console_runs_jobs_and_saves_pngs_with_parameters(make_engine: EngineFactory, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    written = await run_console(make_engine, out, ["/imagine a red cat seed=7 aspect=16:9", "/quota"])
+    text = "\n".join(written)
+    assert "queued on local" in text and "done on local" in text and "images today: 1 of 50 images used" in text
+    [png] = list(out.glob("*.png"))
+    with Image.open(png) as image:
+        assert image.format == "PNG"
+        assert image.text["prompt"] == "a red cat" and image.text["seed"] == "7"
+        assert image.text["model"] == "FLUX.1 [schnell]"
+    assert [line for line in written if "] done" in line] == [line for line in written if png.name in line]
+
+
+async def test_console_bad_input_gets_one_clear_line_each(make_engine: EngineFactory, tmp_path: Path) -> None:
+    written = await run_console(
+        make_engine,
+        tmp_path,
+        [
+            "/imagine",
+            "/imagine a cat steps=many",
+            "/imagine a cat colour=red",
+            "/imagine a cat model=flux-9000",
+            "/cancel",
+            "/job jnope",
+            "/frobnicate",
+            "/admin quota show bob",
+        ],
+    )
+    assert len(written) == 8
+    assert all("not charged" in line.lower() or "can't" in line or "no job" in line.lower() for line in written)
+    assert "only admins" in written[-1]
+    assert "Traceback" not in "\n".join(written)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "",
+        "quota",
+        "quota show",
+        "quota set bob images_per_day",
+        "quota grant bob coins 5",
+        "quota grant bob images five",
+        "spend 2026-13",
+        "pause gpu",
+        "ban",
+        "quota show 'bob",
+        "quota show bob extra words",
+    ],
+)
+async def test_malformed_admin_commands(make_engine: EngineFactory, command: str) -> None:
+    engine = await make_engine({})
+    admin = Requester(Platform.CONSOLE, "root", is_admin=True)
+    with pytest.raises(InvalidRequest) as caught:
+        await Commands(engine).admin(admin, command)
+    assert caught.value.problem
+
+
+async def test_admin_commands_work_in_the_console(make_engine: EngineFactory, tmp_path: Path) -> None:
+    written = await run_console(
+        make_engine,
+        tmp_path,
+        [
+            "/imagine a blue bird",
+            "/admin quota grant alice images 5",
+            "/admin quota set alice api_usd_per_month 1.50",
+            "/admin quota show alice",
+            "/admin spend",
+            "/admin pause local",
+            "/admin resume local",
+        ],
+        admin=True,
+    )
+    text = "\n".join(written)
+    assert "Granted 5 images" in text
+    assert "API spend this month: $0.00 of $1.50 used" in text
+    assert "Routing to the local GPU paused" in text and "resumed" in text
+
+
+def _cli(args: list[str], env: dict[str, str], stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bot", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+        check=False,
+    )
+
+
+def _base_env(tmp_path: Path) -> dict[str, str]:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[bot]\nstate_dir = "{tmp_path / "state"}"\n[routing]\nlocal_enabled = false\n'
+        "[bfl]\npoll_interval_s = 0.01\npoll_max_interval_s = 0.05\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith(("_TOKEN", "_KEY", "_SECRET"))}
+    env["FLUX_BOT_CONFIG"] = str(config)
+    return env
+
+
+async def test_piped_console_against_the_fake_bfl_api(tmp_path: Path) -> None:
+    """`printf '/imagine ...\\n/quota\\n' | flux-bot console --user alice --out DIR` as a real process."""
+    async with FakeBfl(pending_polls=1) as bfl:
+        env = _base_env(tmp_path) | {"BFL_API_KEY": API_KEY, "BFL_API_URL": bfl.api_url}
+        out = tmp_path / "images"
+        result = await asyncio.to_thread(
+            _cli,
+            ["console", "--user", "alice", "--out", str(out)],
+            env,
+            "/imagine a red cat model=pro\n/quota\n",
+        )
+    assert result.returncode == 0, result.stderr
+    assert "queued on api" in result.stdout and "done on api" in result.stdout
+    assert "API spend this month: $0.04" in result.stdout
+    assert API_KEY not in result.stdout + result.stderr
+    assert len(list(out.glob("*.png"))) == 1
+
+    report = await asyncio.to_thread(_cli, ["admin", "spend"], _base_env(tmp_path))
+    assert report.returncode == 0, report.stderr
+    assert "console:alice on api: 1 images, $0.04" in report.stdout
+    shown = await asyncio.to_thread(_cli, ["admin", "quota", "show", "console:alice"], _base_env(tmp_path))
+    assert "images today: 1 of 50 images used" in shown.stdout
+    bad = await asyncio.to_thread(_cli, ["admin", "quota", "sett", "alice"], _base_env(tmp_path))
+    assert bad.returncode == 1 and "unknown or incomplete admin command" in bad.stderr
+
+
+def test_bad_config_stops_with_one_line(tmp_path: Path) -> None:
+    env = _base_env(tmp_path)
+    Path(env["FLUX_BOT_CONFIG"]).write_text('[routing]\nmax_local_wait_s = "soon"\n')
+    result = _cli(["console"], env)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert "routing.max_local_wait_s" in result.stderr and env["FLUX_BOT_CONFIG"] in result.stderr
+
+    Path(env["FLUX_BOT_CONFIG"]).write_text('[bfl]\napi_key = "sk-123"\n')
+    result = _cli(["console"], env)
+    assert result.returncode == 2 and "bfl.api_key" in result.stderr and "environment" in result.stderr
+    assert "sk-123" not in result.stderr
+
+
+def test_piped_console_image_text_chunks_survive(tmp_path: Path) -> None:
+    """PNG text chunks are what other tools read; check one survives a plain Pillow round trip."""
+    from bot.console import png_with_parameters
+    from engine.models import Job, JobState, Mode, ResolvedRequest
+    from tests.fakes.backends import tiny_png
+
+    request = ResolvedRequest("a fox", "dev", 1024, 1024, "1:1", 28, 3.0, 99, Mode.AUTO)
+    job = Job("j1", Requester(Platform.CONSOLE, "a"), request, JobState.DONE, BackendKind.LOCAL, "", 0.0)
+    with Image.open(io.BytesIO(png_with_parameters(tiny_png(), job, "FLUX.1 [dev]"))) as image:
+        assert image.text["guidance"] == "3.0" and image.text["steps"] == "28"

@@ -1,0 +1,164 @@
+"""The Engine facade end to end: bad input stores nothing; the real BFL client behind the engine, across restarts."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiosqlite
+import pytest
+
+from engine.backends.bfl import BflBackend
+from engine.config import Secrets, Settings
+from engine.errors import EngineError, InvalidRequest, JobNotFound, NotAllowed, PolicyBlocked
+from engine.models import BackendKind, ImageRequest, JobDone, JobFailed, JobState, Mode, Resource
+from engine.service import Engine
+from engine.store import Store
+from tests.conftest import EngineFactory, SettingsFactory, user, wait_terminal
+from tests.fakes.backends import ScriptedBackend
+from tests.fakes.bfl_server import API_KEY, FakeBfl
+
+
+async def _nothing_stored(engine: Engine) -> None:
+    async with aiosqlite.connect(engine.store.path) as db:
+        for table in ("jobs", "ledger", "users"):
+            row = await (await db.execute(f"SELECT COUNT(*) FROM {table}")).fetchone()
+            assert row == (0,), table
+
+
+@pytest.mark.parametrize(
+    ("request_", "error"),
+    [
+        (ImageRequest("", "schnell"), PolicyBlocked),
+        (ImageRequest("   ", "schnell"), PolicyBlocked),
+        (ImageRequest("x" * 10_000, "schnell"), PolicyBlocked),
+        (ImageRequest("a cat\x00\x1b[2J", "schnell"), PolicyBlocked),
+        (ImageRequest("a cat", "flux-9000"), InvalidRequest),
+        (ImageRequest("a cat", "schnell", steps=0), InvalidRequest),
+        (ImageRequest("a cat", "schnell", steps=9), InvalidRequest),
+        (ImageRequest("a cat", "schnell", seed=-1), InvalidRequest),
+        (ImageRequest("a cat", "schnell", seed=2**40), InvalidRequest),
+        (ImageRequest("a cat", "schnell", aspect_ratio="5:4"), InvalidRequest),
+        (ImageRequest("a cat", "schnell", width=1000, height=1024), InvalidRequest),
+        (ImageRequest("a cat", "schnell", width=1024), InvalidRequest),
+        (ImageRequest("a cat", "dev", guidance=9.0), InvalidRequest),
+        (ImageRequest("a cat", "ultra", width=1024, height=1024), InvalidRequest),
+    ],
+)
+async def test_bad_input_gets_a_clear_error_and_stores_nothing(
+    make_engine: EngineFactory, request_: ImageRequest, error: type[EngineError]
+) -> None:
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()})
+    with pytest.raises(error) as caught:
+        await engine.submit(user(), request_)
+    assert str(caught.value)
+    await _nothing_stored(engine)
+
+
+async def test_sql_looking_prompt_is_just_text(make_engine: EngineFactory) -> None:
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()})
+    prompt = 'a cat\'); DROP TABLE jobs; -- and "quotes"'
+    queued = await engine.submit(user(), ImageRequest(prompt, "schnell"))
+    assert isinstance(await wait_terminal(engine, queued.job_id), JobDone)
+    assert (await engine.store.get_job(queued.job_id)).request.prompt == prompt
+
+
+async def test_policy_decisions_are_audited(make_engine: EngineFactory, make_settings: SettingsFactory) -> None:
+    settings = make_settings(
+        policy={"blocked_words": ["weapons"], "allowed_phrases": ["weapons in a game-design brief"]}
+    )
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()}, settings)
+    with pytest.raises(PolicyBlocked):
+        await engine.submit(user(), ImageRequest("a pile of weapons", "schnell"))
+    queued = await engine.submit(user(), ImageRequest("concept art: weapons in a game-design brief", "schnell"))
+    await wait_terminal(engine, queued.job_id)
+    actions = [(entry["action"], entry["job_id"]) for entry in await engine.store.audit_log()]
+    assert ("policy.block", None) in actions
+    assert ("policy.allow", queued.job_id) in actions
+
+
+async def test_banned_user_and_other_peoples_jobs(make_engine: EngineFactory) -> None:
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()})
+    alice, bob, admin = user("alice"), user("bob"), user("root", admin=True)
+    queued = await engine.submit(alice, ImageRequest("a kite", "schnell"))
+    await wait_terminal(engine, queued.job_id)
+    with pytest.raises(JobNotFound):
+        await engine.job(bob, queued.job_id)  # someone else's job looks like a missing one
+    assert (await engine.job(admin, queued.job_id)).id == queued.job_id
+    with pytest.raises(NotAllowed):
+        await engine.admin_ban(bob, alice.user_key, True)
+    await engine.admin_ban(admin, alice.user_key, True)
+    with pytest.raises(NotAllowed):
+        await engine.submit(alice, ImageRequest("another kite", "schnell"))
+
+
+async def test_admin_by_configured_user_id_and_role(make_engine: EngineFactory, make_settings: SettingsFactory) -> None:
+    settings = make_settings(admins={"user_ids": ["42"], "role_ids": ["mods"]})
+    engine = await make_engine({}, settings)
+    assert engine.is_admin(user("42"))
+    assert engine.is_admin(user("7", roles=("mods",)))
+    assert not engine.is_admin(user("7", roles=("members",)))
+    with pytest.raises(NotAllowed):
+        await engine.admin_spend(user("7"))
+
+
+async def _bfl_engine(settings: Settings, bfl: FakeBfl) -> Engine:
+    backend = BflBackend(settings.bfl.model_copy(update={"api_url": bfl.api_url}), settings.models, API_KEY)
+    store = await Store.open(settings.bot.database_path)
+    engine = Engine(settings, Secrets(bfl_api_key=API_KEY), store, {BackendKind.API: backend})
+    await engine.start()
+    return engine
+
+
+async def test_real_bfl_client_through_the_engine(make_settings: SettingsFactory) -> None:
+    settings = make_settings(bfl={"poll_interval_s": 0.01, "poll_max_interval_s": 0.02})
+    async with FakeBfl(pending_polls=2, poll_host="region", cost=3.5) as bfl:
+        engine = await _bfl_engine(settings, bfl)
+        try:
+            queued = await engine.submit(user(), ImageRequest("a lighthouse", "pro"))
+            done = await wait_terminal(engine, queued.job_id)
+            assert isinstance(done, JobDone) and done.cost_micros == 35_000  # the answer's cost, not the table's
+            assert {r.host for r in bfl.polls()} == {bfl.hostport("region")}
+            bfl.final_status = "Content Moderated"
+            queued = await engine.submit(user(), ImageRequest("a lighthouse", "pro"))
+            failed = await wait_terminal(engine, queued.job_id)
+            assert isinstance(failed, JobFailed) and failed.charged_micros == 0
+            assert (await engine.store.ledger_totals())[Resource.USD_MICROS.value] == 35_000
+            assert await engine.admin_credits(user("root", admin=True)) == 12_345_000
+        finally:
+            await engine.close()
+
+
+async def test_no_bfl_job_is_billed_twice_across_a_restart(make_settings: SettingsFactory) -> None:
+    settings = make_settings(bfl={"poll_interval_s": 0.01, "poll_max_interval_s": 0.02})
+    async with FakeBfl(pending_polls=10_000) as bfl:
+        first = await _bfl_engine(settings, bfl)
+        queued = await first.submit(user(), ImageRequest("a lighthouse", "pro", mode=Mode.FAST))
+
+        async def task_stored() -> None:
+            while (await first.store.get_job(queued.job_id)).task is None:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(task_stored(), 10)
+        await first.close()  # the process stops while BFL is still working on the task
+        assert (await _job_state(settings, queued.job_id)) is JobState.RUNNING
+
+        for task in bfl.tasks.values():
+            task.pending_polls = 0  # BFL finishes it while flux-bot is down
+        second = await _bfl_engine(settings, bfl)
+        try:
+            done = await wait_terminal(second, queued.job_id)
+            assert isinstance(done, JobDone)
+            assert bfl.count("POST") == 1  # polled again, never submitted twice
+            lines = await second.store.job_ledger(queued.job_id)
+            usd = [(line["entry"], line["amount"]) for line in lines if line["resource"] == "usd_micros"]
+            assert usd == [("reserve", 40_000), ("settle", 40_000)]
+        finally:
+            await second.close()
+
+
+async def _job_state(settings: Settings, job_id: str) -> JobState:
+    store = await Store.open(settings.bot.database_path)
+    try:
+        return (await store.get_job(job_id)).state
+    finally:
+        await store.close()
