@@ -110,6 +110,8 @@ class LocalSettings(_Section):
         "896x1152",
         "1216x832",
         "832x1216",
+        "1440x608",
+        "608x1440",
     )
     warmup: bool = True
     compile: bool = False
