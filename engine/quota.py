@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from engine.config import Settings, TierSettings, dollars
-from engine.errors import InvalidRequest, QuotaExceeded
+from engine.errors import InvalidRequest
 from engine.models import (
     BackendKind,
     BudgetRoom,
@@ -165,21 +165,11 @@ class Quota:
         )
 
     async def ensure_room(self, requester: Requester, resource: Resource, amount: int) -> None:
-        """QuotaExceeded now, with the limit and its reset time, when `amount` would not fit (a pre-check: the
-        reserving transaction checks again)."""
+        """QuotaExceeded now, with the limit and its reset time, when `amount` would not fit."""
         limits = await self.limits_for(requester)
-        for check in self.checks(requester, limits, self.periods()):
-            if check.resource is not resource:
-                continue
-            used = await self._store.usage(check.scope, check.resource, check.period_key)
-            if used + amount > check.limit:
-                raise QuotaExceeded(
-                    check.name,
-                    unit=resource.value,
-                    limit_value=check.limit,
-                    remaining=max(0, check.limit - used),
-                    resets_at=datetime.fromtimestamp(check.resets_at, UTC) if check.resets_at else None,
-                )
+        periods = self.periods()
+        wanted = [Reservation(resource, amount, None, periods.day, periods.month)]
+        await self._store.check_limits(wanted, self.checks(requester, limits, periods))
 
     # ---- what a job reserves and how it ends ----
 

@@ -392,7 +392,7 @@ class Store:
                         "jobs at once", unit="jobs", limit_value=max_active_jobs, remaining=0, resets_at=None
                     )
             reservations = list(reservations)
-            await _check_limits(db, reservations, checks, requester.user_key, requester.guild_key)
+            await _check_limits(db, reservations, checks)
             r = job.request
             await db.execute(
                 f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * 38)})",
@@ -580,7 +580,7 @@ class Store:
                 raise JobNotFound(job_id)
             await _close(db, closes, now)
             reservations = list(reservations)
-            await _check_limits(db, reservations, checks, row["user_key"], row["guild_key"])
+            await _check_limits(db, reservations, checks)
             await db.execute(
                 "UPDATE jobs SET state = 'queued', backend = ?, reason = ?, estimated_cost_micros = ?,"
                 " estimated_gpu_ms = ?, task_id = NULL, polling_url = NULL, task_cost_micros = NULL"
@@ -613,6 +613,11 @@ class Store:
     async def usage(self, scope: Scope, resource: Resource, period_key: str) -> int:
         async with self._lock:
             return await _usage(self._db, scope, resource, period_key)
+
+    async def check_limits(self, reservations: list[Reservation], checks: Iterable[LimitCheck]) -> None:
+        """QuotaExceeded if these reservations would cross a limit now (a pre-check; reserving checks again)."""
+        async with self._lock:
+            await _check_limits(self._db, reservations, checks)
 
     async def grant(
         self,
@@ -748,11 +753,7 @@ async def _usage(db: aiosqlite.Connection, scope: Scope, resource: Resource, per
 
 
 async def _check_limits(
-    db: aiosqlite.Connection,
-    reservations: list[Reservation],
-    checks: Iterable[LimitCheck],
-    user_key: str,
-    guild_key: str | None,
+    db: aiosqlite.Connection, reservations: list[Reservation], checks: Iterable[LimitCheck]
 ) -> None:
     wanted: dict[Resource, int] = {}
     for reservation in reservations:
