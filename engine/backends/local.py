@@ -1,0 +1,666 @@
+"""The local backend: supervises one FLUX.1 worker process per GPU (engine/backends/worker.py).
+
+Self-hosted FLUX fails in ways that only a restart cures: fragmented GPU memory, OOM with memory to spare, RSS that
+only grows, a kernel that never returns. So the supervisor treats a worker process as disposable. It restarts one
+after `recycle_after_jobs`, when reserved-minus-allocated GPU memory or RSS grows past its bound, after an OOM, a hung
+job (watchdog) or a crash, and when a job is cancelled mid-generation (diffusers cannot be interrupted). A job caught
+in any of these ends in exactly one `Failed` with `retryable=True`; retrying or failing over is the scheduler's
+decision, never this module's, so no job is run twice behind its back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import engine
+from engine.backends.protocol import (
+    PROTOCOL_VERSION,
+    Frame,
+    JobSpec,
+    MemoryStats,
+    MessageType,
+    ProtocolError,
+    WorkerFailure,
+    encode,
+    read_frame,
+)
+from engine.backends.worker import worker_args
+from engine.config import LocalSettings, ModelSettings
+from engine.models import (
+    BackendEvent,
+    BackendJob,
+    BackendKind,
+    BackendStatus,
+    Failed,
+    FailureReason,
+    Finished,
+    Progress,
+    ResolvedRequest,
+    Started,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_START_FAILURES = 3  # consecutive failed starts after which a worker slot counts as broken (unhealthy)
+MAX_START_BACKOFF_S = 60.0
+CLOSE_GRACE_S = 10.0  # how long a worker may take to exit after `shutdown` before it is killed
+EMA_WEIGHT = 0.3  # weight of the newest measurement in the moving average of seconds per job shape
+RECENT_JOBS = 50  # the window of the failure rate that the router sees
+NVML_CACHE_S = 5.0
+STDERR_TAIL_LINES = 20
+DEFAULT_SECONDS_PER_STEP: float = ModelSettings.model_fields["local_seconds_per_step"].default
+# The folder that holds the `engine` package, so `python -m engine.backends.worker` works from any cwd.
+PACKAGE_ROOT = Path(engine.__file__).resolve().parent.parent
+
+
+class _WorkerGone(Exception):
+    """The worker process ended (its stdout closed); the message says how."""
+
+
+class _StartFailed(Exception):
+    pass
+
+
+class _Process:
+    """One worker process: its pipes, the tasks that read them, and what the supervisor knows of it."""
+
+    def __init__(self, slot: int, proc: asyncio.subprocess.Process, on_exit: Callable[[_Process], None]) -> None:
+        self.slot = slot
+        self.proc = proc
+        self.frames: asyncio.Queue[Frame | None] = asyncio.Queue()
+        self.last_frame_at = time.monotonic()
+        self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
+        self.protocol_error = ""
+        self.device = ""
+        self.rss_start_mb = 0.0
+        self.rss_mb = 0.0  # at the last memory check
+        self.jobs = 0
+        # Starting counts as busy: only a started, idle worker that dies is restarted by the exit handler.
+        self.busy = True
+        self.retired = False  # being (or been) replaced: never handed another job
+        self._on_exit = on_exit
+        self._readers = (asyncio.create_task(self._read_frames()), asyncio.create_task(self._read_log()))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self.proc.returncode is None
+
+    async def send(self, frame: Frame) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(encode(frame))
+        await self.proc.stdin.drain()
+
+    async def receive(self, wait_s: float) -> Frame:
+        """The next frame; TimeoutError when none comes within wait_s, _WorkerGone once the process has ended."""
+        try:
+            # Queued frames first: wait_for(timeout=0) would give up even on a frame that is already here.
+            frame = self.frames.get_nowait()
+        except asyncio.QueueEmpty:
+            if wait_s <= 0:
+                raise TimeoutError from None
+            frame = await asyncio.wait_for(self.frames.get(), wait_s)
+        if frame is None:
+            self.frames.put_nowait(None)  # the end stays visible to whoever asks next
+            raise _WorkerGone(self.exit_detail())
+        return frame
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+
+    async def stop(self, *, graceful: bool) -> None:
+        self.retired = True
+        if graceful and self.running:
+            with contextlib.suppress(ConnectionError):
+                await self.send(Frame(MessageType.SHUTDOWN))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.proc.wait(), CLOSE_GRACE_S)
+        self.kill()
+        await self.proc.wait()
+        await asyncio.gather(*self._readers, return_exceptions=True)
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+
+    def exit_detail(self) -> str:
+        code = self.proc.returncode
+        if code is None:
+            how = "stopped answering"
+        elif code < 0:
+            how = f"was killed by {_signal_name(-code)}"
+        else:
+            how = f"exited with code {code}"
+        detail = f"worker pid {self.pid} {how}"
+        if self.protocol_error:
+            detail += f" ({self.protocol_error})"
+        if self.stderr_tail:
+            detail += "; last log: " + " | ".join(list(self.stderr_tail)[-3:])
+        return detail[:1000]
+
+    async def _read_frames(self) -> None:
+        assert self.proc.stdout is not None
+        try:
+            while (frame := await read_frame(self.proc.stdout)) is not None:
+                self.last_frame_at = time.monotonic()
+                self.frames.put_nowait(frame)
+        except ProtocolError as exc:
+            self.protocol_error = str(exc)
+            self.kill()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.proc.wait(), CLOSE_GRACE_S)
+        if self.running:  # closed its stdout yet lives on: it can no longer be talked to
+            self.kill()
+            await self.proc.wait()
+        self.frames.put_nowait(None)
+        self._on_exit(self)
+
+    async def _read_log(self) -> None:
+        assert self.proc.stderr is not None
+        # Drained continuously: a worker blocked on a full stderr pipe would look hung to the watchdog.
+        while True:
+            try:
+                line = await self.proc.stderr.readline()
+            except ValueError:  # a line past the stream's limit, which the reader has dropped: keep draining
+                continue
+            if not line:
+                return
+            text = line.decode(errors="replace").rstrip()
+            if text:
+                self.stderr_tail.append(text)
+                log.info("worker %d [%d]: %s", self.slot, self.pid, text)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """A snapshot of one running worker process, for operators, metrics and the soak benchmark."""
+
+    slot: int
+    pid: int
+    device: str
+    jobs: int  # served by this process
+    busy: bool
+    rss_start_mb: float
+    rss_mb: float  # at the last check between jobs
+
+
+@dataclass(slots=True)
+class _Slot:
+    """A place for one worker process: a GPU (CUDA_VISIBLE_DEVICES), or the configured device when `gpu` is None."""
+
+    index: int
+    gpu: int | None
+    process: _Process | None = None
+    launching: bool = False
+    start_failures: int = 0  # consecutive
+    last_error: str = ""
+
+    @property
+    def broken(self) -> bool:
+        return self.process is None and self.start_failures >= MAX_START_FAILURES
+
+
+class LocalBackend:
+    """Runs jobs on supervised local worker processes; see the module docstring for the failure handling."""
+
+    kind = BackendKind.LOCAL
+
+    def __init__(
+        self,
+        settings: LocalSettings,
+        models: Mapping[str, ModelSettings],
+        model_path: Path,
+        *,
+        python: str = sys.executable,
+        extra_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._models = dict(models)
+        # str(Path) gives a Hugging Face id back unchanged; a relative folder is resolved here, not in the worker.
+        self._model = str(model_path.resolve()) if model_path.exists() else str(model_path)
+        self._python = python
+        self._extra_env = dict(extra_env or {})
+        self._slots = [_Slot(i, gpu) for i, gpu in enumerate(settings.gpus or (None,))]
+        self._idle: deque[_Process] = deque()
+        self._changed = asyncio.Condition()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._live: set[_Process] = set()
+        self._closed = False
+        self._recycles = 0
+        self._jobs_served = 0
+        self._failures = 0
+        self._recent: deque[bool] = deque(maxlen=RECENT_JOBS)
+        self._seconds: dict[tuple[str, int, int], float] = {}
+        self._last_seconds: float | None = None
+        self._gpu_probe = _GpuProbe()
+
+    # ---- counters (for metrics) ----
+
+    @property
+    def recycles(self) -> int:
+        """Worker processes replaced for any reason: job count, memory growth, OOM, hang, crash, cancellation."""
+        return self._recycles
+
+    @property
+    def jobs_served(self) -> int:
+        """Jobs that reached a worker and ended (finished or failed)."""
+        return self._jobs_served
+
+    @property
+    def failures(self) -> int:
+        return self._failures
+
+    def workers(self) -> list[WorkerInfo]:
+        return [
+            WorkerInfo(slot.index, p.pid, p.device, p.jobs, p.busy, p.rss_start_mb, p.rss_mb)
+            for slot in self._slots
+            if (p := slot.process) is not None
+        ]
+
+    async def wait_idle(self) -> None:
+        """Return once every worker is started and idle (its between-jobs check done), or none can start."""
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: (
+                    self._closed
+                    or all(slot.broken or (slot.process is not None and not slot.process.busy) for slot in self._slots)
+                )
+            )
+
+    # ---- the Backend protocol ----
+
+    def supports(self, model_name: str, model: ModelSettings) -> bool:
+        return model.local
+
+    def capacity(self) -> int:
+        return len(self._slots)
+
+    def estimate_seconds(self, request: ResolvedRequest) -> float:
+        measured = self._seconds.get(_shape(request))
+        if measured is not None:
+            return measured
+        model = self._models.get(request.model)
+        per_step = model.local_seconds_per_step if model else DEFAULT_SECONDS_PER_STEP
+        return request.steps * per_step
+
+    def status(self, queued_ahead: int, request: ResolvedRequest | None = None) -> BackendStatus:
+        per_job = self.estimate_seconds(request) if request else (self._last_seconds or 0.0)
+        return BackendStatus(
+            kind=self.kind,
+            healthy=not self._closed and not all(slot.broken for slot in self._slots),
+            eta_s=per_job * (queued_ahead / self.capacity() + 1),
+            in_flight=sum(1 for slot in self._slots if slot.process is not None and slot.process.busy),
+            capacity=self.capacity(),
+            detail=self._detail(),
+        )
+
+    async def start(self) -> None:
+        """Launch every worker; returns once each is ready or has failed once (failed ones keep retrying)."""
+        for slot in self._slots:
+            self._ensure_launch(slot)
+        async with self._changed:
+            await self._changed.wait_for(
+                lambda: self._closed or all(slot.process is not None or slot.start_failures for slot in self._slots)
+            )
+
+    async def close(self) -> None:
+        self._closed = True
+        async with self._changed:
+            self._changed.notify_all()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(process.stop(graceful=True) for process in list(self._live)), return_exceptions=True)
+
+    async def run(self, job: BackendJob) -> AsyncGenerator[BackendEvent, None]:
+        process = await self._acquire()
+        if process is None:
+            reason = FailureReason.INTERRUPTED if self._closed else FailureReason.CRASH
+            yield Failed(reason, self._unavailable_detail(), retryable=True)
+            return
+        request = job.request
+        spec = JobSpec(
+            job.job_id, request.prompt, request.width, request.height, request.steps, request.guidance, request.seed
+        )
+        sent = settled = False
+        try:
+            yield Started(self.kind, f"worker {process.slot} (pid {process.pid}, {process.device})")
+            started = process.last_frame_at = time.monotonic()
+            sent = True
+            with contextlib.suppress(ConnectionError):  # a dead worker: the read below reports how it ended
+                await process.send(spec.to_frame())
+            while True:
+                event = await self._next_event(process, spec, started)
+                if isinstance(event, Progress):
+                    yield event
+                    continue
+                settled = True
+                self._settle(process, request, event, started)
+                yield event
+                return
+        finally:
+            if not settled and sent:
+                # Cancelled or abandoned mid-job: diffusers cannot be interrupted, so the process goes.
+                self._replace(process, f"job {job.job_id} was cancelled mid-generation", graceful=False)
+            elif not settled:
+                self._spawn(self._make_idle(process))
+
+    # ---- jobs ----
+
+    async def _acquire(self) -> _Process | None:
+        """A ready, idle worker (waiting for one as long as it takes), or None when none can ever come."""
+        async with self._changed:
+            while True:
+                while self._idle:
+                    process = self._idle.popleft()
+                    if process.running and not process.retired:
+                        process.busy = True
+                        return process
+                if self._closed or all(slot.broken for slot in self._slots):
+                    return None
+                for slot in self._slots:
+                    if slot.process is None:
+                        self._ensure_launch(slot)
+                await self._changed.wait()
+
+    async def _next_event(self, process: _Process, spec: JobSpec, started: float) -> Progress | Finished | Failed:
+        job_deadline = started + self._settings.job_timeout_s
+        step_deadline = process.last_frame_at + self._settings.step_timeout_s
+        try:
+            frame = await process.receive(min(job_deadline, step_deadline) - time.monotonic())
+        except TimeoutError:
+            if time.monotonic() >= job_deadline:
+                detail = f"job took longer than job_timeout_s = {self._settings.job_timeout_s:g} s"
+                return self._lost(process, FailureReason.TIMEOUT, detail, started)
+            detail = f"no progress for step_timeout_s = {self._settings.step_timeout_s:g} s"
+            return self._lost(process, FailureReason.HUNG, detail, started)
+        except _WorkerGone as exc:
+            reason = FailureReason.INTERRUPTED if self._closed else FailureReason.CRASH
+            return self._lost(process, reason, str(exc), started)
+        try:
+            if frame.header.get("id") != spec.id:
+                raise ProtocolError(f"{frame.type} for job {frame.header.get('id')!r} while running {spec.id!r}")
+            if frame.type is MessageType.PROGRESS:
+                return Progress(frame.integer("step"), frame.integer("total"), frame.payload or None)
+            if frame.type is MessageType.DONE:
+                seconds = frame.number("seconds")
+                return Finished(frame.payload, "image/png", frame.integer("seed"), gpu_ms=round(seconds * 1000))
+            if frame.type is MessageType.FAILED:
+                if frame.text("reason") == WorkerFailure.OOM:
+                    return self._lost(process, FailureReason.OOM, frame.text("detail"), started, graceful=True)
+                return Failed(FailureReason.INTERNAL, frame.text("detail"), gpu_ms=_elapsed_ms(started))
+            raise ProtocolError(f"unexpected {frame.type} message during a job")
+        except ProtocolError as exc:
+            return self._lost(process, FailureReason.INTERNAL, f"worker protocol error: {exc}", started, retry=False)
+
+    def _lost(
+        self,
+        process: _Process,
+        reason: FailureReason,
+        detail: str,
+        started: float,
+        *,
+        graceful: bool = False,
+        retry: bool = True,
+    ) -> Failed:
+        """The job failed in a way that leaves the worker unfit to serve: report it and replace the worker."""
+        self._replace(process, f"{reason.value}: {detail}", graceful=graceful)
+        return Failed(reason, detail, retryable=retry, gpu_ms=_elapsed_ms(started))
+
+    def _settle(self, process: _Process, request: ResolvedRequest, event: BackendEvent, started: float) -> None:
+        self._jobs_served += 1
+        process.jobs += 1
+        succeeded = isinstance(event, Finished)
+        self._recent.append(succeeded)
+        if succeeded:
+            # What the user waits for, pipe and PNG included, is what the router's ETA should predict.
+            seconds = time.monotonic() - started
+            shape = _shape(request)
+            previous = self._seconds.get(shape)
+            self._seconds[shape] = seconds if previous is None else previous + EMA_WEIGHT * (seconds - previous)
+            self._last_seconds = seconds
+        else:
+            self._failures += 1
+        if not process.retired:
+            # Between-jobs checks run in the background so the result reaches the user without waiting for them.
+            self._spawn(self._after_job(process))
+
+    async def _after_job(self, process: _Process) -> None:
+        settings = self._settings
+        reason = ""
+        if process.jobs >= settings.recycle_after_jobs:
+            reason = f"served {process.jobs} jobs (recycle_after_jobs = {settings.recycle_after_jobs})"
+        else:
+            try:
+                memory = await self._memory(process)
+            except (TimeoutError, _WorkerGone, ProtocolError, ConnectionError) as exc:
+                reason = f"no answer to a memory check: {exc}"
+            else:
+                growth = memory.rss_mb - process.rss_start_mb
+                if memory.slack_mb > settings.max_reserved_slack_mb:
+                    reason = (
+                        f"reserved-minus-allocated GPU memory {memory.slack_mb:.0f} MB"
+                        f" > max_reserved_slack_mb = {settings.max_reserved_slack_mb}"
+                    )
+                elif growth > settings.max_rss_growth_mb:
+                    reason = f"RSS grew by {growth:.0f} MB > max_rss_growth_mb = {settings.max_rss_growth_mb}"
+        if reason:
+            self._replace(process, reason, graceful=True)
+        else:
+            await self._make_idle(process)
+
+    async def _make_idle(self, process: _Process) -> None:
+        process.busy = False
+        async with self._changed:
+            self._idle.append(process)
+            self._changed.notify_all()
+
+    async def _memory(self, process: _Process) -> MemoryStats:
+        await process.send(Frame(MessageType.STATS))
+        frame = await process.receive(self._settings.step_timeout_s)
+        if frame.type is not MessageType.MEMORY:
+            raise ProtocolError(f"expected memory, got {frame.type}")
+        memory = MemoryStats.from_frame(frame)
+        process.rss_mb = memory.rss_mb
+        return memory
+
+    # ---- worker processes ----
+
+    def _ensure_launch(self, slot: _Slot) -> None:
+        if not slot.launching and not self._closed:
+            slot.launching = True
+            self._spawn(self._launch(slot))
+
+    async def _launch(self, slot: _Slot) -> None:
+        """Start a worker for the slot, retrying with backoff until one is ready or the backend closes."""
+        delay = 1.0
+        try:
+            while not self._closed:
+                try:
+                    process = await self._start_process(slot)
+                except _StartFailed as exc:
+                    slot.start_failures += 1
+                    slot.last_error = str(exc)
+                    log.error("worker %d failed to start (%d in a row): %s", slot.index, slot.start_failures, exc)
+                    async with self._changed:
+                        self._changed.notify_all()  # waiting jobs give up once every slot is broken
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, MAX_START_BACKOFF_S)
+                    continue
+                slot.start_failures = 0
+                slot.process = process
+                await self._make_idle(process)
+                return
+        finally:
+            slot.launching = False
+
+    async def _start_process(self, slot: _Slot) -> _Process:
+        argv = [self._python, "-m", "engine.backends.worker", *worker_args(self._settings, self._model)]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self._worker_env(slot),
+                # Its own session: a Ctrl-C meant for the bot must not kill workers before close() shuts them down.
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise _StartFailed(f"cannot run {self._python}: {exc}") from exc
+        process = _Process(slot.index, proc, self._on_exit)
+        self._live.add(process)
+        try:
+            await process.send(Frame(MessageType.HELLO, {"version": PROTOCOL_VERSION}))
+            ready = await process.receive(self._settings.start_timeout_s)
+            if ready.type is MessageType.FAILED:
+                raise _StartFailed(ready.text("detail"))
+            if ready.type is not MessageType.READY or ready.header.get("version") != PROTOCOL_VERSION:
+                raise _StartFailed(f"expected ready (protocol {PROTOCOL_VERSION}), got {ready.type} {ready.header}")
+            process.device = ready.text("device")
+            process.rss_start_mb = (await self._memory(process)).rss_mb
+        except (TimeoutError, _WorkerGone, ProtocolError, ConnectionError, _StartFailed) as exc:
+            await process.stop(graceful=False)
+            if isinstance(exc, TimeoutError):
+                raise _StartFailed(f"not ready within start_timeout_s = {self._settings.start_timeout_s:g} s") from exc
+            raise _StartFailed(str(exc)) from exc
+        except BaseException:
+            process.kill()
+            raise
+        log.info("worker %d ready: pid %d on %s", slot.index, process.pid, process.device)
+        return process
+
+    def _worker_env(self, slot: _Slot) -> dict[str, str]:
+        env = {**os.environ, **self._extra_env}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(PACKAGE_ROOT), env.get("PYTHONPATH"))))
+        if slot.gpu is not None:
+            # PCI order makes CUDA's device numbers agree with NVML's, which the GPU probe uses.
+            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+            env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
+        return env
+
+    def _replace(self, process: _Process, reason: str, *, graceful: bool) -> None:
+        """Take the worker out of service now and start its successor once it has gone."""
+        if process.retired:
+            return
+        process.retired = True
+        if not graceful:
+            process.kill()  # at once, even if the event loop is busy: the GPU should stop working on a lost job
+        self._recycles += 1
+        log.warning("worker %d (pid %d): %s; restarting it", process.slot, process.pid, reason)
+        slot = self._slots[process.slot]
+        slot.process = None
+        slot.launching = True  # so that no job waiting for a worker starts a second successor meanwhile
+        self._spawn(self._retire(process, slot, graceful=graceful))
+
+    async def _retire(self, process: _Process, slot: _Slot, *, graceful: bool) -> None:
+        # The successor starts only after its predecessor exits: two copies of FLUX rarely fit on one GPU.
+        try:
+            await process.stop(graceful=graceful)
+        finally:
+            slot.launching = False
+        self._ensure_launch(slot)
+
+    def _on_exit(self, process: _Process) -> None:
+        self._live.discard(process)
+        if not (process.retired or process.busy or self._closed):
+            self._replace(process, f"died while idle: {process.exit_detail()}", graceful=False)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("local backend task failed", exc_info=task.exception())
+
+    # ---- health ----
+
+    def _unavailable_detail(self) -> str:
+        if self._closed:
+            return "the local backend is shutting down"
+        errors = "; ".join(f"worker {slot.index}: {slot.last_error}" for slot in self._slots if slot.last_error)
+        return f"no local worker could start ({errors})"[:1000]
+
+    def _detail(self) -> str:
+        up = [slot for slot in self._slots if slot.process is not None]
+        parts = [f"{len(up)}/{len(self._slots)} workers up"]
+        if self._recent:
+            failed = self._recent.count(False)
+            parts.append(f"{failed}/{len(self._recent)} recent jobs failed ({failed / len(self._recent):.0%})")
+        parts.append(f"{self._recycles} recycles")
+        parts.extend(
+            f"worker {slot.index} cannot start: {slot.last_error[:200]}" for slot in self._slots if slot.broken
+        )
+        for slot in up:
+            assert slot.process is not None
+            device = slot.process.device
+            if device.startswith("cuda"):
+                index = slot.gpu if slot.gpu is not None else int(device.partition(":")[2] or 0)
+                gpu = self._gpu_probe.describe(index)
+                if gpu:
+                    parts.append(gpu)
+        return "; ".join(parts)
+
+
+class _GpuProbe:
+    """GPU temperature and memory through NVML (nvidia-ml-py) when installed; cached because the router asks often."""
+
+    def __init__(self) -> None:
+        self._initialised = False
+        self._cache: dict[int, tuple[float, str | None]] = {}
+
+    def describe(self, index: int) -> str | None:
+        now = time.monotonic()
+        cached = self._cache.get(index)
+        if cached is None or now - cached[0] > NVML_CACHE_S:
+            cached = (now, self._query(index))
+            self._cache[index] = cached
+        return cached[1]
+
+    def _query(self, index: int) -> str | None:
+        try:
+            import pynvml
+        except ImportError:
+            return None
+        try:
+            if not self._initialised:
+                pynvml.nvmlInit()
+                self._initialised = True
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            temperature = pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        except pynvml.NVMLError as exc:
+            log.debug("NVML: %s", exc)
+            return None
+        return f"GPU{index} {temperature}°C {memory.used / 2**30:.1f}/{memory.total / 2**30:.1f} GiB"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _shape(request: ResolvedRequest) -> tuple[str, int, int]:
+    return request.model, request.width * request.height, request.steps
+
+
+def _elapsed_ms(started: float) -> int:
+    return round((time.monotonic() - started) * 1000)
