@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import getpass
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,7 +75,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "worker":
         from engine.backends.worker import main as worker_main
 
-        return worker_main(list(args.worker_args))
+        code = worker_main(list(args.worker_args))
+        # As `python -m engine.backends.worker` does: skip the interpreter's teardown (1-2 s with torch loaded),
+        # since the supervisor waits for this exit before starting a successor.
+        logging.shutdown()
+        os._exit(code)
     try:
         settings, secrets = load_settings(args.config)
     except ConfigError as exc:
