@@ -82,3 +82,12 @@ def test_money_is_exact_integers() -> None:
     assert format_usd(12_500_000) == "$12.50"
     assert format_usd(2_500) == "$0.0025"
     assert format_usd(-40_000) == "-$0.04"
+
+
+def test_every_aspect_ratio_size_is_a_warmed_bucket() -> None:
+    """A size outside the buckets would be a new shape for a compiled worker: a recompile in service."""
+    from engine.config import LocalSettings
+    from engine.validation import ASPECT_SIZES
+
+    buckets = set(LocalSettings().resolution_buckets)
+    assert {f"{width}x{height}" for width, height in ASPECT_SIZES.values()} == buckets
