@@ -14,16 +14,17 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
+from collections.abc import AsyncGenerator, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import engine
+from engine.backends.gpu_probe import GpuProbe
+from engine.backends.local_process import WorkerGone, WorkerProcess
 from engine.backends.protocol import (
     PROTOCOL_VERSION,
     Frame,
@@ -32,8 +33,6 @@ from engine.backends.protocol import (
     MessageType,
     ProtocolError,
     WorkerFailure,
-    encode,
-    read_frame,
 )
 from engine.backends.worker import worker_args
 from engine.config import LocalSettings, ModelSettings
@@ -54,134 +53,15 @@ log = logging.getLogger(__name__)
 
 MAX_START_FAILURES = 3  # consecutive failed starts after which a worker slot counts as broken (unhealthy)
 MAX_START_BACKOFF_S = 60.0
-CLOSE_GRACE_S = 10.0  # how long a worker may take to exit after `shutdown` before it is killed
 EMA_WEIGHT = 0.3  # weight of the newest measurement in the moving average of seconds per job shape
 RECENT_JOBS = 50  # the window of the failure rate that the router sees
-NVML_CACHE_S = 5.0
-STDERR_TAIL_LINES = 20
 DEFAULT_SECONDS_PER_STEP: float = ModelSettings.model_fields["local_seconds_per_step"].default
 # The folder that holds the `engine` package, so `python -m engine.backends.worker` works from any cwd.
 PACKAGE_ROOT = Path(engine.__file__).resolve().parent.parent
 
 
-class _WorkerGone(Exception):
-    """The worker process ended (its stdout closed); the message says how."""
-
-
 class _StartFailed(Exception):
     pass
-
-
-class _Process:
-    """One worker process: its pipes, the tasks that read them, and what the supervisor knows of it."""
-
-    def __init__(self, slot: int, proc: asyncio.subprocess.Process, on_exit: Callable[[_Process], None]) -> None:
-        self.slot = slot
-        self.proc = proc
-        self.frames: asyncio.Queue[Frame | None] = asyncio.Queue()
-        self.last_frame_at = time.monotonic()
-        self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
-        self.protocol_error = ""
-        self.device = ""
-        self.rss_start_mb = 0.0
-        self.rss_mb = 0.0  # at the last memory check
-        self.jobs = 0
-        # Starting counts as busy: only a started, idle worker that dies is restarted by the exit handler.
-        self.busy = True
-        self.retired = False  # being (or been) replaced: never handed another job
-        self._on_exit = on_exit
-        self._readers = (asyncio.create_task(self._read_frames()), asyncio.create_task(self._read_log()))
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def running(self) -> bool:
-        return self.proc.returncode is None
-
-    async def send(self, frame: Frame) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(encode(frame))
-        await self.proc.stdin.drain()
-
-    async def receive(self, wait_s: float) -> Frame:
-        """The next frame; TimeoutError when none comes within wait_s, _WorkerGone once the process has ended."""
-        try:
-            # Queued frames first: wait_for(timeout=0) would give up even on a frame that is already here.
-            frame = self.frames.get_nowait()
-        except asyncio.QueueEmpty:
-            if wait_s <= 0:
-                raise TimeoutError from None
-            frame = await asyncio.wait_for(self.frames.get(), wait_s)
-        if frame is None:
-            self.frames.put_nowait(None)  # the end stays visible to whoever asks next
-            raise _WorkerGone(self.exit_detail())
-        return frame
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
-
-    async def stop(self, *, graceful: bool) -> None:
-        self.retired = True
-        if graceful and self.running:
-            with contextlib.suppress(ConnectionError):
-                await self.send(Frame(MessageType.SHUTDOWN))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.proc.wait(), CLOSE_GRACE_S)
-        self.kill()
-        await self.proc.wait()
-        await asyncio.gather(*self._readers, return_exceptions=True)
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-
-    def exit_detail(self) -> str:
-        code = self.proc.returncode
-        if code is None:
-            how = "stopped answering"
-        elif code < 0:
-            how = f"was killed by {_signal_name(-code)}"
-        else:
-            how = f"exited with code {code}"
-        detail = f"worker pid {self.pid} {how}"
-        if self.protocol_error:
-            detail += f" ({self.protocol_error})"
-        if self.stderr_tail:
-            detail += "; last log: " + " | ".join(list(self.stderr_tail)[-3:])
-        return detail[:1000]
-
-    async def _read_frames(self) -> None:
-        assert self.proc.stdout is not None
-        try:
-            while (frame := await read_frame(self.proc.stdout)) is not None:
-                self.last_frame_at = time.monotonic()
-                self.frames.put_nowait(frame)
-        except ProtocolError as exc:
-            self.protocol_error = str(exc)
-            self.kill()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.proc.wait(), CLOSE_GRACE_S)
-        if self.running:  # closed its stdout yet lives on: it can no longer be talked to
-            self.kill()
-            await self.proc.wait()
-        self.frames.put_nowait(None)
-        self._on_exit(self)
-
-    async def _read_log(self) -> None:
-        assert self.proc.stderr is not None
-        # Drained continuously: a worker blocked on a full stderr pipe would look hung to the watchdog.
-        while True:
-            try:
-                line = await self.proc.stderr.readline()
-            except ValueError:  # a line past the stream's limit, which the reader has dropped: keep draining
-                continue
-            if not line:
-                return
-            text = line.decode(errors="replace").rstrip()
-            if text:
-                self.stderr_tail.append(text)
-                log.info("worker %d [%d]: %s", self.slot, self.pid, text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +83,7 @@ class _Slot:
 
     index: int
     gpu: int | None
-    process: _Process | None = None
+    process: WorkerProcess | None = None
     launching: bool = False
     start_failures: int = 0  # consecutive
     last_error: str = ""
@@ -234,10 +114,10 @@ class LocalBackend:
         self._python = python
         self._extra_env = dict(extra_env or {})
         self._slots = [_Slot(i, gpu) for i, gpu in enumerate(settings.gpus or (None,))]
-        self._idle: deque[_Process] = deque()
+        self._idle: deque[WorkerProcess] = deque()
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._live: set[_Process] = set()
+        self._live: set[WorkerProcess] = set()
         self._closed = False
         self._recycles = 0
         self._jobs_served = 0
@@ -245,7 +125,7 @@ class LocalBackend:
         self._recent: deque[bool] = deque(maxlen=RECENT_JOBS)
         self._seconds: dict[tuple[str, int, int], float] = {}
         self._last_seconds: float | None = None
-        self._gpu_probe = _GpuProbe()
+        self._gpu_probe = GpuProbe()
 
     # ---- counters (for metrics) ----
 
@@ -360,7 +240,7 @@ class LocalBackend:
 
     # ---- jobs ----
 
-    async def _acquire(self) -> _Process | None:
+    async def _acquire(self) -> WorkerProcess | None:
         """A ready, idle worker (waiting for one as long as it takes), or None when none can ever come."""
         async with self._changed:
             while True:
@@ -376,7 +256,7 @@ class LocalBackend:
                         self._ensure_launch(slot)
                 await self._changed.wait()
 
-    async def _next_event(self, process: _Process, spec: JobSpec, started: float) -> Progress | Finished | Failed:
+    async def _next_event(self, process: WorkerProcess, spec: JobSpec, started: float) -> Progress | Finished | Failed:
         job_deadline = started + self._settings.job_timeout_s
         step_deadline = process.last_frame_at + self._settings.step_timeout_s
         try:
@@ -387,7 +267,7 @@ class LocalBackend:
                 return self._lost(process, FailureReason.TIMEOUT, detail, started)
             detail = f"no progress for step_timeout_s = {self._settings.step_timeout_s:g} s"
             return self._lost(process, FailureReason.HUNG, detail, started)
-        except _WorkerGone as exc:
+        except WorkerGone as exc:
             reason = FailureReason.INTERRUPTED if self._closed else FailureReason.CRASH
             return self._lost(process, reason, str(exc), started)
         try:
@@ -408,7 +288,7 @@ class LocalBackend:
 
     def _lost(
         self,
-        process: _Process,
+        process: WorkerProcess,
         reason: FailureReason,
         detail: str,
         started: float,
@@ -420,7 +300,7 @@ class LocalBackend:
         self._replace(process, f"{reason.value}: {detail}", graceful=graceful)
         return Failed(reason, detail, retryable=retry, gpu_ms=_elapsed_ms(started))
 
-    def _settle(self, process: _Process, request: ResolvedRequest, event: BackendEvent, started: float) -> None:
+    def _settle(self, process: WorkerProcess, request: ResolvedRequest, event: BackendEvent, started: float) -> None:
         self._jobs_served += 1
         process.jobs += 1
         succeeded = isinstance(event, Finished)
@@ -438,7 +318,7 @@ class LocalBackend:
             # Between-jobs checks run in the background so the result reaches the user without waiting for them.
             self._spawn(self._after_job(process))
 
-    async def _after_job(self, process: _Process) -> None:
+    async def _after_job(self, process: WorkerProcess) -> None:
         settings = self._settings
         reason = ""
         if process.jobs >= settings.recycle_after_jobs:
@@ -446,7 +326,7 @@ class LocalBackend:
         else:
             try:
                 memory = await self._memory(process)
-            except (TimeoutError, _WorkerGone, ProtocolError, ConnectionError) as exc:
+            except (TimeoutError, WorkerGone, ProtocolError, ConnectionError) as exc:
                 reason = f"no answer to a memory check: {exc}"
             else:
                 growth = memory.rss_mb - process.rss_start_mb
@@ -462,13 +342,13 @@ class LocalBackend:
         else:
             await self._make_idle(process)
 
-    async def _make_idle(self, process: _Process) -> None:
+    async def _make_idle(self, process: WorkerProcess) -> None:
         process.busy = False
         async with self._changed:
             self._idle.append(process)
             self._changed.notify_all()
 
-    async def _memory(self, process: _Process) -> MemoryStats:
+    async def _memory(self, process: WorkerProcess) -> MemoryStats:
         await process.send(Frame(MessageType.STATS))
         frame = await process.receive(self._settings.step_timeout_s)
         if frame.type is not MessageType.MEMORY:
@@ -507,7 +387,7 @@ class LocalBackend:
         finally:
             slot.launching = False
 
-    async def _start_process(self, slot: _Slot) -> _Process:
+    async def _start_process(self, slot: _Slot) -> WorkerProcess:
         argv = [self._python, "-m", "engine.backends.worker", *worker_args(self._settings, self._model)]
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -521,7 +401,7 @@ class LocalBackend:
             )
         except OSError as exc:
             raise _StartFailed(f"cannot run {self._python}: {exc}") from exc
-        process = _Process(slot.index, proc, self._on_exit)
+        process = WorkerProcess(slot.index, proc, self._on_exit)
         self._live.add(process)
         try:
             await process.send(Frame(MessageType.HELLO, {"version": PROTOCOL_VERSION}))
@@ -532,7 +412,7 @@ class LocalBackend:
                 raise _StartFailed(f"expected ready (protocol {PROTOCOL_VERSION}), got {ready.type} {ready.header}")
             process.device = ready.text("device")
             process.rss_start_mb = (await self._memory(process)).rss_mb
-        except (TimeoutError, _WorkerGone, ProtocolError, ConnectionError, _StartFailed) as exc:
+        except (TimeoutError, WorkerGone, ProtocolError, ConnectionError, _StartFailed) as exc:
             await process.stop(graceful=False)
             if isinstance(exc, TimeoutError):
                 raise _StartFailed(f"not ready within start_timeout_s = {self._settings.start_timeout_s:g} s") from exc
@@ -552,7 +432,7 @@ class LocalBackend:
             env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
         return env
 
-    def _replace(self, process: _Process, reason: str, *, graceful: bool) -> None:
+    def _replace(self, process: WorkerProcess, reason: str, *, graceful: bool) -> None:
         """Take the worker out of service now and start its successor once it has gone."""
         if process.retired:
             return
@@ -566,7 +446,7 @@ class LocalBackend:
         slot.launching = True  # so that no job waiting for a worker starts a second successor meanwhile
         self._spawn(self._retire(process, slot, graceful=graceful))
 
-    async def _retire(self, process: _Process, slot: _Slot, *, graceful: bool) -> None:
+    async def _retire(self, process: WorkerProcess, slot: _Slot, *, graceful: bool) -> None:
         # The successor starts only after its predecessor exits: two copies of FLUX rarely fit on one GPU.
         try:
             await process.stop(graceful=graceful)
@@ -574,7 +454,7 @@ class LocalBackend:
             slot.launching = False
         self._ensure_launch(slot)
 
-    def _on_exit(self, process: _Process) -> None:
+    def _on_exit(self, process: WorkerProcess) -> None:
         self._live.discard(process)
         if not (process.retired or process.busy or self._closed):
             self._replace(process, f"died while idle: {process.exit_detail()}", graceful=False)
@@ -616,46 +496,6 @@ class LocalBackend:
                 if gpu:
                     parts.append(gpu)
         return "; ".join(parts)
-
-
-class _GpuProbe:
-    """GPU temperature and memory through NVML (nvidia-ml-py) when installed; cached because the router asks often."""
-
-    def __init__(self) -> None:
-        self._initialised = False
-        self._cache: dict[int, tuple[float, str | None]] = {}
-
-    def describe(self, index: int) -> str | None:
-        now = time.monotonic()
-        cached = self._cache.get(index)
-        if cached is None or now - cached[0] > NVML_CACHE_S:
-            cached = (now, self._query(index))
-            self._cache[index] = cached
-        return cached[1]
-
-    def _query(self, index: int) -> str | None:
-        try:
-            import pynvml
-        except ImportError:
-            return None
-        try:
-            if not self._initialised:
-                pynvml.nvmlInit()
-                self._initialised = True
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            temperature = pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-        except pynvml.NVMLError as exc:
-            log.debug("NVML: %s", exc)
-            return None
-        return f"GPU{index} {temperature}°C {memory.used / 2**30:.1f}/{memory.total / 2**30:.1f} GiB"
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
 
 
 def _shape(request: ResolvedRequest) -> tuple[str, int, int]:

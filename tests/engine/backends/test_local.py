@@ -22,7 +22,8 @@ from types import SimpleNamespace
 import pytest
 
 from engine.backends.demo_model import MARKER, VERSION, ensure_demo_model
-from engine.backends.local import LocalBackend, _GpuProbe
+from engine.backends.gpu_probe import GpuProbe
+from engine.backends.local import LocalBackend
 from engine.backends.protocol import (
     Frame,
     JobSpec,
@@ -356,7 +357,7 @@ def test_gpu_temperature_and_memory_come_from_nvml_when_installed(monkeypatch: p
         nvmlDeviceGetMemoryInfo=lambda handle: memory,
     )
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    probe = _GpuProbe()
+    probe = GpuProbe()
     assert probe.describe(1) == "GPU1 64°C 30.0/80.0 GiB"
     assert probe.describe(1) == "GPU1 64°C 30.0/80.0 GiB"
     assert queries == [1]  # cached: the router asks at every decision
