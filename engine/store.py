@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -313,14 +314,23 @@ class Store:
 
     @asynccontextmanager
     async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        # aiosqlite runs statements in order on its own thread, and a cancelled await does not stop a statement
+        # already handed over. So BEGIN, COMMIT and ROLLBACK are shielded: a caller cancelled at any point still
+        # leaves the connection outside a transaction for the next one, never stuck inside a half-open one.
         async with self._lock:
-            await self._db.execute("BEGIN IMMEDIATE")
             try:
+                await asyncio.shield(self._db.execute("BEGIN IMMEDIATE"))
                 yield self._db
             except BaseException:
-                await self._db.execute("ROLLBACK")
+                await asyncio.shield(self._rollback())
                 raise
-            await self._db.execute("COMMIT")
+            await asyncio.shield(self._db.execute("COMMIT"))
+
+    async def _rollback(self) -> None:
+        try:
+            await self._db.execute("ROLLBACK")
+        except sqlite3.OperationalError:
+            pass  # BEGIN itself failed: there is nothing to roll back
 
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
         async with self._lock:

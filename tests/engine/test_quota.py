@@ -245,3 +245,26 @@ async def test_admin_overrides_grants_and_reset(make_engine: EngineFactory, make
         await engine.admin_quota_set(admin, alice.user_key, "api_usd_per_month", "lots")
     log = await engine.store.audit_log()
     assert {"quota.grant", "quota.set", "quota.reset"} <= {entry["action"] for entry in log}
+
+
+async def test_a_cancelled_writer_never_leaves_a_transaction_open(tmp_path: Path) -> None:
+    """Cancel a writer at every point of its transaction; the next write must still work."""
+    from engine.store import AuditEntry
+
+    store = await Store.open(tmp_path / "cancel.db")
+    try:
+        for yields_before_cancel in range(12):
+
+            async def write() -> None:
+                while True:
+                    await store.audit(AuditEntry("t", "write"))
+
+            task = asyncio.create_task(write())
+            for _ in range(yields_before_cancel):
+                await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await store.audit(AuditEntry("t", "after cancel"))  # "cannot start a transaction within a transaction"
+        assert len(await store.audit_log(action="after cancel")) == 12
+    finally:
+        await store.close()
