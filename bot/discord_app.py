@@ -1,0 +1,570 @@
+"""The Discord front-end: slash commands, live progress edits, result buttons and admin commands.
+
+It only translates: an interaction becomes a Requester and a bot.commands call, engine events become message edits
+and followups with texts from bot.render. It decides nothing; admin rights, bounds and quotas are the engine's.
+
+This module does not use `from __future__ import annotations`: discord.py reads the slash commands' options from
+the callbacks' annotations, and the steps bound comes from the configured models, a value only known at run time.
+"""
+
+import asyncio
+import io
+import logging
+import shlex
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import timedelta
+from typing import Any, Literal
+
+import discord
+from discord import app_commands
+from PIL import Image
+
+from bot import render
+from bot.commands import Commands
+from bot.console import png_with_parameters
+from bot.discord_views import BUTTONS, EditPromptModal, FluxClient, result_view
+from engine.config import ASPECT_RATIOS
+from engine.errors import EngineError, NotAllowed
+from engine.models import (
+    TERMINAL_EVENTS,
+    Job,
+    JobCancelled,
+    JobDone,
+    JobEvent,
+    JobFailed,
+    JobProgress,
+    JobQueued,
+    JobRerouted,
+    JobStarted,
+    Platform,
+    Requester,
+)
+from engine.service import Engine
+from engine.validation import MAX_SEED
+
+log = logging.getLogger("flux_bot.discord")
+
+# Discord's own limits: a token lives 15 minutes (we stop trusting it a minute early), 2,000 characters a message,
+# and 10 MiB an attachment where the interaction does not say more.
+TOKEN_LIFETIME = timedelta(minutes=14)
+MAX_CHARS = 2000
+DEFAULT_FILESIZE_LIMIT = 10 * 1024 * 1024
+DISCORD_ASPECTS = tuple(a for a in ASPECT_RATIOS if a != "9:21")  # the issue's eight; 9:21 stays in config only
+INTERNAL_ERROR = "Something went wrong inside flux-bot; it has been logged. Try again, or tell an admin."
+MENTION_USERS = discord.AllowedMentions(everyone=False, roles=False, users=True)
+
+
+def requester_of(interaction: discord.Interaction) -> Requester:
+    user = interaction.user
+    # Role ids straight from the interaction payload: Member.roles needs the guild's role cache, which an
+    # interaction can arrive without.
+    roles = tuple(str(role_id) for role_id in user._roles) if isinstance(user, discord.Member) else ()
+    return Requester(
+        Platform.DISCORD,
+        str(user.id),
+        guild_id=str(interaction.guild_id) if interaction.guild_id else None,
+        channel_id=str(interaction.channel_id) if interaction.channel_id else None,
+        roles=roles,
+        is_admin=interaction.guild_id is not None and interaction.permissions.manage_guild,
+        display_name=user.display_name,
+    )
+
+
+def clip(text: str) -> str:
+    return text if len(text) <= MAX_CHARS else text[: MAX_CHARS - 1] + "…"
+
+
+def fit_attachment(png: bytes, limit: int, stem: str) -> tuple[bytes, str]:
+    """The PNG if it fits, else the largest JPEG that does: lower quality first, then smaller sizes.
+
+    A JPEG has no PNG text chunks, so the parameters travel in its comment segment instead.
+    """
+    if len(png) <= limit:
+        return png, f"{stem}.png"
+    with Image.open(io.BytesIO(png)) as opened:
+        text = getattr(opened, "text", {})
+        image = opened.convert("RGB")
+    comment = "\n".join(f"{key}: {value}" for key, value in text.items()).encode()
+    while True:
+        for quality in (90, 75, 60, 45):
+            out = io.BytesIO()
+            image.save(out, format="JPEG", quality=quality, optimize=True, comment=comment)
+            if out.tell() <= limit:
+                return out.getvalue(), f"{stem}.jpg"
+        if min(image.size) <= 16:
+            raise ValueError(f"the image cannot be made smaller than {limit} bytes")
+        image = image.resize((max(1, image.width * 3 // 4), max(1, image.height * 3 // 4)), Image.Resampling.LANCZOS)
+
+
+class ThrottledEditor:
+    """Sends at most one progress edit per interval and always the latest one; older pending states are dropped."""
+
+    def __init__(self, send: Callable[[str, bytes | None], Awaitable[None]], interval_s: float) -> None:
+        self._send = send
+        self._interval_s = interval_s
+        self._latest: tuple[str, bytes | None] | None = None
+        self._wake = asyncio.Event()
+        self._sending = asyncio.Lock()
+        self._task = asyncio.create_task(self._run(), name="discord progress edits")
+
+    def update(self, text: str, preview: bytes | None) -> None:
+        self._latest = (text, preview)
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            latest, self._latest = self._latest, None
+            if latest is not None:
+                async with self._sending:
+                    await self._send(*latest)
+            await asyncio.sleep(self._interval_s)
+
+    async def close(self) -> None:
+        """Stop after the edit in flight (so it cannot land on top of the final message); drop what is pending."""
+        async with self._sending:
+            self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+class DiscordFrontEnd:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        edit_interval_s: float = 1.5,
+    ) -> None:
+        self.engine = engine
+        self.commands = Commands(engine)
+        self.edit_interval_s = edit_interval_s
+        # Interactions arrive whatever the intents; `guilds` (not privileged) keeps guild and channel caches warm.
+        self.client = FluxClient(self, intents=discord.Intents(guilds=True))
+        self.client.setup_hook = self._setup  # type: ignore[method-assign]
+        self.tree = app_commands.CommandTree(self.client)
+        self.tree.on_error = self._command_error  # type: ignore[method-assign]
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Jobs an interaction follows; the rest (a restart's) are delivered to their channel by _deliver_others.
+        self._followed: set[str] = set()
+        self._channel_delivery = asyncio.Lock()
+        self._add_commands()
+        self.tree.add_command(self._admin_group())
+
+    # ---- life cycle ----
+
+    async def start(self, token: str, sync_guild: int | None = None) -> None:
+        """Log in, sync the commands (to one guild in development, else globally) and serve until closed."""
+        await self.client.login(token)
+        await self.sync_commands(sync_guild)
+        await self.client.connect()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.client.close()
+
+    async def sync_commands(self, guild_id: int | None) -> list[app_commands.AppCommand]:
+        """Guild-scoped sync shows changes at once (development); a global one can take up to an hour to appear."""
+        if guild_id is None:
+            return await self.tree.sync()
+        guild = discord.Object(guild_id)
+        self.tree.copy_global_to(guild=guild)
+        return await self.tree.sync(guild=guild)
+
+    async def _setup(self) -> None:
+        """Called by discord.py once logged in: listen to buttons, then deliver what ended while we were away."""
+        self.client.add_dynamic_items(*BUTTONS)
+        # Tasks take their first step in creation order: the event subscription exists before the backlog is
+        # read, so a job ending in between is seen by one of them (the lock in _deliver_quietly stops a second post).
+        self._spawn(self._deliver_others(), "discord: results for the channel")
+        self._spawn(self._deliver_backlog(), "discord: results after a restart")
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- slash commands ----
+
+    def _add_commands(self) -> None:
+        models = self.engine.settings.models
+        max_steps = max(model.max_steps for model in models.values())
+        model_choices = [app_commands.Choice(name=m.display_name[:100], value=k) for k, m in models.items()][:25]
+        aspect_choices = [app_commands.Choice(name=a, value=a) for a in DISCORD_ASPECTS]
+
+        @self.tree.command(name="imagine", description="Make an image with FLUX.1")
+        @app_commands.describe(
+            prompt="What to draw",
+            model="Which FLUX model (default: your /settings, else the server's)",
+            aspect="Aspect ratio of the image",
+            steps=f"Denoising steps (1-{max_steps}; each model has its own maximum)",
+            guidance="How closely to follow the prompt (1.5-5)",
+            seed="Seed, to repeat an image (random if left out)",
+            mode="auto: the bot decides; fast: the API first (costs money); relax: the free local GPU only",
+        )
+        @app_commands.choices(model=model_choices, aspect=aspect_choices)
+        async def imagine(
+            interaction: discord.Interaction,
+            prompt: str,
+            model: str | None = None,
+            aspect: str | None = None,
+            steps: app_commands.Range[int, 1, max_steps] | None = None,
+            guidance: app_commands.Range[float, 1.5, 5.0] | None = None,
+            seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
+            mode: Literal["auto", "fast", "relax"] | None = None,
+        ) -> None:
+            # Acknowledge first: Discord drops an interaction not answered within 3 seconds.
+            await interaction.response.defer(thinking=True)
+            chosen = {"model": model, "aspect": aspect, "steps": steps, "guidance": guidance, "seed": seed}
+            options = {k: str(v) for k, v in (chosen | {"mode": mode}).items() if v is not None}
+            await self._imagine(interaction, prompt, options)
+
+        @self.tree.command(name="quota", description="Your usage, limits and when they reset")
+        async def quota(interaction: discord.Interaction) -> None:
+            await self._reply(interaction, self.commands.quota)
+
+        @self.tree.command(name="queue", description="Your jobs and the length of the queue")
+        async def queue(interaction: discord.Interaction) -> None:
+            await self._reply(interaction, self.commands.queue)
+
+        @self.tree.command(name="cancel", description="Cancel a queued or running job of yours")
+        @app_commands.describe(job="The job id (see /queue)")
+        async def cancel(interaction: discord.Interaction, job: str) -> None:
+            async def run(r: Requester) -> str:
+                return render.cancelled_text(await self.commands.cancel(r, job))
+
+            await self._reply(interaction, run)
+
+        @self.tree.command(name="job", description="A job's parameters, route and reason")
+        @app_commands.describe(id="The job id (see /queue)")
+        async def job(interaction: discord.Interaction, id: str) -> None:
+            await self._reply(interaction, lambda r: self.commands.job(r, id))
+
+        @self.tree.command(name="settings", description="Show or set your defaults: model, aspect, mode")
+        @app_commands.describe(name="model, aspect or mode (leave out to show)", value="The new default")
+        async def settings(
+            interaction: discord.Interaction,
+            name: Literal["model", "aspect", "mode"] | None = None,
+            value: str | None = None,
+        ) -> None:
+            await self._reply(interaction, lambda r: self.commands.settings(r, name, value))
+
+    def _admin_group(self) -> app_commands.Group:
+        # Only a hint to Discord's UI (server admins can change it): Commands.admin checks rights at run time.
+        admin = app_commands.Group(
+            name="admin",
+            description="flux-bot administration (admins only)",
+            default_permissions=discord.Permissions(manage_guild=True),
+            guild_only=True,
+        )
+        quota = app_commands.Group(name="quota", description="A user's quota", parent=admin)
+
+        def command(group: app_commands.Group, name: str, description: str) -> Callable[[Any], Any]:
+            return group.command(name=name, description=description)
+
+        def key(user: discord.User) -> str:
+            return f"discord:{user.id}"
+
+        @command(quota, "show", "Show a user's usage and limits")
+        @app_commands.describe(user="Whose quota")
+        async def quota_show(interaction: discord.Interaction, user: discord.User) -> None:
+            await self._admin(interaction, "quota", "show", key(user))
+
+        @command(quota, "set", "Override one of a user's limits")
+        @app_commands.describe(
+            user="Whose limit",
+            limit="images_per_day, gpu_seconds_per_day, api_usd_per_month or concurrent_jobs",
+            value="The new limit ('none' removes it)",
+        )
+        async def quota_set(interaction: discord.Interaction, user: discord.User, limit: str, value: str) -> None:
+            await self._admin(interaction, "quota", "set", key(user), limit, value)
+
+        @command(quota, "grant", "Give a user extra for the current period")
+        @app_commands.describe(user="Who gets it", resource="What to grant", amount="How much")
+        async def quota_grant(
+            interaction: discord.Interaction,
+            user: discord.User,
+            resource: Literal["images", "gpu-seconds", "usd"],
+            amount: str,
+        ) -> None:
+            await self._admin(interaction, "quota", "grant", key(user), resource, amount)
+
+        @command(quota, "reset", "Start a user's current day and month afresh")
+        @app_commands.describe(user="Whose usage")
+        async def quota_reset(interaction: discord.Interaction, user: discord.User) -> None:
+            await self._admin(interaction, "quota", "reset", key(user))
+
+        @command(admin, "spend", "Spend report for a month, per user and backend")
+        @app_commands.describe(month="YYYY-MM (default: this month)")
+        async def spend(interaction: discord.Interaction, month: str | None = None) -> None:
+            await self._admin(interaction, "spend", *([month] if month else []))
+
+        @command(admin, "credits", "The BFL API credits balance")
+        async def credits(interaction: discord.Interaction) -> None:
+            await self._admin(interaction, "credits")
+
+        @command(admin, "pause", "Stop routing new jobs to the local GPU or the API")
+        @app_commands.describe(backend="local or api")
+        async def pause(interaction: discord.Interaction, backend: Literal["local", "api"]) -> None:
+            await self._admin(interaction, "pause", backend)
+
+        @command(admin, "resume", "Route jobs to the local GPU or the API again")
+        @app_commands.describe(backend="local or api")
+        async def resume(interaction: discord.Interaction, backend: Literal["local", "api"]) -> None:
+            await self._admin(interaction, "resume", backend)
+
+        @command(admin, "ban", "Stop a user from generating images")
+        @app_commands.describe(user="Who")
+        async def ban(interaction: discord.Interaction, user: discord.User) -> None:
+            await self._admin(interaction, "ban", key(user))
+
+        @command(admin, "unban", "Let a banned user generate images again")
+        @app_commands.describe(user="Who")
+        async def unban(interaction: discord.Interaction, user: discord.User) -> None:
+            await self._admin(interaction, "unban", key(user))
+
+        @command(admin, "jobs", "Every job waiting or running")
+        async def jobs(interaction: discord.Interaction) -> None:
+            await self._admin(interaction, "jobs")
+
+        @command(admin, "cancel", "Cancel any job")
+        @app_commands.describe(job="The job id")
+        async def cancel(interaction: discord.Interaction, job: str) -> None:
+            await self._admin(interaction, "cancel", job)
+
+        return admin
+
+    async def _admin(self, interaction: discord.Interaction, *words: str) -> None:
+        text = shlex.join(words)
+        await self._reply(interaction, lambda r: self.commands.admin(r, text))
+
+    async def _reply(self, interaction: discord.Interaction, handler: Callable[[Requester], Awaitable[str]]) -> None:
+        """An ephemeral answer from a Commands handler; an EngineError becomes its one friendly message."""
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        try:
+            text = await handler(requester_of(interaction))
+        except EngineError as exc:
+            text = render.error_message(exc)
+        except Exception:
+            log.exception("discord /%s failed", interaction.command.qualified_name if interaction.command else "?")
+            text = INTERNAL_ERROR
+        await interaction.followup.send(clip(text), ephemeral=True)
+
+    async def _command_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
+        """What slipped past the handlers (an option that failed to convert, a bug): logged, one line to the user."""
+        log.error("discord command failed", exc_info=error)
+        text = INTERNAL_ERROR
+        if isinstance(error, app_commands.TransformerError):
+            text = f"That option can't be used: {error.value!r}. {render.NOT_CHARGED}"
+        await self._refuse(interaction, text)
+
+    async def _refuse(self, interaction: discord.Interaction, text: str) -> None:
+        """An ephemeral message, removing the public 'thinking…' placeholder if there is one."""
+        if not interaction.response.is_done():
+            await interaction.response.send_message(clip(text), ephemeral=True)
+            return
+        try:
+            await interaction.delete_original_response()
+        except discord.HTTPException:
+            log.debug("no original response to remove for interaction %s", interaction.id)
+        await interaction.followup.send(clip(text), ephemeral=True)
+
+    # ---- /imagine: submit, follow, deliver ----
+
+    async def _imagine(self, interaction: discord.Interaction, prompt: str, options: dict[str, str]) -> None:
+        """Submit for an interaction that is already deferred (publicly), then follow the job to its end."""
+        try:
+            queued = await self.commands.imagine(requester_of(interaction), prompt, options)
+        except EngineError as exc:
+            await self._refuse(interaction, render.error_message(exc))
+            return
+        except Exception:
+            log.exception("discord /imagine could not be submitted for %s", interaction.user.id)
+            await self._refuse(interaction, INTERNAL_ERROR)
+            return
+        self._followed.add(queued.job_id)
+        self._spawn(self._follow(interaction, queued), f"discord: follow {queued.job_id}")
+
+    async def _follow(self, interaction: discord.Interaction, queued: JobQueued) -> None:
+        job_id = queued.job_id
+        try:
+            job = await self.engine.store.get_job(job_id)
+            header = render.queued_text(queued, self.commands.model_display(job.request.model))
+            await self._edit(interaction, header, None)
+
+            async def show(text: str, preview: bytes | None) -> None:
+                await self._edit(interaction, f"{header}\n{text}", preview)
+
+            editor = ThrottledEditor(show, self.edit_interval_s)
+            try:
+                async for event in self.engine.events(job_id):
+                    if isinstance(event, JobProgress):
+                        editor.update(render.progress_bar(event.step, event.total), event.preview_png)
+                    elif isinstance(event, JobStarted | JobRerouted):
+                        editor.update(render.event_line(event), None)
+                    elif isinstance(event, TERMINAL_EVENTS):
+                        await editor.close()
+                        await self._deliver(event, interaction)
+            finally:
+                await editor.close()
+        except Exception:
+            log.exception("job %s: following it on Discord failed", job_id)
+
+    async def _edit(self, interaction: discord.Interaction, text: str, preview: bytes | None) -> None:
+        """A progress edit; lost ones only cost a stale bar, so failures are logged, not raised."""
+        if self._token_too_old(interaction):
+            return
+        files = [discord.File(io.BytesIO(preview), "preview.png")] if preview else []
+        try:
+            await interaction.edit_original_response(content=clip(text), attachments=files)
+        except discord.HTTPException as exc:
+            log.info("interaction %s: progress edit failed (%s %s)", interaction.id, exc.status, exc.code)
+
+    @staticmethod
+    def _token_too_old(interaction: discord.Interaction) -> bool:
+        return discord.utils.utcnow() - interaction.created_at > TOKEN_LIFETIME
+
+    async def _deliver(self, event: JobEvent, interaction: discord.Interaction | None) -> None:
+        """The terminal message: through the interaction while its token lives, else to the channel; then recorded."""
+        job = await self.engine.store.get_job(event.job_id)
+        delivered = False
+        if interaction is not None and not self._token_too_old(interaction):
+            try:
+                await self._deliver_to_interaction(job, event, interaction)
+                delivered = True
+            except discord.HTTPException as exc:
+                # 401 / 50027 is the expired token; any other refusal (a deleted original, an outage of the
+                # webhook) gets the same answer, since the channel is the last place the user can still be told.
+                log.info(
+                    "job %s: interaction answered %s (code %s), posting to the channel", job.id, exc.status, exc.code
+                )
+        if not delivered:
+            await self._deliver_to_channel(job, event)
+        # Shielded: close() cancels this task, and a write cut off mid-transaction would leave the store's
+        # connection inside it (engine.store._tx is not safe against cancellation).
+        await asyncio.shield(self.engine.mark_delivered(job.id))
+
+    async def _deliver_to_interaction(self, job: Job, event: JobEvent, interaction: discord.Interaction) -> None:
+        if isinstance(event, JobDone):
+            data, filename, caption = await self._result(job, event, interaction.filesize_limit)
+            await interaction.edit_original_response(content=clip(render.event_line(event)), attachments=[])
+            await interaction.followup.send(
+                clip(f"<@{job.requester.user_id}> {caption}"),
+                file=discord.File(io.BytesIO(data), filename),
+                view=result_view(job.id),
+                allowed_mentions=MENTION_USERS,
+            )
+        else:
+            await interaction.delete_original_response()
+            await interaction.followup.send(clip(self._ended_text(event)), ephemeral=True)
+
+    async def _deliver_to_channel(self, job: Job, event: JobEvent) -> None:
+        if job.requester.channel_id is None:
+            log.warning("job %s: no channel to deliver to", job.id)
+            return
+        channel = self.client.get_partial_messageable(int(job.requester.channel_id))
+        mention = f"<@{job.requester.user_id}>"
+        if isinstance(event, JobDone):
+            data, filename, caption = await self._result(job, event, DEFAULT_FILESIZE_LIMIT)
+            await channel.send(
+                clip(f"{mention} {caption}"),
+                file=discord.File(io.BytesIO(data), filename),
+                view=result_view(job.id),
+                allowed_mentions=MENTION_USERS,
+            )
+        else:
+            await channel.send(clip(f"{mention} {self._ended_text(event)}"), allowed_mentions=MENTION_USERS)
+
+    async def _result(self, job: Job, event: JobDone, limit: int) -> tuple[bytes, str, str]:
+        display = self.commands.model_display(job.request.model)
+        png = await asyncio.to_thread(png_with_parameters, event.image, job, display)
+        data, filename = await asyncio.to_thread(fit_attachment, png, limit, job.id)
+        return data, filename, render.done_caption(job, event, display)
+
+    @staticmethod
+    def _ended_text(event: JobEvent) -> str:
+        if isinstance(event, JobFailed):
+            return render.failed_text(event)
+        if isinstance(event, JobCancelled):
+            return render.cancelled_text(event)
+        return render.event_line(event)
+
+    async def _deliver_others(self) -> None:
+        """Terminal events of Discord jobs no interaction follows (submitted before a restart): to their channel."""
+        async for event in self.engine.all_events():
+            if not isinstance(event, TERMINAL_EVENTS):
+                continue
+            if event.job_id in self._followed:
+                self._followed.discard(event.job_id)  # its follower delivers it; this was the last use of the id
+                continue
+            await self._deliver_quietly(event.job_id, event)
+
+    async def _deliver_backlog(self) -> None:
+        for job in await self.engine.undelivered():
+            if job.requester.platform is Platform.DISCORD and job.id not in self._followed:
+                await self._deliver_quietly(job.id, None)
+
+    async def _deliver_quietly(self, job_id: str, event: JobEvent | None) -> None:
+        """To the channel, once; failures are logged and the job stays undelivered for the next start."""
+        try:
+            async with self._channel_delivery:
+                job = await self.engine.store.get_job(job_id)
+                if job.requester.platform is Platform.DISCORD and not job.delivered:
+                    await self._deliver(event or await self.engine.terminal_event(job), None)
+        except Exception:
+            log.exception("job %s: could not deliver its result to Discord", job_id)
+
+    # ---- result buttons (bot.discord_views routes clicks here) ----
+
+    async def reroll(self, interaction: discord.Interaction, job_id: str, *, vary: bool) -> None:
+        await interaction.response.defer(thinking=True)
+        job = await self._shown_job(interaction, job_id)
+        if job is None:
+            return
+        seed = str((job.request.seed + 1) % (MAX_SEED + 1)) if vary else None
+        await self._imagine(interaction, job.request.prompt, _same_options(job, seed))
+
+    async def edit_prompt(self, interaction: discord.Interaction, job_id: str) -> None:
+        job = await self._shown_job(interaction, job_id)
+        if job is not None:
+            limit = min(4000, self.engine.settings.policy.max_prompt_chars)
+            await interaction.response.send_modal(EditPromptModal(job_id, job.request.prompt, limit))
+
+    async def edited_prompt(self, interaction: discord.Interaction, job_id: str, prompt: str) -> None:
+        await interaction.response.defer(thinking=True)
+        job = await self._shown_job(interaction, job_id)
+        if job is not None:
+            await self._imagine(interaction, prompt, _same_options(job, str(job.request.seed)))
+
+    async def delete(self, interaction: discord.Interaction, job_id: str) -> None:
+        job = await self._shown_job(interaction, job_id)
+        if job is None:
+            return
+        requester = requester_of(interaction)
+        if requester.user_key != job.requester.user_key and not self.engine.is_admin(requester):
+            refusal = NotAllowed("delete", "only the person who asked for this image or an admin can delete it")
+            await interaction.response.send_message(render.error_message(refusal), ephemeral=True)
+            return
+        await interaction.response.defer()
+        if interaction.message is not None:
+            await interaction.message.delete()
+        log.info("job %s: result deleted on Discord by %s", job_id, requester.user_key)
+
+    async def _shown_job(self, interaction: discord.Interaction, job_id: str) -> Job | None:
+        """The job under a button. Its parameters are already public in the message, so anyone may reuse them."""
+        try:
+            return await self.engine.store.get_job(job_id)
+        except EngineError as exc:
+            await self._refuse(interaction, render.error_message(exc))
+            return None
+
+
+def _same_options(job: Job, seed: str | None) -> dict[str, str]:
+    r = job.request
+    options = {"model": r.model, "aspect": r.aspect_ratio, "steps": str(r.steps), "mode": r.mode.value}
+    if r.guidance is not None:
+        options["guidance"] = str(r.guidance)
+    if seed is not None:
+        options["seed"] = seed
+    return options

@@ -1,0 +1,229 @@
+"""A fake Discord HTTP API on loopback, driven by the real discord.py client (no gateway).
+
+It answers the REST calls an interactions-only bot makes (login, interaction callbacks, webhook edits and followups,
+channel messages, command sync), records every request in order, and injects the faults a long-running bot meets:
+an expired interaction token (401, code 50027) and a rate limit (429 with `Via` and a JSON retry_after).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import discord
+from aiohttp import BodyPartReader, web
+
+APP_ID = "1000"
+BOT_ID = "1001"
+GUILD_ID = "2000"
+CHANNEL_ID = "3000"
+MANAGE_GUILD = 1 << 5
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a multipart request: `payload_json` or a file."""
+
+    name: str
+    filename: str | None
+    content_type: str | None
+    data: bytes
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    status: int
+    json: Any = None
+    parts: list[Part] = field(default_factory=list)
+
+    @property
+    def payload(self) -> Any:
+        """The JSON body, whether sent plain or as the multipart `payload_json` part."""
+        if self.json is not None:
+            return self.json
+        for part in self.parts:
+            if part.name == "payload_json":
+                return json.loads(part.data)
+        return None
+
+    @property
+    def files(self) -> list[Part]:
+        return [part for part in self.parts if part.filename is not None]
+
+
+def _user(user_id: str, name: str, *, bot: bool = False) -> dict[str, Any]:
+    return {"id": user_id, "username": name, "discriminator": "0", "global_name": name, "avatar": None, "bot": bot}
+
+
+class FakeDiscord:
+    """`async with FakeDiscord() as fake:` points discord.py's Route.BASE at it for the duration."""
+
+    def __init__(self) -> None:
+        self.requests: list[Recorded] = []
+        self.expired_tokens: set[str] = set()  # webhook calls with these tokens get 401 / 50027
+        self.rate_limit_next: set[str] = set()  # methods ("PATCH", "POST") whose next webhook call gets one 429
+        self._ids = itertools.count(5000)
+        self._runner: web.AppRunner | None = None
+        self._old_base = ""
+        self.port = 0
+
+    async def __aenter__(self) -> FakeDiscord:
+        app = web.Application(middlewares=[self._record])
+        app.add_routes(
+            [
+                web.get("/api/v10/users/@me", self._me),
+                web.get("/api/v10/oauth2/applications/@me", self._application),
+                web.post("/api/v10/interactions/{id}/{token}/callback", self._callback),
+                web.patch("/api/v10/webhooks/{app}/{token}/messages/{message}", self._webhook_message),
+                web.delete("/api/v10/webhooks/{app}/{token}/messages/{message}", self._webhook_delete),
+                web.post("/api/v10/webhooks/{app}/{token}", self._webhook_message),
+                web.post("/api/v10/channels/{channel}/messages", self._channel_message),
+                web.delete("/api/v10/channels/{channel}/messages/{message}", self._no_content),
+                web.put("/api/v10/applications/{app}/commands", self._sync),
+                web.put("/api/v10/applications/{app}/guilds/{guild}/commands", self._sync),
+            ]
+        )
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets  # type: ignore[attr-defined]
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self._old_base = discord.http.Route.BASE
+        discord.http.Route.BASE = f"http://127.0.0.1:{self.port}/api/v10"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        discord.http.Route.BASE = self._old_base
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # ---- what tests read ----
+
+    def matching(self, method: str, path_part: str, status: int | None = 200) -> list[Recorded]:
+        return [
+            r
+            for r in self.requests
+            if r.method == method and path_part in r.path and (status is None or r.status == status)
+        ]
+
+    async def wait_for(
+        self, predicate: Callable[[list[Recorded]], bool], what: str, limit_s: float = 10.0
+    ) -> list[Recorded]:
+        """Bounded polling: the limit only guards against a hung test, it is never the expected path."""
+        for _ in range(int(limit_s / 0.01)):
+            if predicate(self.requests):
+                return self.requests
+            await asyncio.sleep(0.01)
+        seen = [(r.method, r.path, r.status) for r in self.requests]
+        raise AssertionError(f"timed out waiting for {what}; got {seen}")
+
+    # ---- handlers ----
+
+    @web.middleware
+    async def _record(self, request: web.Request, handler: Callable[[web.Request], Any]) -> web.StreamResponse:
+        body: Any = None
+        parts: list[Part] = []
+        if request.content_type.startswith("multipart/"):
+            reader = await request.multipart()
+            async for part in reader:
+                assert isinstance(part, BodyPartReader)
+                parts.append(Part(part.name or "", part.filename, part.headers.get("Content-Type"), await part.read()))
+        elif request.can_read_body:
+            body = await request.json()
+        response = self._fault(request)
+        if response is None:
+            response = await handler(request)
+        self.requests.append(Recorded(request.method, request.path, response.status, body, parts))
+        return response
+
+    def _fault(self, request: web.Request) -> web.Response | None:
+        if "/webhooks/" not in request.path:
+            return None
+        if request.match_info.get("token") in self.expired_tokens:
+            return _json({"message": "Invalid Webhook Token", "code": 50027}, status=401)
+        if request.method in self.rate_limit_next:
+            self.rate_limit_next.discard(request.method)
+            return _json(
+                {"message": "You are being rate limited.", "retry_after": 0.05, "global": False},
+                status=429,
+                headers={"Via": "1.1 google"},
+            )
+        return None
+
+    async def _me(self, request: web.Request) -> web.Response:
+        return _json(_user(BOT_ID, "flux-bot", bot=True))
+
+    async def _application(self, request: web.Request) -> web.Response:
+        return _json(
+            {
+                "id": APP_ID,
+                "name": "flux-bot",
+                "icon": None,
+                "description": "",
+                "bot_public": True,
+                "bot_require_code_grant": False,
+                "verify_key": "0" * 64,
+                "flags": 0,
+                "owner": _user("9", "owner"),
+                "interactions_endpoint_url": None,
+            }
+        )
+
+    async def _callback(self, request: web.Request) -> web.Response:
+        return _json({"interaction": {"id": request.match_info["id"], "type": 2}})
+
+    def _message(self, channel_id: str, payload: Any, files: int = 0) -> dict[str, Any]:
+        payload = payload if isinstance(payload, dict) else {}
+        return {
+            "id": str(next(self._ids)),
+            "channel_id": channel_id,
+            "author": _user(BOT_ID, "flux-bot", bot=True),
+            "content": payload.get("content") or "",
+            "timestamp": "2026-11-26T12:00:00+00:00",
+            "edited_timestamp": None,
+            "tts": False,
+            "mention_everyone": False,
+            "mentions": [],
+            "mention_roles": [],
+            "attachments": [],
+            "embeds": [],
+            "components": payload.get("components") or [],
+            "pinned": False,
+            "type": 0,
+            "flags": payload.get("flags") or 0,
+        }
+
+    async def _webhook_message(self, request: web.Request) -> web.Response:
+        # The body was consumed by the recorder; the reply only needs a plausible message.
+        return _json(self._message(CHANNEL_ID, None))
+
+    async def _webhook_delete(self, request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
+    async def _channel_message(self, request: web.Request) -> web.Response:
+        return _json(self._message(request.match_info["channel"], None))
+
+    async def _no_content(self, request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
+    async def _sync(self, request: web.Request) -> web.Response:
+        commands = await request.json()  # cached by aiohttp after the recorder read it
+        answered = [
+            {**command, "id": str(next(self._ids)), "application_id": APP_ID, "version": "1"} for command in commands
+        ]
+        return _json(answered)
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    # Exactly application/json with no charset: discord.py reads anything else as text.
+    return web.Response(
+        body=json.dumps(data).encode(), status=status, headers={"Content-Type": "application/json", **(headers or {})}
+    )
