@@ -53,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="start the chat front-ends whose tokens are set (the console if none is)")
-    run.add_argument("--sync-guild", help="sync Discord commands to this guild only (development)")
+    run.add_argument("--sync-guild", type=int, help="sync Discord commands to this guild only (development)")
 
     console = sub.add_parser("console", help="the commands on stdin/stdout")
     console.add_argument("--user", default=None, help="who you are in quotas and jobs (default: your login name)")
@@ -89,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         match args.command:
             case "run":
-                return asyncio.run(run(settings, secrets))
+                return asyncio.run(run(settings, secrets, args.sync_guild))
             case "console":
                 if args.demo:
                     settings, secrets = demo_settings(settings)
@@ -115,15 +115,24 @@ def demo_settings(settings: Settings) -> tuple[Settings, Secrets]:
     return settings.model_copy(update={"local": local, "routing": routing}), Secrets()
 
 
-async def run(settings: Settings, secrets: Secrets) -> int:
-    wanted = [name for name, token in (("Discord", secrets.discord_token), ("Slack", secrets.slack_bot_token)) if token]
-    if wanted:
+async def run(settings: Settings, secrets: Secrets, sync_guild: int | None = None) -> int:
+    if secrets.slack_bot_token:
         print(
-            f"flux-bot: {' and '.join(wanted)} token(s) are set, but this build has no {' or '.join(wanted)}"
-            " front-end yet. Unset the token(s) to use the console.",
+            "flux-bot: SLACK_BOT_TOKEN is set, but this build has no Slack front-end yet. Unset it to continue.",
             file=sys.stderr,
         )
         return 2
+    if secrets.discord_token:
+        from bot.discord_app import DiscordFrontEnd
+
+        engine = await Engine.open(settings, secrets)
+        front_end = DiscordFrontEnd(engine)
+        try:
+            await front_end.start(secrets.discord_token, sync_guild)
+        finally:
+            await front_end.close()
+            await engine.close()
+        return 0
     print("No chat token is set (DISCORD_TOKEN, SLACK_BOT_TOKEN): starting the console front-end.")
     if not secrets.bfl_api_key and not settings.local.model:
         settings, secrets = demo_settings(settings)

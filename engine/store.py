@@ -8,6 +8,7 @@ reads usage and writes a reservation can never interleave with another one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sqlite3
@@ -327,10 +328,8 @@ class Store:
             await asyncio.shield(self._db.execute("COMMIT"))
 
     async def _rollback(self) -> None:
-        try:
+        with contextlib.suppress(sqlite3.OperationalError):  # BEGIN itself failed: nothing to roll back
             await self._db.execute("ROLLBACK")
-        except sqlite3.OperationalError:
-            pass  # BEGIN itself failed: there is nothing to roll back
 
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
         async with self._lock:
