@@ -112,7 +112,7 @@ class Console:
             self.write(render.error_message(exc))
         except Exception:
             log.exception("console command failed: %r", command)
-            self.write("Something went wrong inside flux-bot; it has been logged. Try again, or tell an admin.")
+            self.write(render.INTERNAL_ERROR)
 
     async def _dispatch(self, command: str, rest: str) -> None:
         c = self.commands

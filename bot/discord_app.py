@@ -22,6 +22,7 @@ from PIL import Image
 from bot import render
 from bot.commands import Commands
 from bot.console import png_with_parameters
+from bot.delivery import ThrottledEditor, same_options
 from bot.discord_views import BUTTONS, EditPromptModal, FluxClient, result_view
 from engine.config import ASPECT_RATIOS
 from engine.errors import EngineError, NotAllowed
@@ -50,7 +51,6 @@ TOKEN_LIFETIME = timedelta(minutes=14)
 MAX_CHARS = 2000
 DEFAULT_FILESIZE_LIMIT = 10 * 1024 * 1024
 DISCORD_ASPECTS = tuple(a for a in ASPECT_RATIOS if a != "9:21")  # the issue's eight; 9:21 stays in config only
-INTERNAL_ERROR = "Something went wrong inside flux-bot; it has been logged. Try again, or tell an admin."
 MENTION_USERS = discord.AllowedMentions(everyone=False, roles=False, users=True)
 
 
@@ -94,38 +94,6 @@ def fit_attachment(png: bytes, limit: int, stem: str) -> tuple[bytes, str]:
         if min(image.size) <= 16:
             raise ValueError(f"the image cannot be made smaller than {limit} bytes")
         image = image.resize((max(1, image.width * 3 // 4), max(1, image.height * 3 // 4)), Image.Resampling.LANCZOS)
-
-
-class ThrottledEditor:
-    """Sends at most one progress edit per interval and always the latest one; older pending states are dropped."""
-
-    def __init__(self, send: Callable[[str, bytes | None], Awaitable[None]], interval_s: float) -> None:
-        self._send = send
-        self._interval_s = interval_s
-        self._latest: tuple[str, bytes | None] | None = None
-        self._wake = asyncio.Event()
-        self._sending = asyncio.Lock()
-        self._task = asyncio.create_task(self._run(), name="discord progress edits")
-
-    def update(self, text: str, preview: bytes | None) -> None:
-        self._latest = (text, preview)
-        self._wake.set()
-
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            latest, self._latest = self._latest, None
-            if latest is not None:
-                async with self._sending:
-                    await self._send(*latest)
-            await asyncio.sleep(self._interval_s)
-
-    async def close(self) -> None:
-        """Stop after the edit in flight (so it cannot land on top of the final message); drop what is pending."""
-        async with self._sending:
-            self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
 
 
 class DiscordFrontEnd:
@@ -348,13 +316,13 @@ class DiscordFrontEnd:
             text = render.error_message(exc)
         except Exception:
             log.exception("discord /%s failed", interaction.command.qualified_name if interaction.command else "?")
-            text = INTERNAL_ERROR
+            text = render.INTERNAL_ERROR
         await interaction.followup.send(clip(text), ephemeral=True)
 
     async def _command_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         """What slipped past the handlers (an option that failed to convert, a bug): logged, one line to the user."""
         log.error("discord command failed", exc_info=error)
-        text = INTERNAL_ERROR
+        text = render.INTERNAL_ERROR
         if isinstance(error, app_commands.TransformerError):
             text = f"That option can't be used: {error.value!r}. {render.NOT_CHARGED}"
         await self._refuse(interaction, text)
@@ -381,7 +349,7 @@ class DiscordFrontEnd:
             return
         except Exception:
             log.exception("discord /imagine could not be submitted for %s", interaction.user.id)
-            await self._refuse(interaction, INTERNAL_ERROR)
+            await self._refuse(interaction, render.INTERNAL_ERROR)
             return
         self._followed.add(queued.job_id)
         self._spawn(self._follow(interaction, queued), f"discord: follow {queued.job_id}")
@@ -523,7 +491,7 @@ class DiscordFrontEnd:
         if job is None:
             return
         seed = str((job.request.seed + 1) % (MAX_SEED + 1)) if vary else None
-        await self._imagine(interaction, job.request.prompt, _same_options(job, seed))
+        await self._imagine(interaction, job.request.prompt, same_options(job, seed))
 
     async def edit_prompt(self, interaction: discord.Interaction, job_id: str) -> None:
         job = await self._shown_job(interaction, job_id)
@@ -535,7 +503,7 @@ class DiscordFrontEnd:
         await interaction.response.defer(thinking=True)
         job = await self._shown_job(interaction, job_id)
         if job is not None:
-            await self._imagine(interaction, prompt, _same_options(job, str(job.request.seed)))
+            await self._imagine(interaction, prompt, same_options(job, str(job.request.seed)))
 
     async def delete(self, interaction: discord.Interaction, job_id: str) -> None:
         job = await self._shown_job(interaction, job_id)
@@ -558,13 +526,3 @@ class DiscordFrontEnd:
         except EngineError as exc:
             await self._refuse(interaction, render.error_message(exc))
             return None
-
-
-def _same_options(job: Job, seed: str | None) -> dict[str, str]:
-    r = job.request
-    options = {"model": r.model, "aspect": r.aspect_ratio, "steps": str(r.steps), "mode": r.mode.value}
-    if r.guidance is not None:
-        options["guidance"] = str(r.guidance)
-    if seed is not None:
-        options["seed"] = seed
-    return options

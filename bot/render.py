@@ -38,6 +38,7 @@ from engine.quota import QuotaView
 from engine.store import SpendRow
 
 NOT_CHARGED = "You were not charged."
+INTERNAL_ERROR = "Something went wrong inside flux-bot; it has been logged. Try again, or tell an admin."
 
 
 def duration(seconds: float) -> str:
@@ -246,4 +247,4 @@ def error_message(exc: EngineError) -> str:
             return f"You can't do that: {exc.reason}."
         case ConfigError():
             return f"flux-bot is misconfigured ({exc.field}); tell an admin."
-    return "Something went wrong inside flux-bot; it has been logged. Try again, or tell an admin."
+    return INTERNAL_ERROR
