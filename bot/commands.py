@@ -153,7 +153,9 @@ class Commands:
         if not words:
             raise InvalidRequest(ADMIN_USAGE)
         engine = self.engine
-        match [w.lower() if i < 2 else w for i, w in enumerate(words)]:
+        # Command words are case-insensitive; user ids are not (Slack's are upper case).
+        keywords = 2 if words[0].lower() == "quota" else 1
+        match [w.lower() if i < keywords else w for i, w in enumerate(words)]:
             case ["quota", "show", user]:
                 return render.quota_text(await engine.admin_quota_show(requester, self._user(requester, user)))
             case ["quota", "set", user, limit, value]:

@@ -191,3 +191,12 @@ def test_piped_console_image_text_chunks_survive(tmp_path: Path) -> None:
     job = Job("j1", Requester(Platform.CONSOLE, "a"), request, JobState.DONE, BackendKind.LOCAL, "", 0.0)
     with Image.open(io.BytesIO(png_with_parameters(tiny_png(), job, "FLUX.1 [dev]"))) as image:
         assert image.text["guidance"] == "3.0" and image.text["steps"] == "28"
+
+
+async def test_admin_user_ids_keep_their_case(make_engine: EngineFactory) -> None:
+    """Slack user ids are upper case: a ban must land on the exact user, whatever case the keywords use."""
+    engine = await make_engine({})
+    admin = Requester(Platform.SLACK, "UADMIN", guild_id="T1", is_admin=True)
+    await Commands(engine).admin(admin, "BAN U0BOB")
+    record = await engine.store.get_user("slack:T1:U0BOB")
+    assert record is not None and record.banned
