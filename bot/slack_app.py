@@ -1,0 +1,454 @@
+"""The Slack front-end: slash commands, throttled progress updates, the result in a thread, buttons and admin commands.
+
+Like the Discord adapter it only translates: a slash command or button click becomes a Requester and a bot.commands
+call, engine events become chat.update calls and a files_upload_v2 with texts from bot.render. Admin rights, bounds
+and quotas are decided by the engine.
+
+Acknowledging: Slack drops a command not acknowledged within 3 seconds. Submitting a job is one SQLite write, well
+inside that, so the command submits first and acknowledges with the queued note (route, reason, position, ETA, cost)
+or the error: the user's one ephemeral answer arrives with the ack, and no response_url round trip is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+from slack_bolt.async_app import AsyncAck, AsyncApp
+from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot import render
+from bot.commands import Commands
+from bot.console import png_with_parameters
+
+# Shared with Discord rather than copied; they belong in a platform-neutral module (see the report).
+from bot.delivery import ThrottledEditor, same_options
+from engine.errors import EngineError, InvalidRequest, NotAllowed
+from engine.models import (
+    TERMINAL_EVENTS,
+    Job,
+    JobCancelled,
+    JobDone,
+    JobEvent,
+    JobFailed,
+    JobProgress,
+    JobQueued,
+    JobRerouted,
+    JobStarted,
+    Platform,
+    Requester,
+)
+from engine.service import Engine
+from engine.validation import MAX_SEED
+
+log = logging.getLogger("flux_bot.slack")
+
+MAX_CHARS = 3000  # a section block's text limit; plain message text allows more, one limit keeps it simple
+IMAGINE_FLAGS = {f"--{name}": name for name in ("model", "aspect", "steps", "guidance", "seed", "mode")}
+NUMERIC_FLAGS = {"steps": int, "seed": int, "guidance": float}
+ACTIONS = ("reroll", "vary", "delete")
+
+
+@dataclass(frozen=True, slots=True)
+class CommandNames:
+    """Slash command names as registered in the Slack app's manifest (a workspace may already use /imagine)."""
+
+    imagine: str = "/imagine"
+    quota: str = "/imagine-quota"
+    cancel: str = "/imagine-cancel"
+    admin: str = "/imagine-admin"
+
+
+def clip(text: str) -> str:
+    return text if len(text) <= MAX_CHARS else text[: MAX_CHARS - 1] + "…"
+
+
+def parse_imagine(text: str) -> tuple[str, dict[str, str]]:
+    """'a red cat --aspect 16:9 --steps 20' -> prompt and options; a bad flag raises InvalidRequest."""
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise InvalidRequest(f"could not read that ({exc}); check the quotes") from exc
+    prompt: list[str] = []
+    options: dict[str, str] = {}
+    items = iter(words)
+    for word in items:
+        if not word.startswith("--"):
+            prompt.append(word)
+            continue
+        name = IMAGINE_FLAGS.get(word.lower())
+        if name is None:
+            raise InvalidRequest(f"unknown flag {word!r}; use {', '.join(IMAGINE_FLAGS)}")
+        value = next(items, None)
+        if value is None or value.startswith("--"):
+            raise InvalidRequest(f"{word} needs a value", field=name)
+        kind = NUMERIC_FLAGS.get(name)
+        if kind is not None:
+            try:
+                kind(value)
+            except ValueError as exc:
+                what = "a whole number" if kind is int else "a number"
+                raise InvalidRequest(f"{word} must be {what}, not {value!r}", field=name) from exc
+        options[name] = value
+    if not prompt:
+        raise InvalidRequest("say what to draw: /imagine a red cat --aspect 16:9", field="prompt")
+    return " ".join(prompt), options
+
+
+def result_blocks(text: str, job_id: str, file_id: str) -> list[dict[str, Any]]:
+    """The caption with Reroll, Vary and Delete; each button's value is the job id, its action_id the action.
+
+    Delete's value also names the uploaded image, which lives in the thread and would outlive its parent message.
+    """
+    buttons = [
+        {
+            "type": "button",
+            "action_id": f"flux_{action}",
+            "text": {"type": "plain_text", "text": action.capitalize()},
+            "value": f"{job_id}:{file_id}" if action == "delete" else job_id,
+            **({"style": "danger"} if action == "delete" else {}),
+        }
+        for action in ACTIONS
+    ]
+    return [
+        {"type": "section", "text": {"type": "mrkdwn", "text": clip(text)}},
+        {"type": "actions", "block_id": f"flux_result_{job_id}", "elements": buttons},
+    ]
+
+
+class ChannelPacer:
+    """Spaces chat.update calls in one channel by at least the interval: Slack rate-limits updates per channel."""
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval_s = interval_s
+        self._next: dict[str, float] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def turn(self, channel: str) -> None:
+        async with self._locks.setdefault(channel, asyncio.Lock()):
+            wait = self._next.get(channel, 0.0) - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._next[channel] = time.monotonic() + self._interval_s
+
+
+class SlackFrontEnd:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        bot_token: str,
+        signing_secret: str | None = None,
+        app_token: str | None = None,
+        client_base_url: str | None = None,
+        command_names: CommandNames = CommandNames(),
+        edit_interval_s: float = 1.5,
+        admin_via_users_info: bool = False,
+    ) -> None:
+        if app_token is None and not signing_secret:
+            raise ValueError("Slack HTTP mode needs the signing secret (SLACK_SIGNING_SECRET) to verify requests")
+        self.engine = engine
+        self.commands = Commands(engine)
+        self.edit_interval_s = edit_interval_s
+        self.admin_via_users_info = admin_via_users_info
+        self.command_names = command_names
+        # The default client retries only connection errors; a 429 is waited out for its Retry-After.
+        self.client = AsyncWebClient(
+            token=bot_token,
+            base_url=client_base_url or AsyncWebClient.BASE_URL,
+            retry_handlers=[AsyncRateLimitErrorRetryHandler(max_retry_count=2)],
+        )
+        self.app = AsyncApp(
+            client=self.client,
+            signing_secret=signing_secret or "",
+            # Socket Mode frames arrive over an authenticated websocket and are not signed.
+            request_verification_enabled=app_token is None,
+            logger=log,
+        )
+        self.pacer = ChannelPacer(edit_interval_s)
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Jobs a command follows; the rest (a restart's) are delivered to their channel by _deliver_others.
+        self._followed: set[str] = set()
+        self._channel_delivery = asyncio.Lock()
+        self._runner: web.AppRunner | None = None
+        # Built here, connected by start(): the websocket needs Slack itself, construction does not.
+        self.socket_mode = None if app_token is None else AsyncSocketModeHandler(self.app, app_token)
+        self._add_listeners()
+
+    # ---- life cycle ----
+
+    async def start(self, *, host: str = "127.0.0.1", port: int = 3000, path: str = "/slack/events") -> None:
+        """Start delivering, then serve: Socket Mode with an app token, else HTTP on host:port (loopback default)."""
+        self._spawn(self._deliver_others(), "slack: results for the channel")
+        self._spawn(self._deliver_backlog(), "slack: results after a restart")
+        if self.socket_mode is not None:
+            await self.socket_mode.connect_async()  # type: ignore[no-untyped-call]  # bolt leaves it unannotated
+            return
+        server = web.Application()
+        server.router.add_post(path, self._http)
+        self._runner = web.AppRunner(server)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port).start()
+
+    @property
+    def http_address(self) -> tuple[str, int]:
+        """Where HTTP mode listens (the real port when started on port 0)."""
+        if self._runner is None:
+            raise RuntimeError("HTTP mode is not running")
+        host, port = self._runner.addresses[0][:2]
+        return str(host), int(port)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.socket_mode is not None:
+            await self.socket_mode.close_async()  # type: ignore[no-untyped-call]
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _http(self, request: web.Request) -> web.Response:
+        # Bolt's request verification middleware answers 401 to unsigned, badly signed and stale (> 5 min) requests.
+        return await to_aiohttp_response(await self.app.async_dispatch(await to_bolt_request(request)))
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- commands ----
+
+    def _add_listeners(self) -> None:
+        names = self.command_names
+        self.app.command(names.imagine)(self._on_imagine)
+        self.app.command(names.quota)(self._on_quota)
+        self.app.command(names.cancel)(self._on_cancel)
+        self.app.command(names.admin)(self._on_admin)
+        for action in ACTIONS:
+            self.app.action(f"flux_{action}")(self._on_action)
+
+    async def _requester(self, body: dict[str, Any], *, check_admin: bool = False) -> Requester:
+        user = body.get("user")
+        if isinstance(user, dict):  # block actions nest the user and team; slash commands flatten them
+            user_id, team = str(user.get("id", "")), (body.get("team") or {}).get("id") or user.get("team_id")
+            channel = (body.get("channel") or {}).get("id")
+            name = user.get("username") or user.get("name")
+        else:
+            user_id, team = str(body.get("user_id", "")), body.get("team_id")
+            channel = body.get("channel_id")
+            name = body.get("user_name")
+        is_admin = check_admin and self.admin_via_users_info and await self._workspace_admin(user_id)
+        return Requester(
+            Platform.SLACK,
+            user_id,
+            guild_id=str(team) if team else None,
+            channel_id=str(channel) if channel else None,
+            is_admin=is_admin,
+            display_name=str(name) if name else None,
+        )
+
+    async def _workspace_admin(self, user_id: str) -> bool:
+        """Asked on every admin check, so a demoted admin loses rights at once; a failed lookup grants nothing."""
+        try:
+            info = await self.client.users_info(user=user_id)
+        except Exception:
+            log.exception("users.info failed for %s; treating them as not an admin", user_id)
+            return False
+        user = info.get("user") or {}
+        return bool(user.get("is_admin") or user.get("is_owner"))
+
+    async def _answer(
+        self,
+        ack: AsyncAck,
+        body: dict[str, Any],
+        handler: Callable[[Requester], Awaitable[str]],
+        *,
+        check_admin: bool = False,
+    ) -> None:
+        """Ack with the handler's text (ephemeral: the default for a slash command's answer).
+
+        check_admin: where admin rights matter (admin commands, cancelling another's job), so users.info is only
+        asked then and stays off the 3-second path of /imagine.
+        """
+        try:
+            text = await handler(await self._requester(body, check_admin=check_admin))
+        except EngineError as exc:
+            text = render.error_message(exc)
+        except Exception:
+            log.exception("slack %s failed", body.get("command", "?"))
+            text = render.INTERNAL_ERROR
+        await ack(text=clip(text), response_type="ephemeral")
+
+    async def _on_quota(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        await self._answer(ack, body, self.commands.quota)
+
+    async def _on_cancel(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        async def run(requester: Requester) -> str:
+            return render.cancelled_text(await self.commands.cancel(requester, str(body.get("text", "")).strip()))
+
+        await self._answer(ack, body, run, check_admin=True)
+
+    async def _on_admin(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        await self._answer(ack, body, lambda r: self.commands.admin(r, str(body.get("text", ""))), check_admin=True)
+
+    async def _on_imagine(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        async def run(requester: Requester) -> str:
+            prompt, options = parse_imagine(str(body.get("text", "")))
+            return await self._imagine(requester, prompt, options)
+
+        await self._answer(ack, body, run)
+
+    async def _imagine(self, requester: Requester, prompt: str, options: dict[str, str]) -> str:
+        """Submit and start following; the queued note for the user."""
+        queued = await self.commands.imagine(requester, prompt, options)
+        self._followed.add(queued.job_id)
+        self._spawn(self._follow(queued), f"slack: follow {queued.job_id}")
+        job = await self.engine.store.get_job(queued.job_id)
+        return render.queued_text(queued, self.commands.model_display(job.request.model))
+
+    # ---- following a job: progress message, throttled updates, result in its thread ----
+
+    async def _follow(self, queued: JobQueued) -> None:
+        job_id = queued.job_id
+        try:
+            job = await self.engine.store.get_job(job_id)
+            channel = job.requester.channel_id
+            if channel is None:
+                raise ValueError("a Slack job without a channel")
+            note = render.queued_text(queued, self.commands.model_display(job.request.model))
+            header = f"<@{job.requester.user_id}> {note}"
+            posted = await self.client.chat_postMessage(channel=channel, text=clip(header))
+            ts = str(posted["ts"])
+
+            async def show(text: str, _preview: bytes | None) -> None:
+                await self._update(channel, ts, f"{header}\n{text}")
+
+            editor = ThrottledEditor(show, self.edit_interval_s)
+            try:
+                async for event in self.engine.events(job_id):
+                    if isinstance(event, JobProgress):
+                        editor.update(render.progress_bar(event.step, event.total), None)
+                    elif isinstance(event, JobStarted | JobRerouted):
+                        editor.update(render.event_line(event), None)
+                    elif isinstance(event, TERMINAL_EVENTS):
+                        await editor.close()
+                        await self._deliver(job, event, ts)
+            finally:
+                await editor.close()
+        except Exception:
+            log.exception("job %s: following it on Slack failed", job_id)
+
+    async def _update(self, channel: str, ts: str, text: str) -> None:
+        """A progress update; a lost one only costs a stale bar, so failures are logged, not raised."""
+        await self.pacer.turn(channel)
+        try:
+            await self.client.chat_update(channel=channel, ts=ts, text=clip(text))
+        except Exception as exc:
+            log.info("slack progress update in %s failed: %s", channel, exc)
+
+    async def _deliver(self, job: Job, event: JobEvent, ts: str | None) -> None:
+        """The terminal message on the progress message (a new one after a restart), the image in its thread."""
+        channel = job.requester.channel_id
+        if channel is None:
+            log.warning("job %s: no channel to deliver to", job.id)
+        else:
+            mention = f"<@{job.requester.user_id}>"
+            if ts is None:
+                posted = await self.client.chat_postMessage(channel=channel, text=clip(f"{mention} job {job.id}"))
+                ts = str(posted["ts"])
+            if isinstance(event, JobDone):
+                display = self.commands.model_display(job.request.model)
+                caption = render.done_caption(job, event, display)
+                png = await asyncio.to_thread(png_with_parameters, event.image, job, display)
+                uploaded = await self.client.files_upload_v2(
+                    channel=channel, thread_ts=ts, file=png, filename=f"{job.id}.png", initial_comment=clip(caption)
+                )
+                file_id = str(uploaded["files"][0]["id"])
+                text = f"{mention} {caption}"
+                blocks = result_blocks(text, job.id, file_id)
+                await self.client.chat_update(channel=channel, ts=ts, text=clip(text), blocks=blocks)
+            else:
+                text = f"{mention} {self._ended_text(event)}"
+                await self.client.chat_update(channel=channel, ts=ts, text=clip(text))
+        # Shielded: close() cancels this task, and a store write cut off mid-transaction would break the store.
+        await asyncio.shield(self.engine.mark_delivered(job.id))
+
+    @staticmethod
+    def _ended_text(event: JobEvent) -> str:
+        if isinstance(event, JobFailed):
+            return render.failed_text(event)
+        if isinstance(event, JobCancelled):
+            return render.cancelled_text(event)
+        return render.event_line(event)
+
+    async def _deliver_others(self) -> None:
+        """Terminal events of Slack jobs no command follows (submitted before a restart): to their channel."""
+        async for event in self.engine.all_events():
+            if not isinstance(event, TERMINAL_EVENTS):
+                continue
+            if event.job_id in self._followed:
+                self._followed.discard(event.job_id)
+                continue
+            await self._deliver_quietly(event.job_id, event)
+
+    async def _deliver_backlog(self) -> None:
+        for job in await self.engine.undelivered():
+            if job.requester.platform is Platform.SLACK and job.id not in self._followed:
+                await self._deliver_quietly(job.id, None)
+
+    async def _deliver_quietly(self, job_id: str, event: JobEvent | None) -> None:
+        """To the channel, once; failures are logged and the job stays undelivered for the next start."""
+        try:
+            async with self._channel_delivery:
+                job = await self.engine.store.get_job(job_id)
+                if job.requester.platform is Platform.SLACK and not job.delivered:
+                    await self._deliver(job, event or await self.engine.terminal_event(job), None)
+        except Exception:
+            log.exception("job %s: could not deliver its result to Slack", job_id)
+
+    # ---- result buttons ----
+
+    async def _on_action(self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
+        await ack()
+        job_id, _, file_id = str(action.get("value", "")).partition(":")
+        requester = await self._requester(body, check_admin=action.get("action_id") == "flux_delete")
+        try:
+            job = await self.engine.store.get_job(job_id)
+            if action.get("action_id") == "flux_delete":
+                await self._delete(body, requester, job, file_id)
+                return
+            seed = str((job.request.seed + 1) % (MAX_SEED + 1)) if action.get("action_id") == "flux_vary" else None
+            note = await self._imagine(requester, job.request.prompt, same_options(job, seed))
+        except EngineError as exc:
+            note = render.error_message(exc)
+        except Exception:
+            log.exception("slack button %s on job %s failed", action.get("action_id"), job_id)
+            note = render.INTERNAL_ERROR
+        await self._ephemeral(requester, note)
+
+    async def _delete(self, body: dict[str, Any], requester: Requester, job: Job, file_id: str) -> None:
+        if requester.user_key != job.requester.user_key and not self.engine.is_admin(requester):
+            refusal = NotAllowed("delete", "only the person who asked for this image or an admin can delete it")
+            await self._ephemeral(requester, render.error_message(refusal))
+            return
+        channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id")
+        ts = (body.get("message") or {}).get("ts") or (body.get("container") or {}).get("message_ts")
+        await self.client.chat_delete(channel=str(channel), ts=str(ts))
+        if file_id:
+            await self.client.files_delete(file=file_id)
+        log.info("job %s: result deleted on Slack by %s", job.id, requester.user_key)
+
+    async def _ephemeral(self, requester: Requester, text: str) -> None:
+        if requester.channel_id is None:
+            log.warning("no channel for an ephemeral answer to %s: %s", requester.user_key, text)
+            return
+        await self.client.chat_postEphemeral(channel=requester.channel_id, user=requester.user_id, text=clip(text))

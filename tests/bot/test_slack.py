@@ -1,0 +1,379 @@
+"""The Slack front-end: the real AsyncApp and AsyncWebClient against the fake Slack Web API, the real engine behind it.
+
+Slash commands and button clicks are POSTed, signed as Slack signs them, to the front-end's HTTP mode server on
+loopback; what the bot did is read from the fake's call log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngImageFile
+from slack_sdk.signature import SignatureVerifier
+
+from bot.commands import Commands
+from bot.slack_app import SlackFrontEnd, parse_imagine
+from engine.errors import InvalidRequest
+from engine.models import BackendKind, FailureReason, JobState, Platform, Requester
+from engine.service import Engine
+from tests.conftest import EngineFactory, SettingsFactory, wait_terminal
+from tests.fakes.backends import ScriptedBackend, fail
+from tests.fakes.slack_server import BOT_TOKEN, TEAM_ID, Call, FakeSlack
+
+SECRET = "test-signing-secret"
+CHANNEL = "C0001"
+ALICE, BOB, ADMIN = "U0ALICE", "U0BOB", "U0ADMIN"
+
+FrontEndFactory = Callable[..., Awaitable[SlackFrontEnd]]
+
+
+@pytest.fixture
+async def slack() -> AsyncIterator[FakeSlack]:
+    async with FakeSlack() as server:
+        yield server
+
+
+@pytest.fixture
+async def front_end(slack: FakeSlack) -> AsyncIterator[FrontEndFactory]:
+    started: list[SlackFrontEnd] = []
+
+    async def build(engine: Engine, **options: Any) -> SlackFrontEnd:
+        app = SlackFrontEnd(
+            engine,
+            bot_token=BOT_TOKEN,
+            signing_secret=SECRET,
+            client_base_url=slack.base_url,
+            edit_interval_s=0.0,
+            **options,
+        )
+        await app.start(port=0)
+        started.append(app)
+        return app
+
+    yield build
+    for app in started:
+        await app.close()
+
+
+def signed(body: str, *, timestamp: int | None = None, secret: str = SECRET) -> dict[str, str]:
+    ts = str(int(time.time()) if timestamp is None else timestamp)
+    return {
+        "X-Slack-Request-Timestamp": ts,
+        "X-Slack-Signature": SignatureVerifier(secret).generate_signature(timestamp=ts, body=body),
+        "Content-Type": "application/x-www-form-urlencoded",
+    }
+
+
+async def post(app: SlackFrontEnd, body: str, headers: dict[str, str]) -> tuple[int, str]:
+    host, port = app.http_address
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"http://{host}:{port}/slack/events", data=body.encode(), headers=headers) as response,
+    ):
+        return response.status, await response.text()
+
+
+def command_body(command: str, text: str, *, user: str = ALICE, team: str = TEAM_ID) -> str:
+    return urlencode(
+        {
+            "token": "legacy",
+            "team_id": team,
+            "team_domain": "test",
+            "channel_id": CHANNEL,
+            "channel_name": "art",
+            "user_id": user,
+            "user_name": user.lower(),
+            "command": command,
+            "text": text,
+            "api_app_id": "A1",
+            "response_url": "https://hooks.invalid/response",
+            "trigger_id": "1.2.3",
+        }
+    )
+
+
+async def slash(app: SlackFrontEnd, command: str, text: str = "", **who: str) -> str:
+    """The ephemeral text the command was acknowledged with."""
+    body = command_body(command, text, **who)
+    status, answer = await post(app, body, signed(body))
+    assert status == 200, answer
+    reply = json.loads(answer)
+    assert reply["response_type"] == "ephemeral"
+    return str(reply["text"])
+
+
+async def click(app: SlackFrontEnd, result: Call, action: str, *, user: str = ALICE) -> None:
+    """Click a button of the result message, sending back its action_id and value as Slack does."""
+    button = next(b for b in result.blocks[1]["elements"] if b["action_id"] == f"flux_{action}")
+    message_ts = result.fields["ts"]
+    payload = {
+        "type": "block_actions",
+        "team": {"id": TEAM_ID, "domain": "test"},
+        "user": {"id": user, "username": user.lower(), "team_id": TEAM_ID},
+        "api_app_id": "A1",
+        "token": "legacy",
+        "container": {"type": "message", "message_ts": message_ts, "channel_id": CHANNEL, "is_ephemeral": False},
+        "trigger_id": "1.2.3",
+        "channel": {"id": CHANNEL, "name": "art"},
+        "message": {"type": "message", "ts": message_ts, "text": "result"},
+        "response_url": "https://hooks.invalid/response",
+        "actions": [
+            {
+                "type": "button",
+                "action_id": button["action_id"],
+                "block_id": result.blocks[1]["block_id"],
+                "value": button["value"],
+                "action_ts": "1700000001.000001",
+            }
+        ],
+    }
+    body = urlencode({"payload": json.dumps(payload)})
+    status, answer = await post(app, body, signed(body))
+    assert status == 200, answer
+
+
+async def until(check: Callable[[], bool], limit_s: float = 10.0) -> None:
+    """Bounded polling on the fake's log: the bound guards against a hung test, it is never the expected path."""
+    async with asyncio.timeout(limit_s):
+        while not check():
+            await asyncio.sleep(0.01)
+
+
+def job_id_of(note: str) -> str:
+    assert note.startswith("Job "), note
+    return note.split()[1].rstrip(":")
+
+
+async def delivered(app: SlackFrontEnd, job_id: str) -> None:
+    """Delivery is recorded after Slack answers the terminal message, so poll (bounded) for it."""
+    await wait_terminal(app.engine, job_id)
+    async with asyncio.timeout(10):
+        while not (await app.engine.store.get_job(job_id)).delivered:
+            await asyncio.sleep(0.01)
+
+
+async def finished(app: SlackFrontEnd, slack: FakeSlack, job_id: str) -> Call:
+    """The chat.update that carries the result buttons, once delivery is recorded."""
+    await delivered(app, job_id)
+    return next(call for call in slack.named("chat.update") if call.blocks and job_id in json.dumps(call.blocks))
+
+
+async def test_imagine_end_to_end(make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory) -> None:
+    app = await front_end(await make_engine({BackendKind.LOCAL: ScriptedBackend(steps=3)}))
+    note = await slash(app, "/imagine", "a red cat --aspect 16:9 --steps 3 --seed 7")
+    job_id = job_id_of(note)
+    assert "local GPU" in note and "ETA" in note and "Why:" in note and "free" in note
+
+    result = await finished(app, slack, job_id)
+    posted = slack.named("chat.postMessage")[0]
+    assert posted.fields["channel"] == CHANNEL and job_id in posted.fields["text"]
+    ts = posted.answer["ts"]
+    updates = [call for call in slack.named("chat.update") if call.fields["ts"] == ts]
+    progress = " ".join(call.fields["text"] for call in updates[:-1])
+    assert "started on the local GPU" in progress or "/3" in progress, progress
+    assert result is updates[-1] and f"<@{ALICE}>" in result.fields["text"] and "seed 7" in result.fields["text"]
+    assert [b["action_id"] for b in result.blocks[1]["elements"]] == ["flux_reroll", "flux_vary", "flux_delete"]
+
+    # The three steps of files_upload_v2, in order, landing in the progress message's thread.
+    methods = [call.method for call in slack.calls]
+    first = methods.index("files.getUploadURLExternal")
+    assert methods[first : first + 3] == ["files.getUploadURLExternal", "upload", "files.completeUploadExternal"]
+    upload, complete = slack.named("upload")[0], slack.named("files.completeUploadExternal")[0]
+    assert complete.fields["channel_id"] == CHANNEL and complete.fields["thread_ts"] == ts
+    assert "a red cat" in complete.fields["initial_comment"]
+    with Image.open(io.BytesIO(upload.data)) as image:
+        assert isinstance(image, PngImageFile) and image.text["seed"] == "7" and image.text["job"] == job_id
+
+
+async def test_malformed_flags_get_a_clear_error_and_store_nothing(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()})
+    app = await front_end(engine)
+    for text, expected in (
+        ("a cat --colour red", "unknown flag '--colour'"),
+        ("a cat --steps", "--steps needs a value"),
+        ("a cat --steps many", "--steps must be a whole number"),
+        ("a cat --guidance high", "--guidance must be a number"),
+        ('a "cat', "quotes"),
+    ):
+        assert expected in await slash(app, "/imagine", text)
+    assert await engine.store.jobs() == []
+    assert slack.named("chat.postMessage") == []
+
+
+def test_parse_imagine() -> None:
+    assert parse_imagine('"a cat" on a mat --MODEL dev --mode relax') == (
+        "a cat on a mat",
+        {"model": "dev", "mode": "relax"},
+    )
+    with pytest.raises(InvalidRequest):
+        parse_imagine("--seed 3")
+
+
+async def test_reroll_and_vary_make_new_jobs(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    app = await front_end(await make_engine({BackendKind.LOCAL: ScriptedBackend()}))
+    job_id = job_id_of(await slash(app, "/imagine", "a red cat --seed 41"))
+    result = await finished(app, slack, job_id)
+
+    await click(app, result, "vary", user=BOB)
+    await until(lambda: len(slack.named("chat.postEphemeral")) == 1)
+    varied = job_id_of(slack.named("chat.postEphemeral")[0].fields["text"])
+    await click(app, result, "reroll", user=BOB)
+    await until(lambda: len(slack.named("chat.postEphemeral")) == 2)
+    rerolled = job_id_of(slack.named("chat.postEphemeral")[1].fields["text"])
+
+    store = app.engine.store
+    original, vary_job, reroll_job = [await store.get_job(j) for j in (job_id, varied, rerolled)]
+    assert len({job_id, varied, rerolled}) == 3
+    assert vary_job.request.seed == 42 and vary_job.request.prompt == original.request.prompt
+    assert reroll_job.request.prompt == original.request.prompt and reroll_job.requester.user_id == BOB
+    await finished(app, slack, rerolled)
+
+
+async def test_delete_refused_for_another_user_and_done_for_the_requester(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    app = await front_end(await make_engine({BackendKind.LOCAL: ScriptedBackend()}))
+    job_id = job_id_of(await slash(app, "/imagine", "a red cat"))
+    result = await finished(app, slack, job_id)
+    ts = result.fields["ts"]
+
+    await click(app, result, "delete", user=BOB)
+    await until(lambda: len(slack.named("chat.postEphemeral")) == 1)
+    refusal = slack.named("chat.postEphemeral")[0].fields
+    assert refusal["user"] == BOB and "only the person who asked" in refusal["text"]
+    assert slack.named("chat.delete") == []
+
+    await click(app, result, "delete", user=ALICE)
+    await until(lambda: len(slack.named("files.delete")) == 1)
+    assert slack.named("chat.delete")[0].fields == {"channel": CHANNEL, "ts": ts}
+    uploaded = slack.named("files.completeUploadExternal")[0].answer["files"][0]["id"]
+    assert slack.named("files.delete")[0].fields["file"] == uploaded
+
+
+async def test_admin_commands_refused_for_a_non_admin_and_working_for_an_admin(
+    make_engine: EngineFactory, make_settings: SettingsFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()}, make_settings(admins={"user_ids": [ADMIN]}))
+    app = await front_end(engine)
+    assert "only admins" in await slash(app, "/imagine-admin", "pause local", user=BOB)
+    assert "Routing to the local GPU paused." in await slash(app, "/imagine-admin", "pause local", user=ADMIN)
+    assert "resumed" in await slash(app, "/imagine-admin", "resume local", user=ADMIN)
+    assert "only admins" in await slash(app, "/imagine-admin", f"quota show {ALICE}", user=BOB)
+    # The user named without a platform is taken from the admin's own workspace.
+    assert f"slack:{TEAM_ID}:{BOB}" in await slash(app, "/imagine-admin", f"quota show {BOB}", user=ADMIN)
+    assert "No jobs waiting or running." in await slash(app, "/imagine-admin", "jobs", user=ADMIN)
+
+
+async def test_workspace_admins_via_users_info(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    slack.admins.add(ADMIN)
+    app = await front_end(await make_engine({BackendKind.LOCAL: ScriptedBackend()}), admin_via_users_info=True)
+    assert "only admins" in await slash(app, "/imagine-admin", "credits", user=BOB)
+    assert "No jobs waiting or running." in await slash(app, "/imagine-admin", "jobs", user=ADMIN)
+    assert [call.fields["user"] for call in slack.named("users.info")] == [BOB, ADMIN]
+
+
+async def test_a_failure_is_told_in_the_progress_message_without_a_traceback(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    backend = ScriptedBackend(plan=lambda job, attempt: fail(FailureReason.BAD_REQUEST, retryable=False))
+    app = await front_end(await make_engine({BackendKind.LOCAL: backend}))
+    job_id = job_id_of(await slash(app, "/imagine", "a red cat"))
+    await delivered(app, job_id)
+    text = slack.named("chat.update")[-1].fields["text"]
+    assert f"Job {job_id} failed" in text and "not charged" in text and "Traceback" not in text
+    assert slack.named("files.completeUploadExternal") == []
+
+
+async def test_socket_mode_is_chosen_by_the_app_token(make_engine: EngineFactory) -> None:
+    """Only construction: connecting needs Slack's websocket endpoint, which no offline test can reach."""
+    app = SlackFrontEnd(await make_engine({}), bot_token=BOT_TOKEN, app_token="xapp-test")
+    assert app.socket_mode is not None and app.socket_mode.client.web_client is app.client
+    with pytest.raises(ValueError, match="signing secret"):
+        SlackFrontEnd(app.engine, bot_token=BOT_TOKEN)
+    await app.close()
+
+
+async def test_quota_and_cancel(make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory) -> None:
+    gate = asyncio.Event()
+    app = await front_end(await make_engine({BackendKind.LOCAL: ScriptedBackend(gate=gate)}))
+    job_id = job_id_of(await slash(app, "/imagine", "a red cat"))
+    assert "cancelled" in await slash(app, "/imagine-cancel", job_id)
+    await delivered(app, job_id)
+    assert f"Job {job_id} cancelled" in slack.named("chat.update")[-1].fields["text"]
+    assert (await app.engine.store.get_job(job_id)).state is JobState.CANCELLED
+    assert f"slack:{TEAM_ID}:{ALICE}" in await slash(app, "/imagine-quota")
+    gate.set()
+
+
+async def test_two_workspaces_with_the_same_user_id_do_not_share_a_quota(
+    make_engine: EngineFactory, make_settings: SettingsFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    settings = make_settings(tiers={"default": {"images_per_day": 1}})
+    app = await front_end(await make_engine({BackendKind.LOCAL: ScriptedBackend()}, settings))
+    first = job_id_of(await slash(app, "/imagine", "a red cat", team="T0001"))
+    await finished(app, slack, first)
+    assert not (await slash(app, "/imagine", "a red cat", team="T0001")).startswith("Job ")
+    other = job_id_of(await slash(app, "/imagine", "a red cat", team="T0002"))
+    assert (await app.engine.store.get_job(other)).requester.user_key == f"slack:T0002:{ALICE}"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({"Content-Type": "application/x-www-form-urlencoded"}, id="unsigned"),
+        pytest.param("bad", id="bad-signature"),
+        pytest.param("stale", id="older-than-5-minutes"),
+    ],
+)
+async def test_http_mode_rejects_unverified_requests(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory, headers: Any
+) -> None:
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()})
+    app = await front_end(engine)
+    body = command_body("/imagine", "a red cat")
+    if headers == "bad":
+        headers = signed(body, secret="not-the-secret")
+    elif headers == "stale":
+        headers = signed(body, timestamp=int(time.time()) - 6 * 60)
+    status, _ = await post(app, body, headers)
+    assert status == 401
+    assert await engine.store.jobs() == []
+
+
+async def test_a_429_with_retry_after_is_retried(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    slack.rate_limit_once.add("chat.postMessage")
+    app = await front_end(await make_engine({BackendKind.LOCAL: ScriptedBackend()}))
+    job_id = job_id_of(await slash(app, "/imagine", "a red cat"))
+    await finished(app, slack, job_id)
+    tries = [call.status for call in slack.calls if call.method == "chat.postMessage"]
+    assert tries == [429, 200]
+
+
+async def test_results_that_ended_while_away_are_delivered_on_start(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()})
+    requester = Requester(Platform.SLACK, ALICE, guild_id=TEAM_ID, channel_id=CHANNEL)
+    queued = await Commands(engine).imagine(requester, "a red cat", {})
+    await wait_terminal(engine, queued.job_id)
+    app = await front_end(engine)
+    result = await finished(app, slack, queued.job_id)
+    assert result.fields["channel"] == CHANNEL
+    assert slack.named("files.completeUploadExternal")[0].fields["thread_ts"] == result.fields["ts"]
