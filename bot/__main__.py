@@ -8,7 +8,7 @@ import getpass
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from bot.commands import Commands
@@ -116,27 +116,55 @@ def demo_settings(settings: Settings) -> tuple[Settings, Secrets]:
 
 
 async def run(settings: Settings, secrets: Secrets, sync_guild: int | None = None) -> int:
-    if secrets.slack_bot_token:
-        print(
-            "flux-bot: SLACK_BOT_TOKEN is set, but this build has no Slack front-end yet. Unset it to continue.",
-            file=sys.stderr,
-        )
-        return 2
-    if secrets.discord_token:
-        from bot.discord_app import DiscordFrontEnd
-
-        engine = await Engine.open(settings, secrets)
-        front_end = DiscordFrontEnd(engine)
-        try:
-            await front_end.start(secrets.discord_token, sync_guild)
-        finally:
-            await front_end.close()
-            await engine.close()
-        return 0
+    if secrets.discord_token or secrets.slack_bot_token:
+        return await chat(settings, secrets, sync_guild)
     print("No chat token is set (DISCORD_TOKEN, SLACK_BOT_TOKEN): starting the console front-end.")
     if not secrets.bfl_api_key and not settings.local.model:
         settings, secrets = demo_settings(settings)
     return await console(settings, secrets, getpass.getuser(), settings.bot.state_dir / "out", admin=True)
+
+
+async def chat(settings: Settings, secrets: Secrets, sync_guild: int | None) -> int:
+    """Serve Discord and/or Slack (whichever tokens are set) on one engine until stopped."""
+    engine = await Engine.open(settings, secrets)
+    closers: list[Callable[[], Awaitable[None]]] = []
+    try:
+        serving: list[asyncio.Task[None]] = []
+        if secrets.slack_bot_token:
+            from bot.slack_app import CommandNames, SlackFrontEnd
+
+            slack_settings = settings.slack
+            slack = SlackFrontEnd(
+                engine,
+                bot_token=secrets.slack_bot_token,
+                signing_secret=secrets.slack_signing_secret,
+                app_token=secrets.slack_app_token,
+                command_names=CommandNames(
+                    slack_settings.command_imagine,
+                    slack_settings.command_quota,
+                    slack_settings.command_cancel,
+                    slack_settings.command_admin,
+                ),
+                admin_via_users_info=slack_settings.workspace_admins,
+            )
+            closers.append(slack.close)
+            await slack.start(host=slack_settings.host, port=slack_settings.port, path=slack_settings.path)
+            log.info("Slack front-end serving")
+        if secrets.discord_token:
+            from bot.discord_app import DiscordFrontEnd
+
+            discord_front_end = DiscordFrontEnd(engine)
+            closers.append(discord_front_end.close)
+            serving.append(asyncio.create_task(discord_front_end.start(secrets.discord_token, sync_guild)))
+        if serving:
+            await asyncio.gather(*serving)  # Discord's client runs until it is closed
+        else:
+            await asyncio.Event().wait()  # Slack serves in the background until the process is stopped
+    finally:
+        for close in reversed(closers):
+            await close()
+        await engine.close()
+    return 0
 
 
 async def console(settings: Settings, secrets: Secrets, user: str, out: Path, *, admin: bool) -> int:

@@ -82,6 +82,19 @@ class SchedulerSettings(_Section):
     local_capacity: int = Field(1, ge=1)
 
 
+class SlackSettings(_Section):
+    """The Slack front-end: HTTP mode's listener (Socket Mode, with SLACK_APP_TOKEN, needs none) and command names."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(3000, ge=0, le=65535)
+    path: str = "/slack/events"
+    workspace_admins: bool = False  # Slack workspace admins and owners (users.info) are flux-bot admins too
+    command_imagine: str = "/imagine"
+    command_quota: str = "/imagine-quota"
+    command_cancel: str = "/imagine-cancel"
+    command_admin: str = "/imagine-admin"
+
+
 class BflSettings(_Section):
     api_url: str = DEFAULT_BFL_URL
     max_concurrency: int = Field(20, ge=1, le=24)
@@ -215,6 +228,7 @@ class Settings(_Section):
     admins: AdminSettings = AdminSettings()
     routing: RoutingSettings = RoutingSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    slack: SlackSettings = SlackSettings()
     bfl: BflSettings = BflSettings()
     local: LocalSettings = LocalSettings()
     policy: PolicySettings = PolicySettings()
