@@ -8,12 +8,15 @@ import getpass
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from bot.commands import Commands
 from bot.console import Console, stdin_reader
 from bot.render import error_message
+from bot.systemd_notify import Notifier, watchdog_interval_s, watchdog_loop
+from engine.backup import backup, backup_dir, restore
 from engine.config import Secrets, Settings, load_settings
 from engine.errors import ConfigError, EngineError
 from engine.models import BackendKind, Platform, Requester
@@ -62,7 +65,11 @@ def parser() -> argparse.ArgumentParser:
     console.add_argument("--demo", action="store_true", help="use the built-in tiny demo model and no API")
 
     admin = sub.add_parser("admin", help="quota, spend and routing administration on the bot's database")
-    admin.add_argument("words", nargs=argparse.REMAINDER, help="e.g. quota show console:alice | spend --month 2026-11")
+    admin.add_argument(
+        "words",
+        nargs=argparse.REMAINDER,
+        help="e.g. quota show console:alice | spend --month 2026-11 | backup | restore FILE (stop the bot first)",
+    )
 
     sub.add_parser("doctor", help="check the configuration, database, keys and GPU")
     worker = sub.add_parser("worker", help="run one local FLUX.1 worker process (started by the supervisor)")
@@ -156,15 +163,34 @@ async def chat(settings: Settings, secrets: Secrets, sync_guild: int | None) -> 
             discord_front_end = DiscordFrontEnd(engine)
             closers.append(discord_front_end.close)
             serving.append(asyncio.create_task(discord_front_end.start(secrets.discord_token, sync_guild)))
-        if serving:
-            await asyncio.gather(*serving)  # Discord's client runs until it is closed
-        else:
-            await asyncio.Event().wait()  # Slack serves in the background until the process is stopped
+        async with systemd_service(engine):
+            if serving:
+                await asyncio.gather(*serving)  # Discord's client runs until it is closed
+            else:
+                await asyncio.Event().wait()  # Slack serves in the background until the process is stopped
     finally:
         for close in reversed(closers):
             await close()
         await engine.close()
     return 0
+
+
+@asynccontextmanager
+async def systemd_service(engine: Engine) -> AsyncIterator[None]:
+    """Under systemd (Type=notify): READY=1 once serving, watchdog pings only while the loop and database answer."""
+    notifier = Notifier.from_env()
+    interval = watchdog_interval_s()
+    watchdog = asyncio.create_task(watchdog_loop(notifier, engine, interval)) if interval else None
+    notifier.ready()
+    notifier.status("serving")
+    try:
+        yield
+    finally:
+        notifier.stopping()
+        if watchdog is not None:
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
+        notifier.close()
 
 
 async def console(settings: Settings, secrets: Secrets, user: str, out: Path, *, admin: bool) -> int:
@@ -178,6 +204,14 @@ async def console(settings: Settings, secrets: Secrets, user: str, out: Path, *,
 
 async def admin(settings: Settings, secrets: Secrets, words: list[str]) -> int:
     """Admin commands at a shell: the same handlers as /admin, on the same database, without dispatching jobs."""
+    # Backups work on the database file itself; a restore must not open (and so migrate) the file it replaces.
+    if words[:1] == ["backup"] and len(words) == 1:
+        print(f"backup written: {await backup(settings.bot.database_path, backup_dir(settings.bot.state_dir))}")
+        return 0
+    if words[:1] == ["restore"] and len(words) == 2:
+        restore(Path(words[1]), settings.bot.database_path)
+        print(f"restored {words[1]} into {settings.bot.database_path}; start the bot again")
+        return 0
     if "--month" in words:
         at = words.index("--month")
         words = [*words[:at], *words[at + 1 :]]

@@ -200,3 +200,19 @@ async def test_admin_user_ids_keep_their_case(make_engine: EngineFactory) -> Non
     await Commands(engine).admin(admin, "BAN U0BOB")
     record = await engine.store.get_user("slack:T1:U0BOB")
     assert record is not None and record.banned
+
+
+def test_admin_backup_and_restore_from_the_shell(tmp_path: Path) -> None:
+    env = _base_env(tmp_path)
+    assert _cli(["admin", "ban", "console:mallory"], env).returncode == 0
+    made = _cli(["admin", "backup"], env)
+    assert made.returncode == 0, made.stderr
+    backup_file = made.stdout.strip().removeprefix("backup written: ")
+    assert Path(backup_file).is_file()
+    assert _cli(["admin", "unban", "console:mallory"], env).returncode == 0
+    restored = _cli(["admin", "restore", backup_file], env)
+    assert restored.returncode == 0 and "restored" in restored.stdout
+    shown = _cli(["admin", "quota", "show", "console:mallory"], env)
+    assert "BANNED" in shown.stdout  # the state of the backup, not the later unban
+    refused = _cli(["admin", "restore", str(tmp_path / "missing.db")], env)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
