@@ -29,10 +29,8 @@ from engine.errors import EngineError, NotAllowed
 from engine.models import (
     TERMINAL_EVENTS,
     Job,
-    JobCancelled,
     JobDone,
     JobEvent,
-    JobFailed,
     JobProgress,
     JobQueued,
     JobRerouted,
@@ -425,7 +423,7 @@ class DiscordFrontEnd:
             )
         else:
             await interaction.delete_original_response()
-            await interaction.followup.send(clip(self._ended_text(event)), ephemeral=True)
+            await interaction.followup.send(clip(render.ended_text(event)), ephemeral=True)
 
     async def _deliver_to_channel(self, job: Job, event: JobEvent) -> None:
         if job.requester.channel_id is None:
@@ -442,21 +440,13 @@ class DiscordFrontEnd:
                 allowed_mentions=MENTION_USERS,
             )
         else:
-            await channel.send(clip(f"{mention} {self._ended_text(event)}"), allowed_mentions=MENTION_USERS)
+            await channel.send(clip(f"{mention} {render.ended_text(event)}"), allowed_mentions=MENTION_USERS)
 
     async def _result(self, job: Job, event: JobDone, limit: int) -> tuple[bytes, str, str]:
         display = self.commands.model_display(job.request.model)
         png = await asyncio.to_thread(png_with_parameters, event.image, job, display)
         data, filename = await asyncio.to_thread(fit_attachment, png, limit, job.id)
         return data, filename, render.done_caption(job, event, display)
-
-    @staticmethod
-    def _ended_text(event: JobEvent) -> str:
-        if isinstance(event, JobFailed):
-            return render.failed_text(event)
-        if isinstance(event, JobCancelled):
-            return render.cancelled_text(event)
-        return render.event_line(event)
 
     async def _deliver_others(self) -> None:
         """Terminal events of Discord jobs no interaction follows (submitted before a restart): to their channel."""

@@ -120,6 +120,15 @@ def cancelled_text(event: JobCancelled) -> str:
     return f"Job {event.job_id} cancelled. {NOT_CHARGED}"
 
 
+def ended_text(event: JobEvent) -> str:
+    """What the user is told when a job ends without an image to show (or as a plain line when it has one)."""
+    if isinstance(event, JobFailed):
+        return failed_text(event)
+    if isinstance(event, JobCancelled):
+        return cancelled_text(event)
+    return event_line(event)
+
+
 def queued_text(event: JobQueued, model_display: str) -> str:
     route = event.route
     where = backend_name(route.backend)

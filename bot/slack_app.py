@@ -36,10 +36,8 @@ from engine.errors import EngineError, InvalidRequest, NotAllowed
 from engine.models import (
     TERMINAL_EVENTS,
     Job,
-    JobCancelled,
     JobDone,
     JobEvent,
-    JobFailed,
     JobProgress,
     JobQueued,
     JobRerouted,
@@ -377,18 +375,10 @@ class SlackFrontEnd:
                 blocks = result_blocks(text, job.id, file_id)
                 await self.client.chat_update(channel=channel, ts=ts, text=clip(text), blocks=blocks)
             else:
-                text = f"{mention} {self._ended_text(event)}"
+                text = f"{mention} {render.ended_text(event)}"
                 await self.client.chat_update(channel=channel, ts=ts, text=clip(text))
         # Shielded: close() cancels this task, and a store write cut off mid-transaction would break the store.
         await asyncio.shield(self.engine.mark_delivered(job.id))
-
-    @staticmethod
-    def _ended_text(event: JobEvent) -> str:
-        if isinstance(event, JobFailed):
-            return render.failed_text(event)
-        if isinstance(event, JobCancelled):
-            return render.cancelled_text(event)
-        return render.event_line(event)
 
     async def _deliver_others(self) -> None:
         """Terminal events of Slack jobs no command follows (submitted before a restart): to their channel."""
