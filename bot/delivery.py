@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 
-from engine.models import Job
+from engine.models import TERMINAL_EVENTS, Job, JobEvent, Platform
+from engine.service import Engine
+
+log = logging.getLogger("flux_bot.delivery")
 
 
 class ThrottledEditor:
@@ -49,3 +53,46 @@ def same_options(job: Job, seed: str | None) -> dict[str, str]:
     if seed is not None:
         options["seed"] = seed
     return options
+
+
+class ChannelDelivery:
+    """Results that no live conversation follows (jobs from before a restart) go to their channel, exactly once.
+
+    A front-end calls `follow(job_id)` for jobs it delivers itself; `run()` watches every job's end and `backlog()`
+    takes what ended while the bot was down. Both may see the same job: the lock and the job's `delivered` flag
+    make the second one do nothing.
+    """
+
+    def __init__(self, engine: Engine, platform: Platform, deliver: Callable[[Job, JobEvent], Awaitable[None]]) -> None:
+        self._engine = engine
+        self._platform = platform
+        self._deliver = deliver
+        self._followed: set[str] = set()
+        self._lock = asyncio.Lock()
+
+    def follow(self, job_id: str) -> None:
+        self._followed.add(job_id)
+
+    async def run(self) -> None:
+        async for event in self._engine.all_events():
+            if not isinstance(event, TERMINAL_EVENTS):
+                continue
+            if event.job_id in self._followed:
+                self._followed.discard(event.job_id)  # its follower delivers it; this was the last use of the id
+                continue
+            await self._deliver_once(event.job_id, event)
+
+    async def backlog(self) -> None:
+        for job in await self._engine.undelivered():
+            if job.requester.platform is self._platform and job.id not in self._followed:
+                await self._deliver_once(job.id, None)
+
+    async def _deliver_once(self, job_id: str, event: JobEvent | None) -> None:
+        """Failures are logged and the job stays undelivered for the next start."""
+        try:
+            async with self._lock:
+                job = await self._engine.store.get_job(job_id)
+                if job.requester.platform is self._platform and not job.delivered:
+                    await self._deliver(job, event or await self._engine.terminal_event(job))
+        except Exception:
+            log.exception("job %s: could not deliver its result to %s", job_id, self._platform.value)

@@ -22,7 +22,7 @@ from PIL import Image
 from bot import render
 from bot.commands import Commands
 from bot.console import png_with_parameters
-from bot.delivery import ThrottledEditor, same_options
+from bot.delivery import ChannelDelivery, ThrottledEditor, same_options
 from bot.discord_views import BUTTONS, EditPromptModal, FluxClient, result_view
 from engine.config import ASPECT_RATIOS
 from engine.errors import EngineError, NotAllowed
@@ -110,9 +110,8 @@ class DiscordFrontEnd:
         self.tree = app_commands.CommandTree(self.client)
         self.tree.on_error = self._command_error  # type: ignore[method-assign]
         self._tasks: set[asyncio.Task[None]] = set()
-        # Jobs an interaction follows; the rest (a restart's) are delivered to their channel by _deliver_others.
-        self._followed: set[str] = set()
-        self._channel_delivery = asyncio.Lock()
+        # Jobs an interaction follows are delivered there; the rest (a restart's) go to their channel.
+        self._orphans = ChannelDelivery(engine, Platform.DISCORD, lambda job, event: self._deliver(event, None))
         self._add_commands()
         self.tree.add_command(self._admin_group())
 
@@ -142,9 +141,9 @@ class DiscordFrontEnd:
         """Called by discord.py once logged in: listen to buttons, then deliver what ended while we were away."""
         self.client.add_dynamic_items(*BUTTONS)
         # Tasks take their first step in creation order: the event subscription exists before the backlog is
-        # read, so a job ending in between is seen by one of them (the lock in _deliver_quietly stops a second post).
-        self._spawn(self._deliver_others(), "discord: results for the channel")
-        self._spawn(self._deliver_backlog(), "discord: results after a restart")
+        # read, so a job ending in between is seen by one of them (ChannelDelivery stops a second post).
+        self._spawn(self._orphans.run(), "discord: results for the channel")
+        self._spawn(self._orphans.backlog(), "discord: results after a restart")
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(work, name=name)
@@ -349,7 +348,7 @@ class DiscordFrontEnd:
             log.exception("discord /imagine could not be submitted for %s", interaction.user.id)
             await self._refuse(interaction, render.INTERNAL_ERROR)
             return
-        self._followed.add(queued.job_id)
+        self._orphans.follow(queued.job_id)
         self._spawn(self._follow(interaction, queued), f"discord: follow {queued.job_id}")
 
     async def _follow(self, interaction: discord.Interaction, queued: JobQueued) -> None:
@@ -447,31 +446,6 @@ class DiscordFrontEnd:
         png = await asyncio.to_thread(png_with_parameters, event.image, job, display)
         data, filename = await asyncio.to_thread(fit_attachment, png, limit, job.id)
         return data, filename, render.done_caption(job, event, display)
-
-    async def _deliver_others(self) -> None:
-        """Terminal events of Discord jobs no interaction follows (submitted before a restart): to their channel."""
-        async for event in self.engine.all_events():
-            if not isinstance(event, TERMINAL_EVENTS):
-                continue
-            if event.job_id in self._followed:
-                self._followed.discard(event.job_id)  # its follower delivers it; this was the last use of the id
-                continue
-            await self._deliver_quietly(event.job_id, event)
-
-    async def _deliver_backlog(self) -> None:
-        for job in await self.engine.undelivered():
-            if job.requester.platform is Platform.DISCORD and job.id not in self._followed:
-                await self._deliver_quietly(job.id, None)
-
-    async def _deliver_quietly(self, job_id: str, event: JobEvent | None) -> None:
-        """To the channel, once; failures are logged and the job stays undelivered for the next start."""
-        try:
-            async with self._channel_delivery:
-                job = await self.engine.store.get_job(job_id)
-                if job.requester.platform is Platform.DISCORD and not job.delivered:
-                    await self._deliver(event or await self.engine.terminal_event(job), None)
-        except Exception:
-            log.exception("job %s: could not deliver its result to Discord", job_id)
 
     # ---- result buttons (bot.discord_views routes clicks here) ----
 

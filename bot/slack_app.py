@@ -31,7 +31,7 @@ from bot.commands import Commands
 from bot.console import png_with_parameters
 
 # Shared with Discord rather than copied; they belong in a platform-neutral module (see the report).
-from bot.delivery import ThrottledEditor, same_options
+from bot.delivery import ChannelDelivery, ThrottledEditor, same_options
 from engine.errors import EngineError, InvalidRequest, NotAllowed
 from engine.models import (
     TERMINAL_EVENTS,
@@ -174,9 +174,8 @@ class SlackFrontEnd:
         )
         self.pacer = ChannelPacer(edit_interval_s)
         self._tasks: set[asyncio.Task[None]] = set()
-        # Jobs a command follows; the rest (a restart's) are delivered to their channel by _deliver_others.
-        self._followed: set[str] = set()
-        self._channel_delivery = asyncio.Lock()
+        # Jobs a command follows are delivered by it; the rest (a restart's) go to their channel.
+        self._orphans = ChannelDelivery(engine, Platform.SLACK, lambda job, event: self._deliver(job, event, None))
         self._runner: web.AppRunner | None = None
         # Built here, connected by start(): the websocket needs Slack itself, construction does not.
         self.socket_mode = None if app_token is None else AsyncSocketModeHandler(self.app, app_token)
@@ -186,8 +185,8 @@ class SlackFrontEnd:
 
     async def start(self, *, host: str = "127.0.0.1", port: int = 3000, path: str = "/slack/events") -> None:
         """Start delivering, then serve: Socket Mode with an app token, else HTTP on host:port (loopback default)."""
-        self._spawn(self._deliver_others(), "slack: results for the channel")
-        self._spawn(self._deliver_backlog(), "slack: results after a restart")
+        self._spawn(self._orphans.run(), "slack: results for the channel")
+        self._spawn(self._orphans.backlog(), "slack: results after a restart")
         if self.socket_mode is not None:
             await self.socket_mode.connect_async()  # type: ignore[no-untyped-call]  # bolt leaves it unannotated
             return
@@ -308,7 +307,7 @@ class SlackFrontEnd:
     async def _imagine(self, requester: Requester, prompt: str, options: dict[str, str]) -> str:
         """Submit and start following; the queued note for the user."""
         queued = await self.commands.imagine(requester, prompt, options)
-        self._followed.add(queued.job_id)
+        self._orphans.follow(queued.job_id)
         self._spawn(self._follow(queued), f"slack: follow {queued.job_id}")
         job = await self.engine.store.get_job(queued.job_id)
         return render.queued_text(queued, self.commands.model_display(job.request.model))
@@ -379,31 +378,6 @@ class SlackFrontEnd:
                 await self.client.chat_update(channel=channel, ts=ts, text=clip(text))
         # Shielded: close() cancels this task, and a store write cut off mid-transaction would break the store.
         await asyncio.shield(self.engine.mark_delivered(job.id))
-
-    async def _deliver_others(self) -> None:
-        """Terminal events of Slack jobs no command follows (submitted before a restart): to their channel."""
-        async for event in self.engine.all_events():
-            if not isinstance(event, TERMINAL_EVENTS):
-                continue
-            if event.job_id in self._followed:
-                self._followed.discard(event.job_id)
-                continue
-            await self._deliver_quietly(event.job_id, event)
-
-    async def _deliver_backlog(self) -> None:
-        for job in await self.engine.undelivered():
-            if job.requester.platform is Platform.SLACK and job.id not in self._followed:
-                await self._deliver_quietly(job.id, None)
-
-    async def _deliver_quietly(self, job_id: str, event: JobEvent | None) -> None:
-        """To the channel, once; failures are logged and the job stays undelivered for the next start."""
-        try:
-            async with self._channel_delivery:
-                job = await self.engine.store.get_job(job_id)
-                if job.requester.platform is Platform.SLACK and not job.delivered:
-                    await self._deliver(job, event or await self.engine.terminal_event(job), None)
-        except Exception:
-            log.exception("job %s: could not deliver its result to Slack", job_id)
 
     # ---- result buttons ----
 
