@@ -95,6 +95,20 @@ class SlackSettings(_Section):
     command_admin: str = "/imagine-admin"
 
 
+class OpsSettings(_Section):
+    """The operator's side: health and metrics endpoint, scheduled backups, alerts to an admin channel."""
+
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(9464, ge=0, le=65535)  # 0 = no /healthz and /metrics endpoint
+    backup_every_hours: float = Field(24.0, ge=0)  # 0 = no scheduled backups
+    backups_keep: int = Field(7, ge=1)
+    alert_discord_channel_id: str = ""  # where spend and failure alerts go ("" = none on Discord)
+    alert_slack_channel_id: str = ""  # ("" = none on Slack)
+    spend_alert_percents: tuple[int, ...] = (50, 80, 100)
+    failure_alert_rate: float = Field(0.2, ge=0, le=1)  # failed share of the last hour's ended jobs
+    failure_alert_min_jobs: int = Field(10, ge=1)  # ended jobs in the hour before the failure rate counts
+
+
 class BflSettings(_Section):
     api_url: str = DEFAULT_BFL_URL
     max_concurrency: int = Field(20, ge=1, le=24)
@@ -229,6 +243,7 @@ class Settings(_Section):
     routing: RoutingSettings = RoutingSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
     slack: SlackSettings = SlackSettings()
+    ops: OpsSettings = OpsSettings()
     bfl: BflSettings = BflSettings()
     local: LocalSettings = LocalSettings()
     policy: PolicySettings = PolicySettings()
