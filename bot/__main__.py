@@ -90,6 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings, secrets = load_settings(args.config)
     except ConfigError as exc:
+        if args.command == "doctor":
+            from bot.doctor import config_failure
+
+            print(config_failure(exc).line())
+            return 1
         print(f"flux-bot: configuration error in {exc.file}: {exc.field}: {exc.problem}", file=sys.stderr)
         return 2
     setup_logging("WARNING" if args.command in ("console", "admin") else args.log_level, secrets)
@@ -206,7 +211,9 @@ async def admin(settings: Settings, secrets: Secrets, words: list[str]) -> int:
     """Admin commands at a shell: the same handlers as /admin, on the same database, without dispatching jobs."""
     # Backups work on the database file itself; a restore must not open (and so migrate) the file it replaces.
     if words[:1] == ["backup"] and len(words) == 1:
-        print(f"backup written: {await backup(settings.bot.database_path, backup_dir(settings.bot.state_dir))}")
+        directory = backup_dir(settings.bot.state_dir)
+        written = await backup(settings.bot.database_path, directory, keep=settings.ops.backups_keep)
+        print(f"backup written: {written}")
         return 0
     if words[:1] == ["restore"] and len(words) == 2:
         restore(Path(words[1]), settings.bot.database_path)
@@ -241,31 +248,12 @@ def _quote(word: str) -> str:
 
 async def doctor(settings: Settings, secrets: Secrets) -> int:
     """One line per check, with a fix hint; non-zero exit when any check fails."""
-    from engine.backends.factory import gpu_extra_installed
+    from bot.doctor import failed, run_checks
 
-    failures = 0
-
-    def report(ok: bool, what: str, hint: str = "") -> None:
-        nonlocal failures
-        failures += not ok
-        print(f"[{'ok' if ok else 'FAIL'}] {what}" + ("" if ok or not hint else f" — {hint}"))
-
-    report(True, f"configuration loaded ({len(settings.models)} models, {len(settings.tiers)} tiers)")
-    try:
-        store = await Store.open(settings.bot.database_path)
-        ok = await store.integrity_ok()
-        await store.close()
-        report(ok, f"database {settings.bot.database_path}", "restore it from a backup")
-    except Exception as exc:  # doctor reports every failure as a line, never a traceback
-        report(False, f"database {settings.bot.database_path}: {exc}", "check [bot] state_dir and its permissions")
-    local_ok = settings.routing.local_enabled and gpu_extra_installed()
-    api_ok = settings.routing.api_enabled and bool(secrets.bfl_api_key)
-    print(f"[{'ok' if api_ok else 'info'}] BFL API " + ("key set" if api_ok else "not used: BFL_API_KEY is not set"))
-    print(f"[{'ok' if local_ok else 'info'}] local worker packages " + ("installed" if local_ok else "not installed"))
-    report(local_ok or api_ok, "at least one image backend", "set BFL_API_KEY or pip install 'flux-bot[gpu]'")
-    chat = bool(secrets.discord_token or secrets.slack_bot_token)
-    print(f"[{'ok' if chat else 'info'}] chat token " + ("set" if chat else "not set: the console front-end is used"))
-    return 1 if failures else 0
+    checks = await run_checks(settings, secrets)
+    for check in checks:
+        print(check.line())
+    return 1 if failed(checks) else 0
 
 
 if __name__ == "__main__":

@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import sqlite3
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from engine.errors import InvalidRequest
 
+log = logging.getLogger("flux_bot.backup")
+
 BACKUP_DIR = "backups"
-DEFAULT_KEEP = 7
 _NAME = re.compile(r"^flux-bot-(\d{8}-\d{6})(?:-(\d+))?\.db$")
 
 
@@ -75,7 +78,13 @@ def _integrity_problem(db: sqlite3.Connection) -> str | None:
     return None
 
 
-def backup_sync(database_path: Path, directory: Path, *, keep: int = DEFAULT_KEEP, now: datetime | None = None) -> Path:
+def integrity_problem(database_path: Path) -> str | None:
+    """What `PRAGMA integrity_check` finds wrong with the database file, read-only; None when it is sound."""
+    with contextlib.closing(_connect(database_path, "ro")) as db:
+        return _integrity_problem(db)
+
+
+def backup_sync(database_path: Path, directory: Path, *, keep: int, now: datetime | None = None) -> Path:
     """Copy `database_path` into `directory` now and prune to `keep` copies; the new backup's path."""
     if keep < 1:
         raise InvalidRequest("keep must be at least 1 backup", field="keep")
@@ -106,9 +115,39 @@ def backup_sync(database_path: Path, directory: Path, *, keep: int = DEFAULT_KEE
     return target
 
 
-async def backup(database_path: Path, directory: Path, *, keep: int = DEFAULT_KEEP) -> Path:
+async def backup(database_path: Path, directory: Path, *, keep: int, now: datetime | None = None) -> Path:
     """`backup_sync` on a worker thread, so the event loop keeps serving while the copy runs."""
-    return await asyncio.to_thread(backup_sync, database_path, directory, keep=keep)
+    return await asyncio.to_thread(backup_sync, database_path, directory, keep=keep, now=now)
+
+
+def seconds_until_due(directory: Path, every_s: float, now: datetime) -> float:
+    """How long until the next scheduled backup: counted from the newest backup, so a restart keeps the rhythm."""
+    backups = list_backups(directory)
+    if not backups:
+        return 0.0
+    age = (now - backups[-1].taken_at).total_seconds()
+    return max(0.0, every_s - age)
+
+
+async def backup_every(
+    database_path: Path,
+    directory: Path,
+    *,
+    every_s: float,
+    keep: int,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
+) -> None:
+    """Until cancelled: a backup every `every_s` seconds. A failed backup is logged and tried again next time."""
+    while True:
+        await sleep(seconds_until_due(directory, every_s, now()))
+        try:
+            path = await backup(database_path, directory, keep=keep, now=now())
+        except (OSError, sqlite3.Error, InvalidRequest) as exc:
+            log.error("scheduled backup of %s failed: %s; next try in %.0f s", database_path, exc, every_s)
+            await sleep(every_s)
+        else:
+            log.info("scheduled backup written: %s", path)
 
 
 def restore(backup_path: Path, database_path: Path) -> None:
@@ -122,8 +161,7 @@ def restore(backup_path: Path, database_path: Path) -> None:
     if backup_path.resolve() == database_path.resolve():
         raise InvalidRequest("the backup and the database are the same file", field="backup")
     try:
-        with contextlib.closing(_connect(backup_path, "ro")) as src:
-            problem = _integrity_problem(src)
+        problem = integrity_problem(backup_path)
     except sqlite3.DatabaseError as exc:
         raise InvalidRequest(f"backup {backup_path} is not a usable SQLite database: {exc}", field="backup") from exc
     if problem is not None:

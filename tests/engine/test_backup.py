@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.backup import backup, backup_dir, backup_sync, list_backups, prune, restore
+from engine.backup import backup, backup_dir, backup_every, backup_sync, list_backups, prune, restore
 from engine.errors import InvalidRequest
 from engine.models import BackendKind, ImageRequest
 from engine.service import Engine
@@ -76,7 +76,7 @@ async def test_restore_over_the_stopped_bots_database(make_engine: EngineFactory
     engine = await make_engine({BackendKind.LOCAL: ScriptedBackend(seconds_per_job=0.01)})
     first = await engine.submit(user(), ImageRequest("before the backup", "schnell"))
     await wait_terminal(engine, first.job_id)
-    saved = await backup(engine.store.path, backup_dir(engine.settings.bot.state_dir))
+    saved = await backup(engine.store.path, backup_dir(engine.settings.bot.state_dir), keep=7)
     later = await engine.submit(user(), ImageRequest("after the backup", "schnell"))
     await wait_terminal(engine, later.job_id)
     await engine.close()  # the bot is stopped before a restore
@@ -127,7 +127,7 @@ def test_damaged_or_missing_backups_are_refused(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.db"
     garbage.write_bytes(b"this is not an sqlite database at all" * 200)
     truncated = tmp_path / "truncated.db"
-    good = backup_sync(database, tmp_path / "backups")
+    good = backup_sync(database, tmp_path / "backups", keep=7)
     truncated.write_bytes(good.read_bytes()[:1000])
     foreign = tmp_path / "foreign.db"
     with sqlite3.connect(foreign) as db:
@@ -142,5 +142,57 @@ def test_damaged_or_missing_backups_are_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidRequest):
         restore(database, database)
     with pytest.raises(InvalidRequest):
-        backup_sync(tmp_path / "no-such.db", tmp_path / "backups")
+        backup_sync(tmp_path / "no-such.db", tmp_path / "backups", keep=7)
     assert not (tmp_path / "no-such.db").exists()
+
+
+class _FakeTime:
+    """A clock and a sleep that moves it: the schedule is checked without waiting for it."""
+
+    def __init__(self, start: datetime, stop_after_sleeps: int) -> None:
+        self.at = start
+        self.slept: list[float] = []
+        self._stop_after = stop_after_sleeps
+
+    def now(self) -> datetime:
+        return self.at
+
+    async def sleep(self, seconds: float) -> None:
+        if len(self.slept) == self._stop_after:
+            raise asyncio.CancelledError
+        self.slept.append(seconds)
+        self.at += timedelta(seconds=seconds)
+
+
+async def test_scheduled_backups_keep_their_rhythm_across_restarts(tmp_path: Path) -> None:
+    source = _seed(tmp_path / "db.sqlite")
+    directory = tmp_path / "backups"
+    day = 24 * 3600.0
+    time = _FakeTime(datetime(2026, 1, 1, 3, 0, tzinfo=UTC), stop_after_sleeps=3)
+    with pytest.raises(asyncio.CancelledError):
+        await backup_every(source, directory, every_s=day, keep=2, sleep=time.sleep, now=time.now)
+    # None yet: one at once; then one a day, pruned to the newest two.
+    assert time.slept == [0.0, day, day]
+    assert [b.path.name for b in list_backups(directory)] == [
+        "flux-bot-20260102-030000.db",
+        "flux-bot-20260103-030000.db",
+    ]
+
+    # Started again ten hours after the last one: the next is due in fourteen hours, not at once.
+    restarted = _FakeTime(datetime(2026, 1, 3, 13, 0, tzinfo=UTC), stop_after_sleeps=1)
+    with pytest.raises(asyncio.CancelledError):
+        await backup_every(source, directory, every_s=day, keep=2, sleep=restarted.sleep, now=restarted.now)
+    assert restarted.slept == [14 * 3600.0]
+
+
+async def test_a_failed_scheduled_backup_is_logged_and_tried_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    time = _FakeTime(datetime(2026, 1, 1, 3, 0, tzinfo=UTC), stop_after_sleeps=3)
+    with pytest.raises(asyncio.CancelledError):
+        await backup_every(
+            tmp_path / "gone.db", tmp_path / "backups", every_s=60.0, keep=2, sleep=time.sleep, now=time.now
+        )
+    assert time.slept == [0.0, 60.0, 0.0]
+    assert "scheduled backup of" in caplog.text and "no database at" in caplog.text
+    assert list_backups(tmp_path / "backups") == []

@@ -68,6 +68,7 @@ class FakeDiscord:
         self.requests: list[Recorded] = []
         self.expired_tokens: set[str] = set()  # webhook calls with these tokens get 401 / 50027
         self.rate_limit_next: set[str] = set()  # methods ("PATCH", "POST") whose next webhook call gets one 429
+        self.refused_bot_tokens: set[str] = set()  # GET /users/@me with these answers 401 (a reset token)
         self._ids = itertools.count(5000)
         self._runner: web.AppRunner | None = None
         self._old_base = ""
@@ -159,6 +160,8 @@ class FakeDiscord:
         return None
 
     async def _me(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization", "").removeprefix("Bot ") in self.refused_bot_tokens:
+            return _json({"message": "401: Unauthorized", "code": 0}, status=401)
         return _json(_user(BOT_ID, "flux-bot", bot=True))
 
     async def _application(self, request: web.Request) -> web.Response:

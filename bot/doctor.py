@@ -1,0 +1,318 @@
+"""`flux-bot doctor`: one line per check with a fix hint; the process exits non-zero when any check fails.
+
+Each check answers one operator question (will the bot start, can it pay, can it generate, can it talk) and never
+raises: a problem becomes a FAIL line. Checks that call a service (BFL, Discord, Slack) use the real clients with a
+short timeout; the endpoints can be pointed elsewhere, which is how the tests run them against local fakes.
+Secrets are never printed: a line says whether a token was accepted, never what it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+
+from engine.backup import backup_dir, integrity_problem, list_backups
+from engine.config import Secrets, Settings
+from engine.errors import BackendUnavailable, ConfigError
+from engine.models import format_usd
+
+MIN_FREE_BYTES = 1 << 30  # below 1 GiB a day of images and a backup may no longer fit
+LOW_GPU_BYTES = 24 << 30  # FLUX.1 in bf16 needs about 24 GB without offloading (REFERENCE.md)
+SERVICE_TIMEOUT_S = 10.0
+
+
+class Status(StrEnum):
+    OK = "ok"
+    INFO = "info"
+    WARN = "warn"
+    FAIL = "FAIL"
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    status: Status
+    what: str
+    hint: str = ""
+
+    def line(self) -> str:
+        hint = f" — {self.hint}" if self.hint and self.status in (Status.WARN, Status.FAIL) else ""
+        return f"[{self.status.value}] {self.what}{hint}"
+
+
+def config_failure(exc: ConfigError) -> Check:
+    return Check(
+        Status.FAIL,
+        f"configuration {exc.file}: {exc.field}: {exc.problem}",
+        "fix or remove that key (config.toml documents every key and its default)",
+    )
+
+
+async def run_checks(settings: Settings, secrets: Secrets, *, slack_api_url: str | None = None) -> list[Check]:
+    """Every check, in the order an operator fixes things: config, storage, image backends, chat."""
+    checks = [
+        Check(Status.OK, f"configuration: {len(settings.models)} models, {len(settings.tiers)} tiers"),
+        database(settings),
+        disk_space(settings),
+        backups(settings),
+        await bfl_key(settings, secrets),
+        *local_weights(settings),
+        *gpu(settings),
+    ]
+    if not (settings.routing.api_enabled and secrets.bfl_api_key) and not settings.routing.local_enabled:
+        checks.append(
+            Check(
+                Status.FAIL,
+                "no image backend is enabled",
+                "set BFL_API_KEY, or [routing] local_enabled = true with a GPU",
+            )
+        )
+    checks.extend(await chat_tokens(secrets, slack_api_url))
+    return checks
+
+
+def failed(checks: Iterable[Check]) -> bool:
+    return any(check.status is Status.FAIL for check in checks)
+
+
+# ---- storage ----
+
+
+def database(settings: Settings) -> Check:
+    path = settings.bot.database_path
+    if not path.exists():
+        return Check(Status.INFO, f"database {path}: none yet, it is created at the first start")
+    try:
+        problem = integrity_problem(path)
+    except sqlite3.DatabaseError as exc:
+        problem = str(exc)
+    if problem is None:
+        return Check(Status.OK, f"database {path}: integrity check passed")
+    newest = list_backups(backup_dir(settings.bot.state_dir))
+    hint = (
+        f"stop the bot, then `flux-bot admin restore {newest[-1].path}`"
+        if newest
+        else "no backup to restore from: move the file aside and start afresh, or repair it with sqlite3 .recover"
+    )
+    return Check(Status.FAIL, f"database {path}: {problem}", hint)
+
+
+def disk_space(settings: Settings) -> Check:
+    place = settings.bot.state_dir.resolve()
+    while not place.exists():
+        place = place.parent
+    free = shutil.disk_usage(place).free
+    what = f"disk: {free / 2**30:.1f} GiB free for {settings.bot.state_dir}"
+    if free < MIN_FREE_BYTES:
+        return Check(Status.FAIL, what, "free some space: images and backups live there (state_dir)")
+    return Check(Status.OK, what)
+
+
+def backups(settings: Settings, now: datetime | None = None) -> Check:
+    every_h = settings.ops.backup_every_hours
+    found = list_backups(backup_dir(settings.bot.state_dir))
+    if not found:
+        schedule = f"every {every_h:g} h while the bot runs" if every_h else "none scheduled ([ops] backup_every_hours)"
+        return Check(Status.INFO, f"backups: none yet; {schedule}")
+    age_h = ((now or datetime.now(UTC)) - found[-1].taken_at).total_seconds() / 3600
+    what = f"backups: {len(found)}, the newest {age_h:.1f} h old ({found[-1].path.name})"
+    if every_h and age_h > 2 * every_h:
+        return Check(Status.WARN, what, "scheduled backups are late: is the bot running? `flux-bot admin backup` now")
+    return Check(Status.OK, what)
+
+
+# ---- image backends ----
+
+
+async def bfl_key(settings: Settings, secrets: Secrets) -> Check:
+    if not settings.routing.api_enabled:
+        return Check(Status.INFO, "BFL API: off ([routing] api_enabled = false)")
+    if not secrets.bfl_api_key:
+        return Check(
+            Status.FAIL,
+            "BFL API: BFL_API_KEY is not set",
+            "put BFL_API_KEY=... in the environment (/etc/flux-bot/env), "
+            "or set [routing] api_enabled = false for a local-only bot",
+        )
+    from engine.backends.bfl import BflBackend
+
+    backend = BflBackend(settings.bfl, settings.models, secrets.bfl_api_key)
+    await backend.start()
+    try:
+        credits = await asyncio.wait_for(backend.credits(), SERVICE_TIMEOUT_S)
+    except (BackendUnavailable, TimeoutError) as exc:
+        reason = str(exc) or f"no answer within {SERVICE_TIMEOUT_S:g} s"
+        return Check(Status.FAIL, f"BFL API: {reason}", "check BFL_API_KEY and [bfl] api_url")
+    finally:
+        await backend.close()
+    what = f"BFL API: key accepted, {format_usd(credits)} of credits left"
+    if credits <= 0:
+        return Check(Status.WARN, what, "buy credits, or every API job will fail")
+    return Check(Status.OK, what)
+
+
+def local_weights(settings: Settings) -> list[Check]:
+    local = settings.local
+    if not settings.routing.local_enabled:
+        return [Check(Status.INFO, "local worker: off ([routing] local_enabled = false)")]
+    if not local.model:
+        return [
+            Check(
+                Status.INFO,
+                "local worker: the built-in demo model (random weights: its images are noise); "
+                "set [local] model to a FLUX.1 folder or Hugging Face id for real images",
+            )
+        ]
+    folder = _model_folder(local.model)
+    if folder is None:
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            return [
+                Check(
+                    Status.FAIL,
+                    f"local weights {local.model}: not in the Hugging Face cache and HF_HUB_OFFLINE=1",
+                    f"download them once: huggingface-cli download {local.model}",
+                )
+            ]
+        return [
+            Check(Status.WARN, f"local weights {local.model}: not downloaded", "the worker downloads them at start")
+        ]
+    return [_safetensors_check(local.model, folder)]
+
+
+def _model_folder(model: str) -> Path | None:
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    except ImportError:
+        return None
+    try:
+        return Path(snapshot_download(model, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError):
+        return None
+
+
+def _safetensors_check(model: str, folder: Path) -> Check:
+    if not (folder / "model_index.json").is_file():
+        return Check(
+            Status.FAIL,
+            f"local weights {model}: no model_index.json in {folder}",
+            "point [local] model at a diffusers FluxPipeline folder (the one save_pretrained writes)",
+        )
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        return Check(Status.FAIL, "local weights: safetensors is not installed", "pip install 'flux-bot[gpu]'")
+    files = sorted(folder.rglob("*.safetensors"))
+    if not files:
+        return Check(Status.FAIL, f"local weights {model}: no .safetensors files in {folder}", "download them again")
+    tensors = 0
+    for file in files:
+        try:
+            # Reading the header and every tensor name proves the file is whole enough to load, without loading it.
+            with safe_open(str(file), framework="numpy") as weights:
+                tensors += len(list(weights.keys()))
+        except Exception as exc:  # safetensors raises its own error types and OSError; each is a damaged file
+            return Check(
+                Status.FAIL,
+                f"local weights {model}: {file.relative_to(folder)} cannot be read ({exc})",
+                "delete that file and download the weights again",
+            )
+    return Check(Status.OK, f"local weights {model}: {len(files)} safetensors files, {tensors} tensors readable")
+
+
+def gpu(settings: Settings) -> list[Check]:
+    if not (settings.routing.local_enabled and settings.local.model):
+        return []  # the demo model runs on the CPU; a real model is what needs a GPU
+    if settings.local.device == "cpu":
+        return [Check(Status.WARN, 'GPU: [local] device = "cpu"', "FLUX.1 on a CPU takes minutes per image")]
+    try:
+        import torch
+    except ImportError:
+        return [Check(Status.FAIL, "GPU: torch is not installed", "pip install 'flux-bot[gpu]'")]
+    if not torch.cuda.is_available():
+        return [
+            Check(
+                Status.FAIL,
+                "GPU: no CUDA device is visible",
+                "install the NVIDIA driver and a CUDA build of torch, or set [routing] local_enabled = false",
+            )
+        ]
+    checks = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        what = f"GPU {index}: {props.name}, {props.total_memory / 2**30:.0f} GiB"
+        if props.total_memory < LOW_GPU_BYTES and not settings.local.cpu_offload:
+            checks.append(Check(Status.WARN, what, "under 24 GB: set [local] cpu_offload = true"))
+        else:
+            checks.append(Check(Status.OK, what))
+    return checks
+
+
+# ---- chat ----
+
+
+async def chat_tokens(secrets: Secrets, slack_api_url: str | None) -> list[Check]:
+    checks = []
+    if secrets.discord_token:
+        checks.append(await _discord(secrets.discord_token))
+    if secrets.slack_bot_token:
+        checks.append(await _slack(secrets.slack_bot_token, slack_api_url))
+        if not secrets.slack_app_token and not secrets.slack_signing_secret:
+            checks.append(
+                Check(
+                    Status.FAIL,
+                    "Slack: neither SLACK_APP_TOKEN (Socket Mode) nor SLACK_SIGNING_SECRET (HTTP mode) is set",
+                    "set one of them from the Slack app's settings",
+                )
+            )
+    if not checks:
+        checks.append(Check(Status.INFO, "chat: no DISCORD_TOKEN or SLACK_BOT_TOKEN: `flux-bot run` opens the console"))
+    return checks
+
+
+async def _discord(token: str) -> Check:
+    import aiohttp
+    import discord
+
+    http = discord.http.HTTPClient(asyncio.get_running_loop())
+    try:
+        me = await asyncio.wait_for(http.static_login(token), SERVICE_TIMEOUT_S)
+    except discord.LoginFailure:
+        return Check(
+            Status.FAIL,
+            "Discord: the token was refused",
+            "reset it in the Developer Portal (Bot > Reset Token) and update DISCORD_TOKEN",
+        )
+    except (discord.HTTPException, aiohttp.ClientError, TimeoutError) as exc:
+        return Check(Status.FAIL, f"Discord: cannot reach the API ({type(exc).__name__})", "check the network")
+    finally:
+        await http.close()
+    return Check(Status.OK, f"Discord: token accepted (bot {me['username']}, id {me['id']})")
+
+
+async def _slack(token: str, api_url: str | None) -> Check:
+    import aiohttp
+    from slack_sdk.errors import SlackApiError
+    from slack_sdk.web.async_client import AsyncWebClient
+
+    client = AsyncWebClient(token=token, base_url=api_url or AsyncWebClient.BASE_URL, timeout=int(SERVICE_TIMEOUT_S))
+    try:
+        answer = await client.auth_test()
+    except SlackApiError as exc:
+        return Check(
+            Status.FAIL,
+            f"Slack: the bot token was refused ({exc.response.get('error')})",
+            "copy the Bot User OAuth Token (xoxb-...) from the Slack app into SLACK_BOT_TOKEN",
+        )
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return Check(Status.FAIL, f"Slack: cannot reach the API ({type(exc).__name__})", "check the network")
+    return Check(Status.OK, f"Slack: bot token accepted (team {answer.get('team_id')}, bot {answer.get('user_id')})")

@@ -1,0 +1,132 @@
+"""`flux-bot doctor` against real files and the fake BFL, Discord and Slack servers: one line per check, exit code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from bot.__main__ import main
+from bot.doctor import Check, Status, failed, run_checks
+from engine.backup import backup_sync
+from engine.config import Secrets, Settings
+from engine.store import Store
+from tests.conftest import SettingsFactory
+from tests.fakes.bfl_server import API_KEY, FakeBfl
+from tests.fakes.discord_server import BOT_ID, FakeDiscord
+from tests.fakes.slack_server import BOT_TOKEN, FakeSlack
+from tests.fakes.tiny_flux import build_tiny_flux
+
+DISCORD_TOKEN = "discord-bot-token-123"
+
+
+def by_topic(checks: list[Check], topic: str) -> Check:
+    matching = [check for check in checks if check.what.startswith(topic)]
+    assert len(matching) == 1, (topic, checks)
+    return matching[0]
+
+
+def test_a_broken_config_is_one_failed_line_naming_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[scheduler]\nmax_running_per_user = "lots"\n')
+    assert main(["--config", str(config), "doctor"]) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    assert out[0].startswith(f"[FAIL] configuration {config}: scheduler.max_running_per_user")
+    assert "fix or remove that key" in out[0]
+
+
+async def test_a_missing_bfl_key_fails_with_what_to_set(make_settings: SettingsFactory) -> None:
+    checks = await run_checks(make_settings(), Secrets())
+    line = by_topic(checks, "BFL API").line()
+    assert line.startswith("[FAIL] BFL API: BFL_API_KEY is not set — put BFL_API_KEY=... in the environment")
+    assert "api_enabled = false" in line
+    assert failed(checks)
+    # A local-only bot says so and is not failed for it.
+    local_only = await run_checks(make_settings(routing={"api_enabled": False}), Secrets())
+    assert by_topic(local_only, "BFL API").status is Status.INFO
+    assert not failed(local_only)
+
+
+async def test_healthy_setup_passes_every_check(make_settings: SettingsFactory, tmp_path: Path) -> None:
+    async with FakeBfl() as bfl, FakeDiscord(), FakeSlack() as slack:
+        settings = make_settings(bfl={"api_url": bfl.api_url})
+        store = await Store.open(settings.bot.database_path)
+        await store.close()
+        backup_sync(settings.bot.database_path, settings.bot.state_dir / "backups", keep=2)
+        secrets = Secrets(
+            discord_token=DISCORD_TOKEN, slack_bot_token=BOT_TOKEN, slack_signing_secret="s3cr3t", bfl_api_key=API_KEY
+        )
+        checks = await run_checks(settings, secrets, slack_api_url=slack.base_url)
+    lines = [check.line() for check in checks]
+    assert not failed(checks), lines
+    assert by_topic(checks, "database").line().endswith("integrity check passed")
+    assert by_topic(checks, "BFL API").line() == "[ok] BFL API: key accepted, $12.345 of credits left"
+    assert by_topic(checks, "backups").status is Status.OK
+    assert by_topic(checks, "Discord").line() == f"[ok] Discord: token accepted (bot flux-bot, id {BOT_ID})"
+    assert by_topic(checks, "Slack").status is Status.OK
+    assert by_topic(checks, "local worker").status is Status.INFO  # the demo model, said plainly
+    assert not any(secret in line for line in lines for secret in secrets.values())
+
+
+async def test_refused_tokens_fail_without_showing_them(make_settings: SettingsFactory) -> None:
+    async with FakeDiscord() as discord_api, FakeSlack() as slack:
+        discord_api.refused_bot_tokens.add(DISCORD_TOKEN)
+        secrets = Secrets(discord_token=DISCORD_TOKEN, slack_bot_token="xoxb-revoked")
+        checks = await run_checks(make_settings(routing={"api_enabled": False}), secrets, slack_api_url=slack.base_url)
+    lines = [check.line() for check in checks]
+    assert by_topic(checks, "Discord").line().startswith("[FAIL] Discord: the token was refused — reset it")
+    assert (
+        by_topic(checks, "Slack: the bot token")
+        .line()
+        .startswith("[FAIL] Slack: the bot token was refused (invalid_auth)")
+    )
+    assert by_topic(checks, "Slack: neither").status is Status.FAIL  # HTTP mode needs the signing secret
+    assert not any(DISCORD_TOKEN in line or "xoxb-revoked" in line for line in lines)
+
+
+async def test_a_rejected_bfl_key_and_an_unreachable_bfl_fail(make_settings: SettingsFactory) -> None:
+    async with FakeBfl() as bfl:
+        checks = await run_checks(make_settings(bfl={"api_url": bfl.api_url}), Secrets(bfl_api_key="wrong-key-000"))
+    assert by_topic(checks, "BFL API").line().startswith("[FAIL] BFL API: BFL refused the API key (HTTP 403)")
+    # The fake has stopped: nothing listens on its port any more.
+    checks = await run_checks(make_settings(bfl={"api_url": bfl.api_url}), Secrets(bfl_api_key=API_KEY))
+    assert by_topic(checks, "BFL API").line().startswith("[FAIL] BFL API: cannot reach BFL")
+
+
+async def test_a_damaged_database_names_the_backup_to_restore(make_settings: SettingsFactory) -> None:
+    settings = make_settings(routing={"api_enabled": False})
+    store = await Store.open(settings.bot.database_path)
+    await store.close()
+    saved = backup_sync(settings.bot.database_path, settings.bot.state_dir / "backups", keep=2)
+    settings.bot.database_path.write_bytes(b"SQLite format 3\0" + os.urandom(4096))
+    check = by_topic(await run_checks(settings, Secrets()), "database")
+    assert check.status is Status.FAIL
+    assert check.hint == f"stop the bot, then `flux-bot admin restore {saved}`"
+
+
+async def test_local_weights_are_opened_and_a_damaged_file_is_named(
+    make_settings: SettingsFactory, tmp_path: Path
+) -> None:
+    folder = build_tiny_flux(tmp_path / "tiny")
+    settings: Settings = make_settings(routing={"api_enabled": False}, local={"model": str(folder), "device": "cpu"})
+    weights = by_topic(await run_checks(settings, Secrets()), "local weights")
+    assert weights.status is Status.OK and "tensors readable" in weights.what
+
+    damaged = sorted(folder.rglob("*.safetensors"))[0]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    weights = by_topic(await run_checks(settings, Secrets()), "local weights")
+    assert weights.status is Status.FAIL
+    assert str(damaged.relative_to(folder)) in weights.what
+    assert weights.hint == "delete that file and download the weights again"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a GPU: the check lists it instead")
+async def test_a_real_model_without_a_gpu_fails(make_settings: SettingsFactory, tmp_path: Path) -> None:
+    folder = build_tiny_flux(tmp_path / "tiny")
+    settings = make_settings(routing={"api_enabled": False}, local={"model": str(folder), "device": "auto"})
+    check = by_topic(await run_checks(settings, Secrets()), "GPU")
+    # This machine has no GPU (CI neither); on a GPU host the line lists the cards instead.
+    assert check.line().startswith("[FAIL] GPU: no CUDA device is visible — install the NVIDIA driver")
