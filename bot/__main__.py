@@ -7,6 +7,7 @@ import asyncio
 import getpass
 import logging
 import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -16,7 +17,7 @@ from bot.commands import Commands
 from bot.console import Console, stdin_reader
 from bot.render import error_message
 from bot.systemd_notify import Notifier, watchdog_interval_s, watchdog_loop
-from engine.backup import backup, backup_dir, restore
+from engine.backup import backup, backup_dir, backup_every, restore
 from engine.config import Secrets, Settings, load_settings
 from engine.errors import ConfigError, EngineError
 from engine.models import BackendKind, Platform, Requester
@@ -137,11 +138,15 @@ async def run(settings: Settings, secrets: Secrets, sync_guild: int | None = Non
 
 
 async def chat(settings: Settings, secrets: Secrets, sync_guild: int | None) -> int:
-    """Serve Discord and/or Slack (whichever tokens are set) on one engine until stopped."""
+    """Serve Discord and/or Slack (whichever tokens are set) on one engine until stopped (SIGTERM or SIGINT)."""
     engine = await Engine.open(settings, secrets)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     closers: list[Callable[[], Awaitable[None]]] = []
+    serving: list[asyncio.Task[None]] = []
     try:
-        serving: list[asyncio.Task[None]] = []
         if secrets.slack_bot_token:
             from bot.slack_app import CommandNames, SlackFrontEnd
 
@@ -168,16 +173,43 @@ async def chat(settings: Settings, secrets: Secrets, sync_guild: int | None) -> 
             discord_front_end = DiscordFrontEnd(engine)
             closers.append(discord_front_end.close)
             serving.append(asyncio.create_task(discord_front_end.start(secrets.discord_token, sync_guild)))
-        async with systemd_service(engine):
-            if serving:
-                await asyncio.gather(*serving)  # Discord's client runs until it is closed
-            else:
-                await asyncio.Event().wait()  # Slack serves in the background until the process is stopped
+        async with systemd_service(engine), operations(settings, engine):
+            # Discord's client runs until it is closed or fails; Slack serves in the background.
+            stopped = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([*serving, stopped], return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            for task in done:
+                task.result()  # a front-end that failed (e.g. a refused token) ends the process with its error
+            log.info("stopping: %s", "signal received" if stop.is_set() else "a front-end ended")
     finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
         for close in reversed(closers):
             await close()
+        await asyncio.gather(*serving, return_exceptions=True)
         await engine.close()
     return 0
+
+
+@asynccontextmanager
+async def operations(settings: Settings, engine: Engine) -> AsyncIterator[None]:
+    """The operator's side while serving: scheduled backups."""
+    tasks: list[asyncio.Task[None]] = []
+    ops = settings.ops
+    if ops.backup_every_hours:
+        every_s = ops.backup_every_hours * 3600
+        directory = backup_dir(settings.bot.state_dir)
+        tasks.append(
+            asyncio.create_task(
+                backup_every(engine.store.path, directory, every_s=every_s, keep=ops.backups_keep), name="backups"
+            )
+        )
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @asynccontextmanager
