@@ -22,6 +22,7 @@ from engine.models import credits_to_micros, dollars_to_micros
 
 CONFIG_ENV = "FLUX_BOT_CONFIG"
 DEFAULT_BFL_URL = "https://api.bfl.ai"
+UNIX_PATH_MAX = 107  # bytes of a Unix socket path that fit sockaddr_un's sun_path (108, NUL included)
 
 ASPECT_RATIOS = ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9", "9:21")
 
@@ -153,6 +154,28 @@ class LocalSettings(_Section):
     step_timeout_s: float = Field(120.0, gt=0)
     start_timeout_s: float = Field(600.0, gt=0)
     preview_every: int = Field(4, ge=0)
+    # Workers run as their own systemd units (flux-bot-worker@N, `flux-bot worker --listen PATH`): the supervisor
+    # attaches to these sockets instead of spawning workers, and the units' own flags choose model and switches.
+    worker_sockets: tuple[Path, ...] = ()
+
+    @field_validator("worker_sockets")
+    @classmethod
+    def _usable_sockets(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
+        for path in value:
+            if not path.is_absolute():
+                raise ValueError(f"{path} is not an absolute path (e.g. /run/flux-bot/gpu0.sock)")
+            if len(os.fsencode(path)) > UNIX_PATH_MAX:
+                raise ValueError(f"{path} is longer than a Unix socket address allows ({UNIX_PATH_MAX} bytes)")
+        if len(set(value)) != len(value):
+            raise ValueError("a socket is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _gpus_match_sockets(self) -> LocalSettings:
+        # With sockets, `gpus` only says which GPU each socket's worker uses, for the temperature readings.
+        if self.worker_sockets and self.gpus and len(self.gpus) != len(self.worker_sockets):
+            raise ValueError("gpus must name one GPU per worker socket (or be empty)")
+        return self
 
 
 class ModelSettings(_Section):

@@ -1,13 +1,30 @@
-"""GPU temperature and memory through NVML (nvidia-ml-py) for the router's view of local health; nothing on a CPU."""
+"""GPU temperature and memory through NVML (nvidia-ml-py), for the router and for metrics; nothing on a CPU."""
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 log = logging.getLogger("engine.backends.local")
 
 NVML_CACHE_S = 5.0
+GIB = 2**30
+
+
+@dataclass(frozen=True, slots=True)
+class GpuReading:
+    """One GPU as NVML saw it: the router reads `text`, metrics read the numbers."""
+
+    index: int
+    temperature_c: int
+    memory_used_bytes: int
+    memory_total_bytes: int
+
+    @property
+    def text(self) -> str:
+        used, total = self.memory_used_bytes / GIB, self.memory_total_bytes / GIB
+        return f"GPU{self.index} {self.temperature_c}°C {used:.1f}/{total:.1f} GiB"
 
 
 class GpuProbe:
@@ -15,9 +32,9 @@ class GpuProbe:
 
     def __init__(self) -> None:
         self._initialised = False
-        self._cache: dict[int, tuple[float, str | None]] = {}
+        self._cache: dict[int, tuple[float, GpuReading | None]] = {}
 
-    def describe(self, index: int) -> str | None:
+    def read(self, index: int) -> GpuReading | None:
         now = time.monotonic()
         cached = self._cache.get(index)
         if cached is None or now - cached[0] > NVML_CACHE_S:
@@ -25,7 +42,11 @@ class GpuProbe:
             self._cache[index] = cached
         return cached[1]
 
-    def _query(self, index: int) -> str | None:
+    def describe(self, index: int) -> str | None:
+        reading = self.read(index)
+        return reading.text if reading else None
+
+    def _query(self, index: int) -> GpuReading | None:
         try:
             import pynvml
         except ImportError:
@@ -40,4 +61,4 @@ class GpuProbe:
         except pynvml.NVMLError as exc:
             log.debug("NVML: %s", exc)
             return None
-        return f"GPU{index} {temperature}°C {memory.used / 2**30:.1f}/{memory.total / 2**30:.1f} GiB"
+        return GpuReading(index, int(temperature), int(memory.used), int(memory.total))

@@ -6,6 +6,11 @@ after `recycle_after_jobs`, when reserved-minus-allocated GPU memory or RSS grow
 job (watchdog) or a crash, and when a job is cancelled mid-generation (diffusers cannot be interrupted). A job caught
 in any of these ends in exactly one `Failed` with `retryable=True`; retrying or failing over is the scheduler's
 decision, never this module's, so no job is run twice behind its back.
+
+Workers are spawned as child processes, or, with `[local] worker_sockets`, run by systemd as their own units
+(flux-bot-worker@.service) and attached to through their Unix sockets. The decisions above are the same for both;
+for a unit, "restart" means: end the process (SIGKILL, or `shutdown` when graceful), let systemd's Restart=always
+start a fresh one, and attach to it once it listens again.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import engine
-from engine.backends.gpu_probe import GpuProbe
-from engine.backends.local_process import WorkerGone, WorkerProcess
+from engine.backends.gpu_probe import GpuProbe, GpuReading
+from engine.backends.local_process import ChildPipes, Transport, UnitSocket, WorkerGone, WorkerProcess
 from engine.backends.protocol import (
     PROTOCOL_VERSION,
     Frame,
@@ -53,6 +58,10 @@ log = logging.getLogger(__name__)
 
 MAX_START_FAILURES = 3  # consecutive failed starts after which a worker slot counts as broken (unhealthy)
 MAX_START_BACKOFF_S = 60.0
+# systemd restarts a worker unit within its RestartSec, and the worker binds its socket before it imports torch, so
+# a socket that stays unreachable this long belongs to a unit that is stopped or failing: that is a failed start.
+CONNECT_WAIT_S = 30.0
+MAX_CONNECT_RETRY_S = 1.0
 EMA_WEIGHT = 0.3  # weight of the newest measurement in the moving average of seconds per job shape
 RECENT_JOBS = 50  # the window of the failure rate that the router sees
 DEFAULT_SECONDS_PER_STEP: float = ModelSettings.model_fields["local_seconds_per_step"].default
@@ -79,10 +88,12 @@ class WorkerInfo:
 
 @dataclass(slots=True)
 class _Slot:
-    """A place for one worker process: a GPU (CUDA_VISIBLE_DEVICES), or the configured device when `gpu` is None."""
+    """A place for one worker process: a GPU (CUDA_VISIBLE_DEVICES), or the configured device when `gpu` is None;
+    with `socket`, the worker unit listening there (whose GPU, if known, is `gpu`)."""
 
     index: int
     gpu: int | None
+    socket: Path | None = None
     process: WorkerProcess | None = None
     launching: bool = False
     start_failures: int = 0  # consecutive
@@ -113,7 +124,11 @@ class LocalBackend:
         self._model = str(model_path.resolve()) if model_path.exists() else str(model_path)
         self._python = python
         self._extra_env = dict(extra_env or {})
-        self._slots = [_Slot(i, gpu) for i, gpu in enumerate(settings.gpus or (None,))]
+        if sockets := settings.worker_sockets:
+            gpus: tuple[int | None, ...] = settings.gpus or (None,) * len(sockets)
+            self._slots = [_Slot(i, gpu, path) for i, (gpu, path) in enumerate(zip(gpus, sockets, strict=True))]
+        else:
+            self._slots = [_Slot(i, gpu) for i, gpu in enumerate(settings.gpus or (None,))]
         self._idle: deque[WorkerProcess] = deque()
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -149,6 +164,18 @@ class LocalBackend:
             for slot in self._slots
             if (p := slot.process) is not None
         ]
+
+    def gpu_readings(self) -> list[GpuReading]:
+        """Temperature and memory of each GPU a running worker uses (none on a CPU or without NVML)."""
+        readings: list[GpuReading] = []
+        for slot in self._slots:
+            device = slot.process.device if slot.process is not None else ""
+            if device.startswith("cuda"):
+                index = slot.gpu if slot.gpu is not None else int(device.partition(":")[2] or 0)
+                reading = self._gpu_probe.read(index)
+                if reading is not None:
+                    readings.append(reading)
+        return readings
 
     async def wait_idle(self) -> None:
         """Return once every worker is started and idle (its between-jobs check done), or none can start."""
@@ -388,20 +415,8 @@ class LocalBackend:
             slot.launching = False
 
     async def _start_process(self, slot: _Slot) -> WorkerProcess:
-        argv = [self._python, "-m", "engine.backends.worker", *worker_args(self._settings, self._model)]
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=self._worker_env(slot),
-                # Its own session: a Ctrl-C meant for the bot must not kill workers before close() shuts them down.
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise _StartFailed(f"cannot run {self._python}: {exc}") from exc
-        process = WorkerProcess(slot.index, proc, self._on_exit)
+        transport = await (self._spawn_worker(slot) if slot.socket is None else _attach(slot.socket))
+        process = WorkerProcess(slot.index, transport, self._on_exit)
         self._live.add(process)
         try:
             await process.send(Frame(MessageType.HELLO, {"version": PROTOCOL_VERSION}))
@@ -422,6 +437,22 @@ class LocalBackend:
             raise
         log.info("worker %d ready: pid %d on %s", slot.index, process.pid, process.device)
         return process
+
+    async def _spawn_worker(self, slot: _Slot) -> ChildPipes:
+        argv = [self._python, "-m", "engine.backends.worker", *worker_args(self._settings, self._model)]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self._worker_env(slot),
+                # Its own session: a Ctrl-C meant for the bot must not kill workers before close() shuts them down.
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise _StartFailed(f"cannot run {self._python}: {exc}") from exc
+        return ChildPipes(proc)
 
     def _worker_env(self, slot: _Slot) -> dict[str, str]:
         env = {**os.environ, **self._extra_env}
@@ -487,15 +518,28 @@ class LocalBackend:
         parts.extend(
             f"worker {slot.index} cannot start: {slot.last_error[:200]}" for slot in self._slots if slot.broken
         )
-        for slot in up:
-            assert slot.process is not None
-            device = slot.process.device
-            if device.startswith("cuda"):
-                index = slot.gpu if slot.gpu is not None else int(device.partition(":")[2] or 0)
-                gpu = self._gpu_probe.describe(index)
-                if gpu:
-                    parts.append(gpu)
+        parts.extend(reading.text for reading in self.gpu_readings())
         return "; ".join(parts)
+
+
+async def _attach(path: Path) -> Transport:
+    """Connect to the worker unit listening on `path`, waiting out the moment systemd takes to restart one."""
+    deadline = time.monotonic() + CONNECT_WAIT_S
+    delay = 0.05
+    while True:
+        try:
+            return await UnitSocket.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            # No socket yet, or the stale one of a process that has ended: the unit is (re)starting, or down.
+            if time.monotonic() + delay > deadline:
+                raise _StartFailed(
+                    f"nothing listens on {path} after {CONNECT_WAIT_S:g} s ({exc.strerror}):"
+                    " is its flux-bot-worker@ unit running?"
+                ) from exc
+        except OSError as exc:
+            raise _StartFailed(f"cannot attach to {path}: {exc}") from exc
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, MAX_CONNECT_RETRY_S)
 
 
 def _shape(request: ResolvedRequest) -> tuple[str, int, int]:

@@ -1,6 +1,9 @@
-"""One local worker process as the supervisor sees it: its pipes, the tasks that read them, and how it ended.
+"""One local worker process as the supervisor sees it: how frames reach it, the tasks that read them, how it ended.
 
 Split from local.py, which decides *when* workers start, serve, recycle and die; this module only talks to one.
+A worker is reached through a `Transport`: the pipes of a child process the supervisor spawned (`ChildPipes`), or
+the Unix socket of a worker that systemd runs as its own unit, `flux-bot worker --listen` (`UnitSocket`). Above
+the transport, frames, timeouts, kills and graceful stops are the same for both.
 """
 
 from __future__ import annotations
@@ -8,29 +11,171 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import socket
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
 
 from engine.backends.protocol import Frame, MessageType, ProtocolError, encode, read_frame
 
 log = logging.getLogger("engine.backends.local")
 
-CLOSE_GRACE_S = 10.0  # how long a worker may take to exit after `shutdown` before it is killed
+CLOSE_GRACE_S = 10.0  # how long a worker may take to exit after `shutdown` (or its end of stream) before it is killed
 STDERR_TAIL_LINES = 20
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 class WorkerGone(Exception):
-    """The worker process ended (its stdout closed); the message says how."""
+    """The worker process ended (its end of the stream closed); the message says how."""
+
+
+class Transport(Protocol):
+    """How the supervisor reaches one worker process."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def reader(self) -> asyncio.StreamReader: ...  # the worker's frames
+
+    @property
+    def log(self) -> asyncio.StreamReader | None: ...  # its log, when it comes to us rather than to the journal
+
+    @property
+    def running(self) -> bool: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    def kill(self) -> None: ...
+
+    async def wait(self) -> None:
+        """Return once the process has exited."""
+
+    def ended(self) -> str:
+        """How the process ended, for a person: "exited with code 1", "was killed by SIGKILL"..."""
+
+    def close(self) -> None: ...
+
+
+class ChildPipes:
+    """A worker the supervisor spawned: frames over its stdin/stdout, its log on stderr, its exit status known."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        self._proc = proc
+        self._stdin = proc.stdin
+        self.pid = proc.pid
+        self.reader = proc.stdout
+        self.log: asyncio.StreamReader | None = proc.stderr
+
+    @property
+    def running(self) -> bool:
+        return self._proc.returncode is None
+
+    async def write(self, data: bytes) -> None:
+        self._stdin.write(data)
+        await self._stdin.drain()
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.kill()
+
+    async def wait(self) -> None:
+        await self._proc.wait()
+
+    def ended(self) -> str:
+        code = self._proc.returncode
+        if code is None:
+            return "stopped answering"
+        if code < 0:
+            return f"was killed by {_signal_name(-code)}"
+        return f"exited with code {code}"
+
+    def close(self) -> None:
+        self._stdin.close()
+
+
+class UnitSocket:
+    """A worker run as its own systemd unit, reached through its Unix socket.
+
+    The worker's pid comes from the socket itself (SO_PEERCRED) and is held as a pidfd: a kill can never hit a
+    process that has since reused the number, and the pidfd turns readable when the worker exits, which is how a
+    supervisor that is not its parent learns of it. Its exit status and its log belong to systemd (the journal).
+    """
+
+    def __init__(self, path: Path, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pid: int) -> None:
+        self.path = path
+        self.reader = reader
+        self.log: asyncio.StreamReader | None = None
+        self._writer = writer
+        self.pid = pid
+        self._pidfd = os.pidfd_open(pid)
+        self._exited = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._pidfd, self._exited.set)
+
+    @classmethod
+    async def connect(cls, path: Path) -> UnitSocket:
+        """Attach to the worker listening on `path`; OSError when nothing listens there (yet)."""
+        reader, writer = await asyncio.open_unix_connection(path)
+        try:
+            credentials = writer.get_extra_info("socket").getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size
+            )
+            pid, _, _ = _PEERCRED.unpack(credentials)
+            return cls(path, reader, writer, pid)
+        except BaseException:
+            writer.close()
+            raise
+
+    @property
+    def running(self) -> bool:
+        return not self._exited.is_set()
+
+    async def write(self, data: bytes) -> None:
+        self._writer.write(data)
+        await self._writer.drain()
+
+    def kill(self) -> None:
+        if self._pidfd < 0 or not self.running:
+            return
+        try:
+            signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            # The unit runs as another user. Without the connection the worker exits at its next frame, and one
+            # stuck inside a step stops its watchdog pings, so systemd kills it after WatchdogSec.
+            log.warning("worker pid %d at %s: not allowed to kill it; closing its connection", self.pid, self.path)
+            self._writer.close()
+
+    async def wait(self) -> None:
+        await self._exited.wait()
+
+    def ended(self) -> str:
+        if self.running:
+            return "stopped answering"
+        return f"at {self.path} ended (how: journalctl _PID={self.pid})"
+
+    def close(self) -> None:
+        self._writer.close()
+        if self._pidfd >= 0:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
 
 
 class WorkerProcess:
-    """One worker process: its pipes, the tasks that read them, and what the supervisor knows of it."""
+    """One worker process: its transport, the tasks that read it, and what the supervisor knows of it."""
 
-    def __init__(self, slot: int, proc: asyncio.subprocess.Process, on_exit: Callable[[WorkerProcess], None]) -> None:
+    def __init__(self, slot: int, transport: Transport, on_exit: Callable[[WorkerProcess], None]) -> None:
         self.slot = slot
-        self.proc = proc
+        self.transport = transport
         self.frames: asyncio.Queue[Frame | None] = asyncio.Queue()
         self.last_frame_at = time.monotonic()
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
@@ -43,20 +188,21 @@ class WorkerProcess:
         self.busy = True
         self.retired = False  # being (or been) replaced: never handed another job
         self._on_exit = on_exit
-        self._readers = (asyncio.create_task(self._read_frames()), asyncio.create_task(self._read_log()))
+        readers = [asyncio.create_task(self._read_frames())]
+        if transport.log is not None:
+            readers.append(asyncio.create_task(self._read_log(transport.log)))
+        self._readers = tuple(readers)
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.transport.pid
 
     @property
     def running(self) -> bool:
-        return self.proc.returncode is None
+        return self.transport.running
 
     async def send(self, frame: Frame) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(encode(frame))
-        await self.proc.stdin.drain()
+        await self.transport.write(encode(frame))
 
     async def receive(self, wait_s: float) -> Frame:
         """The next frame; TimeoutError when none comes within wait_s, WorkerGone once the process has ended."""
@@ -73,8 +219,7 @@ class WorkerProcess:
         return frame
 
     def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
+        self.transport.kill()
 
     async def stop(self, *, graceful: bool) -> None:
         self.retired = True
@@ -82,22 +227,14 @@ class WorkerProcess:
             with contextlib.suppress(ConnectionError):
                 await self.send(Frame(MessageType.SHUTDOWN))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.proc.wait(), CLOSE_GRACE_S)
+                await asyncio.wait_for(self.transport.wait(), CLOSE_GRACE_S)
         self.kill()
-        await self.proc.wait()
+        await self.transport.wait()
         await asyncio.gather(*self._readers, return_exceptions=True)
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
+        self.transport.close()
 
     def exit_detail(self) -> str:
-        code = self.proc.returncode
-        if code is None:
-            how = "stopped answering"
-        elif code < 0:
-            how = f"was killed by {_signal_name(-code)}"
-        else:
-            how = f"exited with code {code}"
-        detail = f"worker pid {self.pid} {how}"
+        detail = f"worker pid {self.pid} {self.transport.ended()}"
         if self.protocol_error:
             detail += f" ({self.protocol_error})"
         if self.stderr_tail:
@@ -105,28 +242,28 @@ class WorkerProcess:
         return detail[:1000]
 
     async def _read_frames(self) -> None:
-        assert self.proc.stdout is not None
         try:
-            while (frame := await read_frame(self.proc.stdout)) is not None:
+            while (frame := await read_frame(self.transport.reader)) is not None:
                 self.last_frame_at = time.monotonic()
                 self.frames.put_nowait(frame)
         except ProtocolError as exc:
             self.protocol_error = str(exc)
             self.kill()
+        except ConnectionError:  # a socket reset by a worker that died: the same end as a closed pipe
+            pass
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.proc.wait(), CLOSE_GRACE_S)
-        if self.running:  # closed its stdout yet lives on: it can no longer be talked to
+            await asyncio.wait_for(self.transport.wait(), CLOSE_GRACE_S)
+        if self.running:  # closed its end of the stream yet lives on: it can no longer be talked to
             self.kill()
-            await self.proc.wait()
+            await self.transport.wait()
         self.frames.put_nowait(None)
         self._on_exit(self)
 
-    async def _read_log(self) -> None:
-        assert self.proc.stderr is not None
+    async def _read_log(self, stream: asyncio.StreamReader) -> None:
         # Drained continuously: a worker blocked on a full stderr pipe would look hung to the watchdog.
         while True:
             try:
-                line = await self.proc.stderr.readline()
+                line = await stream.readline()
             except ValueError:  # a line past the stream's limit, which the reader has dropped: keep draining
                 continue
             if not line:

@@ -2,8 +2,8 @@
 
 A frame is a fixed 8-byte prefix (header length, payload length; both unsigned 32-bit big-endian), a UTF-8 JSON
 header object with at least `"type"`, and an optional binary payload (PNG bytes), so images never pass through
-base64. The same frames travel over a worker's stdin/stdout today and as NATS JetStream message bodies later
-(one frame per message).
+base64. The same frames travel over a worker's stdin/stdout or its Unix socket today, and as NATS JetStream message
+bodies later (one frame per message).
 
 Version 1 messages (supervisor -> worker):
     hello    {version}                                      first frame; the worker answers `ready` once loaded
@@ -26,7 +26,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import IO, Any
+from typing import Any, Protocol
 
 PROTOCOL_VERSION = 1
 
@@ -34,6 +34,12 @@ _PREFIX = struct.Struct(">II")
 # Bounds that catch a stray print() on the protocol stream long before it could make us allocate gigabytes.
 MAX_HEADER_BYTES = 1 << 20
 MAX_PAYLOAD_BYTES = 256 << 20
+
+
+class ByteSource(Protocol):
+    """A blocking binary stream: a pipe's file object, or a socket's unbuffered one (whose `read` types say None)."""
+
+    def read(self, size: int, /) -> bytes | None: ...
 
 
 class ProtocolError(Exception):
@@ -141,8 +147,8 @@ async def read_frame(reader: asyncio.StreamReader) -> Frame | None:
     return _parse(header, payload)
 
 
-def read_frame_blocking(stream: IO[bytes]) -> Frame | None:
-    """As read_frame, for a blocking binary file (a worker's stdin)."""
+def read_frame_blocking(stream: ByteSource) -> Frame | None:
+    """As read_frame, for a blocking binary stream (a worker's stdin or socket)."""
     prefix = _read_exactly(stream, _PREFIX.size)
     if not prefix:
         return None
@@ -156,7 +162,7 @@ def read_frame_blocking(stream: IO[bytes]) -> Frame | None:
     return _parse(header, payload)
 
 
-def _read_exactly(stream: IO[bytes], size: int) -> bytes:
+def _read_exactly(stream: ByteSource, size: int) -> bytes:
     chunks: list[bytes] = []
     remaining = size
     while remaining:

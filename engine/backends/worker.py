@@ -1,7 +1,12 @@
 """The local FLUX.1 worker: one process per GPU, serving jobs for the supervisor (engine/backends/local.py).
 
-Run as `python -m engine.backends.worker --model PATH_OR_ID [--device cuda] ...`; it speaks the frames of
-engine/backends/protocol.py on stdin/stdout, so stdout carries nothing else and every log line goes to stderr.
+Run as `python -m engine.backends.worker --model PATH_OR_ID [--device cuda] ...`, spawned by the supervisor, it
+speaks the frames of engine/backends/protocol.py on stdin/stdout, so stdout carries nothing else and every log line
+goes to stderr. Run as its own systemd unit (flux-bot-worker@.service) with `--listen SOCKET`, it binds that Unix
+socket, loads the model, tells systemd READY=1, serves the same frames to the one supervisor that connects, keeps
+systemd's watchdog fed while it makes progress, and exits when that connection ends or on `shutdown`: systemd's
+Restart=always then starts a fresh process, which is how a worker unit is recycled.
+
 torch is imported only inside functions: PYTORCH_CUDA_ALLOC_CONF has to be in the environment before torch reads
 it, and the supervisor imports this module (for `worker_args`) without needing torch at all.
 
@@ -13,11 +18,15 @@ tests provoke an OOM, a hang and a native crash through the real code path; it d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib
 import io
 import logging
 import os
+import select
+import socket
+import stat
 import sys
 import time
 import warnings
@@ -32,11 +41,13 @@ from engine.backends.protocol import (
     JobSpec,
     MemoryStats,
     MessageType,
+    ProtocolError,
     WorkerFailure,
     encode,
     read_frame_blocking,
 )
 from engine.config import LocalSettings
+from engine.sd_notify import Notifier, watchdog_interval_s
 
 log = logging.getLogger("engine.backends.worker")
 
@@ -139,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--cpu-offload", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--preview-every", type=int, default=4, help="a preview every N steps; 0 = none")
+    parser.add_argument(
+        "--listen",
+        type=Path,
+        metavar="SOCKET",
+        help="serve one supervisor on this Unix socket, then exit (a systemd unit); default: stdin/stdout",
+    )
     return parser
 
 
@@ -182,7 +199,7 @@ def parse_buckets(text: str) -> list[tuple[int, int]]:
 
 
 class Channel(Protocol):
-    """Where frames come from and go to: stdin/stdout pipes today, a JetStream consumer later."""
+    """Where frames come from and go to: stdin/stdout pipes, a Unix socket, a JetStream consumer later."""
 
     def receive(self) -> Frame | None: ...
 
@@ -209,6 +226,71 @@ class PipeChannel:
     def send(self, frame: Frame) -> None:
         self._writer.write(encode(frame))
         self._writer.flush()
+
+
+class Heartbeat:
+    """WATCHDOG=1 for systemd, at most once per interval, from the thread that serves jobs.
+
+    Pinged while waiting for a frame and whenever a frame goes out (every step sends progress), so a step that never
+    returns stops the pings and systemd kills the unit after WatchdogSec, even with no supervisor watching.
+    """
+
+    def __init__(self, notifier: Notifier, interval_s: float | None) -> None:
+        self.notifier = notifier
+        self.interval_s = interval_s  # None: no watchdog asked of this process
+        self._due = 0.0
+
+    def beat(self) -> None:
+        if self.interval_s is not None and time.monotonic() >= self._due:
+            self.notifier.watchdog()
+            self._due = time.monotonic() + self.interval_s
+
+    def wait_readable(self, sock: socket.socket) -> None:
+        """Block until `sock` has something to read (a frame, a connection, its end), pinging meanwhile."""
+        while not select.select([sock], [], [], self.interval_s)[0]:
+            self.beat()
+
+
+class SocketChannel:
+    """Frames over one connection accepted on a worker unit's socket."""
+
+    def __init__(self, conn: socket.socket, heartbeat: Heartbeat) -> None:
+        self._conn = conn
+        # Unbuffered: select() sees only what the kernel holds, so a read-ahead buffer could keep a frame it waits for.
+        self._reader = conn.makefile("rb", buffering=0)
+        self._heartbeat = heartbeat
+
+    def receive(self) -> Frame | None:
+        self._heartbeat.wait_readable(self._conn)
+        return read_frame_blocking(self._reader)
+
+    def send(self, frame: Frame) -> None:
+        self._conn.sendall(encode(frame))
+        self._heartbeat.beat()
+
+    def close(self) -> None:
+        self._reader.close()
+        self._conn.close()
+
+
+def bind_socket(path: Path) -> socket.socket:
+    """A listening Unix socket at `path`, mode 0660, in place of the stale one a previous process left there."""
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise WorkerSetupError(f"{path} exists and is not a socket")
+            path.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Through the umask rather than a chmod after bind(), which would leave a moment with a wider mode.
+        umask = os.umask(0o117)
+        try:
+            listener.bind(str(path))
+        finally:
+            os.umask(umask)
+        listener.listen()
+    except OSError as exc:
+        raise WorkerSetupError(f"cannot listen on {path}: {exc}") from exc
+    return listener
 
 
 # ---- the pipeline ----
@@ -369,7 +451,7 @@ class FluxWorker:
         while True:
             frame = channel.receive()
             if frame is None or frame.type is MessageType.SHUTDOWN:
-                return 0  # a closed stdin means the supervisor is gone: free the GPU rather than linger
+                return 0  # the end of the stream means the supervisor is gone: free the GPU rather than linger
             if frame.type is MessageType.JOB:
                 channel.send(self.run(JobSpec.from_frame(frame), channel))
             elif frame.type is MessageType.STATS:
@@ -426,7 +508,7 @@ class FluxWorker:
         except torch.cuda.OutOfMemoryError as exc:
             log.error("job %s: out of memory: %s", spec.id, exc)
             return _failure(spec.id, WorkerFailure.OOM, str(exc)[:500])
-        except BrokenPipeError:
+        except ConnectionError:
             raise  # the supervisor is gone; nobody to report to
         except Exception as exc:
             log.exception("job %s failed", spec.id)
@@ -473,7 +555,8 @@ def _set_allocator_conf() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    options = Options.from_args(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    options = Options.from_args(args)
     logging.basicConfig(
         stream=sys.stderr, level=logging.INFO, format="%(asctime)s worker[%(process)d] %(levelname)s %(message)s"
     )
@@ -483,15 +566,95 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
+    if args.listen is not None:
+        return _main_listening(args.listen, options, fault)
     channel = PipeChannel.from_stdio()
     try:
-        return _handshake_and_serve(channel, options, fault)
-    except BrokenPipeError:
+        return _serve_pipe(channel, options, fault)
+    except ConnectionError:
         log.warning("the supervisor closed the pipe; exiting")
         return 0
 
 
-def _handshake_and_serve(channel: Channel, options: Options, fault: Fault | None) -> int:
+def _main_listening(path: Path, options: Options, fault: Fault | None) -> int:
+    notifier = Notifier.from_env()
+    try:
+        return serve_socket(path, options, fault, notifier)
+    except WorkerSetupError as exc:
+        log.error("%s", exc)
+        return 1
+    except ConnectionError:
+        log.warning("the supervisor closed the connection; exiting")
+        return 0
+    finally:
+        notifier.stopping()
+        notifier.close()
+
+
+def _serve_pipe(channel: Channel, options: Options, fault: Fault | None) -> int:
+    code = _greet(channel)
+    if code is not None:
+        return code
+    loaded = _load(options, fault)
+    if isinstance(loaded, Frame):
+        channel.send(loaded)
+        return 1
+    worker, load_s = loaded
+    channel.send(worker.ready_frame(load_s))
+    return worker.serve(channel)
+
+
+def serve_socket(path: Path, options: Options, fault: Fault | None, notifier: Notifier) -> int:
+    """Serve one supervisor on a Unix socket at `path`; the exit code once it is done.
+
+    The socket is bound before the model loads: a supervisor connects at once and waits for `ready`, as it waits
+    for a worker it spawned, instead of polling a socket that appears only minutes later. READY=1 to systemd means
+    the model is loaded.
+    """
+    listener = bind_socket(path)
+    loaded = _load(options, fault)
+    if isinstance(loaded, Frame):
+        _tell_a_waiting_supervisor(listener, loaded)
+        return 1
+    worker, load_s = loaded
+    heartbeat = Heartbeat(notifier, watchdog_interval_s())
+    notifier.ready()
+    notifier.status(f"waiting for the supervisor on {path}")
+    while True:
+        heartbeat.wait_readable(listener)
+        conn, _ = listener.accept()
+        channel = SocketChannel(conn, heartbeat)
+        code = _greet(channel)
+        if code != 0:
+            break
+        channel.close()  # gone before its hello (a supervisor that gave up while we loaded): wait for the next
+    # One supervisor per process: a second is refused at once rather than queued behind this one for good.
+    listener.close()
+    if code is not None:
+        return code
+    log.info("serving the supervisor on %s", path)
+    notifier.status(f"serving the supervisor on {path}")
+    channel.send(worker.ready_frame(load_s))
+    return worker.serve(channel)
+
+
+def _tell_a_waiting_supervisor(listener: socket.socket, failure: Frame) -> None:
+    """Send `failure` to a supervisor already connected and waiting for `ready`; with none, the journal has it."""
+    listener.setblocking(False)
+    try:
+        conn, _ = listener.accept()
+    except BlockingIOError:
+        return
+    conn.setblocking(True)
+    channel = SocketChannel(conn, Heartbeat(Notifier(None), None))
+    with contextlib.suppress(ConnectionError, ProtocolError):
+        if _greet(channel) is None:
+            channel.send(failure)
+    channel.close()
+
+
+def _greet(channel: Channel) -> int | None:
+    """None once the peer has opened with a hello of this protocol version; else the exit code (0: it left)."""
     hello = channel.receive()
     if hello is None:
         return 0
@@ -499,6 +662,11 @@ def _handshake_and_serve(channel: Channel, options: Options, fault: Fault | None
         detail = f"expected hello with protocol version {PROTOCOL_VERSION}, got {hello.type} {dict(hello.header)}"
         channel.send(_failure(None, WorkerFailure.INTERNAL, detail))
         return 2
+    return None
+
+
+def _load(options: Options, fault: Fault | None) -> tuple[FluxWorker, float] | Frame:
+    """The loaded (and warmed) worker with its load time in seconds, or the `failed` frame that says why not."""
     started = time.perf_counter()
     try:
         pipe, device = load_pipeline(options)
@@ -507,15 +675,14 @@ def _handshake_and_serve(channel: Channel, options: Options, fault: Fault | None
             worker.warm_up()
     except Exception as exc:
         log.exception("cannot serve %s", options.model)
-        channel.send(_failure(None, WorkerFailure.INTERNAL, f"cannot load {options.model}: {exc}"[:1000]))
-        return 1
+        return _failure(None, WorkerFailure.INTERNAL, f"cannot load {options.model}: {exc}"[:1000])
     from engine.backends.demo_model import DEMO_NOTICE, is_demo_model
 
     if is_demo_model(Path(options.model)):
         log.warning("%s", DEMO_NOTICE)
-    log.info("serving %s on %s (%.1f s to load)", options.model, device, time.perf_counter() - started)
-    channel.send(worker.ready_frame(time.perf_counter() - started))
-    return worker.serve(channel)
+    load_s = time.perf_counter() - started
+    log.info("serving %s on %s (%.1f s to load)", options.model, device, load_s)
+    return worker, load_s
 
 
 if __name__ == "__main__":

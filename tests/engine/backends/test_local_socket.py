@@ -1,0 +1,485 @@
+"""Workers as their own systemd units: `flux-bot worker --listen SOCKET`, attached to through `[local] worker_sockets`.
+
+Every scenario runs real worker processes on the tiny FLUX.1 pipeline (CPU). `Unit` plays systemd's part for
+flux-bot-worker@.service: it runs the unit's command and starts a fresh process whenever the last one exits
+(Restart=always), recording each process's pid and exit status. As in test_local.py, the scenarios run once per
+module, concurrently (the `runs` fixture), and record what they saw; each test checks one behaviour in that record.
+Drivers act on events (kill the worker once its first progress arrives), never on elapsed time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import signal
+import socket
+import stat
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from engine.backends import local as local_module
+from engine.backends.local import PACKAGE_ROOT, LocalBackend
+from engine.backends.protocol import (
+    PROTOCOL_VERSION,
+    Frame,
+    MessageType,
+    WorkerFailure,
+    encode,
+    read_frame,
+    read_frame_blocking,
+)
+from engine.backends.worker import _tell_a_waiting_supervisor, bind_socket, build_parser, worker_args
+from engine.config import LocalSettings, Secrets, Settings
+from engine.models import (
+    BackendEvent,
+    BackendKind,
+    Failed,
+    FailureReason,
+    Finished,
+    ImageRequest,
+    JobCancelled,
+    JobDone,
+    JobEvent,
+    JobProgress,
+    JobRerouted,
+    Mode,
+    Started,
+)
+from engine.service import Engine
+from engine.store import Store
+from tests.conftest import user
+from tests.fakes.tiny_flux import MODEL, MODELS, build_tiny_flux, kinds, png_size, tiny_job, tiny_request, tiny_settings
+
+REPO = Path(__file__).resolve().parents[3]
+# Only guards against a hung test run; no scenario is expected to come near it.
+GUARD_S = 300
+# Each worker process's second job hangs at step 2 (after progress 1) until something kills the process.
+HANG_SECOND_JOB = "hang_at_step=2;job=2"
+ENGINE_SIZE = 256  # the smallest side the engine accepts
+WATCHDOG_USEC = 100_000  # pings every 50 ms
+MAX_STARTS = 5  # per unit; the scenarios need at most 3 processes
+
+
+@dataclass
+class Unit:
+    """One flux-bot-worker@ unit as systemd runs it: the unit's command, restarted whenever it exits."""
+
+    model: Path
+    path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    pids: list[int] = field(default_factory=list)  # every process, in start order
+    exits: dict[int, int] = field(default_factory=dict)  # pid -> exit status (negative: killed by that signal)
+    stopping: bool = False
+    _proc: asyncio.subprocess.Process | None = None
+    _task: asyncio.Task[None] | None = None
+
+    @property
+    def current_pid(self) -> int:
+        assert self._proc is not None and self._proc.returncode is None
+        return self._proc.pid
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        # As systemd's StartLimitBurst: a command that cannot run is not restarted for ever.
+        while not self.stopping and len(self.pids) < MAX_STARTS:
+            self._proc = await start_worker(self.model, self.path, self.env)
+            self.pids.append(self._proc.pid)
+            self.exits[self._proc.pid] = await self._proc.wait()
+
+    async def stop(self) -> None:
+        """No more restarts; a process still running is stopped as `systemctl stop` would (SIGTERM)."""
+        self.stopping = True
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.terminate()
+        if self._task is not None:
+            await self._task
+
+
+async def start_worker(model: Path, path: Path, env: dict[str, str]) -> asyncio.subprocess.Process:
+    """The unit's ExecStart: `flux-bot worker --listen PATH ...` (`python -m bot` is `flux-bot`)."""
+    base = {key: value for key, value in os.environ.items() if not key.startswith(("NOTIFY_", "WATCHDOG_"))}
+    env = {
+        **base,
+        "PYTHONPATH": os.pathsep.join(filter(None, (str(PACKAGE_ROOT), base.get("PYTHONPATH")))),
+        "OMP_NUM_THREADS": "1",  # several workers on few cores, as in tiny_backend
+        **env,
+    }
+    argv = [sys.executable, "-m", "bot", "worker", "--listen", str(path), *worker_args(tiny_settings(), str(model))]
+    return await asyncio.create_subprocess_exec(*argv, env=env)
+
+
+class NotifyListener:
+    """A fake NOTIFY_SOCKET: the datagrams a worker sends to systemd, in order."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.messages: list[str] = []
+
+    async def wait_for(self, message: str) -> None:
+        loop = asyncio.get_running_loop()
+        while message not in self.messages:
+            self.messages.append((await loop.sock_recv(self.sock, 4096)).decode())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class Run:
+    """What one scenario saw."""
+
+    events: dict[str, list[JobEvent]] = field(default_factory=dict)  # through the engine
+    backend_events: dict[str, list[BackendEvent]] = field(default_factory=dict)  # straight from the backend
+    pids: dict[str, int] = field(default_factory=dict)
+    attempts: dict[str, int] = field(default_factory=dict)
+    gpu_ledger: dict[str, list[str]] = field(default_factory=dict)
+    unit_pids: list[int] = field(default_factory=list)
+    exits: dict[int, int] = field(default_factory=dict)
+    recycles: int = 0
+    jobs_served: int = 0
+    failures: int = 0
+    notify: list[str] = field(default_factory=list)
+    socket_mode: int = 0
+    ready: Frame | None = None
+    memory: Frame | None = None
+    second_connect: str = ""
+    exit_code: int | None = None
+    error: BaseException | None = None
+
+    def checked(self) -> Run:
+        if self.error is not None:
+            raise self.error
+        return self
+
+
+async def _scenario(run: Run, body: Callable[[], Awaitable[None]]) -> None:
+    try:
+        await body()
+    except BaseException as exc:  # recorded, and raised by the tests that read this run
+        run.error = exc
+
+
+async def _crash_and_cancel(model: Path, folder: Path, run: Run) -> None:
+    """Through the engine: a job, a SIGKILL mid-job (retried on the restarted unit), a cancel mid-job."""
+    unit = Unit(model, folder / "gpu0.sock", {"FLUX_BOT_WORKER_FAULT": HANG_SECOND_JOB})
+    settings = Settings.model_validate(
+        {
+            "bot": {"state_dir": str(folder / "state")},
+            "routing": {"default_model": MODEL, "api_enabled": False},
+            "models": {MODEL: MODELS[MODEL].model_dump()},
+            "local": tiny_settings(worker_sockets=(unit.path,)).model_dump(),
+        }
+    )
+    backend = LocalBackend(settings.local, settings.models, model)
+    alice = user()
+
+    async def job(name: str, on_progress: Callable[[str], Awaitable[None]] | None = None) -> None:
+        request = ImageRequest("a red fox", MODEL, ENGINE_SIZE, ENGINE_SIZE, steps=4, seed=1, mode=Mode.RELAX)
+        queued = await engine.submit(alice, request)
+        events = run.events.setdefault(name, [])
+        async for event in engine.events(queued.job_id):
+            events.append(event)
+            if isinstance(event, JobProgress) and event.step == 1 and on_progress is not None:
+                await on_progress(queued.job_id)
+                on_progress = None  # once: the retry's progress is left alone
+        stored = await engine.store.get_job(queued.job_id)
+        run.attempts[name] = stored.attempts
+        ledger = await engine.store.job_ledger(queued.job_id)
+        run.gpu_ledger[name] = [line["entry"] for line in ledger if line["resource"] == "gpu_ms"]
+
+    async def sigkill(job_id: str) -> None:
+        os.kill(unit.current_pid, signal.SIGKILL)  # hung at step 2: it cannot have finished this job
+
+    async def cancel(job_id: str) -> None:
+        await engine.cancel(alice, job_id)
+
+    async def body() -> None:
+        await job("first")
+        await job("killed", sigkill)
+        await job("cancelled", cancel)
+        await job("after_cancel")
+
+    unit.start()
+    store = await Store.open(settings.bot.database_path)
+    engine = Engine(settings, Secrets(), store, {BackendKind.LOCAL: backend})
+    try:
+        await engine.start()
+        await _scenario(run, body)
+    finally:
+        run.recycles, run.jobs_served, run.failures = backend.recycles, backend.jobs_served, backend.failures
+        unit.stopping = True  # the shutdown that close() sends ends the last process for good
+        await engine.close()
+        await unit.stop()
+        run.unit_pids, run.exits = unit.pids, unit.exits
+
+
+async def _recycle(model: Path, folder: Path, run: Run) -> None:
+    """Straight to the backend: three queued jobs and a recycle after two, through a restarting unit."""
+    unit = Unit(model, folder / "gpu0.sock")
+    backend = LocalBackend(tiny_settings(worker_sockets=(unit.path,), recycle_after_jobs=2), MODELS, model)
+
+    async def one(name: str, seed: int) -> None:
+        events = run.backend_events.setdefault(name, [])
+        async for event in backend.run(tiny_job(name, seed)):
+            events.append(event)
+            if isinstance(event, Started):
+                (worker,) = (info for info in backend.workers() if info.busy)
+                run.pids[name] = worker.pid
+
+    async def body() -> None:
+        await backend.start()
+        await asyncio.gather(*(one(f"r{n}", n) for n in range(3)))
+
+    unit.start()
+    try:
+        await _scenario(run, body)
+    finally:
+        run.recycles, run.jobs_served, run.failures = backend.recycles, backend.jobs_served, backend.failures
+        unit.stopping = True
+        await backend.close()
+        await unit.stop()
+        run.unit_pids, run.exits = unit.pids, unit.exits
+
+
+async def _notify(model: Path, folder: Path, run: Run) -> None:
+    """The raw protocol over the socket, with systemd's NOTIFY_SOCKET and watchdog set."""
+    path = folder / "gpu0.sock"
+    listener = NotifyListener(folder / "notify")
+    env = {"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": str(WATCHDOG_USEC)}
+
+    async def body() -> None:
+        proc = await start_worker(model, path, env)
+        try:
+            await listener.wait_for("READY=1")
+            run.socket_mode = path.stat().st_mode
+            reader, writer = await asyncio.open_unix_connection(path)
+            writer.write(encode(Frame(MessageType.HELLO, {"version": PROTOCOL_VERSION})))
+            run.ready = await read_frame(reader)
+            try:
+                await asyncio.open_unix_connection(path)
+            except OSError as exc:
+                run.second_connect = type(exc).__name__
+            await listener.wait_for("WATCHDOG=1")
+            writer.write(encode(Frame(MessageType.STATS)))
+            run.memory = await read_frame(reader)
+            writer.close()
+            run.exit_code = await proc.wait()
+            await listener.wait_for("STOPPING=1")
+        finally:
+            run.notify = listener.messages
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            listener.close()
+
+    await _scenario(run, body)
+
+
+SCENARIOS = {"crash_cancel": _crash_and_cancel, "recycle": _recycle, "notify": _notify}
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux") / "model")
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A folder with a short path: a Unix socket's path must fit in about 107 bytes."""
+    with tempfile.TemporaryDirectory(prefix="fbw-", dir="/tmp") as folder:
+        yield Path(folder)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_flux: Path) -> dict[str, Run]:
+    results = {name: Run() for name in SCENARIOS}
+
+    async def run_all() -> None:
+        with tempfile.TemporaryDirectory(prefix="fbw-", dir="/tmp") as top:
+            folders = {name: Path(top) / name for name in SCENARIOS}
+            for folder in folders.values():
+                folder.mkdir()
+            scenarios = (scenario(tiny_flux, folders[name], results[name]) for name, scenario in SCENARIOS.items())
+            await asyncio.wait_for(asyncio.gather(*scenarios), GUARD_S)
+
+    asyncio.run(run_all())
+    return results
+
+
+def _terminal(events: list[JobEvent]) -> JobEvent:
+    return events[-1]
+
+
+# ---- through real worker units ----
+
+
+def test_a_job_runs_end_to_end_through_a_worker_unit(runs: dict[str, Run]) -> None:
+    run = runs["crash_cancel"].checked()
+    events = run.events["first"]
+    done = _terminal(events)
+    assert isinstance(done, JobDone), [type(event).__name__ for event in events]
+    assert done.backend is BackendKind.LOCAL and done.cost_micros == 0
+    assert png_size(done.image) == (ENGINE_SIZE, ENGINE_SIZE)
+    assert [event.step for event in events if isinstance(event, JobProgress)] == [1, 2, 3, 4]
+    assert run.attempts["first"] == 1
+
+
+def test_a_unit_sigkilled_mid_job_is_reattached_and_the_job_retried_and_charged_once(runs: dict[str, Run]) -> None:
+    run = runs["crash_cancel"].checked()
+    events = run.events["killed"]
+    assert [event.after for event in events if isinstance(event, JobRerouted)] == [FailureReason.CRASH]
+    done = _terminal(events)
+    assert isinstance(done, JobDone), [type(event).__name__ for event in events]
+    assert png_size(done.image) == (ENGINE_SIZE, ENGINE_SIZE)
+    assert run.attempts["killed"] == 2
+    assert run.gpu_ledger["killed"] == ["reserve", "void", "reserve", "settle"]  # the lost try is free
+    first, second = run.unit_pids[:2]
+    assert run.exits[first] == -signal.SIGKILL  # the test's kill; "systemd" then started `second`
+    assert second != first
+
+
+def test_cancelling_mid_job_makes_the_supervisor_sigkill_the_unit_process(runs: dict[str, Run]) -> None:
+    run = runs["crash_cancel"].checked()
+    assert isinstance(_terminal(run.events["cancelled"]), JobCancelled)
+    assert isinstance(_terminal(run.events["after_cancel"]), JobDone)
+    # The process that ran the cancelled job was killed through its pidfd by the supervisor, not by the test.
+    assert len(run.unit_pids) == 3
+    assert run.exits[run.unit_pids[1]] == -signal.SIGKILL
+    assert run.exits[run.unit_pids[2]] == 0  # the engine's close() sent `shutdown`: a clean exit
+    assert run.recycles == 2  # the crash and the cancellation
+    assert (run.jobs_served, run.failures) == (4, 1)  # the cancelled job never ended, so it is not counted
+
+
+def test_units_are_recycled_after_n_jobs_by_shutdown_and_no_queued_job_is_lost(runs: dict[str, Run]) -> None:
+    run = runs["recycle"].checked()
+    assert sorted(run.backend_events) == [f"r{n}" for n in range(3)]
+    for name, events in run.backend_events.items():
+        assert sum(isinstance(event, Finished | Failed) for event in events) == 1, name
+        assert isinstance(events[-1], Finished), kinds(events)
+    jobs_per_pid = sorted(list(run.pids.values()).count(pid) for pid in set(run.pids.values()))
+    assert jobs_per_pid == [1, 2]
+    assert set(run.pids.values()) == set(run.unit_pids)
+    # Every process left on `shutdown` (exit 0), none was killed: a recycle is a clean exit that systemd restarts.
+    assert [run.exits[pid] for pid in run.unit_pids] == [0, 0]
+    assert (run.recycles, run.jobs_served, run.failures) == (1, 3, 0)
+
+
+def test_a_unit_worker_tells_systemd_ready_and_pings_its_watchdog(runs: dict[str, Run]) -> None:
+    run = runs["notify"].checked()
+    messages = run.notify
+    assert "READY=1" in messages and "WATCHDOG=1" in messages
+    assert messages.index("READY=1") < messages.index("WATCHDOG=1")
+    assert messages[-1] == "STOPPING=1"
+    assert any(message.startswith("STATUS=serving the supervisor on ") for message in messages)
+
+
+def test_a_unit_worker_serves_one_connection_with_the_frame_protocol_and_exits_when_it_closes(
+    runs: dict[str, Run],
+) -> None:
+    run = runs["notify"].checked()
+    assert stat.S_ISSOCK(run.socket_mode) and stat.S_IMODE(run.socket_mode) == 0o660
+    assert run.ready is not None and run.ready.type is MessageType.READY
+    assert run.ready.header["version"] == PROTOCOL_VERSION and run.ready.header["device"] == "cpu"
+    assert run.memory is not None and run.memory.type is MessageType.MEMORY and run.memory.number("rss_mb") > 0
+    assert run.second_connect == "ConnectionRefusedError"  # one supervisor per process
+    assert run.exit_code == 0
+
+
+# ---- without workers ----
+
+
+async def test_a_socket_nobody_listens_on_fails_the_job_and_makes_the_backend_unhealthy(
+    tiny_flux: Path, short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(local_module, "CONNECT_WAIT_S", 0.1)  # the unit is down for good, not restarting
+    path = short_dir / "gpu0.sock"
+    backend = LocalBackend(tiny_settings(worker_sockets=(path,)), MODELS, tiny_flux)
+    try:
+        await backend.start()
+        events = [event async for event in backend.run(tiny_job("orphan"))]
+        status = backend.status(queued_ahead=0, request=tiny_request())
+    finally:
+        await backend.close()
+    (failed,) = events
+    assert isinstance(failed, Failed) and failed.reason is FailureReason.CRASH and failed.retryable
+    assert f"nothing listens on {path}" in failed.detail
+    assert not status.healthy
+    assert "cannot start" in status.detail
+
+
+def test_a_load_failure_reaches_a_supervisor_that_is_already_waiting(short_dir: Path) -> None:
+    listener = bind_socket(short_dir / "gpu0.sock")
+    failure = Frame(MessageType.FAILED, {"id": None, "reason": WorkerFailure.INTERNAL.value, "detail": "cannot load"})
+    _tell_a_waiting_supervisor(listener, failure)  # nobody waiting: returns at once
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as supervisor:
+        supervisor.connect(str(short_dir / "gpu0.sock"))
+        supervisor.sendall(encode(Frame(MessageType.HELLO, {"version": PROTOCOL_VERSION})))
+        _tell_a_waiting_supervisor(listener, failure)
+        with supervisor.makefile("rb") as stream:
+            assert read_frame_blocking(stream) == failure
+            assert read_frame_blocking(stream) is None
+    listener.close()
+
+
+def test_the_socket_replaces_a_stale_one_but_never_another_file(short_dir: Path) -> None:
+    path = short_dir / "gpu0.sock"
+    bind_socket(path).close()  # what a process that has ended leaves behind
+    with pytest.raises(ConnectionRefusedError), socket.socket(socket.AF_UNIX) as probe:
+        probe.connect(str(path))
+    listener = bind_socket(path)
+    with socket.socket(socket.AF_UNIX) as probe:
+        probe.connect(str(path))
+    listener.close()
+    other = short_dir / "notes.txt"
+    other.write_text("keep me")
+    with pytest.raises(Exception, match="is not a socket"):
+        bind_socket(other)
+    assert other.read_text() == "keep me"
+
+
+def test_worker_sockets_must_be_absolute_short_distinct_and_match_gpus() -> None:
+    assert LocalSettings(worker_sockets=("/run/flux-bot/gpu0.sock",), gpus=(3,)).worker_sockets == (
+        Path("/run/flux-bot/gpu0.sock"),
+    )
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"worker_sockets": ("gpu0.sock",)}, "absolute"),
+        ({"worker_sockets": ("/run/" + "x" * 120,)}, "longer than"),
+        ({"worker_sockets": ("/run/a.sock", "/run/a.sock")}, "twice"),
+        ({"worker_sockets": ("/run/a.sock", "/run/b.sock"), "gpus": (0,)}, "one GPU per worker socket"),
+    ]
+    for bad, problem in cases:
+        with pytest.raises(ValidationError, match=problem):
+            LocalSettings(**bad)
+
+
+def test_one_slot_per_worker_socket(tiny_flux: Path) -> None:
+    sockets = (Path("/run/flux-bot/gpu0.sock"), Path("/run/flux-bot/gpu1.sock"))
+    assert LocalBackend(tiny_settings(worker_sockets=sockets, gpus=(0, 1)), MODELS, tiny_flux).capacity() == 2
+
+
+def test_the_worker_unit_runs_a_command_the_worker_accepts_on_the_documented_socket() -> None:
+    unit = (REPO / "systemd" / "flux-bot-worker@.service").read_text()
+    (exec_start,) = (line for line in unit.splitlines() if line.startswith("ExecStart="))
+    words = shlex.split(exec_start.removeprefix("ExecStart=").replace("%i", "0"))
+    assert words[0].endswith("/flux-bot") and words[1] == "worker"
+    # systemd drops an unset $VAR and substitutes ${VAR} from the EnvironmentFile.
+    words = [
+        word.replace("${FLUX_BOT_MODEL}", "/models/flux") for word in words[2:] if word != "$FLUX_BOT_WORKER_FLAGS"
+    ]
+    args = build_parser().parse_args(words)
+    assert args.listen == Path("/run/flux-bot/gpu0.sock")
+    assert args.model == "/models/flux"
+    assert 'worker_sockets = ["/run/flux-bot/gpu0.sock"' in unit  # the header's config example names that socket
