@@ -73,7 +73,14 @@ def parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("doctor", help="check the configuration, database, keys and GPU")
-    worker = sub.add_parser("worker", help="run one local FLUX.1 worker process (started by the supervisor)")
+    # No option prefix of its own: REMAINDER would otherwise drop the worker's leading --flags (CPython issue 17050),
+    # and the worker parses them itself (`flux-bot worker --help` shows its options).
+    worker = sub.add_parser(
+        "worker",
+        help="run one local FLUX.1 worker process (spawned by the supervisor, or its own unit with --listen)",
+        add_help=False,
+        prefix_chars="\0",
+    )
     worker.add_argument("worker_args", nargs=argparse.REMAINDER)
     return top
 
@@ -193,9 +200,16 @@ async def chat(settings: Settings, secrets: Secrets, sync_guild: int | None) -> 
 
 @asynccontextmanager
 async def operations(settings: Settings, engine: Engine) -> AsyncIterator[None]:
-    """The operator's side while serving: scheduled backups."""
+    """The operator's side while serving: /healthz and /metrics, scheduled backups."""
     tasks: list[asyncio.Task[None]] = []
     ops = settings.ops
+    ops_server = None
+    if ops.http_port:  # 0 = no health and metrics endpoint
+        from bot.ops_http import OpsServer
+
+        ops_server = OpsServer(engine)
+        port = await ops_server.start(ops.http_host, ops.http_port)
+        log.info("health and metrics on http://%s:%d/healthz and /metrics", ops.http_host, port)
     if ops.backup_every_hours:
         every_s = ops.backup_every_hours * 3600
         directory = backup_dir(settings.bot.state_dir)
@@ -210,6 +224,8 @@ async def operations(settings: Settings, engine: Engine) -> AsyncIterator[None]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if ops_server is not None:
+            await ops_server.close()
 
 
 @asynccontextmanager
@@ -264,6 +280,18 @@ async def admin(settings: Settings, secrets: Secrets, words: list[str]) -> int:
     await engine.start(dispatch=False)
     try:
         operator = Requester(Platform.CONSOLE, f"cli-{getpass.getuser()}", is_admin=True)
+        if words[:1] == ["report"]:
+            # `admin report [--out FILE]`: the chart to FILE (default: STATE_DIR/out/), the summary to stdout.
+            match words[1:]:
+                case [] | ["--out", _]:
+                    reply = await Commands(engine).report(operator)
+                    out = Path(words[2]) if len(words) == 3 else settings.bot.state_dir / "out" / reply.filename
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    await asyncio.to_thread(out.write_bytes, reply.png)
+                    print(f"{reply.text}\nchart written: {out}")
+                    return 0
+            print("usage: flux-bot admin report [--out FILE.png]", file=sys.stderr)
+            return 2
         text = " ".join(_quote(word) for word in words)
         print(await Commands(engine).admin(operator, text))
         return 0

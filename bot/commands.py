@@ -7,6 +7,7 @@ render.error_message, so every front-end says the same thing about the same fail
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import shlex
@@ -25,6 +26,7 @@ from engine.models import (
     dollars_to_micros,
     format_usd,
 )
+from engine.report import build_report, render_png, summary_text
 from engine.service import Engine
 
 log = logging.getLogger("flux_bot.commands")
@@ -33,8 +35,17 @@ IMAGINE_OPTIONS = ("model", "aspect", "steps", "guidance", "seed", "mode", "widt
 ADMIN_USAGE = (
     "admin commands: quota show USER | quota set USER LIMIT VALUE | quota grant USER images|gpu-seconds|usd AMOUNT"
     " | quota reset USER | spend [YYYY-MM] | credits | pause local|api | resume local|api | ban USER | unban USER"
-    " | jobs | cancel JOB"
+    " | jobs | cancel JOB | report"
 )
+
+
+@dataclass(frozen=True, slots=True)
+class ChartReply:
+    """`admin report`'s answer: a short summary and the PNG chart it describes."""
+
+    text: str
+    png: bytes
+    filename: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,8 +154,16 @@ class Commands:
         shown = ", ".join(f"{k}={v}" for k, v in sorted(current.items())) or "none (server defaults)"
         return f"Your defaults: {shown}"
 
+    async def report(self, requester: Requester) -> ChartReply:
+        """The last 30 days as a PNG chart and a short summary."""
+        self.engine.require_admin(requester, "report")
+        report = await build_report(self.engine.store, self.engine.settings, self.engine.quota.periods())
+        # Drawing takes CPU for a noticeable fraction of a second: off the event loop, so chat traffic goes on.
+        png = await asyncio.to_thread(render_png, report)
+        return ChartReply(summary_text(report), png, f"flux-bot-report-{report.last_day}.png")
+
     async def admin(self, requester: Requester, text: str) -> str:
-        """The admin commands as text, shared by the console, Slack and the CLI."""
+        """The admin commands as text, shared by the console, Slack and the CLI (`report`, a chart, is separate)."""
         try:
             words = shlex.split(text)
         except ValueError as exc:

@@ -74,6 +74,7 @@ class Console:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._introduce()
         events = asyncio.create_task(self._deliver_events(), name="console events")
+        alerts = asyncio.create_task(self._print_alerts(), name="console alerts")
         await self._deliver_backlog()
         try:
             while True:
@@ -86,7 +87,8 @@ class Console:
             await self._all_ended.wait()
         finally:
             events.cancel()
-            await asyncio.gather(events, return_exceptions=True)
+            alerts.cancel()
+            await asyncio.gather(events, alerts, return_exceptions=True)
         return 0
 
     def _introduce(self) -> None:
@@ -132,6 +134,11 @@ class Console:
             case "/settings":
                 name, _, value = rest.partition(" ")
                 self.write(await c.settings(self.requester, name or None, value.strip() or None))
+            case "/admin" if rest.lower() == "report":
+                reply = await c.report(self.requester)
+                path = self.out_dir / reply.filename
+                await asyncio.to_thread(path.write_bytes, reply.png)
+                self.write(f"{reply.text}\nchart saved: {path}")
             case "/admin":
                 self.write(await c.admin(self.requester, rest))
             case "/help":
@@ -149,6 +156,10 @@ class Console:
             if event.job_id not in self._pending or isinstance(event, JobQueued):
                 continue
             await self._deliver(event)
+
+    async def _print_alerts(self) -> None:
+        async for alert in self.engine.alerts.stream():
+            self.write(render.alert_text(alert))
 
     async def _deliver_backlog(self) -> None:
         """Results that ended while no console was attached (a restart) are delivered once, now."""

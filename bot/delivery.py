@@ -1,4 +1,5 @@
-"""Delivery helpers shared by the chat front-ends: throttled progress edits and repeating a job's options."""
+"""Delivery helpers shared by the chat front-ends: throttled progress edits, repeating a job's options, results
+nobody follows, and alerts to the admin channel."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from bot import render
 from engine.models import TERMINAL_EVENTS, Job, JobEvent, Platform
 from engine.service import Engine
 
@@ -96,3 +98,15 @@ class ChannelDelivery:
                     await self._deliver(job, event or await self._engine.terminal_event(job))
         except Exception:
             log.exception("job %s: could not deliver its result to %s", job_id, self._platform.value)
+
+
+async def forward_alerts(engine: Engine, post: Callable[[str], Awaitable[None]], where: str) -> None:
+    """Post every alert to an admin channel until cancelled.
+
+    A failed post is logged and the next alert still goes: the alert is already in the log and the audit trail.
+    """
+    async for alert in engine.alerts.stream():
+        try:
+            await post(render.alert_text(alert))
+        except Exception:
+            log.exception("could not post an alert to %s", where)

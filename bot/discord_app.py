@@ -20,9 +20,9 @@ from discord import app_commands
 from PIL import Image
 
 from bot import render
-from bot.commands import Commands
+from bot.commands import ChartReply, Commands
 from bot.console import png_with_parameters
-from bot.delivery import ChannelDelivery, ThrottledEditor, same_options
+from bot.delivery import ChannelDelivery, ThrottledEditor, forward_alerts, same_options
 from bot.discord_views import BUTTONS, EditPromptModal, FluxClient, result_view
 from engine.config import ASPECT_RATIOS
 from engine.errors import EngineError, NotAllowed
@@ -144,6 +144,21 @@ class DiscordFrontEnd:
         # read, so a job ending in between is seen by one of them (ChannelDelivery stops a second post).
         self._spawn(self._orphans.run(), "discord: results for the channel")
         self._spawn(self._orphans.backlog(), "discord: results after a restart")
+        alert_channel = self.engine.settings.ops.alert_discord_channel_id
+        if alert_channel:
+            self._spawn(self._forward_alerts(alert_channel), "discord: alerts")
+
+    async def _forward_alerts(self, channel_id: str) -> None:
+        try:
+            channel = self.client.get_partial_messageable(int(channel_id))
+        except ValueError:
+            log.error("[ops] alert_discord_channel_id %r is not a Discord channel id: no alerts on Discord", channel_id)
+            return
+
+        async def post(text: str) -> None:
+            await channel.send(clip(text), allowed_mentions=discord.AllowedMentions.none())
+
+        await forward_alerts(self.engine, post, f"Discord channel {channel_id}")
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(work, name=name)
@@ -293,6 +308,10 @@ class DiscordFrontEnd:
         async def jobs(interaction: discord.Interaction) -> None:
             await self._admin(interaction, "jobs")
 
+        @command(admin, "report", "Spend, images, failures and latency over the last 30 days, as a chart")
+        async def report(interaction: discord.Interaction) -> None:
+            await self._reply(interaction, self.commands.report)
+
         @command(admin, "cancel", "Cancel any job")
         @app_commands.describe(job="The job id")
         async def cancel(interaction: discord.Interaction, job: str) -> None:
@@ -304,17 +323,26 @@ class DiscordFrontEnd:
         text = shlex.join(words)
         await self._reply(interaction, lambda r: self.commands.admin(r, text))
 
-    async def _reply(self, interaction: discord.Interaction, handler: Callable[[Requester], Awaitable[str]]) -> None:
-        """An ephemeral answer from a Commands handler; an EngineError becomes its one friendly message."""
+    async def _reply(
+        self, interaction: discord.Interaction, handler: Callable[[Requester], Awaitable[str | ChartReply]]
+    ) -> None:
+        """An ephemeral answer from a Commands handler, with its chart if it has one.
+
+        An EngineError becomes its one friendly message.
+        """
         await interaction.response.defer(ephemeral=True, thinking=True)
         try:
-            text = await handler(requester_of(interaction))
+            answer = await handler(requester_of(interaction))
         except EngineError as exc:
-            text = render.error_message(exc)
+            answer = render.error_message(exc)
         except Exception:
             log.exception("discord /%s failed", interaction.command.qualified_name if interaction.command else "?")
-            text = render.INTERNAL_ERROR
-        await interaction.followup.send(clip(text), ephemeral=True)
+            answer = render.INTERNAL_ERROR
+        if isinstance(answer, str):
+            await interaction.followup.send(clip(answer), ephemeral=True)
+        else:
+            chart = discord.File(io.BytesIO(answer.png), answer.filename)
+            await interaction.followup.send(clip(answer.text), file=chart, ephemeral=True)
 
     async def _command_error(self, interaction: discord.Interaction, error: app_commands.AppCommandError) -> None:
         """What slipped past the handlers (an option that failed to convert, a bug): logged, one line to the user."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from engine.alerts import Alert, FailureAlert, SpendAlert
 from engine.errors import (
     BackendUnavailable,
     ConfigError,
@@ -210,6 +211,25 @@ def spend_text(month: str, rows: list[SpendRow]) -> str:
             + (f" (+{format_usd(row.pending_usd_micros)} pending)" if row.pending_usd_micros else "")
         )
     return "\n".join(lines)
+
+
+def alert_text(alert: Alert) -> str:
+    """An alert for the admin channel: what crossed which line, with the numbers and where to look next."""
+    match alert:
+        case SpendAlert():
+            return (
+                f"flux-bot alert: API spend in {alert.month} has passed {alert.percent}% of the monthly cap: "
+                f"{format_usd(alert.spent_micros)} of {format_usd(alert.cap_micros)}. "
+                "See `admin spend` and `admin report`."
+            )
+        case FailureAlert():
+            return (
+                f"flux-bot alert: {alert.failed} of the {alert.ended} jobs that ended in the last "
+                f"{'hour' if alert.window_s == 3600 else duration(alert.window_s)} failed "
+                f"({100 * alert.failed / alert.ended:.0f}%, alert threshold "
+                f"{100 * alert.threshold:.0f}%). See `admin jobs`, `admin report` and the log."
+            )
+    raise TypeError(f"unknown alert {alert!r}")
 
 
 def job_text(job: Job, model_display: str) -> str:

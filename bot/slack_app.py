@@ -12,6 +12,7 @@ or the error: the user's one ephemeral answer arrives with the ack, and no respo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shlex
 import time
@@ -31,7 +32,7 @@ from bot.commands import Commands
 from bot.console import png_with_parameters
 
 # Shared with Discord rather than copied; they belong in a platform-neutral module (see the report).
-from bot.delivery import ChannelDelivery, ThrottledEditor, same_options
+from bot.delivery import ChannelDelivery, ThrottledEditor, forward_alerts, same_options
 from engine.errors import EngineError, InvalidRequest, NotAllowed
 from engine.models import (
     TERMINAL_EVENTS,
@@ -159,6 +160,7 @@ class SlackFrontEnd:
         self.edit_interval_s = edit_interval_s
         self.admin_via_users_info = admin_via_users_info
         self.command_names = command_names
+        self.alert_channel = engine.settings.ops.alert_slack_channel_id  # alerts and admin reports go here ("" = none)
         # The default client retries only connection errors; a 429 is waited out for its Retry-After.
         self.client = AsyncWebClient(
             token=bot_token,
@@ -187,6 +189,10 @@ class SlackFrontEnd:
         """Start delivering, then serve: Socket Mode with an app token, else HTTP on host:port (loopback default)."""
         self._spawn(self._orphans.run(), "slack: results for the channel")
         self._spawn(self._orphans.backlog(), "slack: results after a restart")
+        if self.alert_channel:
+            self._spawn(
+                forward_alerts(self.engine, self._post_alert, f"Slack channel {self.alert_channel}"), "slack: alerts"
+            )
         if self.socket_mode is not None:
             await self.socket_mode.connect_async()  # type: ignore[no-untyped-call]  # bolt leaves it unannotated
             return
@@ -295,7 +301,37 @@ class SlackFrontEnd:
         await self._answer(ack, body, run, check_admin=True)
 
     async def _on_admin(self, ack: AsyncAck, body: dict[str, Any]) -> None:
-        await self._answer(ack, body, lambda r: self.commands.admin(r, str(body.get("text", ""))), check_admin=True)
+        text = str(body.get("text", ""))
+        if text.strip().lower() != "report":
+            await self._answer(ack, body, lambda r: self.commands.admin(r, text), check_admin=True)
+            return
+
+        async def start_report(requester: Requester) -> str:
+            # Drawing the chart can take longer than Slack's 3 seconds: ack now (after the rights check), post later.
+            # A file cannot be ephemeral on Slack, so the chart goes to the admin channel when there is one, else to
+            # the channel the admin asked in.
+            self.engine.require_admin(requester, "report")
+            channel = self.alert_channel or requester.channel_id
+            if channel is None:
+                raise InvalidRequest("this command needs a channel to post the chart in")
+            self._spawn(self._post_report(requester, channel), "slack: admin report")
+            return f"Building the report; the chart and its summary will be posted in <#{channel}>."
+
+        await self._answer(ack, body, start_report, check_admin=True)
+
+    async def _post_report(self, requester: Requester, channel: str) -> None:
+        try:
+            reply = await self.commands.report(requester)
+            await self.client.files_upload_v2(
+                channel=channel, file=reply.png, filename=reply.filename, initial_comment=clip(reply.text)
+            )
+        except Exception:
+            log.exception("could not post the admin report to %s", channel)
+            with contextlib.suppress(Exception):  # Slack itself may be what failed; the log has it either way
+                await self._ephemeral(requester, render.INTERNAL_ERROR)
+
+    async def _post_alert(self, text: str) -> None:
+        await self.client.chat_postMessage(channel=self.alert_channel, text=clip(text))
 
     async def _on_imagine(self, ack: AsyncAck, body: dict[str, Any]) -> None:
         async def run(requester: Requester) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import router
+from engine.alerts import Alerts
 from engine.backends.base import Backend
 from engine.config import ASPECT_RATIOS, Secrets, Settings
 from engine.errors import BackendUnavailable, InvalidRequest, JobNotFound, NotAllowed, PolicyBlocked
@@ -39,6 +40,7 @@ from engine.policy import PromptPolicy
 from engine.quota import Quota, QuotaView
 from engine.scheduler import Scheduler
 from engine.store import AuditEntry, SpendRow, Store
+from engine.telemetry import Health, Telemetry
 from engine.validation import resolve
 
 log = logging.getLogger("flux_bot.engine")
@@ -73,6 +75,8 @@ class Engine:
         self.quota = Quota(store, settings, clock)
         self.policy = PromptPolicy(settings.policy)
         self.scheduler = Scheduler(store, self.quota, settings, backends, self._publish, clock)
+        self.telemetry = Telemetry(store, self.scheduler, backends, clock)
+        self.alerts = Alerts(store, settings, clock)
         self._watchers: dict[str, set[asyncio.Queue[JobEvent]]] = {}
         self._latest: dict[str, JobEvent] = {}
         self._everything: set[asyncio.Queue[JobEvent]] = set()
@@ -105,6 +109,8 @@ class Engine:
         for kind in BackendKind:
             if await self.store.get_control(f"paused.{kind.value}") == "1":
                 self.scheduler.paused.add(kind)
+        for job in await self.store.jobs(states=[JobState.QUEUED, JobState.RUNNING]):
+            self.telemetry.track(job)  # jobs left by the last process: their log lines still name user and route
         if dispatch:
             await self.scheduler.start()
 
@@ -114,6 +120,7 @@ class Engine:
             return
         self._closed = True
         await self.scheduler.stop()
+        await self.alerts.close()
         for backend in self._backends.values():
             await backend.close()
         await self.store.close()
@@ -187,14 +194,7 @@ class Engine:
                 policy_audit.actor, policy_audit.action, policy_audit.subject, job.id, policy_audit.detail
             ),
         )
-        log.info(
-            "job %s: queued for %s on %s (%s): %s",
-            job.id,
-            requester.user_key,
-            decision.backend.value,
-            request.model,
-            decision.reason,
-        )
+        self.telemetry.track(job)
         queued = await self.scheduler.queued_event(job)
         self._publish(queued)
         self.scheduler.wake()
@@ -248,7 +248,9 @@ class Engine:
             self._everything.discard(queue)
 
     def _publish(self, event: JobEvent) -> None:
+        self.telemetry.observe(event)
         if isinstance(event, TERMINAL_EVENTS):
+            self.alerts.job_ended(event)
             self._latest.pop(event.job_id, None)
         else:
             self._latest[event.job_id] = event
@@ -388,6 +390,10 @@ class Engine:
         return await self.store.jobs(
             states=states or [JobState.QUEUED, JobState.RUNNING], limit=limit, newest_first=True
         )
+
+    async def health(self) -> Health:
+        """For /healthz: does the database answer a query within a short timeout, and can any backend take jobs."""
+        return await self.telemetry.health()
 
     async def stats(self) -> dict[str, Any]:
         counts = {state.value: await self.store.count_jobs(state) for state in JobState}

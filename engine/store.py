@@ -141,6 +141,10 @@ MIGRATIONS: tuple[str, ...] = (
         value TEXT NOT NULL
     );
     """,
+    # 2: the admin report and the failure-rate alert read jobs by when they ended (covering: no table lookups)
+    """
+    CREATE INDEX jobs_by_end ON jobs (finished_at, state, backend, created_at);
+    """,
 )
 
 
@@ -701,6 +705,67 @@ class Store:
                 (name, value),
             )
             await _audit(db, audit)
+
+    # ---- operations: the admin report and the alerts (engine/report.py, engine/alerts.py) ----
+
+    async def posted_spend_by_day(self, first_day: str, last_day: str) -> list[DaySpend]:
+        """Money posted (settled) per ledger day and backend, first_day..last_day inclusive ("YYYY-MM-DD").
+
+        A settle line carries its reservation's day, so money counts on the day the quotas count it.
+        """
+        rows = await self._read(
+            "SELECT day, backend, SUM(amount) FROM ledger WHERE entry = 'settle' AND resource = 'usd_micros'"
+            " AND month BETWEEN ? AND ? AND day BETWEEN ? AND ? AND backend IS NOT NULL GROUP BY day, backend",
+            (first_day[:7], last_day[:7], first_day, last_day),
+        )
+        return [DaySpend(row[0], BackendKind(row[1]), int(row[2])) for row in rows]
+
+    async def posted_spend(self, month: str) -> int:
+        """All money posted (settled) in one month ("YYYY-MM"): what the spend alerts compare with the cap."""
+        rows = await self._read(
+            "SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE entry = 'settle' AND resource = 'usd_micros'"
+            " AND month = ?",
+            (month,),
+        )
+        return int(rows[0][0])
+
+    async def ended_jobs(self, since: float, until: float) -> list[EndedJob]:
+        """Jobs that reached a terminal state in [since, until), oldest first."""
+        # Named: without statistics SQLite would rather walk jobs_by_state for `state IN`, i.e. every job ever.
+        rows = await self._read(
+            "SELECT state, backend, created_at, finished_at FROM jobs INDEXED BY jobs_by_end"
+            " WHERE finished_at >= ? AND finished_at < ? AND state IN ('done','failed','cancelled')"
+            " ORDER BY finished_at",
+            (since, until),
+        )
+        return [EndedJob(JobState(row[0]), BackendKind(row[1]), row[2], row[3]) for row in rows]
+
+    async def ended_counts(self, since: float) -> dict[JobState, int]:
+        """How many jobs reached each terminal state since `since` (states with none are left out)."""
+        rows = await self._read(
+            "SELECT state, COUNT(*) FROM jobs INDEXED BY jobs_by_end"
+            " WHERE finished_at >= ? AND state IN ('done','failed','cancelled') GROUP BY state",
+            (since,),
+        )
+        return {JobState(row[0]): int(row[1]) for row in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class DaySpend:
+    day: str
+    backend: BackendKind
+    usd_micros: int
+
+
+@dataclass(frozen=True, slots=True)
+class EndedJob:
+    state: JobState
+    backend: BackendKind
+    created_at: float
+    finished_at: float
+
+
+# ---- end of the operations section ----
 
 
 # ---- helpers that run inside a caller's transaction ----

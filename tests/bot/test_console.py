@@ -7,6 +7,7 @@ import io
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,9 +17,9 @@ from PIL import Image
 from bot.commands import Commands
 from bot.console import Console
 from engine.errors import InvalidRequest
-from engine.models import BackendKind, Platform, Requester
-from tests.conftest import EngineFactory
-from tests.fakes.backends import ScriptedBackend
+from engine.models import BackendKind, FailureReason, Platform, Requester
+from tests.conftest import EngineFactory, SettingsFactory
+from tests.fakes.backends import ScriptedBackend, fail
 from tests.fakes.bfl_server import API_KEY, FakeBfl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -216,3 +217,47 @@ def test_admin_backup_and_restore_from_the_shell(tmp_path: Path) -> None:
     assert "BANNED" in shown.stdout  # the state of the backup, not the later unban
     refused = _cli(["admin", "restore", str(tmp_path / "missing.db")], env)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
+
+
+async def test_console_admin_report_saves_the_chart_and_alerts_are_printed(
+    make_engine: EngineFactory, make_settings: SettingsFactory, tmp_path: Path
+) -> None:
+    settings = make_settings(ops={"failure_alert_rate": 0.5, "failure_alert_min_jobs": 1})
+    backend = ScriptedBackend(plan=lambda job, attempt: fail(FailureReason.BAD_REQUEST, retryable=False))
+    engine = await make_engine({BackendKind.LOCAL: backend}, settings)
+    written: list[str] = []
+    alerted = threading.Event()
+
+    def write(line: str) -> None:
+        written.append(line)
+        if line.startswith("flux-bot alert:"):
+            alerted.set()
+
+    def lines() -> Iterator[str]:
+        yield "/imagine a doomed cat\n"
+        assert alerted.wait(30)  # stdin is read in a worker thread: the report is asked for once the alert is out
+        yield "/admin report\n"
+
+    requester = Requester(Platform.CONSOLE, "alice", display_name="alice", is_admin=True)
+    console = Console(engine, requester, tmp_path / "out", write=write)
+    typed = lines()
+    assert await asyncio.wait_for(console.run(lambda: next(typed, "")), 60) == 0
+    [alert] = [line for line in written if line.startswith("flux-bot alert:")]
+    assert alert.startswith("flux-bot alert: 1 of the 1 jobs that ended in the last hour failed (100%")
+    report = written[-1]
+    [png] = list((tmp_path / "out").glob("flux-bot-report-*.png"))
+    assert report.endswith(f"chart saved: {png}") and "Failures: 1 of 1 jobs (100.0%)" in report
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.size == (1200, 800)
+
+
+def test_admin_report_from_the_shell(tmp_path: Path) -> None:
+    env = _base_env(tmp_path)
+    out = tmp_path / "charts" / "report.png"
+    result = _cli(["admin", "report", "--out", str(out)], env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("flux-bot, last 30 days:") and f"chart written: {out}" in result.stdout
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.size == (1200, 800)
+    bad = _cli(["admin", "report", "--outfile", "x.png"], env)
+    assert bad.returncode == 2 and "usage: flux-bot admin report [--out FILE.png]" in bad.stderr

@@ -534,3 +534,38 @@ async def test_progress_edits_are_throttled_but_the_latest_is_always_sent() -> N
         await asyncio.sleep(0.01)
     await editor.close()
     assert sent == ["1/4", "3/4"]
+
+
+async def test_admin_report_arrives_as_an_ephemeral_chart(
+    make_engine: EngineFactory, front_end: FrontEndFactory, fake: FakeDiscord
+) -> None:
+    app = await front_end(await make_engine({}))
+    report = [{"name": "report", "type": 1, "options": []}]
+    refused = await wait_followup(fake, feed(app, command("admin", report)))
+    assert content(refused) == "You can't do that: only admins can do this." and not refused.files
+
+    reply = await wait_followup(fake, feed(app, command("admin", report, permissions=MANAGE_GUILD)))
+    assert reply.payload["flags"] == EPHEMERAL and content(reply).startswith("flux-bot, last 30 days:")
+    [chart] = reply.files
+    assert chart.filename is not None and chart.filename.startswith("flux-bot-report-")
+    with Image.open(io.BytesIO(chart.data)) as image:
+        assert image.format == "PNG" and image.size == (1200, 800)
+
+
+async def test_alerts_are_posted_to_the_admin_channel(
+    make_engine: EngineFactory, make_settings: SettingsFactory, front_end: FrontEndFactory, fake: FakeDiscord
+) -> None:
+    admin_channel = "3999"
+    settings = make_settings(
+        ops={"alert_discord_channel_id": admin_channel, "failure_alert_rate": 0.5, "failure_alert_min_jobs": 1}
+    )
+    backend = ScriptedBackend(plan=lambda job, attempt: fail(FailureReason.BAD_REQUEST, retryable=False))
+    engine = await make_engine({BackendKind.LOCAL: backend}, settings)
+    await front_end(engine)
+    alice = Requester(Platform.DISCORD, ALICE, guild_id=GUILD_ID, channel_id=CHANNEL_ID)
+    await Commands(engine).imagine(alice, "a doomed cat", {})
+    path = f"/channels/{admin_channel}/messages"
+    await fake.wait_for(lambda _: bool(fake.matching("POST", path)), "the alert")
+    [alert] = fake.matching("POST", path)
+    assert content(alert).startswith("flux-bot alert: 1 of the 1 jobs that ended in the last hour failed (100%")
+    assert alert.payload["allowed_mentions"]["parse"] == []

@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from engine.backup import list_backups
@@ -44,6 +45,13 @@ async def until(sock: socket.socket, message: str, limit_s: float = 60.0) -> lis
     return seen
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
 def drain(sock: socket.socket) -> list[str]:
     out = []
     while True:
@@ -69,8 +77,10 @@ async def test_run_reports_ready_pings_only_while_running_and_stops_cleanly(
 ) -> None:
     state = tmp_path / "state"
     config = tmp_path / "config.toml"
+    ops_port = free_port()
     config.write_text(
-        f'[bot]\nstate_dir = "{state}"\n[routing]\nlocal_enabled = false\n[slack]\nport = 0\n[ops]\nhttp_port = 0\n'
+        f'[bot]\nstate_dir = "{state}"\n[routing]\nlocal_enabled = false\n[slack]\nport = 0\n'
+        f"[ops]\nhttp_port = {ops_port}\n"
     )
     async with FakeBfl() as bfl:
         env = {
@@ -91,6 +101,11 @@ async def test_run_reports_ready_pings_only_while_running_and_stops_cleanly(
             first = await until(notify_socket, "WATCHDOG=1")
             assert first[0] == "READY=1"
             assert "STATUS=serving" in first
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"http://127.0.0.1:{ops_port}/healthz") as health,
+            ):
+                assert health.status == 200, await health.text()
 
             os.kill(bot.pid, signal.SIGSTOP)  # the whole process, event loop included, is frozen
             await wait_stopped(bot.pid)

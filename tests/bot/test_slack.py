@@ -377,3 +377,40 @@ async def test_results_that_ended_while_away_are_delivered_on_start(
     result = await finished(app, slack, queued.job_id)
     assert result.fields["channel"] == CHANNEL
     assert slack.named("files.completeUploadExternal")[0].fields["thread_ts"] == result.fields["ts"]
+
+
+@pytest.mark.parametrize("admin_channel", ["CADMIN", ""], ids=["admin-channel", "the-command-channel"])
+async def test_admin_report_is_acked_at_once_then_posted_as_a_file(
+    make_engine: EngineFactory,
+    make_settings: SettingsFactory,
+    slack: FakeSlack,
+    front_end: FrontEndFactory,
+    admin_channel: str,
+) -> None:
+    settings = make_settings(admins={"user_ids": [ADMIN]}, ops={"alert_slack_channel_id": admin_channel})
+    app = await front_end(await make_engine({}, settings))
+    assert "only admins" in await slash(app, "/imagine-admin", "report", user=BOB)
+    where = admin_channel or CHANNEL
+    note = await slash(app, "/imagine-admin", "report", user=ADMIN)
+    assert note == f"Building the report; the chart and its summary will be posted in <#{where}>."
+    await until(lambda: bool(slack.named("files.completeUploadExternal")))
+    [complete] = slack.named("files.completeUploadExternal")
+    assert complete.fields["channel_id"] == where
+    assert complete.fields["initial_comment"].startswith("flux-bot, last 30 days:")
+    [upload] = slack.named("upload")
+    with Image.open(io.BytesIO(upload.data)) as image:
+        assert image.format == "PNG" and image.size == (1200, 800)
+
+
+async def test_alerts_are_posted_to_the_admin_channel(
+    make_engine: EngineFactory, make_settings: SettingsFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    settings = make_settings(
+        ops={"alert_slack_channel_id": "CADMIN", "failure_alert_rate": 0.5, "failure_alert_min_jobs": 1}
+    )
+    backend = ScriptedBackend(plan=lambda job, attempt: fail(FailureReason.BAD_REQUEST, retryable=False))
+    app = await front_end(await make_engine({BackendKind.LOCAL: backend}, settings))
+    await slash(app, "/imagine", "a doomed cat")
+    await until(lambda: any(call.fields["channel"] == "CADMIN" for call in slack.named("chat.postMessage")))
+    [alert] = [call for call in slack.named("chat.postMessage") if call.fields["channel"] == "CADMIN"]
+    assert alert.fields["text"].startswith("flux-bot alert: 1 of the 1 jobs that ended in the last hour failed")
