@@ -69,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
     admin.add_argument(
         "words",
         nargs=argparse.REMAINDER,
-        help="e.g. quota show console:alice | spend --month 2026-11 | backup | restore FILE (stop the bot first)",
+        help="e.g. quota show console:alice | spend --month 2026-11 | report --out FILE | backup | restore FILE",
     )
 
     sub.add_parser("doctor", help="check the configuration, database, keys and GPU")
