@@ -9,6 +9,7 @@ job is queued again once, then failed and refunded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from contextlib import aclosing
@@ -75,6 +76,8 @@ class Scheduler:
         self._wakeup = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._stopping = False
+        # API jobs that may have reached BFL but have no stored task yet: set once it is stored or the job ends.
+        self._unconfirmed: dict[str, asyncio.Event] = {}
 
     # ---- life cycle ----
 
@@ -85,8 +88,14 @@ class Scheduler:
         self.wake()
 
     async def stop(self) -> None:
-        """Stop dispatching and abandon running attempts *without* ending them: the next start recovers them."""
+        """Stop dispatching and abandon running attempts *without* ending them: the next start recovers them.
+
+        An API submit in flight first gets to store its task (see `_until_submits_land`), so it is polled, not lost.
+        """
         self._stopping = True
+        if self._dispatcher:
+            self._dispatcher.cancel()
+        await self._until_submits_land()
         tasks = [task for _, _, task in self._running.values()]
         if self._dispatcher:
             tasks.append(self._dispatcher)
@@ -153,6 +162,22 @@ class Scheduler:
             await self._store.audit(AuditEntry(actor, "job.cancel", job.requester.user_key, job.id))
             return JobCancelled(job.id, job.cost_micros)
         raise JobNotFound(job.id)
+
+    async def _until_submits_land(self) -> None:
+        """Wait (up to one request timeout) until every running API job has stored its task or ended.
+
+        BFL bills a task from the moment it accepts it, but only a stored task lets the next start poll it and post
+        the charge: a job cut off between its submit and that write would be billed with no trace in the ledger.
+        """
+        waits = [event.wait() for event in self._unconfirmed.values()]
+        if waits:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waits), self._settings.bfl.request_timeout_s)
+
+    def _confirm(self, job_id: str) -> None:
+        event = self._unconfirmed.pop(job_id, None)
+        if event is not None:
+            event.set()
 
     # ---- recovery ----
 
@@ -222,6 +247,8 @@ class Scheduler:
         return picked
 
     def _spawn(self, job: Job, *, resumed: bool) -> None:
+        if job.backend is BackendKind.API and job.task is None:
+            self._unconfirmed[job.id] = asyncio.Event()
         task = asyncio.create_task(self._execute(job, resumed=resumed), name=f"job {job.id}")
         self._running[job.id] = (job.backend, job.requester.user_key, task)
 
@@ -241,6 +268,7 @@ class Scheduler:
                     if isinstance(event, Submitted):
                         task = event.task
                         await self._store.store_task(job.id, event.task)
+                        self._confirm(job.id)
                     elif isinstance(event, Started):
                         if resumed:
                             self._publish(JobStarted(job.id, job.backend))
@@ -267,6 +295,7 @@ class Scheduler:
             if not terminal:
                 await self._on_failure(job, Failed(FailureReason.INTERNAL, f"internal error: {type(exc).__name__}"))
         finally:
+            self._confirm(job.id)
             self._running.pop(job.id, None)
             self._cancel_requested.discard(job.id)
             if not self._stopping:
@@ -283,7 +312,6 @@ class Scheduler:
         )
         if ended:
             seconds = now - job.created_at
-            log.info("job %s: done on %s in %.1f s, cost %d micro-dollars", job.id, job.backend.value, seconds, charged)
             self._publish(JobDone(job.id, finished.image, finished.mime, finished.seed, job.backend, charged, seconds))
 
     async def _on_failure(self, job: Job, failed: Failed) -> None:
@@ -330,7 +358,6 @@ class Scheduler:
         except QuotaExceeded as exc:
             log.info("job %s: no failover to %s: %s", job.id, decision.backend.value, exc)
             return False
-        log.info("job %s: rerouted to %s: %s", job.id, decision.backend.value, decision.reason)
         self._publish(JobRerouted(job.id, decision, failed.reason))
         self.wake()
         return True

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
 
 from engine.config import Secrets
 from engine.models import (
@@ -201,4 +203,48 @@ async def test_restart_recovers_every_job_exactly_once(make_settings: SettingsFa
         assert usd[Resource.IMAGES.value] == 5
     finally:
         collector.cancel()
+        await second.close()
+
+
+@dataclass
+class _SubmitInFlight(ScriptedBackend):
+    """An API backend stopped mid-submit: BFL has accepted the task (and bills it); its answer is on the way."""
+
+    sent: asyncio.Event = field(default_factory=asyncio.Event)
+    answer: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def run(self, job: BackendJob) -> AsyncGenerator[BackendEvent, None]:
+        self.sent.set()
+        await self.answer.wait()
+        yield Submitted(RemoteTask(f"task-{job.job_id}", f"http://127.0.0.1:1/v1/get_result?id={job.job_id}", 40_000))
+        await asyncio.Event().wait()  # polling, until the engine stops
+
+
+async def test_a_stop_during_an_api_submit_keeps_the_task_so_its_bill_is_posted(make_settings: SettingsFactory) -> None:
+    """Found by bench/chaos.py: a stop that cut the submit off lost a task that BFL billed, with nothing posted."""
+    settings = make_settings(tiers=UNLIMITED)
+    api1 = _SubmitInFlight(kind=BackendKind.API)
+    first = Engine(settings, Secrets(), await Store.open(settings.bot.database_path), {BackendKind.API: api1})
+    await first.start()
+    queued = await first.submit(user(), ImageRequest("a lamp", "pro"))
+    await api1.sent.wait()
+    closing = asyncio.create_task(first.close())
+    await asyncio.sleep(0)  # close() runs up to its first wait; only then does BFL's answer arrive
+    api1.answer.set()
+    await closing
+
+    resumed: list[RemoteTask | None] = []
+
+    def poll_again(job: BackendJob, attempt: int) -> list[BackendEvent]:
+        resumed.append(job.resume)
+        return [Finished(tiny_png(), "image/png", job.request.seed, cost_micros=40_000)]
+
+    api2 = ScriptedBackend(kind=BackendKind.API, plan=poll_again)
+    second = Engine(settings, Secrets(), await Store.open(settings.bot.database_path), {BackendKind.API: api2})
+    await second.start()
+    try:
+        assert isinstance(await wait_terminal(second, queued.job_id), JobDone)
+        assert [task.task_id if task else None for task in resumed] == [f"task-{queued.job_id}"]
+        assert (await second.store.ledger_totals())[Resource.USD_MICROS.value] == 40_000
+    finally:
         await second.close()

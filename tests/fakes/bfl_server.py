@@ -5,7 +5,8 @@ Two sites serve the same app: the global API host (127.0.0.1) and a second host 
 real service, a task answers only on the host that owns it: polled elsewhere it stays Pending forever.
 
 Scripts are lists of `Reply` consumed one per request (POST, poll, sample download, credits) before the normal
-behaviour; knobs on the server set the normal behaviour (Pending polls, final status, progress, cost...).
+behaviour; knobs on the server set the normal behaviour (Pending polls, final status, progress, cost...). For runs
+too long to script, `Faults` draws faults at random from a seed, one draw per submit (the chaos benchmark).
 
     async with FakeBfl(pending_polls=2, poll_host="region") as bfl:
         bfl.post_script.append(Reply(429, retry_after="3"))
@@ -20,8 +21,12 @@ import contextlib
 import io
 import itertools
 import json
+import random
 import socket
+import sys
+from collections import Counter
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Literal
 
 from aiohttp import web
@@ -29,6 +34,9 @@ from PIL import Image
 
 API_KEY = "test-key-not-secret"
 ENDPOINTS = ("flux-dev", "flux-pro-1.1", "flux-pro-1.1-ultra", "flux-kontext-pro", "flux-kontext-max")
+MODERATED = ("Request Moderated", "Content Moderated")
+# Final statuses BFL does not bill: both moderations (documented), and a task that failed or vanished on its side.
+UNBILLED = (*MODERATED, "Error", "Task not found")
 Host = Literal["api", "region"]
 
 
@@ -65,6 +73,25 @@ class Reply:
 
 
 @dataclass(frozen=True)
+class Faults:
+    """Random faults for long runs, drawn from `seed`: one draw per submit that reaches the normal handling.
+
+    A submit first serves any 429 burst in progress, then may start a new one; otherwise it fails with a 5xx
+    (nothing accepted, nothing billed), or its task is accepted and billed but stays Pending for good (the client's
+    total timeout ends it: a billed timeout), or its task ends moderated at the first poll (not billed), or it runs
+    normally. The rates are probabilities per submit.
+    """
+
+    seed: int = 0
+    timeout: float = 0.0
+    server_error: float = 0.0
+    moderated: float = 0.0
+    burst_429: float = 0.0  # chance that a submit starts a burst of 429s (that submit is the burst's first)
+    burst_length: tuple[int, int] = (2, 6)  # submits answered 429 per burst, both ends included
+    retry_after: str = "0.05"  # the 429s' Retry-After, in seconds
+
+
+@dataclass(frozen=True)
 class Recorded:
     """One request as received. The x-key value is never kept, only whether one was sent."""
 
@@ -86,8 +113,14 @@ class FakeTask:
     pending_polls: int
     final_status: str
     progress: list[float | int]
+    cost: float | int | str | None = None  # credits, as the submit answered
     polls: int = 0
     active: bool = True
+
+    @property
+    def billed(self) -> bool:
+        """Accepted tasks are billed whether or not anyone waits for them, except the statuses in UNBILLED."""
+        return self.final_status not in UNBILLED
 
 
 @dataclass
@@ -96,6 +129,7 @@ class FakeBfl:
 
     api_key: str = API_KEY
     cost: float | int | str | None = 4  # credits; None leaves `cost` out of the submit answer
+    costs: dict[str, float | int | str] = field(default_factory=dict)  # per endpoint, overriding `cost`
     pending_polls: int = 0  # Pending answers before the final status
     final_status: str = "Ready"  # or "Request Moderated", "Content Moderated", "Error", "Task not found"
     progress: list[float | int] = field(default_factory=list)  # sent with successive Pending answers
@@ -109,17 +143,21 @@ class FakeBfl:
     poll_script: list[Reply] = field(default_factory=list)
     sample_script: list[Reply] = field(default_factory=list)
     credits_script: list[Reply] = field(default_factory=list)
+    faults: Faults | None = None
 
     requests: list[Recorded] = field(default_factory=list)
     tasks: dict[str, FakeTask] = field(default_factory=dict)
     active: int = 0
     max_active: int = 0
+    injected: Counter[str] = field(default_factory=Counter)  # faults drawn from `faults`, by kind
 
     def __post_init__(self) -> None:
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
         self._bases: dict[Host, str] = {}
         self._ids = itertools.count(1)
+        self._random = random.Random(self.faults.seed if self.faults else 0)
+        self._burst_left = 0
 
     # ---- lifecycle ----
 
@@ -173,6 +211,10 @@ class FakeBfl:
     def downloads(self) -> list[Recorded]:
         return [r for r in self.requests if r.path.startswith("/samples/")]
 
+    def billed(self) -> dict[str, Decimal]:
+        """What the account was billed, in credits, per task id (tasks answered without a cost are left out)."""
+        return {t.id: Decimal(str(t.cost)) for t in self.tasks.values() if t.billed and t.cost is not None}
+
     def add_task(self, endpoint: str = "flux-pro-1.1", **payload: Any) -> tuple[str, str]:
         """A task accepted earlier (before a restart): returns (id, polling_url) without a POST."""
         task = self._new_task(endpoint, {"prompt": "resumed", **payload})
@@ -195,10 +237,23 @@ class FakeBfl:
             return Reply.validation_error(problem[1], problem[0]).response()
         if self.active_limit is not None and self.active >= self.active_limit:
             return web.json_response({"detail": "too many active tasks"}, status=429, headers={"Retry-After": "1"})
+        fault = self._draw_fault()
+        if fault == "429":
+            assert self.faults is not None
+            headers = {"Retry-After": self.faults.retry_after}
+            return web.json_response({"detail": "too many requests"}, status=429, headers=headers)
+        if fault == "server_error":
+            status = self._random.choice((500, 502, 503))
+            return web.json_response({"detail": f"injected HTTP {status}"}, status=status)
         task = self._new_task(endpoint, body)
+        if fault == "timeout":
+            task.pending_polls = sys.maxsize  # billed, and never Ready however long the client polls
+        elif fault == "moderated":
+            # At the first poll, so that no client gives up on it first and counts it as a billed timeout.
+            task.pending_polls, task.final_status = 0, self._random.choice(MODERATED)
         answer: dict[str, Any] = {"id": task.id, "polling_url": self._polling_url(task)}
-        if self.cost is not None:
-            answer.update(cost=self.cost, input_mp=0, output_mp=1.0)
+        if task.cost is not None:
+            answer.update(cost=task.cost, input_mp=0, output_mp=1.0)
         return web.json_response(answer)
 
     async def _poll(self, request: web.Request) -> web.StreamResponse:
@@ -230,7 +285,7 @@ class FakeBfl:
                 "prompt": task.payload.get("prompt"),
                 "seed": task.payload.get("seed"),
             }
-        elif "Moderated" in task.final_status:
+        elif task.final_status in MODERATED:
             answer["details"] = {"Moderation Reasons": ["Derivative Works Filter"]}
         return web.json_response(answer)
 
@@ -291,6 +346,34 @@ class FakeBfl:
             return None
         return reply.response()
 
+    def _draw_fault(self) -> str | None:
+        """The fault for this submit ('429', 'server_error', 'timeout', 'moderated'), or None; counted in `injected`."""
+        faults = self.faults
+        if faults is None:
+            return None
+        fault: str | None = None
+        if self._burst_left:
+            self._burst_left -= 1
+            fault = "429"
+        elif self._random.random() < faults.burst_429:
+            self._burst_left = self._random.randint(*faults.burst_length) - 1
+            self.injected["429 burst"] += 1
+            fault = "429"
+        else:
+            draw = self._random.random()
+            for kind, rate in (
+                ("server_error", faults.server_error),
+                ("timeout", faults.timeout),
+                ("moderated", faults.moderated),
+            ):
+                if draw < rate:
+                    fault = kind
+                    break
+                draw -= rate
+        if fault is not None:
+            self.injected[fault] += 1
+        return fault
+
     def _new_task(self, endpoint: str, payload: dict[str, Any]) -> FakeTask:
         task = FakeTask(
             id=f"task-{next(self._ids):04d}",
@@ -300,6 +383,7 @@ class FakeBfl:
             pending_polls=self.pending_polls,
             final_status=self.final_status,
             progress=list(self.progress),
+            cost=self.costs.get(endpoint, self.cost),
         )
         self.tasks[task.id] = task
         self.active += 1
