@@ -18,7 +18,7 @@ from pathlib import Path
 from engine import router
 from engine.backends.base import Backend
 from engine.config import Settings
-from engine.errors import JobNotFound, QuotaExceeded
+from engine.errors import InvalidRequest, JobNotFound, QuotaExceeded
 from engine.models import (
     BackendJob,
     BackendKind,
@@ -78,6 +78,7 @@ class Scheduler:
         self._stopping = False
         # API jobs that may have reached BFL but have no stored task yet: set once it is stored or the job ends.
         self._unconfirmed: dict[str, asyncio.Event] = {}
+        self._transitions = asyncio.Lock()
 
     # ---- life cycle ----
 
@@ -93,8 +94,9 @@ class Scheduler:
         An API submit in flight first gets to store its task (see `_until_submits_land`), so it is polled, not lost.
         """
         self._stopping = True
-        if self._dispatcher:
-            self._dispatcher.cancel()
+        async with self._transitions:  # never between marking a job running and starting its task
+            if self._dispatcher:
+                self._dispatcher.cancel()
         await self._until_submits_land()
         tasks = [task for _, _, task in self._running.values()]
         if self._dispatcher:
@@ -139,37 +141,48 @@ class Scheduler:
 
     async def cancel(self, job: Job, actor: str) -> JobCancelled:
         """Cancel a queued job at once; a running one is stopped and ends through its own task."""
-        if job.state is JobState.QUEUED:
-            closes = self._quota.closes_for_cancel(await self._store.open_reservations(job.id), 0)
-            ended = await self._store.finish_job(
-                job.id,
-                JobState.CANCELLED,
-                closes,
-                now=self._clock(),
-                audit=AuditEntry(actor, "job.cancel", job.requester.user_key, job.id),
-            )
-            if ended:
-                event = JobCancelled(job.id, 0)
-                self._publish(event)
-                return event
+        async with self._transitions:
+            # Read again under the lock: the caller's copy may say queued while the dispatcher has just started it.
             job = await self._store.get_job(job.id)
-        if job.state is JobState.RUNNING and job.id in self._running:
-            self._cancel_requested.add(job.id)
-            task = self._running[job.id][2]
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            job = await self._store.get_job(job.id)
-            await self._store.audit(AuditEntry(actor, "job.cancel", job.requester.user_key, job.id))
-            return JobCancelled(job.id, job.cost_micros)
-        raise JobNotFound(job.id)
+            if job.state is JobState.QUEUED:
+                closes = self._quota.closes_for_cancel(await self._store.open_reservations(job.id), 0)
+                ended = await self._store.finish_job(
+                    job.id,
+                    JobState.CANCELLED,
+                    closes,
+                    now=self._clock(),
+                    audit=AuditEntry(actor, "job.cancel", job.requester.user_key, job.id),
+                )
+                if ended:
+                    event = JobCancelled(job.id, 0)
+                    self._publish(event)
+                    return event
+                job = await self._store.get_job(job.id)
+            running = self._running.get(job.id)
+        if job.state is not JobState.RUNNING or running is None:
+            raise InvalidRequest(f"job {job.id} has already ended ({job.state.value})", field="job")
+        self._cancel_requested.add(job.id)
+        # An API submit in flight may already be billed: let it store its task first, so the charge is posted.
+        await self._until_submits_land([job.id])
+        task = running[2]
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        job = await self._store.get_job(job.id)
+        await self._store.audit(AuditEntry(actor, "job.cancel", job.requester.user_key, job.id))
+        return JobCancelled(job.id, job.cost_micros)
 
-    async def _until_submits_land(self) -> None:
-        """Wait (up to one request timeout) until every running API job has stored its task or ended.
+    async def _until_submits_land(self, job_ids: list[str] | None = None) -> None:
+        """Wait (up to one request timeout) until these running API jobs (default: all) have stored their task or ended.
 
         BFL bills a task from the moment it accepts it, but only a stored task lets the next start poll it and post
         the charge: a job cut off between its submit and that write would be billed with no trace in the ledger.
         """
-        waits = [event.wait() for event in self._unconfirmed.values()]
+        events = (
+            self._unconfirmed
+            if job_ids is None
+            else {i: self._unconfirmed[i] for i in job_ids if i in self._unconfirmed}
+        )
+        waits = [event.wait() for event in events.values()]
         if waits:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*waits), self._settings.bfl.request_timeout_s)
@@ -220,11 +233,13 @@ class Scheduler:
                 continue
             queued = await self._store.jobs(states=[JobState.QUEUED], backend=kind, limit=1000)
             for job in self._fair_pick(queued, free):
-                try:
-                    running = await self._store.mark_running(job.id, self._clock())
-                except JobNotFound:
-                    continue  # cancelled meanwhile
-                self._spawn(running, resumed=False)
+                # Marking a job running and starting its task are one step for cancel() and stop().
+                async with self._transitions:
+                    try:
+                        running = await self._store.mark_running(job.id, self._clock())
+                    except JobNotFound:
+                        continue  # cancelled meanwhile
+                    self._spawn(running, resumed=False)
 
     def _fair_pick(self, queued: list[Job], free: int) -> list[Job]:
         """Round-robin over users: fewest running first, then the one served longest ago; oldest job each."""

@@ -248,3 +248,46 @@ async def test_a_stop_during_an_api_submit_keeps_the_task_so_its_bill_is_posted(
         assert (await second.store.ledger_totals())[Resource.USD_MICROS.value] == 40_000
     finally:
         await second.close()
+
+
+async def test_a_cancel_holding_a_stale_queued_copy_stops_the_running_job(
+    make_engine: EngineFactory, make_settings: SettingsFactory
+) -> None:
+    """Found by the alerts work: a cancel that read the job as queued ended it in the database while its backend
+    task ran on, holding the GPU slot for good (and, for an API job, dropping what BFL would bill)."""
+    local = ScriptedBackend(gate=asyncio.Event())
+    engine = await make_engine({BackendKind.LOCAL: local}, make_settings(tiers=UNLIMITED))
+    queued = await engine.submit(user(), ImageRequest("a lamp", "schnell"))
+    stale = await engine.store.get_job(queued.job_id)
+    assert stale.state is JobState.QUEUED
+    await local.started_event.wait()  # the dispatcher has marked it running and started it meanwhile
+
+    assert await engine.scheduler.cancel(stale, "discord:alice") == JobCancelled(queued.job_id, 0)
+    assert local.in_flight == 0  # the generation was stopped, not left running
+    assert engine.scheduler.running_count() == 0
+    assert (await engine.store.get_job(queued.job_id)).state is JobState.CANCELLED
+    # The slot is free: the next job runs.
+    local.gate.set()
+    follow = await engine.submit(user(), ImageRequest("a second lamp", "schnell"))
+    assert isinstance(await wait_terminal(engine, follow.job_id), JobDone)
+
+
+async def test_a_cancel_during_an_api_submit_posts_what_bfl_bills(
+    make_engine: EngineFactory, make_settings: SettingsFactory
+) -> None:
+    """Cancelling while the submit is in flight waits for BFL's answer, so the billed task is charged, not lost."""
+    api = _SubmitInFlight(kind=BackendKind.API)
+    engine = await make_engine({BackendKind.API: api}, make_settings(tiers=UNLIMITED))
+    queued = await engine.submit(user(), ImageRequest("a lamp", "pro"))
+    await api.sent.wait()
+    cancelling = asyncio.create_task(engine.cancel(user(), queued.job_id))
+
+    async def cancel_requested() -> None:
+        while queued.job_id not in engine.scheduler._cancel_requested:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(cancel_requested(), 10)  # the cancel has reached the job; BFL's answer comes only now
+    api.answer.set()
+    cancelled = await cancelling
+    assert cancelled == JobCancelled(queued.job_id, 40_000)
+    assert (await engine.store.ledger_totals())[Resource.USD_MICROS.value] == 40_000
