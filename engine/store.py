@@ -300,10 +300,6 @@ class Store:
     async def close(self) -> None:
         await self._db.close()
 
-    async def integrity_ok(self) -> bool:
-        rows = await self._read("PRAGMA integrity_check")
-        return bool(rows) and rows[0][0] == "ok"
-
     async def _migrate(self) -> None:
         async with self._tx() as db:
             await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
