@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from engine.backends.base import Backend
 from engine.config import Secrets, Settings
 from engine.models import TERMINAL_EVENTS, BackendKind, JobEvent, Platform, Requester
 from engine.service import Engine
+from tests.fakes.notify_socket import NotifyListener
 
 SettingsFactory = Callable[..., Settings]
 EngineFactory = Callable[..., Awaitable[Engine]]
@@ -23,6 +24,16 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in extra.items():
         out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
     return out
+
+
+@pytest.fixture
+def notify_listener() -> Iterator[NotifyListener]:
+    """A fake systemd NOTIFY_SOCKET (tests/fakes/notify_socket.py)."""
+    listener = NotifyListener()
+    try:
+        yield listener
+    finally:
+        listener.close()
 
 
 @pytest.fixture

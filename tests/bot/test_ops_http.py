@@ -8,28 +8,15 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
-from prometheus_client.parser import text_string_to_metric_families
 
 from bot.ops_http import OpsServer
 from engine.models import BackendEvent, BackendJob, BackendKind, FailureReason, ImageRequest, JobDone, JobFailed
 from engine.service import Engine
 from tests.conftest import EngineFactory, SettingsFactory, user, wait_terminal
+from tests.engine.test_telemetry import Samples, samples, value
 from tests.fakes.backends import ScriptedBackend, fail
 
 UNLIMITED = {"default": {"concurrent_jobs": 100, "images_per_day": 1000}}
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def samples(text: str) -> Samples:
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(scraped: Samples, name: str, **labels: str) -> float:
-    return scraped.get((name, frozenset(labels.items())), 0.0)
 
 
 class Ops:

@@ -6,50 +6,16 @@ import asyncio
 import os
 import socket
 import sqlite3
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from bot.systemd_notify import Notifier, watchdog_interval_s, watchdog_loop
 from engine.models import BackendKind
 from tests.conftest import EngineFactory
 from tests.fakes.backends import ScriptedBackend
+from tests.fakes.notify_socket import NotifyListener
 
 INTERVAL_S = 0.1
-
-
-@pytest.fixture
-def listener() -> Iterator[tuple[socket.socket, str]]:
-    """A bound datagram socket and its NOTIFY_SOCKET value (a short path: sun_path holds about 107 bytes)."""
-    folder = tempfile.mkdtemp(prefix="sdn-", dir="/tmp")
-    path = os.path.join(folder, "notify")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(path)
-    sock.setblocking(False)
-    try:
-        yield sock, path
-    finally:
-        sock.close()
-        os.unlink(path)
-        os.rmdir(folder)
-
-
-async def recv(sock: socket.socket, limit_s: float = 5.0) -> str:
-    loop = asyncio.get_running_loop()
-    return (await asyncio.wait_for(loop.sock_recv(sock, 4096), limit_s)).decode()
-
-
-def drain(sock: socket.socket) -> list[str]:
-    """Every datagram already queued, without waiting and without yielding to the event loop."""
-    out = []
-    while True:
-        try:
-            out.append(sock.recv(4096).decode())
-        except BlockingIOError:
-            return out
 
 
 def test_unset_socket_is_a_no_op() -> None:
@@ -69,16 +35,15 @@ def test_watchdog_interval_is_half_of_watchdog_usec() -> None:
     assert watchdog_interval_s({"WATCHDOG_USEC": "soon"}) is None
 
 
-async def test_messages_reach_a_path_socket(listener: tuple[socket.socket, str]) -> None:
-    sock, path = listener
-    notifier = Notifier.from_env({"NOTIFY_SOCKET": path})
+async def test_messages_reach_a_path_socket(notify_listener: NotifyListener) -> None:
+    notifier = Notifier.from_env({"NOTIFY_SOCKET": notify_listener.address})
     try:
         assert notifier.ready()
-        assert await recv(sock) == "READY=1"
+        assert await notify_listener.recv() == "READY=1"
         assert notifier.status("serving\nwell")
-        assert await recv(sock) == "STATUS=serving well"
+        assert await notify_listener.recv() == "STATUS=serving well"
         assert notifier.stopping()
-        assert await recv(sock) == "STOPPING=1"
+        assert await notify_listener.recv() == "STOPPING=1"
     finally:
         notifier.close()
 
@@ -91,7 +56,8 @@ async def test_messages_reach_an_abstract_socket() -> None:
     notifier = Notifier.from_env({"NOTIFY_SOCKET": "@" + name})
     try:
         assert notifier.ready()
-        assert await recv(sock) == "READY=1"
+        received = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(sock, 4096), 10)
+        assert received == b"READY=1"
     finally:
         notifier.close()
         sock.close()
@@ -104,22 +70,21 @@ async def test_missing_listener_is_logged_not_raised(tmp_path: Path) -> None:
 
 
 async def test_watchdog_pings_only_while_the_loop_runs(
-    listener: tuple[socket.socket, str], make_engine: EngineFactory
+    notify_listener: NotifyListener, make_engine: EngineFactory
 ) -> None:
-    sock, path = listener
     engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()})
-    notifier = Notifier.from_env({"NOTIFY_SOCKET": path})
+    notifier = Notifier.from_env({"NOTIFY_SOCKET": notify_listener.address})
     notifier.ready()
-    assert await recv(sock) == "READY=1"
+    assert await notify_listener.recv() == "READY=1"
     task = asyncio.create_task(watchdog_loop(notifier, engine, INTERVAL_S))
     try:
-        assert await recv(sock) == "WATCHDOG=1"
-        drain(sock)
+        assert await notify_listener.recv() == "WATCHDOG=1"
+        notify_listener.drain()
         # Block the event loop for three intervals: the loop's thread is ours, so nothing can be sent meanwhile,
         # and anything a sender on another thread had sent would be waiting in the socket now.
         time.sleep(3 * INTERVAL_S)  # noqa: ASYNC251 - blocking the loop is the point
-        assert drain(sock) == []
-        assert await recv(sock) == "WATCHDOG=1"  # the loop runs again, so the pings resume
+        assert notify_listener.drain() == []
+        assert await notify_listener.recv() == "WATCHDOG=1"  # the loop runs again, so the pings resume
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -143,19 +108,18 @@ class _FakeEngine:
         self.store = _DeadStore()
 
 
-async def test_no_ping_while_the_database_fails(listener: tuple[socket.socket, str]) -> None:
-    sock, path = listener
+async def test_no_ping_while_the_database_fails(notify_listener: NotifyListener) -> None:
     engine = _FakeEngine()
-    notifier = Notifier.from_env({"NOTIFY_SOCKET": path})
+    notifier = Notifier.from_env({"NOTIFY_SOCKET": notify_listener.address})
     task = asyncio.create_task(watchdog_loop(notifier, engine, INTERVAL_S))
     try:
-        assert (await recv(sock)).startswith("STATUS=database not answering")
+        assert (await notify_listener.recv()).startswith("STATUS=database not answering")
         while engine.store.calls < 3:
             await asyncio.sleep(INTERVAL_S / 2)
-        assert [m for m in drain(sock) if m == "WATCHDOG=1"] == []
+        assert [m for m in notify_listener.drain() if m == "WATCHDOG=1"] == []
         engine.store.broken = False
-        assert await recv(sock) == "STATUS=serving"
-        assert await recv(sock) == "WATCHDOG=1"
+        assert await notify_listener.recv() == "STATUS=serving"
+        assert await notify_listener.recv() == "WATCHDOG=1"
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -56,6 +56,7 @@ from engine.models import (
 from engine.service import Engine
 from engine.store import Store
 from tests.conftest import user
+from tests.fakes.notify_socket import NotifyListener
 from tests.fakes.tiny_flux import MODEL, MODELS, build_tiny_flux, kinds, png_size, tiny_job, tiny_request, tiny_settings
 
 REPO = Path(__file__).resolve().parents[3]
@@ -116,25 +117,6 @@ async def start_worker(model: Path, path: Path, env: dict[str, str]) -> asyncio.
     }
     argv = [sys.executable, "-m", "bot", "worker", "--listen", str(path), *worker_args(tiny_settings(), str(model))]
     return await asyncio.create_subprocess_exec(*argv, env=env)
-
-
-class NotifyListener:
-    """A fake NOTIFY_SOCKET: the datagrams a worker sends to systemd, in order."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.setblocking(False)
-        self.messages: list[str] = []
-
-    async def wait_for(self, message: str) -> None:
-        loop = asyncio.get_running_loop()
-        while message not in self.messages:
-            self.messages.append((await loop.sock_recv(self.sock, 4096)).decode())
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @dataclass
@@ -257,13 +239,13 @@ async def _recycle(model: Path, folder: Path, run: Run) -> None:
 async def _notify(model: Path, folder: Path, run: Run) -> None:
     """The raw protocol over the socket, with systemd's NOTIFY_SOCKET and watchdog set."""
     path = folder / "gpu0.sock"
-    listener = NotifyListener(folder / "notify")
-    env = {"NOTIFY_SOCKET": str(listener.path), "WATCHDOG_USEC": str(WATCHDOG_USEC)}
+    listener = NotifyListener()
+    env = {"NOTIFY_SOCKET": listener.address, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
 
     async def body() -> None:
         proc = await start_worker(model, path, env)
         try:
-            await listener.wait_for("READY=1")
+            await listener.until("READY=1")
             run.socket_mode = path.stat().st_mode
             reader, writer = await asyncio.open_unix_connection(path)
             writer.write(encode(Frame(MessageType.HELLO, {"version": PROTOCOL_VERSION})))
@@ -272,12 +254,12 @@ async def _notify(model: Path, folder: Path, run: Run) -> None:
                 await asyncio.open_unix_connection(path)
             except OSError as exc:
                 run.second_connect = type(exc).__name__
-            await listener.wait_for("WATCHDOG=1")
+            await listener.until("WATCHDOG=1")
             writer.write(encode(Frame(MessageType.STATS)))
             run.memory = await read_frame(reader)
             writer.close()
             run.exit_code = await proc.wait()
-            await listener.wait_for("STOPPING=1")
+            await listener.until("STOPPING=1")
         finally:
             run.notify = listener.messages
             if proc.returncode is None:
