@@ -12,9 +12,9 @@ the two backends are simulated:
   LocalBackend does it: steps x `local_seconds_per_step` until measured, then a moving average per job shape.
 - BFL API: the POST takes 0.3 s; a task then runs 18 s on average (lognormal, coefficient of variation 0.35),
   seen at the next poll of BflBackend's schedule (0.5 s, x1.5, up to 5 s) and downloaded in 0.3 s. 1 in 20 tasks
-  never finishes: flux-bot gives up after `total_timeout_s` (300 s) and BFL bills it. 1 in 200 submits answers a
-  5xx (nothing billed). BFL answers 429 above 24 active tasks (flux-bot's own cap is `max_concurrency`, 20); the
-  estimate and the health rule (5 server failures in a row) are BflBackend's.
+  never finishes: flux-bot gives up after `total_timeout_s` (120 s by default) and BFL bills it. 1 in 200 submits
+  answers a 5xx (nothing billed). BFL answers 429 above 24 active tasks (flux-bot's own cap is `max_concurrency`,
+  20); the estimate and the health rule (5 server failures in a row) are BflBackend's.
 
 Demand: Poisson arrivals whose rate follows an hourly profile of the community's day (UTC), as a multiple of the
 GPU's capacity (1 / mean [dev] time): quiet at night, 3x capacity at the evening peak (20:00-22:00), and in total
@@ -230,23 +230,8 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 # ---- SQLite without aiosqlite's thread (a thread's real time would leak into the simulated clock) ----
 
 
-class _Cursor:
-    def __init__(self, cursor: sqlite3.Cursor) -> None:
-        self._cursor = cursor
-
-    @property
-    def rowcount(self) -> int:
-        return self._cursor.rowcount
-
-    async def fetchone(self) -> Any:
-        return self._cursor.fetchone()
-
-    async def fetchall(self) -> list[Any]:
-        return self._cursor.fetchall()
-
-
 class InlineConnection:
-    """The part of aiosqlite.Connection that Store uses, running each statement at once on the loop's thread.
+    """The part of aiosqlite.Connection that Store uses, running each Store call at once on the loop's thread.
 
     The database is an in-memory copy of a file that Store.open migrated: the same schema, indexes and triggers
     (and foreign keys on), without the disk, whose speed would change nothing in simulated time.
@@ -260,8 +245,12 @@ class InlineConnection:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA foreign_keys=ON")
 
-    async def execute(self, sql: str, parameters: Iterable[Any] = ()) -> _Cursor:
-        return _Cursor(self._db.execute(sql, tuple(parameters)))
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        return self._db
+
+    async def _execute(self, fn: Callable[[], Any]) -> Any:
+        return fn()  # Store hands each method's whole body over this way (Store._on_thread)
 
     async def close(self) -> None:
         self._db.close()

@@ -70,7 +70,7 @@ class AdminSettings(_Section):
 
 
 class RoutingSettings(_Section):
-    max_local_wait_s: float = Field(60.0, ge=0)
+    max_local_wait_s: float = Field(15.0, ge=0)  # measured with bench/routing_sim.py: see PERFORMANCE.md
     commercial: bool = False
     default_model: str = "schnell"
     local_enabled: bool = True
@@ -114,7 +114,7 @@ class BflSettings(_Section):
     api_url: str = DEFAULT_BFL_URL
     max_concurrency: int = Field(20, ge=1, le=24)
     request_timeout_s: float = Field(30.0, gt=0)
-    total_timeout_s: float = Field(300.0, gt=0)
+    total_timeout_s: float = Field(120.0, gt=0)  # ~7x the API's mean; a task past it rarely finishes
     poll_interval_s: float = Field(0.5, gt=0)
     poll_max_interval_s: float = Field(5.0, gt=0)
     max_retries: int = Field(3, ge=0, le=10)

@@ -85,7 +85,10 @@ def route(
 
     if request.mode is Mode.FAST:
         if isinstance(api_lane, BackendStatus):
-            return _api_decision(f"API: fast mode; {_cost_note(cost, room)}", api_lane, cost)
+            if _full(api_lane) and isinstance(local_lane, BackendStatus) and local_lane.eta_s < api_lane.eta_s:
+                reason = f"local: fast mode, but {_queue(api_lane)}; {_wait(local_lane)}"
+                return _local_decision(reason, local_lane, gpu_ms)
+            return _api_decision(f"API: fast mode{_queued(api_lane)}; {_cost_note(cost, room)}", api_lane, cost)
         if isinstance(local_lane, BackendStatus):
             reason = f"local: fast mode, but {api_lane.why}; {_wait(local_lane)}"
             return _local_decision(reason, local_lane, gpu_ms)
@@ -97,10 +100,14 @@ def route(
         return _local_decision(reason, local_lane, gpu_ms)
     if isinstance(api_lane, BackendStatus):
         if isinstance(local_lane, BackendStatus):
+            # With every API slot taken, the job waits in one queue or the other: the shorter one, the GPU on a tie.
+            if _full(api_lane) and local_lane.eta_s <= api_lane.eta_s:
+                reason = f"local (slow lane): {_queue(api_lane)}; {_wait(local_lane)}"
+                return _local_decision(reason, local_lane, gpu_ms)
             why_not_local = f"local wait {_seconds(local_lane.eta_s)} > {_limit(limit)}"
         else:
             why_not_local = local_lane.why
-        return _api_decision(f"API: {why_not_local}; {_cost_note(cost, room)}", api_lane, cost)
+        return _api_decision(f"API: {why_not_local}{_queued(api_lane)}; {_cost_note(cost, room)}", api_lane, cost)
     if isinstance(local_lane, BackendStatus):
         reason = f"local (slow lane): {api_lane.why}; {_wait(local_lane)}"
         return _local_decision(reason, local_lane, gpu_ms)
@@ -203,14 +210,25 @@ def _api_lane(
         return _Blocker(_with_detail("the API is down", api.detail), (_TRY_LATER,))
     if api.paused:
         return _Blocker("the API is paused", (_TRY_LATER,))
-    if api.in_flight >= api.capacity:
-        return _Blocker(f"the API is at its limit of {api.capacity} jobs at once", (_TRY_LATER,))
     if room.api_micros is not None and room.api_micros < cost:
         return _Blocker(
             f"the API needs {format_usd(cost)} but only {_usd(room.api_micros)} is left this month",
             ("ask an admin for more budget",),
         )
     return api
+
+
+def _full(api: BackendStatus) -> bool:
+    """Every API slot is taken: a job sent there now waits in flux-bot's queue for one (its eta_s says how long)."""
+    return api.in_flight >= api.capacity
+
+
+def _queue(api: BackendStatus) -> str:
+    return f"the API is at its limit of {api.capacity} jobs at once (~{_duration(api.eta_s)} queue)"
+
+
+def _queued(api: BackendStatus) -> str:
+    return f", queued: {_queue(api)}" if _full(api) else ""
 
 
 def _images_blocker(room: BudgetRoom) -> _Blocker | None:

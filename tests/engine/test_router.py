@@ -31,13 +31,14 @@ LOCAL_SLOW = BackendStatus(BackendKind.LOCAL, healthy=True, eta_s=240.0)
 LOCAL_PAUSED = BackendStatus(BackendKind.LOCAL, healthy=True, paused=True, eta_s=12.0)
 API = BackendStatus(BackendKind.API, healthy=True, eta_s=18.0, in_flight=3, capacity=20)
 API_FULL = BackendStatus(BackendKind.API, healthy=True, eta_s=18.0, in_flight=20, capacity=20)
+API_FULL_LONG = BackendStatus(BackendKind.API, healthy=True, eta_s=300.0, in_flight=20, capacity=20)
 API_DOWN = BackendStatus(BackendKind.API, healthy=False, eta_s=18.0, detail="HTTP 503")
 
 ROOM = BudgetRoom(api_micros=420_000, gpu_ms=None, images=None)  # $0.42 left this month
 UNLIMITED = BudgetRoom(api_micros=None, gpu_ms=None, images=None)
 BROKE = BudgetRoom(api_micros=10_000, gpu_ms=None, images=None)  # $0.01 left
 
-ROUTING = RoutingSettings()  # max_local_wait_s = 60, commercial = False
+ROUTING = RoutingSettings(max_local_wait_s=60.0)  # round numbers for the texts; commercial = False
 
 
 def request(model: str, mode: Mode = Mode.AUTO, steps: int = 28) -> ResolvedRequest:
@@ -204,7 +205,7 @@ def test_fast_prefers_the_api_over_an_idle_gpu() -> None:
 @pytest.mark.parametrize(
     ("api", "room", "why"),
     [
-        (API_FULL, ROOM, "the API is at its limit of 20 jobs at once"),
+        (API_FULL, ROOM, "the API is at its limit of 20 jobs at once (~18 s queue)"),
         (API_DOWN, ROOM, "the API is down (HTTP 503)"),
         (API, BROKE, "the API needs $0.025 but only $0.01 is left this month"),
         (None, ROOM, "no BFL API key is set up"),
@@ -218,8 +219,17 @@ def test_fast_falls_back_to_local_and_says_why(api: BackendStatus | None, room: 
 
 
 def test_fast_refuses_when_neither_side_can_take_the_job() -> None:
-    reason = refusal("dev", mode=Mode.FAST, local=LOCAL_PAUSED, api=API_FULL)
-    assert reason == "the local GPU is paused and the API is at its limit of 20 jobs at once: try later"
+    reason = refusal("dev", mode=Mode.FAST, local=LOCAL_PAUSED, api=API_DOWN)
+    assert reason == "the local GPU is paused and the API is down (HTTP 503): try later"
+
+
+def test_fast_waits_for_a_full_api_when_its_queue_is_shorter() -> None:
+    decision = decide("dev", mode=Mode.FAST, local=LOCAL_SLOW, api=API_FULL)
+    assert decision.backend is BackendKind.API
+    assert decision.reason == (
+        "API: fast mode, queued: the API is at its limit of 20 jobs at once (~18 s queue);"
+        " costs $0.025, $0.395 left this month"
+    )
 
 
 # ---- rule 4: auto ----
@@ -260,10 +270,22 @@ def test_auto_uses_the_api_when_the_gpu_is_unavailable() -> None:
     assert decide("dev", local=LOCAL_PAUSED).reason.startswith("API: the local GPU is paused; ")
 
 
+def test_auto_queues_for_a_full_api_when_its_queue_is_shorter_than_the_gpus() -> None:
+    """Found by bench/routing_sim.py: sending every job past a full API to the GPU built a 20-minute local queue
+    while the API's own queue would have taken seconds."""
+    decision = decide("dev", local=LOCAL_SLOW, api=API_FULL)
+    assert decision.backend is BackendKind.API
+    assert decision.reason == (
+        "API: local wait 240 s > 60 s, queued: the API is at its limit of 20 jobs at once (~18 s queue);"
+        " costs $0.025, $0.395 left this month"
+    )
+    assert decision.eta_s == API_FULL.eta_s
+
+
 @pytest.mark.parametrize(
     ("api", "room", "why"),
     [
-        (API_FULL, ROOM, "the API is at its limit of 20 jobs at once"),
+        (API_FULL_LONG, ROOM, "the API is at its limit of 20 jobs at once (~5 min queue)"),
         (API_DOWN, ROOM, "the API is down (HTTP 503)"),
         (BackendStatus(BackendKind.API, healthy=True, paused=True), ROOM, "the API is paused"),
         (API, BROKE, "the API needs $0.025 but only $0.01 is left this month"),
@@ -403,7 +425,7 @@ def test_local_failure_in_fast_mode_may_also_go_to_the_api() -> None:
     [
         ("dev", {"mode": Mode.RELAX}),  # the user asked for free images
         ("dev", {"room": BROKE}),
-        ("dev", {"api": API_FULL}),
+        ("dev", {"api": API_DOWN}),
         ("dev", {"api": None}),
         ("dev", {"routing": RoutingSettings(api_enabled=False)}),
         ("schnell", {}),  # no API endpoint
@@ -411,6 +433,11 @@ def test_local_failure_in_fast_mode_may_also_go_to_the_api() -> None:
 )
 def test_local_failure_with_no_retry_and_no_api_is_not_rescued(model: str, kwargs: dict[str, Any]) -> None:
     assert rescue(model, BackendKind.LOCAL, FailureReason.OOM, retries_left=0, **kwargs) is None
+
+
+def test_a_rescue_waits_for_a_full_api() -> None:
+    decision = rescue("dev", BackendKind.LOCAL, FailureReason.OOM, retries_left=0, api=API_FULL)
+    assert decision is not None and decision.backend is BackendKind.API
 
 
 @pytest.mark.parametrize(("failure", "what"), API_FAILURES.items())
