@@ -7,7 +7,7 @@ reservation that would cross any limit fails inside the same transaction (the st
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -25,7 +25,17 @@ from engine.models import (
     RouteDecision,
     dollars_to_micros,
 )
-from engine.store import AuditEntry, Close, LimitCheck, OpenReservation, Reservation, Scope, Store
+from engine.store import (
+    AuditEntry,
+    Close,
+    LimitCheck,
+    OpenReservation,
+    Reservation,
+    Scope,
+    Store,
+    UsageKey,
+    UserRecord,
+)
 
 # The per-user limits an admin can override, with the unit each is set in.
 OVERRIDABLE = {
@@ -82,6 +92,42 @@ class QuotaView:
     banned: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """A requester's stored user, limits and what each limit has used, read at one moment (one read).
+
+    For a submit's pre-check and the router's budget rule only: the reserving transaction checks every limit again.
+    """
+
+    record: UserRecord | None
+    limits: Limits
+    periods: Periods
+    checks: tuple[LimitCheck, ...]
+    used: Mapping[UsageKey, int]  # at least every check's (scope, resource, period)
+
+    def used_by(self, check: LimitCheck) -> int:
+        return self.used[(check.scope, check.resource, check.period_key)]
+
+    def ensure_room(self, resource: Resource, amount: int) -> None:
+        """QuotaExceeded, with the limit and its reset time, when `amount` would not fit."""
+        if amount == 0:
+            return
+        for check in self.checks:
+            if check.resource is resource and (refusal := check.refusal(self.used_by(check), amount)) is not None:
+                raise refusal
+
+    def room(self) -> BudgetRoom:
+        """The smallest room left across every limit, per resource, for the router's budget rule."""
+        room: dict[Resource, int | None] = dict.fromkeys(Resource)
+        for check in self.checks:
+            left = max(0, check.limit - self.used_by(check))
+            current = room[check.resource]
+            room[check.resource] = left if current is None else min(current, left)
+        return BudgetRoom(
+            api_micros=room[Resource.USD_MICROS], gpu_ms=room[Resource.GPU_MS], images=room[Resource.IMAGES]
+        )
+
+
 class Quota:
     def __init__(self, store: Store, settings: Settings, clock: Callable[[], float]) -> None:
         self._store = store
@@ -108,8 +154,11 @@ class Quota:
         return "default", self._settings.tiers["default"]
 
     async def limits_for(self, requester: Requester) -> Limits:
+        return self.limits_from(requester, await self._store.get_user(requester.user_key))
+
+    def limits_from(self, requester: Requester, record: UserRecord | None) -> Limits:
+        """The limits for the requester's tier with the admin's overrides in `record` (their stored user)."""
         tier_name, tier = self.tier_for(requester)
-        record = await self._store.get_user(requester.user_key)
         overrides: dict[str, Any] = record.overrides if record else {}
 
         def pick(field: str, tier_value: Any) -> Any:
@@ -133,43 +182,52 @@ class Quota:
             ("your images per day", user, Resource.IMAGES, limits.images_per_day),
             ("your GPU time per day", user, Resource.GPU_MS, limits.gpu_ms_per_day),
             ("your API budget this month", user, Resource.USD_MICROS, limits.api_micros_per_month),
-            ("the server's API budget this month", Scope("global", None), Resource.USD_MICROS,
-             dollars(self._settings.limits.global_api_usd_per_month)),
-        ]  # fmt: skip
-        if requester.guild_key:
-            wanted.append(
-                (
-                    "this server's API budget this month",
-                    Scope("guild", requester.guild_key),
-                    Resource.USD_MICROS,
-                    dollars(self._settings.limits.guild_api_usd_per_month),
-                )
-            )
+            *self._shared_budgets(requester),
+        ]
         return [
             LimitCheck(name, scope, resource, periods.key(resource), limit, periods.resets_at(resource).timestamp())
             for name, scope, resource, limit in wanted
             if limit is not None
         ]
 
+    def _shared_budgets(self, requester: Requester) -> list[tuple[str, Scope, Resource, int | None]]:
+        """The API budgets shared with others: the whole bot's and the requester's server's (None = unlimited)."""
+        limits = self._settings.limits
+        shared: list[tuple[str, Scope, Resource, int | None]] = [
+            ("the server's API budget this month", Scope("global", None), Resource.USD_MICROS,
+             dollars(limits.global_api_usd_per_month)),
+        ]  # fmt: skip
+        if requester.guild_key:
+            shared.append(
+                (
+                    "this server's API budget this month",
+                    Scope("guild", requester.guild_key),
+                    Resource.USD_MICROS,
+                    dollars(limits.guild_api_usd_per_month),
+                )
+            )
+        return shared
+
+    async def standing(self, requester: Requester) -> Standing:
+        """The requester's stored user, limits and the use of each limit, in one read."""
+        periods = self.periods()
+        # The user's limits depend on their stored overrides, which this same read fetches: so read their own use
+        # of every resource, and the use of every shared budget that is set.
+        user = Scope("user", requester.user_key)
+        keys: list[UsageKey] = [(user, resource, periods.key(resource)) for resource in Resource]
+        keys += [
+            (scope, resource, periods.key(resource))
+            for _, scope, resource, limit in self._shared_budgets(requester)
+            if limit is not None
+        ]
+        record, used = await self._store.user_and_usages(requester.user_key, keys)
+        limits = self.limits_from(requester, record)
+        checks = tuple(self.checks(requester, limits, periods))
+        return Standing(record, limits, periods, checks, dict(zip(keys, used, strict=True)))
+
     async def room(self, requester: Requester) -> BudgetRoom:
         """The smallest room left across every limit, per resource, for the router's budget rule."""
-        limits = await self.limits_for(requester)
-        periods = self.periods()
-        room: dict[Resource, int | None] = dict.fromkeys(Resource)
-        for check in self.checks(requester, limits, periods):
-            left = max(0, check.limit - await self._store.usage(check.scope, check.resource, check.period_key))
-            current = room[check.resource]
-            room[check.resource] = left if current is None else min(current, left)
-        return BudgetRoom(
-            api_micros=room[Resource.USD_MICROS], gpu_ms=room[Resource.GPU_MS], images=room[Resource.IMAGES]
-        )
-
-    async def ensure_room(self, requester: Requester, resource: Resource, amount: int) -> None:
-        """QuotaExceeded now, with the limit and its reset time, when `amount` would not fit."""
-        limits = await self.limits_for(requester)
-        periods = self.periods()
-        wanted = [Reservation(resource, amount, None, periods.day, periods.month)]
-        await self._store.check_limits(wanted, self.checks(requester, limits, periods))
+        return (await self.standing(requester)).room()
 
     # ---- what a job reserves and how it ends ----
 
@@ -235,19 +293,21 @@ class Quota:
     # ---- views and admin operations ----
 
     async def view(self, requester: Requester) -> QuotaView:
-        limits = await self.limits_for(requester)
+        record = await self._store.get_user(requester.user_key)
+        limits = self.limits_from(requester, record)
         periods = self.periods()
         user = Scope("user", requester.user_key)
-        record = await self._store.get_user(requester.user_key)
-        lines = []
-        for name, resource, limit in (
+        shown = (
             ("images today", Resource.IMAGES, limits.images_per_day),
             ("GPU time today", Resource.GPU_MS, limits.gpu_ms_per_day),
             ("API spend this month", Resource.USD_MICROS, limits.api_micros_per_month),
-        ):
-            used = await self._store.usage(user, resource, periods.key(resource))
-            lines.append(UsageLine(name, resource, used, limit, periods.resets_at(resource)))
-        return QuotaView(requester.user_key, limits, tuple(lines), bool(record and record.banned))
+        )
+        used = await self._store.usages([(user, resource, periods.key(resource)) for _, resource, _ in shown])
+        lines = tuple(
+            UsageLine(name, resource, so_far, limit, periods.resets_at(resource))
+            for (name, resource, limit), so_far in zip(shown, used, strict=True)
+        )
+        return QuotaView(requester.user_key, limits, lines, bool(record and record.banned))
 
     async def set_limit(self, user_key: str, field: str, value: str, actor: str) -> None:
         """An admin override of one limit; value 'none' removes the limit, 'tier' returns to the tier's value."""
@@ -284,8 +344,8 @@ class Quota:
         """Start the user's current periods afresh: a grant equal to what they have used so far."""
         periods = self.periods()
         user = Scope("user", user_key)
-        for resource in Resource:
-            used = await self._store.usage(user, resource, periods.key(resource))
+        used_by_resource = await self._store.usages([(user, resource, periods.key(resource)) for resource in Resource])
+        for resource, used in zip(Resource, used_by_resource, strict=True):
             if used > 0:
                 await self._store.grant(
                     user_key,

@@ -46,7 +46,7 @@ from engine.models import (
     Submitted,
 )
 from engine.quota import Quota
-from engine.store import AuditEntry, OpenReservation, Store
+from engine.store import AuditEntry, OpenReservation, QueuedJob, Store
 
 log = logging.getLogger("flux_bot.scheduler")
 
@@ -231,7 +231,8 @@ class Scheduler:
             free = backend.capacity() - self.running_count(kind)
             if free <= 0:
                 continue
-            queued = await self._store.jobs(states=[JobState.QUEUED], backend=kind, limit=1000)
+            # Only ids and users for the pick: mark_running reads the picked jobs' full rows.
+            queued = await self._store.queued(kind, limit=1000)
             for job in self._fair_pick(queued, free):
                 # Marking a job running and starting its task are one step for cancel() and stop().
                 async with self._transitions:
@@ -241,16 +242,16 @@ class Scheduler:
                         continue  # cancelled meanwhile
                     self._spawn(running, resumed=False)
 
-    def _fair_pick(self, queued: list[Job], free: int) -> list[Job]:
+    def _fair_pick(self, queued: list[QueuedJob], free: int) -> list[QueuedJob]:
         """Round-robin over users: fewest running first, then the one served longest ago; oldest job each."""
-        by_user: dict[str, list[Job]] = {}
+        by_user: dict[str, list[QueuedJob]] = {}
         for job in queued:
-            by_user.setdefault(job.requester.user_key, []).append(job)
+            by_user.setdefault(job.user_key, []).append(job)
         running_by_user: dict[str, int] = {}
         for _, user, _ in self._running.values():
             running_by_user[user] = running_by_user.get(user, 0) + 1
         cap = self._settings.scheduler.max_running_per_user
-        picked: list[Job] = []
+        picked: list[QueuedJob] = []
         while len(picked) < free:
             eligible = [u for u, jobs in by_user.items() if jobs and running_by_user.get(u, 0) < cap]
             if not eligible:

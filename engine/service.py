@@ -129,8 +129,10 @@ class Engine:
 
     async def submit(self, requester: Requester, request: ImageRequest) -> JobQueued:
         """Validate, apply the policy, route, reserve and persist; the job is queued when this returns."""
-        user = await self.store.get_user(requester.user_key)
-        if user is not None and user.banned:
+        # The stored user (for the ban), the limits and their use so far, in one read: the pre-check and the router
+        # use them; the reserving transaction checks every limit again.
+        standing = await self.quota.standing(requester)
+        if standing.record is not None and standing.record.banned:
             raise NotAllowed("imagine", "you are banned from generating images here; ask an admin")
         model = self.settings.models.get(request.model)
         if model is None:
@@ -162,7 +164,7 @@ class Engine:
             model,
         )
         # The image allowance does not depend on the route: say so plainly, with its reset time, before routing.
-        await self.quota.ensure_room(requester, Resource.IMAGES, 1)
+        standing.ensure_room(Resource.IMAGES, 1)
         decision = router.route(
             resolved,
             request.model,
@@ -170,7 +172,7 @@ class Engine:
             self.settings.routing,
             await self.scheduler.status(BackendKind.LOCAL, resolved),
             await self.scheduler.status(BackendKind.API, resolved),
-            await self.quota.room(requester),
+            standing.room(),
         )
         job = Job(
             id=new_job_id(),
@@ -183,13 +185,11 @@ class Engine:
             estimated_cost_micros=decision.estimated_cost_micros,
             estimated_gpu_ms=decision.estimated_gpu_ms,
         )
-        limits = await self.quota.limits_for(requester)
-        periods = self.quota.periods()
         await self.store.submit_job(
             job,
-            self.quota.reservations(decision, periods, with_image=True),
-            self.quota.checks(requester, limits, periods),
-            limits.concurrent_jobs,
+            self.quota.reservations(decision, standing.periods, with_image=True),
+            standing.checks,
+            standing.limits.concurrent_jobs,
             audit=AuditEntry(
                 policy_audit.actor, policy_audit.action, policy_audit.subject, job.id, policy_audit.detail
             ),

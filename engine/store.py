@@ -1,8 +1,9 @@
 """The only module that speaks SQL: migrations, users, jobs, the append-only ledger, the audit log, controls.
 
-One aiosqlite connection serves the process; an asyncio lock makes each transaction exclusive inside it and
-`BEGIN IMMEDIATE` makes it exclusive against other processes (the admin CLI) on the same file, so a reserve that
-reads usage and writes a reservation can never interleave with another one.
+One aiosqlite connection serves the process. Every method runs its whole body as one function on that
+connection's thread (one hand-over, not one per statement); an asyncio lock makes the transactions take turns
+inside the process and `BEGIN IMMEDIATE` makes each exclusive against other processes (the admin CLI) on the same
+file, so a reserve that reads usage and writes a reservation can never interleave with another one.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -37,6 +38,8 @@ from engine.models import (
 )
 
 log = logging.getLogger("flux_bot.store")
+
+T = TypeVar("T")
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: the first schema
@@ -167,6 +170,18 @@ class LimitCheck:
     limit: int
     resets_at: float | None
 
+    def refusal(self, used: int, amount: int) -> QuotaExceeded | None:
+        """The refusal when `amount` more on top of `used` would cross this limit, else None."""
+        if used + amount <= self.limit:
+            return None
+        return QuotaExceeded(
+            self.name,
+            unit=self.resource.value,
+            limit_value=self.limit,
+            remaining=max(0, self.limit - used),
+            resets_at=None if self.resets_at is None else datetime.fromtimestamp(self.resets_at, UTC),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
@@ -183,6 +198,14 @@ class OpenReservation:
     resource: Resource
     amount: int
     backend: BackendKind | None
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedJob:
+    """What the dispatcher's fair pick needs of a queued job (the queue comes oldest first)."""
+
+    id: str
+    user_key: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +253,7 @@ _JOB_COLUMNS = (
 )
 
 
-def _job_from_row(row: aiosqlite.Row) -> Job:
+def _job_from_row(row: sqlite3.Row) -> Job:
     requester = Requester(
         platform=Platform(row["platform"]),
         user_id=row["user_id"],
@@ -278,6 +301,21 @@ def _job_from_row(row: aiosqlite.Row) -> Job:
     )
 
 
+# Whose use, of what, in which period ("2026-11-26" or "2026-11", matching the resource's period).
+UsageKey = tuple[Scope, Resource, str]
+
+
+def _user_from_row(row: sqlite3.Row) -> UserRecord:
+    return UserRecord(
+        user_key=row["user_key"],
+        display_name=row["display_name"],
+        roles=tuple(json.loads(row["roles"])),
+        banned=bool(row["banned"]),
+        overrides=json.loads(row["overrides"]),
+        settings=json.loads(row["settings"]),
+    )
+
+
 class Store:
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self._db = db
@@ -301,56 +339,64 @@ class Store:
         await self._db.close()
 
     async def _migrate(self) -> None:
-        async with self._tx() as db:
-            await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            row = await (await db.execute("SELECT MAX(version) FROM schema_version")).fetchone()
+        def migrate(db: sqlite3.Connection) -> list[int]:
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
             current = row[0] if row and row[0] is not None else 0
             if current > len(MIGRATIONS):
                 raise RuntimeError(f"{self.path} has schema version {current}, newer than this flux-bot knows")
+            applied = []
             for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
                 for statement in _statements(script):
-                    await db.execute(statement)
-                await db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
-                log.info("database %s migrated to schema version %d", self.path, version)
+                    db.execute(statement)
+                db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+                applied.append(version)
+            return applied
 
-    @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
-        # aiosqlite runs statements in order on its own thread, and a cancelled await does not stop a statement
-        # already handed over. So BEGIN, COMMIT and ROLLBACK are shielded: a caller cancelled at any point still
-        # leaves the connection outside a transaction for the next one, never stuck inside a half-open one.
+        for version in await self._tx(migrate):
+            log.info("database %s migrated to schema version %d", self.path, version)
+
+    async def _on_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn(connection)` on the connection's thread: one hand-over, however many statements `fn` runs.
+
+        Each hand-over to aiosqlite's thread and back costs far more than a small statement, so every method runs
+        its whole body this way rather than awaiting statement by statement. aiosqlite offers no public call for
+        it, so this is the one place that uses its private `Connection._execute` and `_conn` (aiosqlite 0.22): an
+        upgrade that changes them breaks here, and every test that opens a Store shows it.
+        """
+        connection = self._db._conn  # as aiosqlite's own calls do: a closed one raises "no active connection"
+        run: Callable[[Callable[[], T]], Awaitable[T]] = self._db._execute
+        return await run(lambda: fn(connection))
+
+    async def _tx(self, body: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `body` in one transaction: BEGIN IMMEDIATE, body, COMMIT (ROLLBACK on any error), one hand-over.
+
+        A caller cancelled while it waits does not stop the function on the thread (nothing can): it still runs to
+        its COMMIT or ROLLBACK, before whatever is handed over next, so a transaction is never left open, and no
+        statement of another caller ever runs inside it. The lock hands transactions over one at a time, so a
+        read (which needs no lock) waits behind one transaction at most, not behind a line of them.
+        """
         async with self._lock:
-            try:
-                await asyncio.shield(self._db.execute("BEGIN IMMEDIATE"))
-                yield self._db
-            except BaseException:
-                await asyncio.shield(self._rollback())
-                raise
-            await asyncio.shield(self._db.execute("COMMIT"))
+            return await self._on_thread(partial(_in_transaction, body))
 
-    async def _rollback(self) -> None:
-        with contextlib.suppress(sqlite3.OperationalError):  # BEGIN itself failed: nothing to roll back
-            await self._db.execute("ROLLBACK")
-
-    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[aiosqlite.Row]:
-        async with self._lock:
-            cursor = await self._db.execute(sql, params)
-            return list(await cursor.fetchall())
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        # No lock: a read is one function on the same thread as every whole transaction, so it never sees half of one.
+        return await self._on_thread(lambda db: db.execute(sql, params).fetchall())
 
     # ---- users ----
 
     async def get_user(self, user_key: str) -> UserRecord | None:
         rows = await self._read("SELECT * FROM users WHERE user_key = ?", (user_key,))
-        if not rows:
-            return None
-        row = rows[0]
-        return UserRecord(
-            user_key=row["user_key"],
-            display_name=row["display_name"],
-            roles=tuple(json.loads(row["roles"])),
-            banned=bool(row["banned"]),
-            overrides=json.loads(row["overrides"]),
-            settings=json.loads(row["settings"]),
-        )
+        return _user_from_row(rows[0]) if rows else None
+
+    async def user_and_usages(self, user_key: str, keys: Sequence[UsageKey]) -> tuple[UserRecord | None, list[int]]:
+        """The stored user and what each (scope, resource, period) has used (as `usages`), read at one moment."""
+
+        def read(db: sqlite3.Connection) -> tuple[sqlite3.Row | None, list[int]]:
+            return db.execute("SELECT * FROM users WHERE user_key = ?", (user_key,)).fetchone(), _usages(db, keys)
+
+        row, used = await self._on_thread(read)
+        return (_user_from_row(row) if row is not None else None), used
 
     async def update_user(
         self,
@@ -362,17 +408,19 @@ class Store:
         settings: dict[str, Any] | None = None,
         audit: AuditEntry | None = None,
     ) -> None:
-        async with self._tx() as db:
-            await _ensure_user(db, user_key, display_name)
+        def update(db: sqlite3.Connection) -> None:
+            _ensure_user(db, user_key, display_name)
             if banned is not None:
-                await db.execute("UPDATE users SET banned = ? WHERE user_key = ?", (int(banned), user_key))
+                db.execute("UPDATE users SET banned = ? WHERE user_key = ?", (int(banned), user_key))
             if overrides is not None:
-                await db.execute("UPDATE users SET overrides = ? WHERE user_key = ?", (json.dumps(overrides), user_key))
+                db.execute("UPDATE users SET overrides = ? WHERE user_key = ?", (json.dumps(overrides), user_key))
             if settings is not None:
-                await db.execute("UPDATE users SET settings = ? WHERE user_key = ?", (json.dumps(settings), user_key))
-            await db.execute("UPDATE users SET updated_at = ? WHERE user_key = ?", (time.time(), user_key))
+                db.execute("UPDATE users SET settings = ? WHERE user_key = ?", (json.dumps(settings), user_key))
+            db.execute("UPDATE users SET updated_at = ? WHERE user_key = ?", (time.time(), user_key))
             if audit:
-                await _audit(db, audit)
+                _audit(db, audit)
+
+        await self._tx(update)
 
     # ---- jobs ----
 
@@ -386,69 +434,68 @@ class Store:
     ) -> None:
         """Insert the job and its reservations if every limit holds, all in one transaction; else QuotaExceeded."""
         requester = job.requester
-        async with self._tx() as db:
-            await _ensure_user(db, requester.user_key, requester.display_name, requester.roles)
+        reservations = list(reservations)
+        checks = list(checks)
+        r = job.request
+        row = (
+            job.id,
+            requester.user_key,
+            requester.guild_key,
+            requester.platform.value,
+            requester.user_id,
+            requester.guild_id,
+            requester.channel_id,
+            requester.display_name,
+            json.dumps(list(requester.roles)),
+            int(requester.is_admin),
+            r.prompt,
+            r.model,
+            r.width,
+            r.height,
+            r.aspect_ratio,
+            r.steps,
+            r.guidance,
+            r.seed,
+            r.mode.value,
+            r.input_image_url,
+            job.state.value,
+            job.backend.value,
+            job.reason,
+            job.attempts,
+            job.local_attempts,
+            job.estimated_cost_micros,
+            job.estimated_gpu_ms,
+            None,
+            None,
+            None,
+            job.created_at,
+            None,
+            None,
+            None,
+            None,
+            0,
+            None,
+            0,
+        )
+
+        def submit(db: sqlite3.Connection) -> None:
+            _ensure_user(db, requester.user_key, requester.display_name, requester.roles)
             if max_active_jobs is not None:
-                row = await (
-                    await db.execute(
-                        "SELECT COUNT(*) FROM jobs WHERE user_key = ? AND state IN ('queued','running')",
-                        (requester.user_key,),
-                    )
-                ).fetchone()
-                active = row[0] if row else 0
+                active = db.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE user_key = ? AND state IN ('queued','running')",
+                    (requester.user_key,),
+                ).fetchone()[0]
                 if active >= max_active_jobs:
                     raise QuotaExceeded(
                         "jobs at once", unit="jobs", limit_value=max_active_jobs, remaining=0, resets_at=None
                     )
-            reservations = list(reservations)
-            await _check_limits(db, reservations, checks)
-            r = job.request
-            await db.execute(
-                f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * 38)})",
-                (
-                    job.id,
-                    requester.user_key,
-                    requester.guild_key,
-                    requester.platform.value,
-                    requester.user_id,
-                    requester.guild_id,
-                    requester.channel_id,
-                    requester.display_name,
-                    json.dumps(list(requester.roles)),
-                    int(requester.is_admin),
-                    r.prompt,
-                    r.model,
-                    r.width,
-                    r.height,
-                    r.aspect_ratio,
-                    r.steps,
-                    r.guidance,
-                    r.seed,
-                    r.mode.value,
-                    r.input_image_url,
-                    job.state.value,
-                    job.backend.value,
-                    job.reason,
-                    job.attempts,
-                    job.local_attempts,
-                    job.estimated_cost_micros,
-                    job.estimated_gpu_ms,
-                    None,
-                    None,
-                    None,
-                    job.created_at,
-                    None,
-                    None,
-                    None,
-                    None,
-                    0,
-                    None,
-                    0,
-                ),
-            )
-            await _insert_reservations(db, job.id, requester.user_key, requester.guild_key, reservations)
+            _check_limits(db, reservations, checks)
+            db.execute(f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * 38)})", row)
+            _insert_reservations(db, job.id, requester.user_key, requester.guild_key, reservations)
             if audit:
-                await _audit(db, audit)
+                _audit(db, audit)
+
+        await self._tx(submit)
 
     async def get_job(self, job_id: str) -> Job:
         rows = await self._read(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
@@ -485,6 +532,14 @@ class Store:
         )
         return [_job_from_row(row) for row in rows]
 
+    async def queued(self, backend: BackendKind, limit: int = 1000) -> list[QueuedJob]:
+        """The queue of one backend, oldest first, as little as the dispatcher's pick needs (no Job objects)."""
+        rows = await self._read(
+            "SELECT id, user_key FROM jobs WHERE state = 'queued' AND backend = ? ORDER BY created_at, id LIMIT ?",
+            (backend.value, limit),
+        )
+        return [QueuedJob(row[0], row[1]) for row in rows]
+
     async def count_jobs(self, state: JobState, backend: BackendKind | None = None) -> int:
         if backend is None:
             rows = await self._read("SELECT COUNT(*) FROM jobs WHERE state = ?", (state.value,))
@@ -505,8 +560,9 @@ class Store:
 
     async def mark_running(self, job_id: str, now: float) -> Job:
         """queued -> running, counting the attempt; returns the updated job."""
-        async with self._tx() as db:
-            cursor = await db.execute(
+
+        def mark(db: sqlite3.Connection) -> sqlite3.Row:
+            cursor = db.execute(
                 "UPDATE jobs SET state = 'running', attempts = attempts + 1,"
                 " local_attempts = local_attempts + (backend = 'local'), started_at = ?"
                 " WHERE id = ? AND state = 'queued'",
@@ -514,21 +570,22 @@ class Store:
             )
             if cursor.rowcount != 1:
                 raise JobNotFound(job_id)
-            row = await (await db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))).fetchone()
-        assert row is not None
-        return _job_from_row(row)
+            row: sqlite3.Row = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            return row
+
+        return _job_from_row(await self._tx(mark))
 
     async def store_task(self, job_id: str, task: RemoteTask) -> None:
         """Remember an accepted API task before waiting on it, so a restart polls it instead of resubmitting."""
-        async with self._tx() as db:
-            await db.execute(
+        await self._tx(
+            lambda db: db.execute(
                 "UPDATE jobs SET task_id = ?, polling_url = ?, task_cost_micros = ? WHERE id = ?",
                 (task.task_id, task.polling_url, task.cost_micros, job_id),
             )
+        )
 
     async def open_reservations(self, job_id: str) -> list[OpenReservation]:
-        async with self._lock:
-            return await _open_reservations(self._db, job_id)
+        return await self._on_thread(lambda db: _open_reservations(db, job_id))
 
     async def finish_job(
         self,
@@ -548,8 +605,10 @@ class Store:
         Returns False (and changes nothing) when the job had already ended: a terminal state is reached once.
         """
         assert state.terminal
-        async with self._tx() as db:
-            cursor = await db.execute(
+        closes = list(closes)
+
+        def finish(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
                 "UPDATE jobs SET state = ?, finished_at = ?, cost_micros = ?, failure_reason = ?, error = ?,"
                 " result_path = ? WHERE id = ? AND state IN ('queued','running')",
                 (
@@ -564,10 +623,12 @@ class Store:
             )
             if cursor.rowcount != 1:
                 return False
-            await _close(db, closes, now)
+            _close(db, closes, now)
             if audit:
-                await _audit(db, audit)
-        return True
+                _audit(db, audit)
+            return True
+
+        return await self._tx(finish)
 
     async def reroute(
         self,
@@ -583,32 +644,37 @@ class Store:
         now: float,
     ) -> None:
         """Put a failed attempt back in the queue on `backend` with fresh reservations (QuotaExceeded if no room)."""
-        async with self._tx() as db:
-            row = await (await db.execute("SELECT user_key, guild_key FROM jobs WHERE id = ?", (job_id,))).fetchone()
+        closes = list(closes)
+        reservations = list(reservations)
+        checks = list(checks)
+
+        def reroute(db: sqlite3.Connection) -> None:
+            row = db.execute("SELECT user_key, guild_key FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise JobNotFound(job_id)
-            await _close(db, closes, now)
-            reservations = list(reservations)
-            await _check_limits(db, reservations, checks)
-            await db.execute(
+            _close(db, closes, now)
+            _check_limits(db, reservations, checks)
+            db.execute(
                 "UPDATE jobs SET state = 'queued', backend = ?, reason = ?, estimated_cost_micros = ?,"
                 " estimated_gpu_ms = ?, task_id = NULL, polling_url = NULL, task_cost_micros = NULL"
                 " WHERE id = ? AND state IN ('queued','running')",
                 (backend.value, reason, estimated_cost_micros, estimated_gpu_ms, job_id),
             )
-            await _insert_reservations(db, job_id, row["user_key"], row["guild_key"], reservations, now=now)
+            _insert_reservations(db, job_id, row["user_key"], row["guild_key"], reservations, now=now)
+
+        await self._tx(reroute)
 
     async def requeue(self, job_id: str, reason: str) -> None:
         """running -> queued on the same backend, keeping its reservations (a local job caught in a restart)."""
-        async with self._tx() as db:
-            await db.execute(
+        await self._tx(
+            lambda db: db.execute(
                 "UPDATE jobs SET state = 'queued', reason = ? WHERE id = ? AND state = 'running'",
                 (reason, job_id),
             )
+        )
 
     async def mark_delivered(self, job_id: str) -> None:
-        async with self._tx() as db:
-            await db.execute("UPDATE jobs SET delivered = 1 WHERE id = ?", (job_id,))
+        await self._tx(lambda db: db.execute("UPDATE jobs SET delivered = 1 WHERE id = ?", (job_id,)))
 
     async def undelivered(self) -> list[Job]:
         rows = await self._read(
@@ -620,13 +686,11 @@ class Store:
     # ---- ledger ----
 
     async def usage(self, scope: Scope, resource: Resource, period_key: str) -> int:
-        async with self._lock:
-            return await _usage(self._db, scope, resource, period_key)
+        return (await self.usages([(scope, resource, period_key)]))[0]
 
-    async def check_limits(self, reservations: list[Reservation], checks: Iterable[LimitCheck]) -> None:
-        """QuotaExceeded if these reservations would cross a limit now (a pre-check; reserving checks again)."""
-        async with self._lock:
-            await _check_limits(self._db, reservations, checks)
+    async def usages(self, keys: Sequence[UsageKey]) -> list[int]:
+        """What each (scope, resource, period) has used so far, in the order asked, read at one moment."""
+        return await self._on_thread(lambda db: _usages(db, keys))
 
     async def grant(
         self,
@@ -638,14 +702,16 @@ class Store:
         reason: str,
         audit: AuditEntry,
     ) -> None:
-        async with self._tx() as db:
-            await _ensure_user(db, user_key, None)
-            await db.execute(
+        def grant(db: sqlite3.Connection) -> None:
+            _ensure_user(db, user_key, None)
+            db.execute(
                 "INSERT INTO ledger (entry, user_key, resource, amount, day, month, reason, created_at)"
                 " VALUES ('grant', ?, ?, ?, ?, ?, ?, ?)",
                 (user_key, resource.value, amount, day, month, reason, time.time()),
             )
-            await _audit(db, audit)
+            _audit(db, audit)
+
+        await self._tx(grant)
 
     async def spend_report(self, month: str) -> list[SpendRow]:
         """Per user and backend for one month: images made, money posted, money still pending."""
@@ -679,8 +745,7 @@ class Store:
     # ---- audit and controls ----
 
     async def audit(self, entry: AuditEntry) -> None:
-        async with self._tx() as db:
-            await _audit(db, entry)
+        await self._tx(lambda db: _audit(db, entry))
 
     async def audit_log(self, action: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         if action is None:
@@ -694,13 +759,15 @@ class Store:
         return str(rows[0][0]) if rows else None
 
     async def set_control(self, name: str, value: str, audit: AuditEntry) -> None:
-        async with self._tx() as db:
-            await db.execute(
+        def set_control(db: sqlite3.Connection) -> None:
+            db.execute(
                 "INSERT INTO controls (name, value) VALUES (?, ?)"
                 " ON CONFLICT(name) DO UPDATE SET value = excluded.value",
                 (name, value),
             )
-            await _audit(db, audit)
+            _audit(db, audit)
+
+        await self._tx(set_control)
 
     # ---- operations: the admin report and the alerts (engine/report.py, engine/alerts.py) ----
 
@@ -764,7 +831,19 @@ class EndedJob:
 # ---- end of the operations section ----
 
 
-# ---- helpers that run inside a caller's transaction ----
+# ---- helpers that run on the connection's thread, inside a caller's transaction or read ----
+
+
+def _in_transaction(body: Callable[[sqlite3.Connection], T], db: sqlite3.Connection) -> T:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = body(db)
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.OperationalError):  # a failed COMMIT may have ended it already
+            db.execute("ROLLBACK")
+        raise
+    return result
 
 
 def _statements(script: str) -> list[str]:
@@ -782,11 +861,11 @@ def _statements(script: str) -> list[str]:
     return statements
 
 
-async def _ensure_user(
-    db: aiosqlite.Connection, user_key: str, display_name: str | None, roles: tuple[str, ...] | None = None
+def _ensure_user(
+    db: sqlite3.Connection, user_key: str, display_name: str | None, roles: tuple[str, ...] | None = None
 ) -> None:
     now = time.time()
-    await db.execute(
+    db.execute(
         "INSERT INTO users (user_key, display_name, roles, created_at, updated_at) VALUES (?, ?, ?, ?, ?)"
         " ON CONFLICT(user_key) DO UPDATE SET display_name = COALESCE(excluded.display_name, users.display_name),"
         " roles = CASE WHEN ? THEN excluded.roles ELSE users.roles END",
@@ -794,57 +873,55 @@ async def _ensure_user(
     )
 
 
-async def _usage(db: aiosqlite.Connection, scope: Scope, resource: Resource, period_key: str) -> int:
-    """Spend in a period = posted + pending - the user's grants (grants only lift a user's own limits)."""
-    period = resource.period.value
-    filters = {"user": "r.user_key = ?", "guild": "r.guild_key = ?", "global": "1 = 1"}
-    params: list[Any] = [resource.value, period_key]
-    if scope.kind != "global":
-        params.append(scope.key)
-    row = await (
-        await db.execute(
-            "SELECT COALESCE(SUM(CASE c.entry WHEN 'settle' THEN c.amount WHEN 'void' THEN 0 ELSE r.amount END), 0)"
-            f" FROM ledger r LEFT JOIN ledger c ON c.ref = r.id"
-            f" WHERE r.entry = 'reserve' AND r.resource = ? AND r.{period} = ? AND {filters[scope.kind]}",
-            params,
+_SCOPE_FILTERS = {"user": "r.user_key = ?", "guild": "r.guild_key = ?", "global": "1 = 1"}
+
+
+def _usages(db: sqlite3.Connection, keys: Sequence[UsageKey]) -> list[int]:
+    """Spend in a period = posted + pending - the user's grants (grants only lift a user's own limits).
+
+    One grouped query per scope and period (the day's images and GPU time together), not one sum per resource:
+    a reservation counts at its settled amount, 0 once voided, its reserved amount while open; a user's grant
+    line counts negatively.
+    """
+    groups: dict[tuple[Scope, str, str], list[Resource]] = {}
+    for scope, resource, period_key in keys:
+        groups.setdefault((scope, resource.period.value, period_key), []).append(resource)
+    used: dict[UsageKey, int] = {}
+    for (scope, period, period_key), resources in groups.items():
+        names = list(dict.fromkeys(resource.value for resource in resources))
+        entries = "('reserve','grant')" if scope.kind == "user" else "('reserve')"
+        params: list[Any] = [*names, period_key]
+        if scope.kind != "global":
+            params.append(scope.key)
+        sums = dict(
+            db.execute(
+                "SELECT r.resource, SUM(CASE WHEN r.entry = 'grant' THEN -r.amount WHEN c.entry = 'settle'"
+                " THEN c.amount WHEN c.entry = 'void' THEN 0 ELSE r.amount END)"
+                " FROM ledger r LEFT JOIN ledger c ON c.ref = r.id"
+                f" WHERE r.entry IN {entries} AND r.resource IN ({', '.join('?' * len(names))})"
+                f" AND r.{period} = ? AND {_SCOPE_FILTERS[scope.kind]} GROUP BY r.resource",
+                params,
+            ).fetchall()
         )
-    ).fetchone()
-    used = int(row[0]) if row else 0
-    if scope.kind == "user":
-        row = await (
-            await db.execute(
-                f"SELECT COALESCE(SUM(amount), 0) FROM ledger WHERE entry = 'grant' AND resource = ?"
-                f" AND {period} = ? AND user_key = ?",
-                (resource.value, period_key, scope.key),
-            )
-        ).fetchone()
-        used -= int(row[0]) if row else 0
-    return used
+        for resource in resources:
+            used[(scope, resource, period_key)] = int(sums.get(resource.value) or 0)
+    return [used[key] for key in keys]
 
 
-async def _check_limits(
-    db: aiosqlite.Connection, reservations: list[Reservation], checks: Iterable[LimitCheck]
-) -> None:
+def _check_limits(db: sqlite3.Connection, reservations: list[Reservation], checks: Iterable[LimitCheck]) -> None:
     wanted: dict[Resource, int] = {}
     for reservation in reservations:
         wanted[reservation.resource] = wanted.get(reservation.resource, 0) + reservation.amount
-    for check in checks:
-        amount = wanted.get(check.resource, 0)
-        if amount == 0:
-            continue
-        used = await _usage(db, check.scope, check.resource, check.period_key)
-        if used + amount > check.limit:
-            raise QuotaExceeded(
-                check.name,
-                unit=check.resource.value,
-                limit_value=check.limit,
-                remaining=max(0, check.limit - used),
-                resets_at=None if check.resets_at is None else datetime.fromtimestamp(check.resets_at, UTC),
-            )
+    counted = [check for check in checks if wanted.get(check.resource, 0) != 0]
+    used = _usages(db, [(check.scope, check.resource, check.period_key) for check in counted])
+    for check, so_far in zip(counted, used, strict=True):
+        refusal = check.refusal(so_far, wanted[check.resource])
+        if refusal is not None:
+            raise refusal
 
 
-async def _insert_reservations(
-    db: aiosqlite.Connection,
+def _insert_reservations(
+    db: sqlite3.Connection,
     job_id: str,
     user_key: str,
     guild_key: str | None,
@@ -853,10 +930,10 @@ async def _insert_reservations(
     now: float | None = None,
 ) -> None:
     stamp = time.time() if now is None else now
-    for reservation in reservations:
-        await db.execute(
-            "INSERT INTO ledger (entry, job_id, user_key, guild_key, backend, resource, amount, day, month,"
-            " created_at) VALUES ('reserve', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    db.executemany(
+        "INSERT INTO ledger (entry, job_id, user_key, guild_key, backend, resource, amount, day, month,"
+        " created_at) VALUES ('reserve', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
             (
                 job_id,
                 user_key,
@@ -867,42 +944,43 @@ async def _insert_reservations(
                 reservation.day,
                 reservation.month,
                 stamp,
-            ),
-        )
+            )
+            for reservation in reservations
+        ],
+    )
 
 
-async def _open_reservations(db: aiosqlite.Connection, job_id: str) -> list[OpenReservation]:
-    cursor = await db.execute(
+def _open_reservations(db: sqlite3.Connection, job_id: str) -> list[OpenReservation]:
+    rows = db.execute(
         "SELECT r.id, r.resource, r.amount, r.backend FROM ledger r LEFT JOIN ledger c ON c.ref = r.id"
         " WHERE r.job_id = ? AND r.entry = 'reserve' AND c.id IS NULL ORDER BY r.id",
         (job_id,),
-    )
-    return [
-        OpenReservation(row[0], Resource(row[1]), row[2], BackendKind(row[3]) if row[3] else None)
-        for row in await cursor.fetchall()
-    ]
+    ).fetchall()
+    return [OpenReservation(row[0], Resource(row[1]), row[2], BackendKind(row[3]) if row[3] else None) for row in rows]
 
 
-async def _close(db: aiosqlite.Connection, closes: Iterable[Close], now: float) -> None:
-    for close in closes:
-        # The reservation's own user, guild, period and backend are copied so every line stands on its own.
-        await db.execute(
-            "INSERT INTO ledger (entry, ref, job_id, user_key, guild_key, backend, resource, amount, day, month,"
-            " reason, created_at)"
-            " SELECT ?, id, job_id, user_key, guild_key, backend, resource, ?, day, month, ?, ?"
-            " FROM ledger WHERE id = ? AND entry = 'reserve'",
+def _close(db: sqlite3.Connection, closes: Iterable[Close], now: float) -> None:
+    # The reservation's own user, guild, period and backend are copied so every line stands on its own.
+    db.executemany(
+        "INSERT INTO ledger (entry, ref, job_id, user_key, guild_key, backend, resource, amount, day, month,"
+        " reason, created_at)"
+        " SELECT ?, id, job_id, user_key, guild_key, backend, resource, ?, day, month, ?, ?"
+        " FROM ledger WHERE id = ? AND entry = 'reserve'",
+        [
             (
                 "void" if close.amount is None else "settle",
                 0 if close.amount is None else close.amount,
                 close.reason,
                 now,
                 close.reservation_id,
-            ),
-        )
+            )
+            for close in closes
+        ],
+    )
 
 
-async def _audit(db: aiosqlite.Connection, entry: AuditEntry) -> None:
-    await db.execute(
+def _audit(db: sqlite3.Connection, entry: AuditEntry) -> None:
+    db.execute(
         "INSERT INTO audit (at, actor, action, subject, job_id, detail) VALUES (?, ?, ?, ?, ?, ?)",
         (time.time(), entry.actor, entry.action, entry.subject, entry.job_id, json.dumps(entry.detail or {})),
     )
