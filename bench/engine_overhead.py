@@ -75,7 +75,7 @@ from engine.models import (
 )
 from engine.quota import Quota
 from engine.service import Engine
-from engine.store import AuditEntry, LimitCheck, Reservation, Store
+from engine.store import INSERT_JOB, AuditEntry, LimitCheck, Reservation, Store, job_row
 from engine.validation import resolve
 from tests.fakes.backends import tiny_png
 from tests.fakes.discord_server import APP_ID, CHANNEL_ID, GUILD_ID, FakeDiscord
@@ -344,7 +344,7 @@ async def ledger_work(settings: Settings, store: Store, count: int) -> list[Ledg
 
 def raw_submit(db: sqlite3.Connection, work: LedgerWork) -> None:
     """Store.submit_job's statements with plain sqlite3, in one BEGIN IMMEDIATE transaction."""
-    job, who, r = work.job, work.job.requester, work.job.request
+    job, who = work.job, work.job.requester
     now = time.time()
     db.execute("BEGIN IMMEDIATE")
     try:
@@ -385,53 +385,7 @@ def raw_submit(db: sqlite3.Connection, work: LedgerWork) -> None:
                 ).fetchone()[0]
             if used + amount > check.limit:
                 raise RuntimeError("the baseline never refuses")
-        db.execute(
-            "INSERT INTO jobs (id, user_key, guild_key, platform, user_id, guild_id, channel_id, display_name, roles,"
-            " is_admin, prompt, model, width, height, aspect_ratio, steps, guidance, seed, mode, input_image_url,"
-            " state, backend, reason, attempts, local_attempts, estimated_cost_micros, estimated_gpu_ms, task_id,"
-            " polling_url, task_cost_micros, created_at, started_at, finished_at, failure_reason, error,"
-            f" cost_micros, result_path, delivered) VALUES ({', '.join('?' * 38)})",
-            (
-                job.id,
-                who.user_key,
-                who.guild_key,
-                who.platform.value,
-                who.user_id,
-                who.guild_id,
-                who.channel_id,
-                who.display_name,
-                json.dumps(list(who.roles)),
-                int(who.is_admin),
-                r.prompt,
-                r.model,
-                r.width,
-                r.height,
-                r.aspect_ratio,
-                r.steps,
-                r.guidance,
-                r.seed,
-                r.mode.value,
-                r.input_image_url,
-                job.state.value,
-                job.backend.value,
-                job.reason,
-                job.attempts,
-                job.local_attempts,
-                job.estimated_cost_micros,
-                job.estimated_gpu_ms,
-                None,
-                None,
-                None,
-                job.created_at,
-                None,
-                None,
-                None,
-                None,
-                0,
-                None,
-                0,
-            ),
-        )
+        db.execute(INSERT_JOB, job_row(job))
         for reservation in work.reservations:
             db.execute(
                 "INSERT INTO ledger (entry, job_id, user_key, guild_key, backend, resource, amount, day, month,"

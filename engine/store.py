@@ -316,6 +316,55 @@ def _user_from_row(row: sqlite3.Row) -> UserRecord:
     )
 
 
+INSERT_JOB = f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * 38)})"
+
+
+def job_row(job: Job) -> tuple[Any, ...]:
+    """The parameters of INSERT_JOB for a new job (also what bench/engine_overhead.py's raw sqlite3 baseline writes)."""
+    requester = job.requester
+    r = job.request
+    return (
+        job.id,
+        requester.user_key,
+        requester.guild_key,
+        requester.platform.value,
+        requester.user_id,
+        requester.guild_id,
+        requester.channel_id,
+        requester.display_name,
+        json.dumps(list(requester.roles)),
+        int(requester.is_admin),
+        r.prompt,
+        r.model,
+        r.width,
+        r.height,
+        r.aspect_ratio,
+        r.steps,
+        r.guidance,
+        r.seed,
+        r.mode.value,
+        r.input_image_url,
+        job.state.value,
+        job.backend.value,
+        job.reason,
+        job.attempts,
+        job.local_attempts,
+        job.estimated_cost_micros,
+        job.estimated_gpu_ms,
+        None,
+        None,
+        None,
+        job.created_at,
+        None,
+        None,
+        None,
+        None,
+        0,
+        None,
+        0,
+    )
+
+
 class Store:
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self._db = db
@@ -436,47 +485,7 @@ class Store:
         requester = job.requester
         reservations = list(reservations)
         checks = list(checks)
-        r = job.request
-        row = (
-            job.id,
-            requester.user_key,
-            requester.guild_key,
-            requester.platform.value,
-            requester.user_id,
-            requester.guild_id,
-            requester.channel_id,
-            requester.display_name,
-            json.dumps(list(requester.roles)),
-            int(requester.is_admin),
-            r.prompt,
-            r.model,
-            r.width,
-            r.height,
-            r.aspect_ratio,
-            r.steps,
-            r.guidance,
-            r.seed,
-            r.mode.value,
-            r.input_image_url,
-            job.state.value,
-            job.backend.value,
-            job.reason,
-            job.attempts,
-            job.local_attempts,
-            job.estimated_cost_micros,
-            job.estimated_gpu_ms,
-            None,
-            None,
-            None,
-            job.created_at,
-            None,
-            None,
-            None,
-            None,
-            0,
-            None,
-            0,
-        )
+        row = job_row(job)
 
         def submit(db: sqlite3.Connection) -> None:
             _ensure_user(db, requester.user_key, requester.display_name, requester.roles)
@@ -490,7 +499,7 @@ class Store:
                         "jobs at once", unit="jobs", limit_value=max_active_jobs, remaining=0, resets_at=None
                     )
             _check_limits(db, reservations, checks)
-            db.execute(f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * 38)})", row)
+            db.execute(INSERT_JOB, row)
             _insert_reservations(db, job.id, requester.user_key, requester.guild_key, reservations)
             if audit:
                 _audit(db, audit)
