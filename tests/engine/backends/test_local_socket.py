@@ -10,6 +10,7 @@ Drivers act on events (kill the worker once its first progress arrives), never o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import signal
@@ -80,6 +81,7 @@ class Unit:
     exits: dict[int, int] = field(default_factory=dict)  # pid -> exit status (negative: killed by that signal)
     stopping: bool = False
     _proc: asyncio.subprocess.Process | None = None
+    _pidfd: int = -1  # the current process, as systemd tracks it: a signal can never reach a reused pid
     _task: asyncio.Task[None] | None = None
 
     @property
@@ -95,13 +97,23 @@ class Unit:
         while not self.stopping and len(self.pids) < MAX_STARTS:
             self._proc = await start_worker(self.model, self.path, self.env)
             self.pids.append(self._proc.pid)
-            self.exits[self._proc.pid] = await self._proc.wait()
+            with contextlib.suppress(ProcessLookupError):  # already exited and reaped: nothing left to signal
+                self._pidfd = os.pidfd_open(self._proc.pid)
+            try:
+                self.exits[self._proc.pid] = await self._proc.wait()
+            finally:
+                if self._pidfd >= 0:
+                    os.close(self._pidfd)
+                    self._pidfd = -1
 
     async def stop(self) -> None:
         """No more restarts; a process still running is stopped as `systemctl stop` would (SIGTERM)."""
         self.stopping = True
-        if self._proc is not None and self._proc.returncode is None:
-            self._proc.terminate()
+        if self._proc is not None and self._proc.returncode is None and self._pidfd >= 0:
+            # Not Process.terminate(): Popen.send_signal() first polls with waitpid(), which reaps a process that
+            # has just exited before asyncio's child watcher can, and asyncio then reports its status as 255.
+            with contextlib.suppress(ProcessLookupError):  # it has exited; the watcher has yet to say so
+                signal.pidfd_send_signal(self._pidfd, signal.SIGTERM)
         if self._task is not None:
             await self._task
 
