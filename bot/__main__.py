@@ -53,7 +53,11 @@ def setup_logging(level: str, secrets: Secrets) -> None:
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="flux-bot", description="FLUX.1 image generation for Discord and Slack")
     top.add_argument("--config", type=Path, help="config file (default: $FLUX_BOT_CONFIG, else built-in defaults)")
-    top.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    top.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="default: INFO when serving a chat platform, WARNING at the console (its own output is the interface)",
+    )
     sub = top.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="start the chat front-ends whose tokens are set (the console if none is)")
@@ -105,7 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         print(f"flux-bot: configuration error in {exc.file}: {exc.field}: {exc.problem}", file=sys.stderr)
         return 2
-    setup_logging("WARNING" if args.command in ("console", "admin") else args.log_level, secrets)
+    at_the_console = args.command in ("console", "admin") or (
+        args.command == "run" and not (secrets.discord_token or secrets.slack_bot_token)
+    )
+    setup_logging(args.log_level or ("WARNING" if at_the_console else "INFO"), secrets)
     try:
         match args.command:
             case "run":
