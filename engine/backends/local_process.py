@@ -72,6 +72,11 @@ class ChildPipes:
         self.pid = proc.pid
         self.reader = proc.stdout
         self.log: asyncio.StreamReader | None = proc.stderr
+        # Killed through a pidfd, not Process.kill(): that polls with waitpid() first and can reap a worker that has
+        # just exited before asyncio's child watcher does, which then reports its status as 255.
+        self._pidfd = -1
+        with contextlib.suppress(OSError):  # already gone (ProcessLookupError), or a kernel without pidfds
+            self._pidfd = os.pidfd_open(proc.pid)
 
     @property
     def running(self) -> bool:
@@ -82,8 +87,13 @@ class ChildPipes:
         await self._stdin.drain()
 
     def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self._proc.kill()
+        if not self.running:
+            return
+        with contextlib.suppress(ProcessLookupError):  # it has exited; the child watcher has yet to say so
+            if self._pidfd >= 0:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            else:
+                self._proc.kill()
 
     async def wait(self) -> None:
         await self._proc.wait()
@@ -98,6 +108,9 @@ class ChildPipes:
 
     def close(self) -> None:
         self._stdin.close()
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
 
 
 class UnitSocket:
