@@ -54,7 +54,7 @@ import tempfile
 import time
 import tomllib
 from collections import Counter, deque
-from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -73,13 +73,11 @@ from engine.models import (
     FailureReason,
     Finished,
     ImageRequest,
-    Job,
     JobCancelled,
     JobDone,
     JobEvent,
     JobFailed,
     JobRerouted,
-    JobState,
     Mode,
     Platform,
     RemoteTask,
@@ -256,71 +254,9 @@ class InlineConnection:
         self._db.close()
 
 
-class QueueCachingStore(Store):
-    """Store whose queue reads build each queued Job once, not once per dispatch; the answers are the same.
-
-    The scheduler reads up to 1,000 queued jobs, as Job objects, for every dispatch (Scheduler._dispatch_once).
-    At a queue 1,000 deep that costs ~80 ms here per dispatch (all of it building Jobs from rows), so a day with a
-    deep local queue would take an hour to simulate. Here the queue's ids and order still come from SQLite on each
-    call; only the Job for an id is kept from its first read until the job leaves the queue or changes (every
-    Store method that writes a job drops it). `--no-queue-cache` runs the plain Store, to check the equality.
-    """
-
-    def __init__(self, db: Any, path: Path) -> None:
-        super().__init__(db, path)
-        self._queued: dict[str, Job] = {}
-
-    async def jobs(
-        self,
-        *,
-        states: Iterable[JobState] | None = None,
-        user_key: str | None = None,
-        backend: BackendKind | None = None,
-        limit: int = 1000,
-        newest_first: bool = False,
-    ) -> list[Job]:
-        wanted = None if states is None else list(states)
-        if wanted != [JobState.QUEUED] or backend is None or user_key is not None or newest_first:
-            return await super().jobs(
-                states=wanted, user_key=user_key, backend=backend, limit=limit, newest_first=newest_first
-            )
-        rows = await self._read(
-            "SELECT id FROM jobs WHERE state IN (?) AND backend = ? ORDER BY created_at ASC, id ASC LIMIT ?",
-            (JobState.QUEUED.value, backend.value, limit),
-        )
-        out = []
-        for (job_id,) in rows:
-            job = self._queued.get(job_id)
-            if job is None:
-                job = self._queued[job_id] = await self.get_job(job_id)
-            out.append(job)
-        return out
-
-    async def mark_running(self, job_id: str, now: float) -> Job:
-        self._queued.pop(job_id, None)
-        return await super().mark_running(job_id, now)
-
-    async def store_task(self, job_id: str, task: RemoteTask) -> None:
-        self._queued.pop(job_id, None)
-        await super().store_task(job_id, task)
-
-    async def finish_job(self, job_id: str, *args: Any, **kwargs: Any) -> bool:
-        self._queued.pop(job_id, None)
-        return await super().finish_job(job_id, *args, **kwargs)
-
-    async def reroute(self, job_id: str, *args: Any, **kwargs: Any) -> None:
-        self._queued.pop(job_id, None)
-        await super().reroute(job_id, *args, **kwargs)
-
-    async def requeue(self, job_id: str, reason: str) -> None:
-        self._queued.pop(job_id, None)
-        await super().requeue(job_id, reason)
-
-
-async def inline_store(path: Path, queue_cache: bool) -> Store:
+async def inline_store(path: Path) -> Store:
     """A Store over InlineConnection, on a file whose schema Store.open made (on a real loop, before the day)."""
-    kind = QueueCachingStore if queue_cache else Store
-    return kind(cast(Any, InlineConnection(path)), path)
+    return Store(cast(Any, InlineConnection(path)), path)
 
 
 # ---- the simulated backends ----
@@ -559,13 +495,13 @@ async def _prepare_schema(path: Path) -> None:
 
 
 async def _day(
-    gpu: GpuProfile, strategy: str, day: list[Arrival], behaviour: ApiBehaviour, settings: Settings, queue_cache: bool
+    gpu: GpuProfile, strategy: str, day: list[Arrival], behaviour: ApiBehaviour, settings: Settings
 ) -> StrategyResult:
     loop = asyncio.get_running_loop()
     fates = {arrival.n: arrival for arrival in day}
     local = SimLocal(settings.models, fates)
     api = SimApi(settings.bfl, settings.models, fates, behaviour)
-    store = await inline_store(settings.bot.database_path, queue_cache)
+    store = await inline_store(settings.bot.database_path)
     engine = Engine(
         settings,
         Secrets(),
@@ -707,12 +643,11 @@ def simulate(
     images_per_user: float,
     seed: int,
     overrides: list[str],
-    queue_cache: bool = True,
 ) -> StrategyResult:
     """One strategy over one simulated day, in a fresh database (a process of its own when run in parallel)."""
     logging.getLogger("flux_bot").setLevel(logging.ERROR)  # a day's worth of per-job INFO and WARNING lines
-    # Job ids mix the wall clock with 16 random bits: thousands of jobs per real second could collide, and a
-    # repeatable run wants repeatable ids (they break ties in the queue's order).
+    # Job ids mix the wall clock with random bits; a repeatable run wants repeatable ids (they break ties in the
+    # queue's order).
     ids = itertools.count(1)
     service.new_job_id = lambda: f"j{next(ids):07d}"  # type: ignore[attr-defined]
     gpu, behaviour = PROFILES[gpu_name], ApiBehaviour()
@@ -724,7 +659,7 @@ def simulate(
         asyncio.run(_prepare_schema(settings.bot.database_path))
         loop = VirtualTimeLoop()
         try:
-            return loop.run_until_complete(_day(gpu, strategy, day, behaviour, settings, queue_cache))
+            return loop.run_until_complete(_day(gpu, strategy, day, behaviour, settings))
         finally:
             loop.close()
 
@@ -816,7 +751,6 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SECTION.KEY=VALUE",
         help="a config.toml setting for every strategy, e.g. routing.max_local_wait_s=30 (repeatable)",
     )
-    parser.add_argument("--no-queue-cache", action="store_true", help="the plain Store (slow with deep queues)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="strategies simulated at once")
     parser.add_argument("--plot", type=Path, default=Path("docs/routing_sim.png"))
     parser.add_argument("--out", type=Path, default=Path("bench/out/routing_sim"))
@@ -833,7 +767,6 @@ def main(argv: list[str] | None = None) -> int:
                 args.images_per_user,
                 args.seed,
                 args.set,
-                not args.no_queue_cache,
             )
             for gpu, strategy in runs
         ]
