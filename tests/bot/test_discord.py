@@ -34,7 +34,15 @@ from engine.models import (
 from engine.service import Engine
 from tests.conftest import EngineFactory, SettingsFactory, wait_terminal
 from tests.fakes.backends import ScriptedBackend, fail, tiny_png
-from tests.fakes.discord_server import APP_ID, CHANNEL_ID, GUILD_ID, MANAGE_GUILD, FakeDiscord, Recorded
+from tests.fakes.discord_server import (
+    APP_ID,
+    CHANNEL_ID,
+    GUILD_ID,
+    MANAGE_GUILD,
+    FakeDiscord,
+    Recorded,
+    bot_message,
+)
 
 ALICE, BOB, ROLE = "111", "222", "555"
 EPHEMERAL = 64
@@ -134,23 +142,7 @@ def imagine(prompt: str, **options: Any) -> list[dict[str, Any]]:
 def click(custom_id: str, message_id: str, **kwargs: Any) -> dict[str, Any]:
     """A button press on a result message carrying our buttons (Discord sends the message with it)."""
     row = {"type": 1, "components": [{"type": 2, "style": 2, "label": "x", "custom_id": custom_id}]}
-    message = {
-        "id": message_id,
-        "channel_id": CHANNEL_ID,
-        "author": {"id": "1001", "username": "flux-bot", "discriminator": "0", "avatar": None, "bot": True},
-        "content": "",
-        "timestamp": "2026-11-26T12:00:00+00:00",
-        "edited_timestamp": None,
-        "tts": False,
-        "mention_everyone": False,
-        "mentions": [],
-        "mention_roles": [],
-        "attachments": [],
-        "embeds": [],
-        "components": [row],
-        "pinned": False,
-        "type": 0,
-    }
+    message = bot_message(message_id, CHANNEL_ID, components=[row])
     return interaction(3, {"custom_id": custom_id, "component_type": 2}, message=message, **kwargs)
 
 

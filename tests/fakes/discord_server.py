@@ -61,6 +61,30 @@ def _user(user_id: str, name: str, *, bot: bool = False) -> dict[str, Any]:
     return {"id": user_id, "username": name, "discriminator": "0", "global_name": name, "avatar": None, "bot": bot}
 
 
+def bot_message(
+    message_id: str, channel_id: str, *, content: str = "", components: list[Any] | None = None, flags: int = 0
+) -> dict[str, Any]:
+    """A message the bot posted, as Discord's API shows it (in answers, and inside a button press's interaction)."""
+    return {
+        "id": message_id,
+        "channel_id": channel_id,
+        "author": _user(BOT_ID, "flux-bot", bot=True),
+        "content": content,
+        "timestamp": "2026-11-26T12:00:00+00:00",
+        "edited_timestamp": None,
+        "tts": False,
+        "mention_everyone": False,
+        "mentions": [],
+        "mention_roles": [],
+        "attachments": [],
+        "embeds": [],
+        "components": components or [],
+        "pinned": False,
+        "type": 0,
+        "flags": flags,
+    }
+
+
 class FakeDiscord:
     """`async with FakeDiscord() as fake:` points discord.py's Route.BASE at it for the duration."""
 
@@ -185,24 +209,13 @@ class FakeDiscord:
 
     def _message(self, channel_id: str, payload: Any, files: int = 0) -> dict[str, Any]:
         payload = payload if isinstance(payload, dict) else {}
-        return {
-            "id": str(next(self._ids)),
-            "channel_id": channel_id,
-            "author": _user(BOT_ID, "flux-bot", bot=True),
-            "content": payload.get("content") or "",
-            "timestamp": "2026-11-26T12:00:00+00:00",
-            "edited_timestamp": None,
-            "tts": False,
-            "mention_everyone": False,
-            "mentions": [],
-            "mention_roles": [],
-            "attachments": [],
-            "embeds": [],
-            "components": payload.get("components") or [],
-            "pinned": False,
-            "type": 0,
-            "flags": payload.get("flags") or 0,
-        }
+        return bot_message(
+            str(next(self._ids)),
+            channel_id,
+            content=payload.get("content") or "",
+            components=payload.get("components") or [],
+            flags=payload.get("flags") or 0,
+        )
 
     async def _webhook_message(self, request: web.Request) -> web.Response:
         # The body was consumed by the recorder; the reply only needs a plausible message.
