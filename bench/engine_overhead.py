@@ -78,7 +78,7 @@ from engine.service import Engine
 from engine.store import INSERT_JOB, AuditEntry, LimitCheck, Reservation, Store, job_row
 from engine.validation import resolve
 from tests.fakes.backends import tiny_png
-from tests.fakes.discord_server import APP_ID, CHANNEL_ID, GUILD_ID, FakeDiscord
+from tests.fakes.discord_server import FakeDiscord, interaction_payload
 
 MODEL = "dev"
 IMAGES_PER_IDENTITY = 40  # below the default tier's 50 images a day, so no submit is refused
@@ -536,49 +536,10 @@ class TimedDiscord(FakeDiscord):
         return await super()._webhook_message(request)
 
 
-_ids = itertools.count(1)
-
-
 def imagine_payload(user_id: str, prompt: str) -> dict[str, Any]:
-    """A raw /imagine interaction as Discord sends it (the shape tests/bot/test_discord.py uses)."""
-    snowflake = str(discord.utils.time_snowflake(discord.utils.utcnow()) + next(_ids))
-    member = {
-        "user": {
-            "id": user_id,
-            "username": f"user{user_id}",
-            "discriminator": "0",
-            "global_name": None,
-            "avatar": None,
-        },
-        "roles": [],
-        "permissions": "0",
-        "joined_at": "2026-01-01T00:00:00+00:00",
-        "deaf": False,
-        "mute": False,
-        "flags": 0,
-    }
-    return {
-        "id": snowflake,
-        "application_id": APP_ID,
-        "type": 2,
-        "token": f"token-{snowflake}",
-        "version": 1,
-        "attachment_size_limit": 10 * 1024 * 1024,
-        "guild_id": GUILD_ID,
-        "channel_id": CHANNEL_ID,
-        "channel": {"id": CHANNEL_ID, "type": 0, "guild_id": GUILD_ID, "name": "art", "position": 0, "nsfw": False},
-        "member": member,
-        "locale": "en-US",
-        "data": {
-            "id": "700",
-            "name": "imagine",
-            "type": 1,
-            "options": [
-                {"name": "prompt", "type": 3, "value": prompt},
-                {"name": "model", "type": 3, "value": MODEL},
-            ],
-        },
-    }
+    """A raw /imagine interaction as Discord sends it (the builder tests/bot/test_discord.py uses)."""
+    options = [{"name": "prompt", "type": 3, "value": prompt}, {"name": "model", "type": 3, "value": MODEL}]
+    return interaction_payload(2, {"id": "700", "name": "imagine", "type": 1, "options": options}, user_id=user_id)
 
 
 @dataclass

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import io
-import itertools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import discord
@@ -42,11 +41,11 @@ from tests.fakes.discord_server import (
     FakeDiscord,
     Recorded,
     bot_message,
+    interaction_payload,
 )
 
 ALICE, BOB, ROLE = "111", "222", "555"
 EPHEMERAL = 64
-_ids = itertools.count(1)
 
 FrontEndFactory = Callable[[Engine], Awaitable[DiscordFrontEnd]]
 
@@ -72,57 +71,8 @@ async def front_end(fake: FakeDiscord) -> AsyncIterator[FrontEndFactory]:
         await app.close()
 
 
-def _snowflake(when: datetime | None = None) -> str:
-    return str(discord.utils.time_snowflake(when or discord.utils.utcnow()) + next(_ids))
-
-
-def _member(user_id: str, roles: tuple[str, ...], permissions: int) -> dict[str, Any]:
-    return {
-        "user": {
-            "id": user_id,
-            "username": f"user{user_id}",
-            "discriminator": "0",
-            "global_name": None,
-            "avatar": None,
-        },
-        "roles": list(roles),
-        "permissions": str(permissions),
-        "joined_at": "2026-01-01T00:00:00+00:00",
-        "deaf": False,
-        "mute": False,
-        "flags": 0,
-    }
-
-
-def interaction(
-    kind: int,
-    data: dict[str, Any],
-    *,
-    user_id: str = ALICE,
-    roles: tuple[str, ...] = (),
-    permissions: int = 0,
-    size_limit: int = 10 * 1024 * 1024,
-    created: datetime | None = None,
-    message: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    payload: dict[str, Any] = {
-        "id": _snowflake(created),
-        "application_id": APP_ID,
-        "type": kind,
-        "token": f"token-{next(_ids)}",
-        "version": 1,
-        "attachment_size_limit": size_limit,
-        "guild_id": GUILD_ID,
-        "channel_id": CHANNEL_ID,
-        # discord.py 2.7 takes Interaction.channel_id from this object, as Discord sends it.
-        "channel": {"id": CHANNEL_ID, "type": 0, "guild_id": GUILD_ID, "name": "art", "position": 0, "nsfw": False},
-        "member": _member(user_id, roles, permissions),
-        "locale": "en-US",
-        "data": data,
-    }
-    if message is not None:
-        payload["message"] = message
-    return payload
+def interaction(kind: int, data: dict[str, Any], *, user_id: str = ALICE, **kwargs: Any) -> dict[str, Any]:
+    return interaction_payload(kind, data, user_id=user_id, **kwargs)
 
 
 def command(name: str, options: list[dict[str, Any]], **kwargs: Any) -> dict[str, Any]:

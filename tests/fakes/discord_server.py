@@ -12,6 +12,7 @@ import itertools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import discord
@@ -83,6 +84,64 @@ def bot_message(
         "type": 0,
         "flags": flags,
     }
+
+
+_payload_ids = itertools.count(1)
+
+
+def _snowflake(when: datetime | None = None) -> str:
+    return str(discord.utils.time_snowflake(when or discord.utils.utcnow()) + next(_payload_ids))
+
+
+def _member(user_id: str, roles: tuple[str, ...], permissions: int) -> dict[str, Any]:
+    return {
+        "user": {
+            "id": user_id,
+            "username": f"user{user_id}",
+            "discriminator": "0",
+            "global_name": None,
+            "avatar": None,
+        },
+        "roles": list(roles),
+        "permissions": str(permissions),
+        "joined_at": "2026-01-01T00:00:00+00:00",
+        "deaf": False,
+        "mute": False,
+        "flags": 0,
+    }
+
+
+def interaction_payload(
+    kind: int,
+    data: dict[str, Any],
+    *,
+    user_id: str,
+    roles: tuple[str, ...] = (),
+    permissions: int = 0,
+    size_limit: int = 10 * 1024 * 1024,
+    created: datetime | None = None,
+    message: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A raw interaction as Discord sends it (kind 2: a slash command, 3: a button press), for
+    `client._connection.parse_interaction_create`."""
+    payload: dict[str, Any] = {
+        "id": _snowflake(created),
+        "application_id": APP_ID,
+        "type": kind,
+        "token": f"token-{next(_payload_ids)}",
+        "version": 1,
+        "attachment_size_limit": size_limit,
+        "guild_id": GUILD_ID,
+        "channel_id": CHANNEL_ID,
+        # discord.py 2.7 takes Interaction.channel_id from this object, as Discord sends it.
+        "channel": {"id": CHANNEL_ID, "type": 0, "guild_id": GUILD_ID, "name": "art", "position": 0, "nsfw": False},
+        "member": _member(user_id, roles, permissions),
+        "locale": "en-US",
+        "data": data,
+    }
+    if message is not None:
+        payload["message"] = message
+    return payload
 
 
 class FakeDiscord:
