@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -148,21 +148,7 @@ class Engine:
         if not decision_of_policy.allowed:
             await self.store.audit(policy_audit)
             raise PolicyBlocked(decision_of_policy.rule, decision_of_policy.detail)
-        resolved = resolve(
-            ImageRequest(
-                prompt=self.policy.normalise(request.prompt),
-                model=request.model,
-                width=request.width,
-                height=request.height,
-                aspect_ratio=request.aspect_ratio,
-                steps=request.steps,
-                guidance=request.guidance,
-                seed=request.seed,
-                mode=request.mode,
-                input_image_url=request.input_image_url,
-            ),
-            model,
-        )
+        resolved = resolve(replace(request, prompt=self.policy.normalise(request.prompt)), model)
         # The image allowance does not depend on the route: say so plainly, with its reset time, before routing.
         standing.ensure_room(Resource.IMAGES, 1)
         decision = router.route(
