@@ -121,6 +121,7 @@ class BflSettings(_Section):
     safety_tolerance: int = Field(2, ge=0, le=6)
     output_format: Literal["png", "jpeg", "webp"] = "png"
     seconds_estimate: float = Field(18.0, gt=0)
+    task_not_found_grace_s: float = Field(30.0, ge=0)  # "Task not found" this soon after a submit: keep polling
 
 
 class LocalSettings(_Section):

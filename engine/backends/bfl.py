@@ -354,6 +354,9 @@ class BflBackend:
         deadline = self._clock() + settings.total_timeout_s
         interval = settings.poll_interval_s
         ceiling = max(settings.poll_max_interval_s, settings.poll_interval_s)
+        # "Task not found" just after a submit is BFL's eventual consistency (the owning cluster has not heard of the
+        # task yet), not a lost task: it is believed only once it persists past the grace window.
+        believe_not_found_at = self._clock() + settings.task_not_found_grace_s
         # The polling URL names the cluster that owns the task; the global host would answer Pending forever.
         url = URL(task.polling_url, encoded=True)
         last_step = -1
@@ -384,14 +387,21 @@ class BflBackend:
                     )
                     return
                 elif answer.status == 404:
-                    yield _retry(FailureReason.TASK_NOT_FOUND, "BFL does not know this task (HTTP 404)")
-                    return
+                    if self._clock() >= believe_not_found_at:
+                        yield _retry(FailureReason.TASK_NOT_FOUND, _not_found(settings, "HTTP 404"))
+                        return
+                    trouble = "task not found yet (HTTP 404)"
                 elif not 200 <= answer.status < 300:
                     detail = f"unexpected HTTP {answer.status} while polling"
                     yield _retry(FailureReason.SERVER_ERROR, detail, charged=task.cost_micros)
                     return
                 elif not isinstance(answer.body, dict):
                     trouble = "an answer that is not a JSON object"
+                elif answer.body.get("status") == "Task not found":
+                    if self._clock() >= believe_not_found_at:
+                        yield _retry(FailureReason.TASK_NOT_FOUND, _not_found(settings, "Task not found"))
+                        return
+                    trouble = "task not found yet"
                 else:
                     final = _final(answer.body, task)
                     if final is not None:
@@ -526,7 +536,7 @@ def _refused(answer: _Answer, retries: int) -> Failed:
 
 
 def _final(body: dict[str, Any], task: RemoteTask) -> Failed | _Ready | None:
-    """The end of a task as one poll answer tells it, or None while it is still running."""
+    """The end of a task as one poll answer tells it, or None while it is still running ("Task not found" aside)."""
     status = body.get("status")
     if status == "Ready":
         result = body.get("result")
@@ -538,9 +548,12 @@ def _final(body: dict[str, Any], task: RemoteTask) -> Failed | _Ready | None:
         return Failed(FailureReason.MODERATED, f"{status} by BFL (not billed)")
     if status == "Error":
         return _retry(FailureReason.SERVER_ERROR, "BFL reported an error while generating")
-    if status == "Task not found":
-        return _retry(FailureReason.TASK_NOT_FOUND, "BFL no longer knows this task")
     return None  # Pending, or a status this client does not know yet: keep polling until the deadline
+
+
+def _not_found(settings: BflSettings, answer: str) -> str:
+    grace = settings.task_not_found_grace_s
+    return f"BFL does not know this task ({answer}, still after {grace:g} s of polling); BFL does not bill it"
 
 
 def _first_problem(body: Any) -> str:

@@ -229,6 +229,41 @@ async def test_error_and_lost_task_are_retryable_and_free(
     assert (failed.reason, failed.charged_micros, failed.retryable) == (reason, 0, True)
 
 
+NOT_FOUND = Reply(200, {"id": "task-0001", "status": "Task not found", "result": None})
+
+
+@pytest.mark.parametrize("not_found", [NOT_FOUND, Reply(404, {"detail": "Not Found"})], ids=["status", "http-404"])
+async def test_task_not_found_right_after_submit_is_polled_through(
+    fake: FakeBfl, clock: FakeTime, not_found: Reply
+) -> None:
+    # BFL's eventual consistency: the cluster that owns a new task may not know it for the first polls.
+    fake.poll_script.extend([not_found] * 4)
+    async with backend(fake.api_url, clock, task_not_found_grace_s=30.0) as bfl:
+        events = await run_job(bfl, job())
+    assert isinstance(events[-1], Finished) and events[-1].cost_micros == PRO_PRICE
+    assert len(fake.polls()) == 5
+    assert fake.billed() == {"task-0001": Decimal(4)}
+
+
+async def test_task_not_found_past_the_grace_window_is_lost_and_free(fake: FakeBfl, clock: FakeTime) -> None:
+    fake.final_status = "Task not found"
+    async with backend(fake.api_url, clock, task_not_found_grace_s=30.0) as bfl:
+        started_at = clock.now
+        failed = only_failure(await run_job(bfl, job()))
+    assert (failed.reason, failed.charged_micros, failed.retryable) == (FailureReason.TASK_NOT_FOUND, 0, True)
+    assert "still after 30 s of polling" in failed.detail
+    assert clock.now - started_at >= 30.0
+    assert fake.billed() == {}
+
+
+async def test_task_not_found_until_the_total_timeout_counts_as_billed(fake: FakeBfl, clock: FakeTime) -> None:
+    # A grace as long as the whole timeout: the task is never believed lost, so it ends as a billed timeout.
+    fake.poll_script.extend([NOT_FOUND] * 1000)
+    async with backend(fake.api_url, clock, task_not_found_grace_s=60.0, total_timeout_s=20.0) as bfl:
+        failed = only_failure(await run_job(bfl, job()))
+    assert (failed.reason, failed.charged_micros) == (FailureReason.TIMEOUT, PRO_PRICE)
+
+
 async def test_total_timeout_is_charged_and_polls_back_off(fake: FakeBfl, clock: FakeTime) -> None:
     fake.pending_polls = 10**6
     async with backend(fake.api_url, clock, total_timeout_s=10, poll_max_interval_s=2.0) as bfl:
