@@ -13,6 +13,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from contextlib import aclosing
+from dataclasses import replace
 from pathlib import Path
 
 from engine import router
@@ -146,15 +147,18 @@ class Scheduler:
             job = await self._store.get_job(job.id)
             if job.state is JobState.QUEUED:
                 closes = self._quota.closes_for_cancel(await self._store.open_reservations(job.id), 0)
+                # A job queued again after a billed API attempt (a timeout, then a failover) has already paid.
+                charged = await self._charged(job.id)
                 ended = await self._store.finish_job(
                     job.id,
                     JobState.CANCELLED,
                     closes,
                     now=self._clock(),
+                    cost_micros=charged,
                     audit=AuditEntry(actor, "job.cancel", job.requester.user_key, job.id),
                 )
                 if ended:
-                    event = JobCancelled(job.id, 0)
+                    event = JobCancelled(job.id, charged)
                     self._publish(event)
                     return event
                 job = await self._store.get_job(job.id)
@@ -203,13 +207,14 @@ class Scheduler:
                 log.info("job %s: queued again after a restart", job.id)
                 await self._store.requeue(job.id, "queued again after a restart")
             else:
-                why = (
-                    "flux-bot stopped before the API confirmed this job"
-                    if job.backend is BackendKind.API
-                    else "flux-bot stopped during this job twice"
-                )
+                if job.backend is BackendKind.LOCAL:
+                    why = "flux-bot stopped during this job twice"
+                elif job.task is None:
+                    why = "flux-bot stopped before the API confirmed this job"
+                else:
+                    why = f"the BFL API is no longer configured, so its task {job.task.task_id} could not be followed"
                 log.warning("job %s: failed after a restart: %s", job.id, why)
-                await self._fail(job, Failed(FailureReason.INTERRUPTED, why))
+                await self._fail(job, _lost(FailureReason.INTERRUPTED, why, job.task))
 
     # ---- dispatch ----
 
@@ -300,7 +305,7 @@ class Scheduler:
                         break
             if not terminal:
                 log.error("job %s: backend %s ended without a result", job.id, job.backend.value)
-                await self._on_failure(job, Failed(FailureReason.INTERNAL, "the backend ended without a result"))
+                await self._on_failure(job, _lost(FailureReason.INTERNAL, "the backend ended without a result", task))
         except asyncio.CancelledError:
             if self._stopping and job.id not in self._cancel_requested:
                 raise  # leave it `running` in the database: the next start recovers it
@@ -309,7 +314,8 @@ class Scheduler:
         except Exception as exc:
             log.exception("job %s: internal error in the scheduler", job.id)
             if not terminal:
-                await self._on_failure(job, Failed(FailureReason.INTERNAL, f"internal error: {type(exc).__name__}"))
+                detail = f"internal error: {type(exc).__name__}"
+                await self._on_failure(job, _lost(FailureReason.INTERNAL, detail, task))
         finally:
             self._confirm(job.id)
             self._running.pop(job.id, None)
@@ -415,6 +421,14 @@ class Scheduler:
         return JobQueued(job.id, position, eta, route)
 
 
+def _lost(reason: FailureReason, detail: str, task: RemoteTask | None) -> Failed:
+    """Our own failure of an attempt. A BFL task it had submitted was accepted, and BFL bills it whether or not we
+    follow it to the end, so its cost is posted (also before any rescue elsewhere): the ledger matches BFL's bill."""
+    if task is None:
+        return Failed(reason, detail)
+    return Failed(reason, f"{detail}; BFL bills its task {task.task_id}", charged_micros=task.cost_micros)
+
+
 def _with_open_room(room: BudgetRoom, open_: list[OpenReservation]) -> BudgetRoom:
     """Count this job's own open reservations as room: a failover replaces them rather than adding to them."""
     extra: dict[Resource, int] = {}
@@ -425,7 +439,7 @@ def _with_open_room(room: BudgetRoom, open_: list[OpenReservation]) -> BudgetRoo
     def add(value: int | None, resource: Resource) -> int | None:
         return None if value is None else value + extra.get(resource, 0)
 
-    return BudgetRoom(add(room.api_micros, Resource.USD_MICROS), add(room.gpu_ms, Resource.GPU_MS), room.images)
+    return replace(room, api_micros=add(room.api_micros, Resource.USD_MICROS), gpu_ms=add(room.gpu_ms, Resource.GPU_MS))
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
