@@ -14,7 +14,7 @@ import shlex
 from dataclasses import dataclass
 
 from bot import render
-from engine.errors import InvalidRequest
+from engine.errors import InvalidRequest, refuses_a_charge
 from engine.models import (
     BackendKind,
     ImageRequest,
@@ -91,6 +91,7 @@ class Commands:
         model = self.engine.settings.models.get(name)
         return model.display_name if model else name
 
+    @refuses_a_charge
     async def imagine(self, requester: Requester, prompt: str, options: dict[str, str]) -> JobQueued:
         """Submit, filling unset options from the user's /settings, then the server's defaults."""
         defaults = await self.engine.user_settings(requester)

@@ -111,7 +111,7 @@ class Console:
         try:
             await self._dispatch(command.lower(), rest.strip())
         except EngineError as exc:
-            self.write(render.error_message(exc))
+            self.write(render.error_message(exc, self.engine.capabilities()))
         except Exception:
             log.exception("console command failed: %r", command)
             self.write(render.INTERNAL_ERROR)
@@ -169,7 +169,7 @@ class Console:
 
     async def _deliver(self, event: JobEvent) -> None:
         try:
-            line = render.event_line(event)
+            line = render.event_line(event, self.engine.capabilities())
             if isinstance(event, JobDone):
                 job = await self.engine.store.get_job(event.job_id)
                 png = png_with_parameters(event.image, job, self.commands.model_display(job.request.model))

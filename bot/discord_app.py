@@ -334,7 +334,7 @@ class DiscordFrontEnd:
         try:
             answer = await handler(requester_of(interaction))
         except EngineError as exc:
-            answer = render.error_message(exc)
+            answer = render.error_message(exc, self.engine.capabilities())
         except Exception:
             log.exception("discord /%s failed", interaction.command.qualified_name if interaction.command else "?")
             answer = render.INTERNAL_ERROR
@@ -370,7 +370,7 @@ class DiscordFrontEnd:
         try:
             queued = await self.commands.imagine(requester_of(interaction), prompt, options)
         except EngineError as exc:
-            await self._refuse(interaction, render.error_message(exc))
+            await self._refuse(interaction, render.error_message(exc, self.engine.capabilities()))
             return
         except Exception:
             log.exception("discord /imagine could not be submitted for %s", interaction.user.id)
@@ -450,7 +450,7 @@ class DiscordFrontEnd:
             )
         else:
             await interaction.delete_original_response()
-            await interaction.followup.send(clip(render.ended_text(event)), ephemeral=True)
+            await interaction.followup.send(clip(render.ended_text(event, self.engine.capabilities())), ephemeral=True)
 
     async def _deliver_to_channel(self, job: Job, event: JobEvent) -> None:
         if job.requester.channel_id is None:
@@ -467,7 +467,8 @@ class DiscordFrontEnd:
                 allowed_mentions=MENTION_USERS,
             )
         else:
-            await channel.send(clip(f"{mention} {render.ended_text(event)}"), allowed_mentions=MENTION_USERS)
+            text = render.ended_text(event, self.engine.capabilities())
+            await channel.send(clip(f"{mention} {text}"), allowed_mentions=MENTION_USERS)
 
     async def _result(self, job: Job, event: JobDone, limit: int) -> tuple[bytes, str, str]:
         display = self.commands.model_display(job.request.model)

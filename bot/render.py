@@ -22,6 +22,7 @@ from engine.errors import (
 )
 from engine.models import (
     BackendKind,
+    Capabilities,
     FailureReason,
     Job,
     JobCancelled,
@@ -90,8 +91,8 @@ _FAILURES = {
     FailureReason.RATE_LIMITED: "the image API is busy",
     FailureReason.SERVER_ERROR: "the image API had an error",
     FailureReason.BAD_REQUEST: "the image API did not accept these settings",
-    FailureReason.OUT_OF_CREDITS: "the server's BFL account is out of credits",
-    FailureReason.AUTH: "the server's BFL API key was refused",
+    FailureReason.OUT_OF_CREDITS: "this bot's BFL account is out of credits",
+    FailureReason.AUTH: "this bot's BFL API key was refused",
     FailureReason.TASK_NOT_FOUND: "the image API lost the task",
     FailureReason.DOWNLOAD_FAILED: "the finished image could not be downloaded in time",
     FailureReason.INTERRUPTED: "flux-bot restarted while it was working on it",
@@ -101,33 +102,47 @@ _FAILURES = {
 _ADVICE = {
     FailureReason.MODERATED: "Rephrase the prompt and try again.",
     FailureReason.BAD_REQUEST: "Try other settings (size, steps, guidance).",
-    FailureReason.OUT_OF_CREDITS: "Tell an admin; try mode=relax to use the local GPU.",
-    FailureReason.AUTH: "Tell an admin; try mode=relax to use the local GPU.",
 }
+# The API itself cannot serve anyone until an admin acts: the GPU lane is the way round it, where there is one.
+_ADMIN_MUST_FIX = (FailureReason.OUT_OF_CREDITS, FailureReason.AUTH)
+_RELAX = "mode=relax for the free local GPU"
 
 
-def failed_text(event: JobFailed) -> str:
+def failed_text(event: JobFailed, capabilities: Capabilities | None = None) -> str:
+    """`capabilities` (Engine.capabilities()) lets the advice offer only what this bot has; None offers neither lane."""
     what = _FAILURES.get(event.reason, "it failed")
-    advice = _ADVICE.get(event.reason, "Try again in a minute; if it keeps failing, tell an admin.")
+    if event.reason in _ADMIN_MUST_FIX:
+        advice = f"Tell an admin; meanwhile, try {_RELAX}." if _local(capabilities) else "Tell an admin."
+    else:
+        advice = _ADVICE.get(event.reason, "Try again in a minute; if it keeps failing, tell an admin.")
     return f"Job {event.job_id} failed: {what}. {charged_text(event.charged_micros)} {advice}"
 
 
 def cancelled_text(event: JobCancelled) -> str:
     if event.charged_micros > 0:
+        # Also after a failover: a billed API attempt (a timeout) stays paid when the retry is cancelled.
         return (
-            f"Job {event.job_id} cancelled. The image API had already accepted it and bills for it: "
-            f"you were charged {format_usd(event.charged_micros)}."
+            f"Job {event.job_id} cancelled. You were charged {format_usd(event.charged_micros)}: the image API had "
+            "accepted it, and BFL bills a task it accepted."
         )
     return f"Job {event.job_id} cancelled. {NOT_CHARGED}"
 
 
-def ended_text(event: JobEvent) -> str:
+def ended_text(event: JobEvent, capabilities: Capabilities | None = None) -> str:
     """What the user is told when a job ends without an image to show (or as a plain line when it has one)."""
     if isinstance(event, JobFailed):
-        return failed_text(event)
+        return failed_text(event, capabilities)
     if isinstance(event, JobCancelled):
         return cancelled_text(event)
     return event_line(event)
+
+
+def _local(capabilities: Capabilities | None) -> bool:
+    return capabilities is not None and capabilities.local_usable
+
+
+def _api(capabilities: Capabilities | None) -> bool:
+    return capabilities is not None and capabilities.api_usable
 
 
 def queued_text(event: JobQueued, model_display: str) -> str:
@@ -154,8 +169,8 @@ def done_caption(job: Job, event: JobDone, model_display: str) -> str:
     )
 
 
-def event_line(event: JobEvent) -> str:
-    """One line per event, for the console and logs."""
+def event_line(event: JobEvent, capabilities: Capabilities | None = None) -> str:
+    """One line per event, for the console and logs (`capabilities` fits a failure's advice, see failed_text)."""
     match event:
         case JobQueued():
             return (
@@ -176,7 +191,7 @@ def event_line(event: JobEvent) -> str:
             cost = "free" if event.cost_micros <= 0 else format_usd(event.cost_micros)
             return f"[{event.job_id}] done on {event.backend.value} in {duration(event.seconds)}, {cost}"
         case JobFailed():
-            return f"[{event.job_id}] {failed_text(event)}"
+            return f"[{event.job_id}] {failed_text(event, capabilities)}"
         case JobCancelled():
             return f"[{event.job_id}] {cancelled_text(event)}"
     raise TypeError(f"unknown event {event!r}")
@@ -248,13 +263,18 @@ def job_text(job: Job, model_display: str) -> str:
     return "\n".join(lines)
 
 
-def error_message(exc: EngineError) -> str:
-    """The one friendly message for each error type (none of these cost the user anything)."""
+def error_message(exc: EngineError, capabilities: Capabilities | None = None) -> str:
+    """The one friendly message for each error type; `capabilities` (Engine.capabilities()) fits the advice.
+
+    Whether the user was charged is said only where a charge was possible (`exc.charge_possible`: a refused
+    /imagine), never after an admin typo or an unknown job. None of these errors costs anything.
+    """
+    charge = f" {NOT_CHARGED}" if exc.charge_possible else ""
     match exc:
         case InvalidRequest():
-            return f"That request can't be made: {exc.problem}. {NOT_CHARGED}"
+            return f"That request can't be made: {exc.problem}.{charge}"
         case PolicyBlocked():
-            return f"That prompt was not accepted by this server's rules: {exc.detail}. {NOT_CHARGED}"
+            return f"That prompt was not accepted by this server's rules: {exc.detail}.{charge}"
         case QuotaExceeded():
             resets = f" It resets {when(exc.resets_at)}." if exc.resets_at else ""
             left = (
@@ -262,18 +282,39 @@ def error_message(exc: EngineError) -> str:
                 if exc.unit in {r.value for r in Resource}
                 else f"{exc.remaining} {exc.unit}"
             )
-            return (
-                f"That would go over {exc.limit} ({left} left).{resets} {NOT_CHARGED} "
-                "Wait for the reset, try mode=relax for the free local GPU, or ask an admin."
-            )
-        case BackendUnavailable():
-            return f"No image backend can take this now: {exc.reason}. {NOT_CHARGED}"
+            return f"That would go over {exc.limit} ({left} left).{resets}{charge} {_quota_advice(exc, capabilities)}"
+        case BackendUnavailable() if exc.charge_possible:
+            return f"No image backend can take this now: {exc.reason}.{charge}"
+        case BackendUnavailable():  # an admin view (the BFL balance), not a job
+            return f"{exc.reason[:1].upper()}{exc.reason[1:]}."
         case GenerationFailed():
             return f"The image could not be made: {exc.reason}. {charged_text(exc.charged_micros)}"
         case JobNotFound():
             return f"No job {exc.job_id!r} of yours was found. Use /queue to see your jobs."
         case NotAllowed():
-            return f"You can't do that: {exc.reason}."
+            return f"You can't do that: {exc.reason}.{charge}"
         case ConfigError():
             return f"flux-bot is misconfigured ({exc.field}); tell an admin."
     return INTERNAL_ERROR
+
+
+def _quota_advice(exc: QuotaExceeded, capabilities: Capabilities | None) -> str:
+    """What helps against this limit on this bot: the other lane only where it exists, isn't paused, and is spared."""
+    if exc.unit == "jobs":
+        return "Wait for one of your jobs to finish (see /queue), or cancel one."
+    if exc.unit == Resource.USD_MICROS.value:
+        relax = [f"use {_RELAX}"] if _local(capabilities) else []
+        if exc.scope != "user":
+            choices = [*relax, "wait for the reset", "ask an admin to raise it"]
+            return f"It is a shared budget, not your own: {_either(choices)}"
+        return _either([*relax, "wait for the reset", "ask an admin for more"], capital=True)
+    if exc.unit == Resource.GPU_MS.value:
+        fast = ["use mode=fast for the image API"] if _api(capabilities) else []
+        return _either([*fast, "wait for the reset", "ask an admin for more GPU time"], capital=True)
+    return "Wait for the reset, or ask an admin for a higher limit."
+
+
+def _either(options: list[str], *, capital: bool = False) -> str:
+    """'a, b, or c.' (capital: 'A, b, or c.')"""
+    text = f"{', '.join(options[:-1])}, or {options[-1]}." if len(options) > 1 else f"{options[0]}."
+    return text[:1].upper() + text[1:] if capital else text

@@ -285,7 +285,7 @@ class SlackFrontEnd:
         try:
             text = await handler(await self._requester(body, check_admin=check_admin))
         except EngineError as exc:
-            text = render.error_message(exc)
+            text = render.error_message(exc, self.engine.capabilities())
         except Exception:
             log.exception("slack %s failed", body.get("command", "?"))
             text = render.INTERNAL_ERROR
@@ -410,7 +410,7 @@ class SlackFrontEnd:
                 blocks = result_blocks(text, job.id, file_id)
                 await self.client.chat_update(channel=channel, ts=ts, text=clip(text), blocks=blocks)
             else:
-                text = f"{mention} {render.ended_text(event)}"
+                text = f"{mention} {render.ended_text(event, self.engine.capabilities())}"
                 await self.client.chat_update(channel=channel, ts=ts, text=clip(text))
         # Shielded: close() cancels this task, and a store write cut off mid-transaction would break the store.
         await asyncio.shield(self.engine.mark_delivered(job.id))
@@ -429,7 +429,7 @@ class SlackFrontEnd:
             seed = str((job.request.seed + 1) % (MAX_SEED + 1)) if action.get("action_id") == "flux_vary" else None
             note = await self._imagine(requester, job.request.prompt, same_options(job, seed))
         except EngineError as exc:
-            note = render.error_message(exc)
+            note = render.error_message(exc, self.engine.capabilities())
         except Exception:
             log.exception("slack button %s on job %s failed", action.get("action_id"), job_id)
             note = render.INTERNAL_ERROR

@@ -6,11 +6,37 @@ so no adapter ever parses an exception's text.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from datetime import datetime
+from typing import ParamSpec, TypeVar
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 class EngineError(Exception):
-    """Root of every error the engine raises on purpose."""
+    """Root of every error the engine raises on purpose.
+
+    `charge_possible` is True when the error refused something that could have cost the user (an image): only then
+    does their message say whether they were charged. Elsewhere (an admin typo, an unknown job) it would be noise.
+    """
+
+    charge_possible: bool = False
+
+
+def refuses_a_charge(action: Callable[_P, Awaitable[_T]]) -> Callable[_P, Awaitable[_T]]:
+    """Marks every EngineError that `action` (a coroutine that can start a paid job) raises as `charge_possible`."""
+
+    @functools.wraps(action)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return await action(*args, **kwargs)
+        except EngineError as exc:
+            exc.charge_possible = True
+            raise
+
+    return wrapper
 
 
 class InvalidRequest(EngineError):
@@ -32,15 +58,29 @@ class PolicyBlocked(EngineError):
 
 
 class QuotaExceeded(EngineError):
-    """A reservation would cross a limit. `remaining` is in the limit's own unit (images, ms, micro-dollars)."""
+    """A reservation would cross a limit. `remaining` is in the limit's own unit (images, ms, micro-dollars).
 
-    def __init__(self, limit: str, *, unit: str, limit_value: int, remaining: int, resets_at: datetime | None) -> None:
+    `scope` says whose limit it is: "user" (the requester's own), "guild" (their server's or workspace's, shared by
+    its members) or "global" (the whole bot's, shared by everyone).
+    """
+
+    def __init__(
+        self,
+        limit: str,
+        *,
+        unit: str,
+        limit_value: int,
+        remaining: int,
+        resets_at: datetime | None,
+        scope: str = "user",
+    ) -> None:
         super().__init__(f"{limit}: {remaining} {unit} left of {limit_value}")
         self.limit = limit
         self.unit = unit
         self.limit_value = limit_value
         self.remaining = remaining
         self.resets_at = resets_at
+        self.scope = scope
 
 
 class BackendUnavailable(EngineError):

@@ -197,6 +197,25 @@ class BudgetRoom:
     api_micros: int | None
     gpu_ms: int | None
     images: int | None
+    api_budget: str | None = None  # the name of a shared budget (server's, whole bot's) that leaves api_micros
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What this bot can offer right now, so advice in messages fits it (never "use the GPU" on a bot without one)."""
+
+    has_local: bool  # a GPU lane is configured and routing may use it
+    local_paused: bool  # ...but an admin has paused it
+    has_api: bool  # the BFL API is configured (with a key) and routing may use it
+    api_paused: bool  # ...but an admin has paused it
+
+    @property
+    def local_usable(self) -> bool:
+        return self.has_local and not self.local_paused
+
+    @property
+    def api_usable(self) -> bool:
+        return self.has_api and not self.api_paused
 
 
 @dataclass(frozen=True, slots=True)

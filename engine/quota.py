@@ -20,6 +20,7 @@ from engine.models import (
     BudgetRoom,
     Failed,
     Finished,
+    Platform,
     Requester,
     Resource,
     RouteDecision,
@@ -119,12 +120,19 @@ class Standing:
     def room(self) -> BudgetRoom:
         """The smallest room left across every limit, per resource, for the router's budget rule."""
         room: dict[Resource, int | None] = dict.fromkeys(Resource)
+        api_budget: str | None = None
         for check in self.checks:
             left = max(0, check.limit - self.used_by(check))
             current = room[check.resource]
-            room[check.resource] = left if current is None else min(current, left)
+            if current is None or left < current:
+                room[check.resource] = left
+                if check.resource is Resource.USD_MICROS:
+                    api_budget = None if check.scope.kind == "user" else check.name
         return BudgetRoom(
-            api_micros=room[Resource.USD_MICROS], gpu_ms=room[Resource.GPU_MS], images=room[Resource.IMAGES]
+            api_micros=room[Resource.USD_MICROS],
+            gpu_ms=room[Resource.GPU_MS],
+            images=room[Resource.IMAGES],
+            api_budget=api_budget,
         )
 
 
@@ -194,13 +202,14 @@ class Quota:
         """The API budgets shared with others: the whole bot's and the requester's server's (None = unlimited)."""
         limits = self._settings.limits
         shared: list[tuple[str, Scope, Resource, int | None]] = [
-            ("the server's API budget this month", Scope("global", None), Resource.USD_MICROS,
+            ("the whole bot's API budget this month (shared by everyone)", Scope("global", None), Resource.USD_MICROS,
              dollars(limits.global_api_usd_per_month)),
         ]  # fmt: skip
         if requester.guild_key:
+            place = "workspace" if requester.platform is Platform.SLACK else "server"
             shared.append(
                 (
-                    "this server's API budget this month",
+                    f"this {place}'s API budget this month (shared by its members)",
                     Scope("guild", requester.guild_key),
                     Resource.USD_MICROS,
                     dollars(limits.guild_api_usd_per_month),

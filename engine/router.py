@@ -170,7 +170,9 @@ def _local_lane(
     if (images := _images_blocker(room)) is not None:
         return images
     if not model.local:
-        return _Blocker(f"{model.display_name} runs only on the API", ("choose a model that runs locally",))
+        # Another model helps only where this bot has a GPU lane to run it.
+        other = ("choose a model that runs locally",) if local is not None and routing.local_enabled else ()
+        return _Blocker(f"{model.display_name} runs only on the API", other)
     if model.non_commercial and routing.commercial:
         return _Blocker(
             f"{model.display_name} has a non-commercial licence, so this bot does not run it locally",
@@ -201,7 +203,8 @@ def _api_lane(
     if (images := _images_blocker(room)) is not None:
         return images
     if model.api_endpoint is None:
-        return _Blocker(f"{model.display_name} runs only on the local GPU", ("choose a model that the API offers",))
+        other = ("choose a model that the API offers",) if api is not None and routing.api_enabled else ()
+        return _Blocker(f"{model.display_name} runs only on the local GPU", other)
     if not routing.api_enabled:
         return _Blocker("the API is turned off on this bot", (_ASK_ADMIN,))
     if api is None:
@@ -211,6 +214,11 @@ def _api_lane(
     if api.paused:
         return _Blocker("the API is paused", (_TRY_LATER,))
     if room.api_micros is not None and room.api_micros < cost:
+        if room.api_budget:  # a budget shared with others: say whose, it is not the user's own
+            return _Blocker(
+                f"the API needs {format_usd(cost)} but {room.api_budget} has only {_usd(room.api_micros)} left",
+                ("ask an admin to raise that budget",),
+            )
         return _Blocker(
             f"the API needs {format_usd(cost)} but only {_usd(room.api_micros)} is left this month",
             ("ask an admin for more budget",),

@@ -18,10 +18,11 @@ from engine import router
 from engine.alerts import Alerts
 from engine.backends.base import Backend
 from engine.config import ASPECT_RATIOS, Secrets, Settings
-from engine.errors import BackendUnavailable, InvalidRequest, JobNotFound, NotAllowed, PolicyBlocked
+from engine.errors import BackendUnavailable, InvalidRequest, JobNotFound, NotAllowed, PolicyBlocked, refuses_a_charge
 from engine.models import (
     TERMINAL_EVENTS,
     BackendKind,
+    Capabilities,
     ImageRequest,
     Job,
     JobCancelled,
@@ -127,6 +128,17 @@ class Engine:
 
     # ---- jobs ----
 
+    def capabilities(self) -> Capabilities:
+        """What this bot offers right now (configured lanes, admins' pauses), for advice that fits it."""
+        routing, paused = self.settings.routing, self.scheduler.paused
+        return Capabilities(
+            has_local=BackendKind.LOCAL in self._backends and routing.local_enabled,
+            local_paused=BackendKind.LOCAL in paused,
+            has_api=BackendKind.API in self._backends and routing.api_enabled,
+            api_paused=BackendKind.API in paused,
+        )
+
+    @refuses_a_charge
     async def submit(self, requester: Requester, request: ImageRequest) -> JobQueued:
         """Validate, apply the policy, route, reserve and persist; the job is queued when this returns."""
         # The stored user (for the ban), the limits and their use so far, in one read: the pre-check and the router
@@ -345,10 +357,16 @@ class Engine:
 
     async def admin_credits(self, actor: Requester) -> int:
         self.require_admin(actor, "credits")
+        if not self.secrets.bfl_api_key:
+            raise BackendUnavailable(
+                "BFL_API_KEY is not set, so the BFL balance cannot be read: set it in the environment"
+            )
         backend = self._backends.get(BackendKind.API)
         credits = getattr(backend, "credits", None)
         if credits is None:
-            raise BackendUnavailable("the BFL API is not configured: set BFL_API_KEY")
+            raise BackendUnavailable(
+                "the BFL API is turned off ([routing] api_enabled = false), so this bot does not read its balance"
+            )
         micros: int = await credits()
         return micros
 

@@ -180,6 +180,7 @@ class LimitCheck:
             limit_value=self.limit,
             remaining=max(0, self.limit - used),
             resets_at=None if self.resets_at is None else datetime.fromtimestamp(self.resets_at, UTC),
+            scope=self.scope.kind,
         )
 
 
