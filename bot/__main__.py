@@ -274,8 +274,12 @@ async def admin(settings: Settings, secrets: Secrets, words: list[str]) -> int:
         restore(Path(words[1]), settings.bot.database_path)
         print(f"restored {words[1]} into {settings.bot.database_path}; start the bot again")
         return 0
+    # `spend --month 2026-11` is `spend 2026-11`; a flag without its value is an error, not "this month".
     if "--month" in words:
         at = words.index("--month")
+        if at + 1 >= len(words) or words[at + 1].startswith("-"):
+            print("flux-bot admin: --month needs a month, as in: spend --month 2026-11", file=sys.stderr)
+            return 2
         words = [*words[:at], *words[at + 1 :]]
     backends = {}
     if secrets.bfl_api_key:

@@ -22,8 +22,6 @@ from engine.models import (
     JobQueued,
     Mode,
     Requester,
-    Resource,
-    dollars_to_micros,
     format_usd,
 )
 from engine.report import build_report, render_png, summary_text
@@ -69,6 +67,7 @@ def parse_float(name: str, value: str) -> float:
 
 
 _OPTION = re.compile(r"(?:^|\s)(\w+)=(\S+)")
+_MENTION = re.compile(r"<@!?([A-Za-z0-9]+)(?:\|[^>]*)?>")  # Discord <@123> / <@!123>, Slack <@U123|name>
 
 
 def parse_imagine_text(text: str) -> ImagineArgs:
@@ -180,9 +179,10 @@ class Commands:
                 return render.quota_text(await engine.admin_quota_show(requester, self._user(requester, user)))
             case ["quota", "set", user, limit, value]:
                 view = await engine.admin_quota_set(requester, self._user(requester, user), limit.lower(), value)
-                return "Limit set.\n" + render.quota_text(view)
+                ahead = "" if view.seen else " It applies from their first request."
+                return f"Limit set.{ahead}\n" + render.quota_text(view)
             case ["quota", "grant", user, resource, value]:
-                kind, amount = _grant_amount(resource, value)
+                kind, amount = engine.quota.parse_grant(resource, value)
                 view = await engine.admin_quota_grant(requester, self._user(requester, user), kind, amount)
                 return f"Granted {render.amount(kind, amount)}.\n" + render.quota_text(view)
             case ["quota", "reset", user]:
@@ -203,8 +203,10 @@ class Commands:
                 return f"Routing to {render.backend_name(backend)} {state}."
             case ["ban", user] | ["unban", user]:
                 banned = words[0].lower() == "ban"
-                await engine.admin_ban(requester, self._user(requester, user), banned)
-                return f"{self._user(requester, user)} {'banned' if banned else 'unbanned'}."
+                key = self._user(requester, user)
+                seen = await engine.admin_ban(requester, key, banned)
+                ahead = "" if seen else f" {key} has not used this bot yet: the ban applies from their first request."
+                return f"{key} {'banned' if banned else 'unbanned'}.{ahead}"
             case ["jobs"]:
                 jobs = await engine.admin_jobs(requester)
                 if not jobs:
@@ -220,8 +222,14 @@ class Commands:
 
     @staticmethod
     def _user(requester: Requester, user: str) -> str:
-        """'alice' means a user of the admin's own platform; 'discord:123' names one explicitly."""
-        user = user.strip().lstrip("@")
+        """'alice' (or a mention) means a user of the admin's own platform; 'discord:123' names one explicitly.
+
+        The key is only shaped here; the engine checks it (platform, ids) before anything is written.
+        """
+        user = user.strip()
+        if mention := _MENTION.fullmatch(user):
+            user = mention.group(1)
+        user = user.lstrip("@")
         if not user:
             raise InvalidRequest("name a user", field="user")
         if ":" in user:
@@ -236,17 +244,3 @@ def _backend(text: str) -> BackendKind:
         return BackendKind(text.lower())
     except ValueError as exc:
         raise InvalidRequest(f"say local or api, not {text!r}", field="backend") from exc
-
-
-def _grant_amount(resource: str, value: str) -> tuple[Resource, int]:
-    resource = resource.lower()
-    if resource == "images":
-        return Resource.IMAGES, parse_int("amount", value)
-    if resource in ("gpu-seconds", "gpu_seconds", "seconds"):
-        return Resource.GPU_MS, parse_int("amount", value) * 1000
-    if resource in ("usd", "dollars", "$"):
-        try:
-            return Resource.USD_MICROS, dollars_to_micros(value.removeprefix("$"))
-        except ArithmeticError as exc:
-            raise InvalidRequest(f"{value!r} is not an amount of dollars", field="amount") from exc
-    raise InvalidRequest(f"grant images, gpu-seconds or usd, not {resource!r}", field="resource")

@@ -198,7 +198,11 @@ def event_line(event: JobEvent, capabilities: Capabilities | None = None) -> str
 
 
 def quota_text(view: QuotaView) -> str:
-    lines = [f"Quota for {view.user_key} (tier: {view.limits.tier})" + (" — BANNED" if view.banned else "")]
+    lines = [
+        f"Quota for {view.user_key} (tier: {view.limits.tier})"
+        + (" — BANNED" if view.banned else "")
+        + (" — has never used this bot" if view.seen is False else "")
+    ]
     for line in view.lines:
         if line.limit is None:
             lines.append(f"  {line.name}: {amount(line.resource, line.used)} used, no limit")

@@ -7,6 +7,7 @@ reservation that would cross any limit fails inside the same transaction (the st
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -16,6 +17,7 @@ from typing import Any
 from engine.config import Settings, TierSettings, dollars
 from engine.errors import InvalidRequest
 from engine.models import (
+    MICROS_PER_DOLLAR,
     BackendKind,
     BudgetRoom,
     Failed,
@@ -24,7 +26,6 @@ from engine.models import (
     Requester,
     Resource,
     RouteDecision,
-    dollars_to_micros,
 )
 from engine.store import (
     AuditEntry,
@@ -45,6 +46,28 @@ OVERRIDABLE = {
     "api_usd_per_month": "dollars",
     "concurrent_jobs": "jobs",
 }
+
+# The most an admin may set or grant at once, per unit: far beyond any community's use, and far below SQLite's
+# signed 64-bit integers once stored (GPU time as milliseconds, money as micro-dollars), so no typo can overflow.
+MAXIMUM = {
+    "images": 1_000_000,  # images per day
+    "seconds": 8_640_000,  # GPU-seconds per day: 100 GPUs busy around the clock
+    "dollars": 100_000,  # dollars per month (a limit) or at once (a grant)
+    "jobs": 1_000,  # jobs at once
+}
+MIN_MONEY_MICROS = 10_000  # $0.01, one BFL credit: the smallest non-zero amount of money an admin can give
+_WHOLE = re.compile(r"([0-9]+)")  # ASCII digits only: no signs, exponents, underscores, NaN or infinities
+_MONEY = re.compile(r"\$?([0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+_GRANTS = {
+    "images": (Resource.IMAGES, "images"),
+    "gpu-seconds": (Resource.GPU_MS, "seconds"),
+    "gpu_seconds": (Resource.GPU_MS, "seconds"),
+    "seconds": (Resource.GPU_MS, "seconds"),
+    "usd": (Resource.USD_MICROS, "dollars"),
+    "dollars": (Resource.USD_MICROS, "dollars"),
+    "$": (Resource.USD_MICROS, "dollars"),
+}
+_UNIT_OF = {Resource.IMAGES: "images", Resource.GPU_MS: "seconds", Resource.USD_MICROS: "dollars"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +114,7 @@ class QuotaView:
     limits: Limits
     lines: tuple[UsageLine, ...]
     banned: bool
+    seen: bool | None = None  # for admins: has this user ever used the bot (None: not asked, the user's own view)
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,6 +342,13 @@ class Quota:
         )
         return QuotaView(requester.user_key, limits, lines, bool(record and record.banned))
 
+    async def seen(self, user_key: str) -> bool:
+        """Has this user ever used the bot (a job, or settings of their own)? An admin's typo names nobody."""
+        record = await self._store.get_user(user_key)
+        if record is not None and record.settings:
+            return True
+        return bool(await self._store.jobs(user_key=user_key, limit=1))
+
     async def set_limit(self, user_key: str, field: str, value: str, actor: str) -> None:
         """An admin override of one limit; value 'none' removes the limit, 'tier' returns to the tier's value."""
         if field not in OVERRIDABLE:
@@ -334,10 +365,24 @@ class Quota:
             audit=AuditEntry(actor, "quota.set", user_key, detail={"field": field, "value": value}),
         )
 
+    @staticmethod
+    def parse_grant(resource: str, text: str) -> tuple[Resource, int]:
+        """`images 5`, `gpu-seconds 600`, `usd 2.50` -> the resource and its stored amount, or InvalidRequest."""
+        if resource.lower() not in _GRANTS:
+            raise InvalidRequest(f"grant images, gpu-seconds or usd, not {resource!r}", field="resource")
+        kind, unit = _GRANTS[resource.lower()]
+        amount = parse_amount(unit, text, "a grant")
+        if amount == 0:
+            least = "$0.01" if unit == "dollars" else f"1 {'GPU-second' if unit == 'seconds' else 'image'}"
+            raise InvalidRequest(f"a grant must be at least {least}", field="amount")
+        return kind, amount * 1000 if kind is Resource.GPU_MS else amount
+
     async def grant(self, user_key: str, resource: Resource, amount: int, actor: str) -> None:
         """Extra allowance for this period only (images or GPU ms today, micro-dollars this month)."""
-        if amount <= 0:
-            raise InvalidRequest("a grant must be a positive amount", field="amount")
+        unit = _UNIT_OF[resource]
+        largest = MAXIMUM[unit] * {"seconds": 1000, "dollars": MICROS_PER_DOLLAR}.get(unit, 1)
+        if not 0 < amount <= largest:
+            raise InvalidRequest(f"a grant must be from 1 to {largest} {resource.value}", field="amount")
         periods = self.periods()
         await self._store.grant(
             user_key,
@@ -371,13 +416,38 @@ def _parse_limit(field: str, value: str) -> int | None:
     """Overrides are stored in the unit the limit is named in, except dollars, which become micro-dollars."""
     if value.lower() in ("none", "unlimited"):
         return None
-    unit = OVERRIDABLE[field]
-    try:
-        parsed = dollars_to_micros(Decimal(value.removeprefix("$"))) if unit == "dollars" else int(value)
-    except (ArithmeticError, ValueError, TypeError) as exc:
-        raise InvalidRequest(f"{value!r} is not a number of {unit}", field=field) from exc
-    if parsed < 0:
-        raise InvalidRequest(f"a limit cannot be negative ({value})", field=field)
+    parsed = parse_amount(OVERRIDABLE[field], value, field)
     if field == "concurrent_jobs" and parsed == 0:
         raise InvalidRequest("concurrent_jobs must be at least 1 (ban the user to stop them)", field=field)
     return parsed
+
+
+def parse_amount(unit: str, text: str, what: str) -> int:
+    """An admin's amount in `unit` (images, seconds, jobs: whole numbers; dollars: to the micro-dollar, returned as
+    micro-dollars), from 0 to MAXIMUM[unit]; anything else (NaN, infinities, signs, exponents, overflow, a non-zero
+    amount of money under $0.01) is one InvalidRequest naming the problem."""
+    raw = text.strip()
+    pattern = _MONEY if unit == "dollars" else _WHOLE
+    if raw.startswith("-") and pattern.fullmatch(raw[1:]):
+        raise InvalidRequest(f"{what} cannot be negative (got {text})", field="amount")
+    match = pattern.fullmatch(raw)
+    if match is None:
+        kind = "an amount of dollars, such as 2 or 0.50" if unit == "dollars" else f"a whole number of {unit}"
+        raise InvalidRequest(f"{what} must be {kind}, not {text!r}", field="amount")
+    # Decimal reads any length exactly (int() refuses past 4,300 digits), so a long typo is simply too much.
+    value = Decimal(match.group(1))
+    if value > MAXIMUM[unit]:
+        shown = f"${value}" if unit == "dollars" else f"{value} {unit}"
+        raise InvalidRequest(f"{what}: {shown} is more than the maximum of {_maximum(unit)}", field="amount")
+    if unit != "dollars":
+        return int(value)
+    micros = value * MICROS_PER_DOLLAR
+    if micros != micros.to_integral_value():
+        raise InvalidRequest(f"{what}: ${value} is finer than a micro-dollar ($0.000001)", field="amount")
+    if 0 < micros < MIN_MONEY_MICROS:
+        raise InvalidRequest(f"{what}: ${value} is less than $0.01, the smallest amount of money", field="amount")
+    return int(micros)
+
+
+def _maximum(unit: str) -> str:
+    return f"${MAXIMUM[unit]:,}" if unit == "dollars" else f"{MAXIMUM[unit]:,} {unit}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, replace
@@ -331,24 +332,42 @@ class Engine:
             return subject
         return Requester(subject.platform, subject.user_id, subject.guild_id, roles=record.roles)
 
+    async def _admin_view(self, user_key: str) -> QuotaView:
+        view = await self.quota.view(await self._subject(user_key))
+        return replace(view, seen=await self.quota.seen(user_key))
+
+    async def _known(self, user_key: str, action: str) -> None:
+        """Only for users who have used the bot: a grant or reset for an id nobody has is an admin's typo."""
+        _parse_user_key(user_key)
+        if not await self.quota.seen(user_key):
+            raise InvalidRequest(
+                f"{user_key} has never used this bot, so there is nothing to {action}; check the id"
+                " (quota set and ban work ahead of someone's first request)",
+                field="user",
+            )
+
     async def admin_quota_show(self, actor: Requester, user_key: str) -> QuotaView:
         self.require_admin(actor, "quota show")
-        return await self.quota.view(await self._subject(user_key))
+        return await self._admin_view(user_key)
 
     async def admin_quota_set(self, actor: Requester, user_key: str, field: str, value: str) -> QuotaView:
+        """Also for a user who has not used the bot yet: a limit set ahead applies from their first request."""
         self.require_admin(actor, "quota set")
+        _parse_user_key(user_key)  # a bad key writes nothing
         await self.quota.set_limit(user_key, field, value, actor.user_key)
-        return await self.quota.view(await self._subject(user_key))
+        return await self._admin_view(user_key)
 
     async def admin_quota_grant(self, actor: Requester, user_key: str, resource: Resource, amount: int) -> QuotaView:
         self.require_admin(actor, "quota grant")
+        await self._known(user_key, "grant to")
         await self.quota.grant(user_key, resource, amount, actor.user_key)
-        return await self.quota.view(await self._subject(user_key))
+        return await self._admin_view(user_key)
 
     async def admin_quota_reset(self, actor: Requester, user_key: str) -> QuotaView:
         self.require_admin(actor, "quota reset")
+        await self._known(user_key, "reset")
         await self.quota.reset(user_key, actor.user_key)
-        return await self.quota.view(await self._subject(user_key))
+        return await self._admin_view(user_key)
 
     async def admin_spend(self, actor: Requester, month: str | None = None) -> tuple[str, list[SpendRow]]:
         self.require_admin(actor, "spend")
@@ -383,11 +402,19 @@ class Engine:
             self.scheduler.paused.discard(kind)
             self.scheduler.wake()
 
-    async def admin_ban(self, actor: Requester, user_key: str, banned: bool) -> None:
+    async def admin_ban(self, actor: Requester, user_key: str, banned: bool) -> bool:
+        """Ban (also ahead of someone's first request) or unban; returns whether the user has used the bot."""
         self.require_admin(actor, "ban" if banned else "unban")
+        _parse_user_key(user_key)
+        seen = await self.quota.seen(user_key)
+        record = await self.store.get_user(user_key)
+        if not banned and not (record and record.banned):
+            never = " and has never used this bot" if not seen else ""
+            raise InvalidRequest(f"{user_key} is not banned{never}; nothing was changed", field="user")
         await self.store.update_user(
             user_key, banned=banned, audit=AuditEntry(actor.user_key, "user.ban" if banned else "user.unban", user_key)
         )
+        return seen
 
     async def admin_jobs(self, actor: Requester, states: list[JobState] | None = None, limit: int = 50) -> list[Job]:
         self.require_admin(actor, "jobs")
@@ -411,15 +438,28 @@ class Engine:
         }
 
 
+_USER_KEY_FORMS = "discord:USER_ID, slack:TEAM_ID:USER_ID or console:NAME"
+# Any id a platform gives (Discord's are numbers, console names are logins); that a user is unknown is reported apart.
+_USER_ID = re.compile(r"[A-Za-z0-9._@+-]+")
+_SLACK_ID = re.compile(r"[A-Z0-9]+")
+
+
 def _parse_user_key(user_key: str) -> Requester:
+    """The user an admin names, checked before anything is written: a known platform and that platform's ids."""
     platform, _, rest = user_key.partition(":")
     try:
         kind = Platform(platform)
-    except ValueError as exc:
-        raise InvalidRequest(
-            f"{user_key!r} is not a user key such as discord:1234, slack:T123:U456 or console:alice", field="user"
-        ) from exc
+    except ValueError:
+        raise InvalidRequest(f"{user_key!r} is not a user key: use {_USER_KEY_FORMS}", field="user") from None
     if kind is Platform.SLACK:
         team, _, user = rest.partition(":")
+        if not (_SLACK_ID.fullmatch(team) and _SLACK_ID.fullmatch(user)):
+            raise InvalidRequest(
+                f"{user_key!r} is not a Slack user key: it needs the workspace and the user, as in slack:T123:U456",
+                field="user",
+            )
         return Requester(kind, user, guild_id=team)
+    if not _USER_ID.fullmatch(rest):
+        example = "discord:123456789012345678" if kind is Platform.DISCORD else "console:alice"
+        raise InvalidRequest(f"{user_key!r} names no {kind.value} user: use a user id, as in {example}", field="user")
     return Requester(kind, rest)
