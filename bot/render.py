@@ -279,6 +279,12 @@ def error_message(exc: EngineError, capabilities: Capabilities | None = None) ->
             return f"That request can't be made: {exc.problem}.{charge}"
         case PolicyBlocked():
             return f"That prompt was not accepted by this server's rules: {exc.detail}.{charge}"
+        case QuotaExceeded() if exc.unit == "jobs":
+            many = f"{exc.limit_value} job{'s' if exc.limit_value != 1 else ''}"
+            return (
+                f"You already have {many} waiting or running, as many as you may have at once.{charge} "
+                f"{_quota_advice(exc, capabilities)}"
+            )
         case QuotaExceeded():
             resets = f" It resets {when(exc.resets_at)}." if exc.resets_at else ""
             left = (

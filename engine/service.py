@@ -455,7 +455,8 @@ def _parse_user_key(user_key: str) -> Requester:
         team, _, user = rest.partition(":")
         if not (_SLACK_ID.fullmatch(team) and _SLACK_ID.fullmatch(user)):
             raise InvalidRequest(
-                f"{user_key!r} is not a Slack user key: it needs the workspace and the user, as in slack:T123:U456",
+                f"{user_key!r} is not a Slack user key: it needs the workspace and the user, as in slack:T123:U456"
+                " (their ids, in capitals)",
                 field="user",
             )
         return Requester(kind, user, guild_id=team)

@@ -103,7 +103,10 @@ async def test_the_concurrent_jobs_refusal_says_to_wait_for_a_job(
     with pytest.raises(QuotaExceeded) as caught:
         await engine.submit(user(), ImageRequest("second", "schnell"))
     text = render.error_message(caught.value, engine.capabilities())
-    assert "Wait for one of your jobs to finish (see /queue), or cancel one." in text
+    assert text == (
+        "You already have 1 job waiting or running, as many as you may have at once. You were not charged."
+        " Wait for one of your jobs to finish (see /queue), or cancel one."
+    )
     assert "reset" not in text and "mode=relax" not in text
     assert "You were not charged." in text
 
