@@ -71,8 +71,9 @@ def parse_float(name: str, value: str) -> float:
 # Other spellings of an option name; Midjourney users type `--ar 16:9`.
 OPTION_ALIASES = {"ar": "aspect", "aspect-ratio": "aspect", "aspect_ratio": "aspect"}
 _OPTION_NAMES = {name: name for name in IMAGINE_OPTIONS} | OPTION_ALIASES
-# A token that names an option: `--name`, `--name=value` or `name=value`. Any other token is prompt text.
-_FLAG = re.compile(r"--(?P<name>[^\s=]+)(?:=(?P<value>.*))?", re.DOTALL)
+# A token that names an option: `--name`, `--name=value` or `name=value`. Any other token is prompt text. Phones
+# with smart punctuation turn "--" into an em or en dash, so "—ar 16:9" is a flag too (as Midjourney reads it).
+_FLAG = re.compile(r"(?:--|[\u2013\u2014])(?P<name>[^\s=]+)(?:=(?P<value>.*))?", re.DOTALL)
 _ASSIGN = re.compile(r"(?P<name>[^\s=-][^\s=]*)=(?P<value>.*)", re.DOTALL)
 _TOKEN = re.compile(r"\S+")
 
@@ -101,7 +102,7 @@ def parse_imagine_text(text: str) -> ImagineArgs:
         end = token.end()
         if value is None:
             following = tokens[index] if index < len(tokens) else None
-            if following is None or following.group().startswith("--"):
+            if following is None or following.group().startswith("--") or _option(following.group()):
                 raise InvalidRequest(f"{token.group()} needs a value, e.g. {flag} {_EXAMPLES[name]}", field=name)
             value, end = following.group(), following.end()
             index += 1
@@ -213,7 +214,8 @@ class Commands:
         if summary.mine:
             lines.append("Your jobs:")
             lines += [
-                f"  {job.id} {job.state.value} on {job.backend.value}: {self.safe(job.request.prompt[:60])}"
+                f"  {job.id} {job.state.value} on {job.backend.value}: "
+                f"{render.shown(job.request.prompt[:60], self.safe)}"
                 for job in summary.mine
             ]
         else:
@@ -290,7 +292,7 @@ class Commands:
                     return "No jobs waiting or running."
                 return "\n".join(
                     f"{j.id} {j.state.value} {j.backend.value} {j.requester.user_key}: "
-                    f"{self.safe(j.request.prompt[:60])}"
+                    f"{render.shown(j.request.prompt[:60], self.safe)}"
                     for j in jobs
                 )
             case ["cancel", job_id]:

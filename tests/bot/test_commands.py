@@ -9,8 +9,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bot.commands import IMAGINE_OPTIONS, OPTION_ALIASES, ImagineArgs, parse_imagine_text
+from bot import render
+from bot.commands import IMAGINE_OPTIONS, OPTION_ALIASES, Commands, ImagineArgs, parse_imagine_text
 from engine.errors import InvalidRequest
+from engine.models import BackendKind
+from tests.conftest import EngineFactory, user, wait_terminal
+from tests.fakes.backends import ScriptedBackend
 
 
 @pytest.mark.parametrize(
@@ -44,6 +48,10 @@ def test_every_form_of_every_option_in_any_position() -> None:
         "a cat", {"mode": "relax", "guidance": "3.5", "aspect": "3:2"}
     )
     assert parse_imagine_text("a cat --width 1024 height=768").options == {"width": "1024", "height": "768"}
+    # What a phone's smart punctuation makes of "--".
+    assert parse_imagine_text("a cat \u2014ar 16:9 \u2013seed 3 \u2014 a dash") == ImagineArgs(
+        "a cat \u2014 a dash", {"aspect": "16:9", "seed": "3"}
+    )
 
 
 def test_spacing_inside_the_prompt_is_kept() -> None:
@@ -61,6 +69,7 @@ def test_spacing_inside_the_prompt_is_kept() -> None:
         ("a cat aspect=16:9 height=768", "not both"),
         ("a cat --steps", "--steps needs a value"),
         ("a cat --steps --seed 3", "--steps needs a value"),
+        ("a cat --steps seed=3", "--steps needs a value"),
         ("a cat --ar= on a mat", "--ar= needs a value"),
         ("a cat seed=", "seed= needs a value"),
     ],
@@ -72,12 +81,12 @@ def test_repeated_contradictory_and_valueless_options_are_errors(text: str, prob
 
 
 _NAMES = "|".join(re.escape(name) for name in (*IMAGINE_OPTIONS, *OPTION_ALIASES))
-_OPTIONISH = re.compile(rf"(?:^|\s)(?:--(?:{_NAMES})(?:=|\s|$)|(?:{_NAMES})=)", re.IGNORECASE)
+_OPTIONISH = re.compile(rf"(?:^|\s)(?:(?:--|\u2013|\u2014)(?:{_NAMES})(?:=|\s|$)|(?:{_NAMES})=)", re.IGNORECASE)
 # Arbitrary text salted with what breaks naive parsers: quotes, dashes, '=', Slack-like markup, near-miss names.
 fragments = st.one_of(
     st.text(),
     st.sampled_from(
-        ["--", "=", "'", '"', "--model", "model=", "--ar", "--mode", "steps", "aspect-ratio", " ", "\n", "\t", "🎉"]
+        ["--", "=", "'", '"', "--model", "model=", "--ar", "\u2014ar", "steps", "aspect-ratio", " ", "\n", "\t", "🎉"]
     ),
     st.sampled_from(["--no", "--models", "xseed=1", "seeds=2", "E=mc2", "<@U1>", "&amp;", "\u00a0", "\u200b"]),
 )
@@ -106,3 +115,17 @@ def test_options_anywhere_come_out_and_the_words_stay(
         flag = name if name != "aspect" else data.draw(st.sampled_from(["aspect", "ar", "aspect-ratio"]))
         tokens.insert(data.draw(st.integers(0, len(tokens))), data.draw(forms).format(flag, value))
     assert parse_imagine_text(" ".join(tokens)) == ImagineArgs(" ".join(words), chosen)
+
+
+async def test_direction_controls_in_a_prompt_cannot_reorder_the_bots_own_words(make_engine: EngineFactory) -> None:
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()})
+    commands = Commands(engine)
+    alice = user()
+    spoof = "a cat \u202eeerf si sihT"  # a right-to-left override left open
+    queued = await commands.imagine(alice, spoof, {})
+    await wait_terminal(engine, queued.job_id)
+    assert (await engine.store.get_job(queued.job_id)).request.prompt == spoof  # the model got it as typed
+    assert f"  prompt: \u2068{spoof}\u2069\n" in await commands.job(alice, queued.job_id)
+    plain = await commands.imagine(alice, "a plain cat", {})
+    assert "  prompt: a plain cat\n" in await commands.job(alice, plain.job_id)
+    assert render.shown("\u2067مرحبا", str.upper) == "\u2068\u2067مرحبا\u2069"
