@@ -610,7 +610,7 @@ async def test_channel_deliveries_allow_only_the_requester(
     assert allows(failed) == only(ALICE) and f"Job {queued.job_id} failed" in content(failed)
 
 
-async def test_a_refused_delete_and_an_unconvertible_option_ping_nobody(
+async def test_a_refused_delete_pings_nobody(
     make_engine: EngineFactory, front_end: FrontEndFactory, fake: FakeDiscord
 ) -> None:
     engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()})
