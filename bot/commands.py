@@ -66,25 +66,112 @@ def parse_float(name: str, value: str) -> float:
         raise InvalidRequest(f"{name} must be a number, not {value!r}", field=name) from exc
 
 
-_OPTION = re.compile(r"(?:^|\s)(\w+)=(\S+)")
+# Other spellings of an option name; Midjourney users type `--ar 16:9`.
+OPTION_ALIASES = {"ar": "aspect", "aspect-ratio": "aspect", "aspect_ratio": "aspect"}
+_OPTION_NAMES = {name: name for name in IMAGINE_OPTIONS} | OPTION_ALIASES
+# A token that names an option: `--name`, `--name=value` or `name=value`. Any other token is prompt text. Phones
+# with smart punctuation turn "--" into an em or en dash, so "—ar 16:9" is a flag too (as Midjourney reads it).
+_FLAG = re.compile(r"(?:--|[\u2013\u2014])(?P<name>[^\s=]+)(?:=(?P<value>.*))?", re.DOTALL)
+_ASSIGN = re.compile(r"(?P<name>[^\s=-][^\s=]*)=(?P<value>.*)", re.DOTALL)
+_TOKEN = re.compile(r"\S+")
 _MENTION = re.compile(r"<@!?([A-Za-z0-9]+)(?:\|[^>]*)?>")  # Discord <@123> / <@!123>, Slack <@U123|name>
 
 
 def parse_imagine_text(text: str) -> ImagineArgs:
-    """'a red cat model=dev aspect=16:9' -> prompt and options; unknown `key=value` options are errors."""
+    """'a red cat --ar 16:9 steps=20' -> the prompt and the options, for the console and Slack alike.
+
+    Options are only the known names (IMAGINE_OPTIONS and OPTION_ALIASES, any case) written `--name value`,
+    `--name=value` or `name=value`, anywhere in the text. Everything else is the user's own words and is kept
+    exactly as typed: quotes, apostrophes, `--` and `=` in other words, unicode, and the spacing between words
+    (an option takes the whitespace before it with it; only the ends are trimmed). An option given twice, a known
+    option without a value, and width or height together with an aspect ratio are errors.
+    """
+    try:
+        return _split_options(text)
+    except InvalidRequest as exc:
+        exc.charge_possible = True  # a refused /imagine: the user wants to know that it cost nothing
+        raise
+
+
+def _split_options(text: str) -> ImagineArgs:
+    tokens = list(_TOKEN.finditer(text))
     options: dict[str, str] = {}
-    for match in _OPTION.finditer(text):
-        key = match.group(1).lower()
-        if key not in IMAGINE_OPTIONS:
-            raise InvalidRequest(f"unknown option {key!r}; use {', '.join(o + '=' for o in IMAGINE_OPTIONS)}")
-        options[key] = match.group(2)
-    prompt = _OPTION.sub(" ", text).strip()
-    return ImagineArgs(prompt, options)
+    written: dict[str, str] = {}  # option -> how the user wrote it, for the error messages
+    removed: list[tuple[int, int]] = []
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        index += 1
+        found = _option(token.group())
+        if found is None:
+            continue
+        name, value, flag = found
+        end = token.end()
+        if value is None:
+            following = tokens[index] if index < len(tokens) else None
+            if following is None or following.group().startswith("--") or _option(following.group()):
+                raise InvalidRequest(f"{token.group()} needs a value, e.g. {flag} {_EXAMPLES[name]}", field=name)
+            value, end = following.group(), following.end()
+            index += 1
+        if not value:
+            raise InvalidRequest(f"{token.group()} needs a value, e.g. {flag}={_EXAMPLES[name]}", field=name)
+        shown = text[token.start() : end]
+        if name in options:
+            raise InvalidRequest(f"{name} is given twice ({written[name]!r} and {shown!r}); give it once", field=name)
+        options[name], written[name] = value, shown
+        removed.append((token.start(), end))
+    sized = [written[name] for name in ("width", "height") if name in options]
+    if sized and "aspect" in options:
+        raise InvalidRequest(
+            f"give an aspect ratio or a width and height, not both ({written['aspect']!r} and {sized[0]!r})",
+            field="aspect",
+        )
+    return ImagineArgs(_without(text, removed), options)
+
+
+_EXAMPLES = {
+    "model": "dev",
+    "aspect": "16:9",
+    "steps": "28",
+    "guidance": "3.5",
+    "seed": "7",
+    "mode": "relax",
+    "width": "1024",
+    "height": "768",
+}
+
+
+def _option(token: str) -> tuple[str, str | None, str] | None:
+    """(option, value or None when it is the next token, the flag as the user should write it), or None."""
+    if match := _FLAG.fullmatch(token):
+        name = _OPTION_NAMES.get(match["name"].lower())
+        return None if name is None else (name, match["value"], f"--{match['name']}")
+    if match := _ASSIGN.fullmatch(token):
+        name = _OPTION_NAMES.get(match["name"].lower())
+        return None if name is None else (name, match["value"], match["name"])
+    return None
+
+
+def _without(text: str, spans: list[tuple[int, int]]) -> str:
+    """The text with the spans cut out, each with the whitespace that separated it from the words before it."""
+    kept: list[str] = []
+    position = 0
+    for start, end in spans:
+        cut = start
+        while cut > position and text[cut - 1].isspace():
+            cut -= 1
+        kept.append(text[position:cut])
+        position = end
+    kept.append(text[position:])
+    return "".join(kept).strip()
 
 
 class Commands:
-    def __init__(self, engine: Engine) -> None:
+    """`safe` is how the front-end shows user text (prompts) inside its own texts; see render.UserText."""
+
+    def __init__(self, engine: Engine, safe: render.UserText = render.plain) -> None:
         self.engine = engine
+        self.safe = safe
 
     def model_display(self, name: str) -> str:
         model = self.engine.settings.models.get(name)
@@ -100,12 +187,14 @@ class Commands:
             mode = Mode(mode_text.lower())
         except ValueError as exc:
             raise InvalidRequest(f"mode must be auto, fast or relax, not {mode_text!r}", field="mode") from exc
+        sized = "width" in options or "height" in options
         request = ImageRequest(
             prompt=prompt,
             model=model.lower(),
             width=parse_int("width", options["width"]) if "width" in options else None,
             height=parse_int("height", options["height"]) if "height" in options else None,
-            aspect_ratio=options.get("aspect") or defaults.get("aspect"),
+            # A width and height asked for now outrank the aspect ratio saved in /settings.
+            aspect_ratio=options.get("aspect") or (None if sized else defaults.get("aspect")),
             steps=parse_int("steps", options["steps"]) if "steps" in options else None,
             guidance=parse_float("guidance", options["guidance"]) if "guidance" in options else None,
             seed=parse_int("seed", options["seed"]) if "seed" in options else None,
@@ -133,7 +222,8 @@ class Commands:
         if summary.mine:
             lines.append("Your jobs:")
             lines += [
-                f"  {job.id} {job.state.value} on {job.backend.value}: {job.request.prompt[:60]}"
+                f"  {job.id} {job.state.value} on {job.backend.value}: "
+                f"{render.shown(job.request.prompt[:60], self.safe)}"
                 for job in summary.mine
             ]
         else:
@@ -142,7 +232,7 @@ class Commands:
 
     async def job(self, requester: Requester, job_id: str) -> str:
         job = await self.engine.job(requester, job_id)
-        return render.job_text(job, self.model_display(job.request.model))
+        return render.job_text(job, self.model_display(job.request.model), self.safe)
 
     async def settings(self, requester: Requester, name: str | None, value: str | None) -> str:
         if name and value:
@@ -212,7 +302,8 @@ class Commands:
                 if not jobs:
                     return "No jobs waiting or running."
                 return "\n".join(
-                    f"{j.id} {j.state.value} {j.backend.value} {j.requester.user_key}: {j.request.prompt[:60]}"
+                    f"{j.id} {j.state.value} {j.backend.value} {j.requester.user_key}: "
+                    f"{render.shown(j.request.prompt[:60], self.safe)}"
                     for j in jobs
                 )
             case ["cancel", job_id]:

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from bot import render
 from engine.models import TERMINAL_EVENTS, Job, JobEvent, Platform
 from engine.service import Engine
+from engine.validation import ASPECT_SIZES
 
 log = logging.getLogger("flux_bot.delivery")
 
@@ -49,7 +50,11 @@ class ThrottledEditor:
 def same_options(job: Job, seed: str | None) -> dict[str, str]:
     """The options of an earlier job, for Reroll, Vary and Edit prompt (which change only the seed or prompt)."""
     r = job.request
-    options = {"model": r.model, "aspect": r.aspect_ratio, "steps": str(r.steps), "mode": r.mode.value}
+    options = {"model": r.model, "steps": str(r.steps), "mode": r.mode.value}
+    if (r.width, r.height) == ASPECT_SIZES.get(r.aspect_ratio):
+        options["aspect"] = r.aspect_ratio
+    else:  # a width and height the user asked for (Slack, the console)
+        options |= {"width": str(r.width), "height": str(r.height)}
     if r.guidance is not None:
         options["guidance"] = str(r.guidance)
     if seed is not None:

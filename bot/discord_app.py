@@ -3,6 +3,11 @@
 It only translates: an interaction becomes a Requester and a bot.commands call, engine events become message edits
 and followups with texts from bot.render. It decides nothing; admin rights, bounds and quotas are the engine's.
 
+Text out: the client's default `allowed_mentions` is none, so no message on any path (edits, followups, channel
+posts, modals' answers) can notify anyone; where the bot mentions the requester itself, that message allows exactly
+that user. User text inside the bot's texts (prompts in captions, /job and /queue, values echoed by error messages)
+goes through `user_text`, so its markdown and mentions show as typed characters.
+
 This module does not use `from __future__ import annotations`: discord.py reads the slash commands' options from
 the callbacks' annotations, and the steps bound comes from the configured models, a value only known at run time.
 """
@@ -28,6 +33,7 @@ from engine.config import ASPECT_RATIOS
 from engine.errors import EngineError, NotAllowed
 from engine.models import (
     TERMINAL_EVENTS,
+    Capabilities,
     Job,
     JobDone,
     JobEvent,
@@ -49,7 +55,22 @@ TOKEN_LIFETIME = timedelta(minutes=14)
 MAX_CHARS = 2000
 DEFAULT_FILESIZE_LIMIT = 10 * 1024 * 1024
 DISCORD_ASPECTS = tuple(a for a in ASPECT_RATIOS if a != "9:21")  # the issue's eight; 9:21 stays in config only
-MENTION_USERS = discord.AllowedMentions(everyone=False, roles=False, users=True)
+
+
+def user_text(text: str) -> str:
+    """User text as Discord shows it literally: markdown escaped, and @everyone, @here and id mentions broken up
+    (the allowed_mentions settings already stop every ping; this keeps them from even looking like one)."""
+    return discord.utils.escape_markdown(discord.utils.escape_mentions(text))
+
+
+def error_text(exc: EngineError, capabilities: Capabilities | None = None) -> str:
+    """An error's one message; it can quote what the user typed, so it is shown literally as a whole."""
+    return user_text(render.error_message(exc, capabilities))
+
+
+def mentioning(user_id: str) -> discord.AllowedMentions:
+    """For a message that mentions the requester: that one user may be notified, nobody else."""
+    return discord.AllowedMentions(everyone=False, roles=False, users=[discord.Object(int(user_id))])
 
 
 def requester_of(interaction: discord.Interaction) -> Requester:
@@ -102,10 +123,12 @@ class DiscordFrontEnd:
         edit_interval_s: float = 1.5,
     ) -> None:
         self.engine = engine
-        self.commands = Commands(engine)
+        self.commands = Commands(engine, user_text)
         self.edit_interval_s = edit_interval_s
         # Interactions arrive whatever the intents; `guilds` (not privileged) keeps guild and channel caches warm.
-        self.client = FluxClient(self, intents=discord.Intents(guilds=True))
+        self.client = FluxClient(
+            self, intents=discord.Intents(guilds=True), allowed_mentions=discord.AllowedMentions.none()
+        )
         self.client.setup_hook = self._setup  # type: ignore[method-assign]
         self.tree = app_commands.CommandTree(self.client)
         self.tree.on_error = self._command_error  # type: ignore[method-assign]
@@ -334,7 +357,7 @@ class DiscordFrontEnd:
         try:
             answer = await handler(requester_of(interaction))
         except EngineError as exc:
-            answer = render.error_message(exc, self.engine.capabilities())
+            answer = error_text(exc, self.engine.capabilities())
         except Exception:
             log.exception("discord /%s failed", interaction.command.qualified_name if interaction.command else "?")
             answer = render.INTERNAL_ERROR
@@ -349,7 +372,7 @@ class DiscordFrontEnd:
         log.error("discord command failed", exc_info=error)
         text = render.INTERNAL_ERROR
         if isinstance(error, app_commands.TransformerError):
-            text = f"That option can't be used: {error.value!r}. {render.NOT_CHARGED}"
+            text = f"That option can't be used: {user_text(repr(error.value))}. {render.NOT_CHARGED}"
         await self._refuse(interaction, text)
 
     async def _refuse(self, interaction: discord.Interaction, text: str) -> None:
@@ -370,7 +393,7 @@ class DiscordFrontEnd:
         try:
             queued = await self.commands.imagine(requester_of(interaction), prompt, options)
         except EngineError as exc:
-            await self._refuse(interaction, render.error_message(exc, self.engine.capabilities()))
+            await self._refuse(interaction, error_text(exc, self.engine.capabilities()))
             return
         except Exception:
             log.exception("discord /imagine could not be submitted for %s", interaction.user.id)
@@ -446,7 +469,7 @@ class DiscordFrontEnd:
                 clip(f"<@{job.requester.user_id}> {caption}"),
                 file=discord.File(io.BytesIO(data), filename),
                 view=result_view(job.id),
-                allowed_mentions=MENTION_USERS,
+                allowed_mentions=mentioning(job.requester.user_id),
             )
         else:
             await interaction.delete_original_response()
@@ -464,17 +487,17 @@ class DiscordFrontEnd:
                 clip(f"{mention} {caption}"),
                 file=discord.File(io.BytesIO(data), filename),
                 view=result_view(job.id),
-                allowed_mentions=MENTION_USERS,
+                allowed_mentions=mentioning(job.requester.user_id),
             )
         else:
-            text = render.ended_text(event, self.engine.capabilities())
-            await channel.send(clip(f"{mention} {text}"), allowed_mentions=MENTION_USERS)
+            text = clip(f"{mention} {render.ended_text(event, self.engine.capabilities())}")
+            await channel.send(text, allowed_mentions=mentioning(job.requester.user_id))
 
     async def _result(self, job: Job, event: JobDone, limit: int) -> tuple[bytes, str, str]:
         display = self.commands.model_display(job.request.model)
         png = await asyncio.to_thread(png_with_parameters, event.image, job, display)
         data, filename = await asyncio.to_thread(fit_attachment, png, limit, job.id)
-        return data, filename, render.done_caption(job, event, display)
+        return data, filename, render.done_caption(job, event, display, user_text)
 
     # ---- result buttons (bot.discord_views routes clicks here) ----
 
@@ -505,7 +528,7 @@ class DiscordFrontEnd:
         requester = requester_of(interaction)
         if requester.user_key != job.requester.user_key and not self.engine.is_admin(requester):
             refusal = NotAllowed("delete", "only the person who asked for this image or an admin can delete it")
-            await interaction.response.send_message(render.error_message(refusal), ephemeral=True)
+            await interaction.response.send_message(error_text(refusal), ephemeral=True)
             return
         await interaction.response.defer()
         if interaction.message is not None:
@@ -517,5 +540,5 @@ class DiscordFrontEnd:
         try:
             return await self.engine.store.get_job(job_id)
         except EngineError as exc:
-            await self._refuse(interaction, render.error_message(exc))
+            await self._refuse(interaction, error_text(exc))
             return None

@@ -6,6 +6,8 @@ No traceback or internal detail ever reaches a chat user; the log has them, keye
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from engine.alerts import Alert, FailureAlert, SpendAlert
@@ -39,8 +41,30 @@ from engine.models import (
 from engine.quota import QuotaView
 from engine.store import SpendRow
 
+# How a front-end shows user text (a prompt) inside a text of its own: escaped for its platform's markup, so the
+# words show as typed and cannot mention anyone or format the message. The texts here are otherwise plain.
+UserText = Callable[[str], str]
+
 NOT_CHARGED = "You were not charged."
 INTERNAL_ERROR = "Something went wrong inside flux-bot; it has been logged. Try again, or tell an admin."
+
+
+def plain(text: str) -> str:
+    """UserText for plain-text output (console, CLI): the text as it is."""
+    return text
+
+
+# Direction controls (marks, embeddings, overrides, isolates): in a prompt they could reorder the bot's own words
+# after it (a right-to-left override would show "$0.04" as "40.0$").
+_BIDI_CONTROLS = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def shown(text: str, safe: UserText) -> str:
+    """User text inside one of our texts: escaped by the front-end's `safe` and, when it holds direction controls,
+    wrapped in a first-strong isolate (U+2068 ... U+2069), which ends their effect where the user's text ends."""
+    if _BIDI_CONTROLS.search(text):
+        text = f"\u2068{text}\u2069"
+    return safe(text)
 
 
 def duration(seconds: float) -> str:
@@ -160,11 +184,11 @@ def queued_text(event: JobQueued, model_display: str) -> str:
     )
 
 
-def done_caption(job: Job, event: JobDone, model_display: str) -> str:
+def done_caption(job: Job, event: JobDone, model_display: str, safe: UserText) -> str:
     cost = "free" if event.cost_micros <= 0 else format_usd(event.cost_micros)
     prompt = job.request.prompt if len(job.request.prompt) <= 300 else job.request.prompt[:297] + "..."
     return (
-        f'"{prompt}" — {model_display}, seed {event.seed}, {job.request.width}x{job.request.height}, '
+        f'"{shown(prompt, safe)}" — {model_display}, seed {event.seed}, {job.request.width}x{job.request.height}, '
         f"{backend_name(event.backend)}, {duration(event.seconds)}, {cost} (job {job.id})"
     )
 
@@ -251,11 +275,11 @@ def alert_text(alert: Alert) -> str:
     raise TypeError(f"unknown alert {alert!r}")
 
 
-def job_text(job: Job, model_display: str) -> str:
+def job_text(job: Job, model_display: str, safe: UserText) -> str:
     r = job.request
     lines = [
         f"Job {job.id}: {job.state.value} — {model_display} on {backend_name(job.backend)}",
-        f"  prompt: {r.prompt}",
+        f"  prompt: {shown(r.prompt, safe)}",
         f"  size {r.width}x{r.height} ({r.aspect_ratio}), steps {r.steps}, "
         + (f"guidance {r.guidance}, " if r.guidance is not None else "")
         + f"seed {r.seed}, mode {r.mode.value}",
@@ -263,7 +287,7 @@ def job_text(job: Job, model_display: str) -> str:
         f"  attempts: {job.attempts}, cost: {format_usd(job.cost_micros)}",
     ]
     if job.error:
-        lines.append(f"  error: {job.error}")
+        lines.append(f"  error: {shown(job.error, safe)}")  # it can quote what a provider answered about the prompt
     return "\n".join(lines)
 
 

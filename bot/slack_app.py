@@ -7,6 +7,13 @@ and quotas are decided by the engine.
 Acknowledging: Slack drops a command not acknowledged within 3 seconds. Submitting a job is one SQLite write, well
 inside that, so the command submits first and acknowledges with the queued note (route, reason, position, ETA, cost)
 or the error: the user's one ephemeral answer arrives with the ack, and no response_url round trip is needed.
+
+Text in and out: Slack escapes `&`, `<` and `>` in what users type and writes mentions and links as `<...>` markup;
+`plain_text` turns that back into the words the user saw before anything else reads it. Going out, every text is
+plain (bot.render's texts and the user's words in them alike) and `markup` escapes it whole, so a prompt holding
+`<!channel>` shows those characters and pings nobody; the only live markup is what the bot adds itself (the
+requester's mention, a channel link). Every post goes through the `_post`, `_chat_update`, `_ephemeral`, `_upload` and
+`_ack` helpers, which do that; tests/bot/test_slack.py fails if a Slack send method is called anywhere else.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shlex
+import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -28,7 +35,7 @@ from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetry
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import render
-from bot.commands import Commands
+from bot.commands import Commands, ImagineArgs, parse_imagine_text
 from bot.console import png_with_parameters
 
 # Shared with Discord rather than copied; they belong in a platform-neutral module (see the report).
@@ -52,8 +59,6 @@ from engine.validation import MAX_SEED
 log = logging.getLogger("flux_bot.slack")
 
 MAX_CHARS = 3000  # a section block's text limit; plain message text allows more, one limit keeps it simple
-IMAGINE_FLAGS = {f"--{name}": name for name in ("model", "aspect", "steps", "guidance", "seed", "mode")}
-NUMERIC_FLAGS = {"steps": int, "seed": int, "guidance": float}
 ACTIONS = ("reroll", "vary", "delete")
 
 
@@ -68,43 +73,69 @@ class CommandNames:
 
 
 def clip(text: str) -> str:
-    return text if len(text) <= MAX_CHARS else text[: MAX_CHARS - 1] + "…"
+    """At most MAX_CHARS, never ending inside an escape such as `&amp;`."""
+    if len(text) <= MAX_CHARS:
+        return text
+    return re.sub(r"&[a-z]*$", "", text[: MAX_CHARS - 1]) + "…"
 
 
-def parse_imagine(text: str) -> tuple[str, dict[str, str]]:
-    """'a red cat --aspect 16:9 --steps 20' -> prompt and options; a bad flag raises InvalidRequest."""
-    try:
-        words = shlex.split(text)
-    except ValueError as exc:
-        raise InvalidRequest(f"could not read that ({exc}); check the quotes") from exc
-    prompt: list[str] = []
-    options: dict[str, str] = {}
-    items = iter(words)
-    for word in items:
-        if not word.startswith("--"):
-            prompt.append(word)
-            continue
-        name = IMAGINE_FLAGS.get(word.lower())
-        if name is None:
-            raise InvalidRequest(f"unknown flag {word!r}; use {', '.join(IMAGINE_FLAGS)}")
-        value = next(items, None)
-        if value is None or value.startswith("--"):
-            raise InvalidRequest(f"{word} needs a value", field=name)
-        kind = NUMERIC_FLAGS.get(name)
-        if kind is not None:
-            try:
-                kind(value)
-            except ValueError as exc:
-                what = "a whole number" if kind is int else "a number"
-                raise InvalidRequest(f"{word} must be {what}, not {value!r}", field=name) from exc
-        options[name] = value
-    if not prompt:
-        raise InvalidRequest("say what to draw: /imagine a red cat --aspect 16:9", field="prompt")
-    return " ".join(prompt), options
+# What Slack writes for the three characters it escapes, and its `<...>` markup: mentions of users (`<@U1|name>`),
+# channels (`<#C1|name>`), groups (`<!subteam^S1|@team>`), `<!here>`, `<!channel>`, `<!everyone>`, dates and links.
+_SLACK_TEXT = re.compile(r"&(amp|lt|gt);|<([^<>]*)>")
+_ENTITIES = {"amp": "&", "lt": "<", "gt": ">"}
+
+
+def plain_text(text: str) -> str:
+    """Slack's command text as the words the user saw: escapes undone, markup replaced by what it displays.
+
+    A mention becomes its label when Slack sent one (`<@U1|alice>` -> "@alice", `<#C1|art>` -> "#art"), else its
+    id ("@U1", "#C1"); `<!here>`, `<!channel>` and `<!everyone>` become "@here", "@channel" and "@everyone", and
+    other `<!...>` forms their label; a link becomes its label or, without one, its address.
+    """
+
+    def replace(match: re.Match[str]) -> str:
+        if match[1]:
+            return _ENTITIES[match[1]]
+        target, label = (_SLACK_TEXT.sub(replace, part) for part in match[2].partition("|")[::2])
+        if target.startswith("@"):
+            return f"@{label}" if label and not label.startswith("@") else label or target
+        if target.startswith("#"):
+            return f"#{label}" if label else target
+        if target.startswith("!"):
+            name = target[1:].split("^")[0]
+            if name in ("here", "channel", "everyone"):
+                return f"@{name}"
+            return label or "@" + target[1:].split("^")[-1]
+        return label or target
+
+    return _SLACK_TEXT.sub(replace, text)
+
+
+def parse_imagine(text: str) -> ImagineArgs:
+    """/imagine's text as Slack sends it -> the user's prompt and options (see bot.commands.parse_imagine_text)."""
+    return parse_imagine_text(plain_text(text))
+
+
+def escape(text: str) -> str:
+    """Plain text for a Slack message: `&`, `<` and `>` escaped, so nothing in it is markup (mentions included)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def markup(text: str, *, mention: str | None = None) -> str:
+    """A plain text as a Slack message, clipped, after a live mention of the user id `mention` if one is given."""
+    return clip((f"<@{mention}> " if mention else "") + escape(text))
+
+
+@dataclass(frozen=True, slots=True)
+class Markup:
+    """A command's answer that is already Slack markup (the bot's own channel link), sent as it is."""
+
+    text: str
 
 
 def result_blocks(text: str, job_id: str, file_id: str) -> list[dict[str, Any]]:
-    """The caption with Reroll, Vary and Delete; each button's value is the job id, its action_id the action.
+    """The caption (already markup) with Reroll, Vary and Delete; each button's value is the job id, its action_id
+    the action.
 
     Delete's value also names the uploaded image, which lives in the thread and would outlive its parent message.
     """
@@ -119,7 +150,7 @@ def result_blocks(text: str, job_id: str, file_id: str) -> list[dict[str, Any]]:
         for action in ACTIONS
     ]
     return [
-        {"type": "section", "text": {"type": "mrkdwn", "text": clip(text)}},
+        {"type": "section", "text": {"type": "mrkdwn", "text": text}},
         {"type": "actions", "block_id": f"flux_result_{job_id}", "elements": buttons},
     ]
 
@@ -273,7 +304,7 @@ class SlackFrontEnd:
         self,
         ack: AsyncAck,
         body: dict[str, Any],
-        handler: Callable[[Requester], Awaitable[str]],
+        handler: Callable[[Requester], Awaitable[str | Markup]],
         *,
         check_admin: bool = False,
     ) -> None:
@@ -282,14 +313,20 @@ class SlackFrontEnd:
         check_admin: where admin rights matter (admin commands, cancelling another's job), so users.info is only
         asked then and stays off the 3-second path of /imagine.
         """
+        answer: str | Markup
         try:
-            text = await handler(await self._requester(body, check_admin=check_admin))
+            answer = await handler(await self._requester(body, check_admin=check_admin))
         except EngineError as exc:
-            text = render.error_message(exc, self.engine.capabilities())
+            answer = render.error_message(exc, self.engine.capabilities())
         except Exception:
             log.exception("slack %s failed", body.get("command", "?"))
-            text = render.INTERNAL_ERROR
-        await ack(text=clip(text), response_type="ephemeral")
+            answer = render.INTERNAL_ERROR
+        await self._ack(ack, answer)
+
+    @staticmethod
+    async def _ack(ack: AsyncAck, answer: str | Markup) -> None:
+        text = answer.text if isinstance(answer, Markup) else markup(answer)
+        await ack(text=text, response_type="ephemeral")
 
     async def _on_quota(self, ack: AsyncAck, body: dict[str, Any]) -> None:
         await self._answer(ack, body, self.commands.quota)
@@ -306,7 +343,7 @@ class SlackFrontEnd:
             await self._answer(ack, body, lambda r: self.commands.admin(r, text), check_admin=True)
             return
 
-        async def start_report(requester: Requester) -> str:
+        async def start_report(requester: Requester) -> Markup:
             # Drawing the chart can take longer than Slack's 3 seconds: ack now (after the rights check), post later.
             # A file cannot be ephemeral on Slack, so the chart goes to the admin channel when there is one, else to
             # the channel the admin asked in.
@@ -315,28 +352,28 @@ class SlackFrontEnd:
             if channel is None:
                 raise InvalidRequest("this command needs a channel to post the chart in")
             self._spawn(self._post_report(requester, channel), "slack: admin report")
-            return f"Building the report; the chart and its summary will be posted in <#{channel}>."
+            return Markup(
+                escape("Building the report; the chart and its summary will be posted in ") + f"<#{channel}>."
+            )
 
         await self._answer(ack, body, start_report, check_admin=True)
 
     async def _post_report(self, requester: Requester, channel: str) -> None:
         try:
             reply = await self.commands.report(requester)
-            await self.client.files_upload_v2(
-                channel=channel, file=reply.png, filename=reply.filename, initial_comment=clip(reply.text)
-            )
+            await self._upload(channel, reply.png, reply.filename, reply.text)
         except Exception:
             log.exception("could not post the admin report to %s", channel)
             with contextlib.suppress(Exception):  # Slack itself may be what failed; the log has it either way
                 await self._ephemeral(requester, render.INTERNAL_ERROR)
 
     async def _post_alert(self, text: str) -> None:
-        await self.client.chat_postMessage(channel=self.alert_channel, text=clip(text))
+        await self._post(self.alert_channel, text)
 
     async def _on_imagine(self, ack: AsyncAck, body: dict[str, Any]) -> None:
         async def run(requester: Requester) -> str:
-            prompt, options = parse_imagine(str(body.get("text", "")))
-            return await self._imagine(requester, prompt, options)
+            args = parse_imagine(str(body.get("text", "")))
+            return await self._imagine(requester, args.prompt, args.options)
 
         await self._answer(ack, body, run)
 
@@ -358,12 +395,10 @@ class SlackFrontEnd:
             if channel is None:
                 raise ValueError("a Slack job without a channel")
             note = render.queued_text(queued, self.commands.model_display(job.request.model))
-            header = f"<@{job.requester.user_id}> {note}"
-            posted = await self.client.chat_postMessage(channel=channel, text=clip(header))
-            ts = str(posted["ts"])
+            ts = await self._post(channel, note, mention=job.requester.user_id)
 
             async def show(text: str, _preview: bytes | None) -> None:
-                await self._update(channel, ts, f"{header}\n{text}")
+                await self._update(channel, ts, f"{note}\n{text}", mention=job.requester.user_id)
 
             editor = ThrottledEditor(show, self.edit_interval_s)
             try:
@@ -380,13 +415,37 @@ class SlackFrontEnd:
         except Exception:
             log.exception("job %s: following it on Slack failed", job_id)
 
-    async def _update(self, channel: str, ts: str, text: str) -> None:
+    async def _update(self, channel: str, ts: str, text: str, *, mention: str | None = None) -> None:
         """A progress update; a lost one only costs a stale bar, so failures are logged, not raised."""
         await self.pacer.turn(channel)
         try:
-            await self.client.chat_update(channel=channel, ts=ts, text=clip(text))
+            await self._chat_update(channel, ts, text, mention=mention)
         except Exception as exc:
             log.info("slack progress update in %s failed: %s", channel, exc)
+
+    # ---- the only calls that send text to Slack: plain text in, escaped here (see the module's docstring) ----
+
+    async def _post(self, channel: str, text: str, *, mention: str | None = None) -> str:
+        """chat.postMessage; the new message's ts."""
+        posted = await self.client.chat_postMessage(channel=channel, text=markup(text, mention=mention))
+        return str(posted["ts"])
+
+    async def _chat_update(
+        self, channel: str, ts: str, text: str, *, mention: str | None = None, buttons: tuple[str, str] | None = None
+    ) -> None:
+        """chat.update; `buttons` (job id, file id) adds the result's blocks, which show the same text."""
+        shown = markup(text, mention=mention)
+        blocks = result_blocks(shown, *buttons) if buttons else None
+        await self.client.chat_update(channel=channel, ts=ts, text=shown, blocks=blocks)
+
+    async def _upload(
+        self, channel: str, data: bytes, filename: str, comment: str, thread_ts: str | None = None
+    ) -> str:
+        """files_upload_v2 with its comment; the uploaded file's id."""
+        uploaded = await self.client.files_upload_v2(
+            channel=channel, thread_ts=thread_ts, file=data, filename=filename, initial_comment=markup(comment)
+        )
+        return str(uploaded["files"][0]["id"])
 
     async def _deliver(self, job: Job, event: JobEvent, ts: str | None) -> None:
         """The terminal message on the progress message (a new one after a restart), the image in its thread."""
@@ -394,24 +453,19 @@ class SlackFrontEnd:
         if channel is None:
             log.warning("job %s: no channel to deliver to", job.id)
         else:
-            mention = f"<@{job.requester.user_id}>"
+            mention = job.requester.user_id
             if ts is None:
-                posted = await self.client.chat_postMessage(channel=channel, text=clip(f"{mention} job {job.id}"))
-                ts = str(posted["ts"])
+                ts = await self._post(channel, f"job {job.id}", mention=mention)
             if isinstance(event, JobDone):
                 display = self.commands.model_display(job.request.model)
-                caption = render.done_caption(job, event, display)
+                # Plain here: the whole caption is escaped when sent.
+                caption = render.done_caption(job, event, display, render.plain)
                 png = await asyncio.to_thread(png_with_parameters, event.image, job, display)
-                uploaded = await self.client.files_upload_v2(
-                    channel=channel, thread_ts=ts, file=png, filename=f"{job.id}.png", initial_comment=clip(caption)
-                )
-                file_id = str(uploaded["files"][0]["id"])
-                text = f"{mention} {caption}"
-                blocks = result_blocks(text, job.id, file_id)
-                await self.client.chat_update(channel=channel, ts=ts, text=clip(text), blocks=blocks)
+                file_id = await self._upload(channel, png, f"{job.id}.png", caption, thread_ts=ts)
+                await self._chat_update(channel, ts, caption, mention=mention, buttons=(job.id, file_id))
             else:
-                text = f"{mention} {render.ended_text(event, self.engine.capabilities())}"
-                await self.client.chat_update(channel=channel, ts=ts, text=clip(text))
+                ended = render.ended_text(event, self.engine.capabilities())
+                await self._chat_update(channel, ts, ended, mention=mention)
         # Shielded: close() cancels this task, and a store write cut off mid-transaction would break the store.
         await asyncio.shield(self.engine.mark_delivered(job.id))
 
@@ -451,4 +505,4 @@ class SlackFrontEnd:
         if requester.channel_id is None:
             log.warning("no channel for an ephemeral answer to %s: %s", requester.user_key, text)
             return
-        await self.client.chat_postEphemeral(channel=requester.channel_id, user=requester.user_id, text=clip(text))
+        await self.client.chat_postEphemeral(channel=requester.channel_id, user=requester.user_id, text=markup(text))

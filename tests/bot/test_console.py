@@ -59,7 +59,7 @@ async def test_console_bad_input_gets_one_clear_line_each(make_engine: EngineFac
         [
             "/imagine",
             "/imagine a cat steps=many",
-            "/imagine a cat colour=red",
+            "/imagine a cat steps=3 steps=4",
             "/imagine a cat model=flux-9000",
             "/cancel",
             "/job jnope",

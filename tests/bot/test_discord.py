@@ -511,3 +511,112 @@ async def test_alerts_are_posted_to_the_admin_channel(
     [alert] = fake.matching("POST", path)
     assert content(alert).startswith("flux-bot alert: 1 of the 1 jobs that ended in the last hour failed (100%")
     assert alert.payload["allowed_mentions"]["parse"] == []
+
+
+# A prompt full of what would ping people or format the message if it were sent as markup.
+REAL_ID = "123456789012345678"
+NOISY = f"@everyone @here <@{REAL_ID}> <@&{REAL_ID}> <@123> **bold** __u__ `code` ||spoiler|| <!channel> a & b <c>"
+NOBODY: tuple[str, ...] = ()
+
+
+def allows(record: Recorded) -> tuple[str, ...] | None:
+    """Whom the message may notify: the user ids allowed, or None when the message sets no allowed_mentions
+    (then Discord notifies everyone it mentions). 'everyone' or 'roles' in the answer means a group may be pinged."""
+    allowed = (record.json or {}).get("data", record.payload).get("allowed_mentions")
+    if allowed is None:
+        return None
+    groups = tuple(kind for kind in allowed.get("parse", []) if kind in ("everyone", "roles", "users"))
+    return groups + tuple(str(user) for user in allowed.get("users", [])) + tuple(allowed.get("roles", []))
+
+
+def only(user_id: str) -> tuple[str, ...]:
+    return (user_id,)
+
+
+def shown_literally(text: str) -> bool:
+    """The noisy prompt as Discord shows it: every markdown character escaped, no mention left whole."""
+    return (
+        "\\*\\*bold\\*\\*" in text
+        and "\\_\\_u\\_\\_" in text
+        and "\\`code\\`" in text
+        and "\\|\\|spoiler\\|\\|" in text
+        and "@\u200beveryone" in text
+        and "@\u200bhere" in text
+        and f"<@\u200b{REAL_ID}>" in text
+        and f"<@\u200b&{REAL_ID}>" in text
+    )
+
+
+async def test_a_prompt_pings_nobody_and_formats_nothing_on_any_path(
+    make_engine: EngineFactory, front_end: FrontEndFactory, fake: FakeDiscord
+) -> None:
+    gate = asyncio.Event()
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend(gate=gate)})
+    app = await front_end(engine)
+    token = feed(app, command("imagine", imagine(NOISY)))
+    await fake.wait_for(lambda _: any("1/3" in content(r) for r in fake.matching("PATCH", token)), "a progress edit")
+
+    # /queue and /job while it runs: the prompt is shown literally, nobody may be pinged.
+    queue = await wait_followup(fake, feed(app, command("queue", [])))
+    [job] = await engine.store.jobs(states=[JobState.RUNNING])
+    assert job.request.prompt == NOISY
+    job_answer = await wait_followup(fake, feed(app, command("job", [{"name": "id", "type": 3, "value": job.id}])))
+    for answer in (queue, job_answer):
+        assert allows(answer) == NOBODY and answer.payload["flags"] == EPHEMERAL
+    assert shown_literally(content(job_answer))
+    assert f"@\u200beveryone @\u200bhere <@\u200b{REAL_ID}>" in content(queue)  # its first 60 characters
+
+    gate.set()
+    result = await wait_followup(fake, token)
+    edits = [r for r in fake.matching("PATCH", f"{token}/messages/@original")]
+    assert edits and all(allows(edit) == NOBODY for edit in edits)
+    assert allows(result) == only(ALICE) and content(result).startswith(f"<@{ALICE}> ")
+    assert shown_literally(content(result))
+    with Image.open(io.BytesIO(result.files[0].data)) as image:
+        assert image.text["prompt"] == NOISY  # the file keeps the words as typed
+
+    # An error that echoes what the user typed.
+    refused = await wait_followup(fake, feed(app, command("imagine", imagine("a cat", model="**x** @everyone"))))
+    assert allows(refused) == NOBODY
+    assert "unknown model '\\*\\*x\\*\\* @\u200beveryone'" in content(refused)
+
+
+async def test_channel_deliveries_allow_only_the_requester(
+    make_engine: EngineFactory, front_end: FrontEndFactory, fake: FakeDiscord
+) -> None:
+    gate = asyncio.Event()
+    backend = ScriptedBackend(gate=gate)
+    engine = await make_engine({BackendKind.LOCAL: backend})
+    app = await front_end(engine)
+    token = feed(app, command("imagine", imagine(NOISY)))
+    await fake.wait_for(lambda _: bool(fake.matching("PATCH", token)), "the queued edit")
+    fake.expired_tokens.add(token)  # past the token's 14 minutes: the result goes to the channel
+    gate.set()
+    path = f"/channels/{CHANNEL_ID}/messages"
+    await fake.wait_for(lambda _: bool(fake.matching("POST", path)), "a channel post")
+    [post] = fake.matching("POST", path)
+    assert allows(post) == only(ALICE) and content(post).startswith(f"<@{ALICE}> ") and shown_literally(content(post))
+
+    # A failure that ends while no client is attached (a restart): told in the channel, the same way.
+    await wait_delivered(engine)
+    await app.close()
+    backend.plan = lambda job, attempt: fail(FailureReason.BAD_REQUEST, retryable=False)
+    alice = Requester(Platform.DISCORD, ALICE, guild_id=GUILD_ID, channel_id=CHANNEL_ID)
+    queued = await Commands(engine).imagine(alice, NOISY, {})
+    await wait_terminal(engine, queued.job_id)
+    await front_end(engine)
+    await fake.wait_for(lambda _: len(fake.matching("POST", path)) == 2, "the backlog's channel post")
+    failed = fake.matching("POST", path)[1]
+    assert allows(failed) == only(ALICE) and f"Job {queued.job_id} failed" in content(failed)
+
+
+async def test_a_refused_delete_pings_nobody(
+    make_engine: EngineFactory, front_end: FrontEndFactory, fake: FakeDiscord
+) -> None:
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()})
+    app = await front_end(engine)
+    job_id, message_id = await _first_result(fake, app, "a red fox")
+    refused = feed(app, click(f"flux:delete:{job_id}", message_id, user_id=BOB))
+    await fake.wait_for(lambda _: bool(fake.matching("POST", f"{refused}/callback")), "the refusal")
+    [answer] = fake.matching("POST", f"{refused}/callback")
+    assert allows(answer) == NOBODY

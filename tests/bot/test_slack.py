@@ -6,11 +6,14 @@ loopback; what the bot did is read from the fake's call log.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import io
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -20,8 +23,9 @@ from PIL import Image
 from PIL.PngImagePlugin import PngImageFile
 from slack_sdk.signature import SignatureVerifier
 
-from bot.commands import Commands
-from bot.slack_app import SlackFrontEnd, parse_imagine
+import bot.slack_app
+from bot.commands import Commands, ImagineArgs
+from bot.slack_app import SlackFrontEnd, parse_imagine, plain_text
 from engine.errors import InvalidRequest
 from engine.models import BackendKind, FailureReason, JobState, Platform, Requester
 from engine.service import Engine
@@ -168,10 +172,13 @@ async def finished(app: SlackFrontEnd, slack: FakeSlack, job_id: str) -> Call:
 
 
 async def test_imagine_end_to_end(make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory) -> None:
-    app = await front_end(await make_engine({BackendKind.LOCAL: ScriptedBackend(steps=3)}))
+    gate = asyncio.Event()  # holds the job after its first step, so the progress message is seen updating
+    app = await front_end(await make_engine({BackendKind.LOCAL: ScriptedBackend(steps=3, gate=gate)}))
     note = await slash(app, "/imagine", "a red cat --aspect 16:9 --steps 3 --seed 7")
     job_id = job_id_of(note)
     assert "local GPU" in note and "ETA" in note and "Why:" in note and "free" in note
+    await until(lambda: any("/3" in call.fields["text"] for call in slack.named("chat.update")))
+    gate.set()
 
     result = await finished(app, slack, job_id)
     posted = slack.named("chat.postMessage")[0]
@@ -200,24 +207,151 @@ async def test_malformed_flags_get_a_clear_error_and_store_nothing(
     engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()})
     app = await front_end(engine)
     for text, expected in (
-        ("a cat --colour red", "unknown flag '--colour'"),
         ("a cat --steps", "--steps needs a value"),
-        ("a cat --steps many", "--steps must be a whole number"),
-        ("a cat --guidance high", "--guidance must be a number"),
-        ('a "cat', "quotes"),
+        ("a cat --steps many", "steps must be a whole number, not 'many'"),
+        ("a cat --guidance high", "guidance must be a number, not 'high'"),
+        ("a cat --ar 16:9 --aspect 1:1", "aspect is given twice ('--ar 16:9' and '--aspect 1:1')"),
+        ("a cat --width 1024 --height 768 --ar 16:9", "give an aspect ratio or a width and height, not both"),
+        ("a cat --seed 1 --seed 2", "seed is given twice"),
     ):
-        assert expected in await slash(app, "/imagine", text)
+        answer = await slash(app, "/imagine", text)
+        assert expected in answer and "not charged" in answer
     assert await engine.store.jobs() == []
     assert slack.named("chat.postMessage") == []
 
 
 def test_parse_imagine() -> None:
-    assert parse_imagine('"a cat" on a mat --MODEL dev --mode relax') == (
-        "a cat on a mat",
-        {"model": "dev", "mode": "relax"},
+    assert parse_imagine('"a cat" on a mat --MODEL dev --mode relax --ar 3:2') == ImagineArgs(
+        '"a cat" on a mat', {"model": "dev", "mode": "relax", "aspect": "3:2"}
+    )
+    assert parse_imagine("a cat's hat --width 1024 --height=768") == ImagineArgs(
+        "a cat's hat", {"width": "1024", "height": "768"}
     )
     with pytest.raises(InvalidRequest):
-        parse_imagine("--seed 3")
+        parse_imagine("a cat --seed")
+
+
+@pytest.mark.parametrize(
+    ("sent", "typed"),
+    [
+        ("a &amp; b &lt;c&gt;", "a & b <c>"),
+        ("&amp;lt; stays", "&lt; stays"),  # the user typed "&lt;" itself
+        ("a portrait of <@U123|alice> and <@U456>", "a portrait of @alice and @U456"),
+        ("posted in <#C123|art> and <#C456>", "posted in #art and #C456"),
+        ("hi <!here> <!channel> <!everyone> <!here|here>", "hi @here @channel @everyone @here"),
+        ("for <!subteam^S123|@designers> and <!subteam^S456>", "for @designers and @S456"),
+        (
+            "a sign: <https://example.com|example.com> <https://x.io/a?b=1&amp;c=2>",
+            "a sign: example.com https://x.io/a?b=1&c=2",
+        ),
+        ("<mailto:a@b.c|a@b.c> on <!date^1392734382^{date}|Feb 18th>", "a@b.c on Feb 18th"),
+        ('a cat\'s "hat" -- x=1 E=mc² 🐱', 'a cat\'s "hat" -- x=1 E=mc² 🐱'),
+    ],
+)
+def test_slack_markup_is_read_as_the_words_the_user_saw(sent: str, typed: str) -> None:
+    assert plain_text(sent) == typed
+
+
+async def test_ordinary_english_reaches_the_model_unchanged(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    app = await front_end(await make_engine({BackendKind.LOCAL: ScriptedBackend()}))
+    cases = {
+        "a cat's hat --ar 16:9": ("a cat's hat", "16:9"),
+        'a neon sign reading "EAT -- DRINK" --steps 2': ('a neon sign reading "EAT -- DRINK"', "1:1"),
+        "E=mc² on a  chalkboard, 🧑‍🚀 --no people": ("E=mc² on a  chalkboard, 🧑‍🚀 --no people", "1:1"),
+        "--aspect=3:2 tom &amp; jerry &lt;3 for <@U9|bob>": ("tom & jerry <3 for @bob", "3:2"),
+    }
+    for text, (prompt, aspect) in cases.items():
+        job = await app.engine.store.get_job(job_id_of(await slash(app, "/imagine", text)))
+        assert (job.request.prompt, job.request.aspect_ratio) == (prompt, aspect)
+
+
+async def test_width_and_height_flags(make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory) -> None:
+    app = await front_end(await make_engine({BackendKind.LOCAL: ScriptedBackend()}))
+    job_id = job_id_of(await slash(app, "/imagine", "a wide cat --width 1024 --height 768"))
+    job = await app.engine.store.get_job(job_id)
+    assert (job.request.width, job.request.height) == (1024, 768)
+    assert "width must be a multiple of 32" in await slash(app, "/imagine", "a cat --width 1000 --height 768")
+    result = await finished(app, slack, job_id)
+    await click(app, result, "reroll")
+    await until(lambda: len(slack.named("chat.postEphemeral")) == 1)
+    rerolled = await app.engine.store.get_job(job_id_of(slack.named("chat.postEphemeral")[0].fields["text"]))
+    assert (rerolled.request.width, rerolled.request.height) == (1024, 768)
+
+
+# Typed by the user in Slack, which escapes &, < and > itself: so these are words, never markup.
+NOISY = "<!channel> <!here> <@U0BOB> <!subteam^S1> <#C9> a & b <c>"
+NOISY_AS_SENT = NOISY.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+LIVE_MARKUP = re.compile(r"<[^>]*>")
+
+
+def live_markup(text: str) -> list[str]:
+    """The `<...>` markup Slack would act on in a text the bot sent."""
+    return LIVE_MARKUP.findall(text)
+
+
+async def test_a_prompt_pings_nobody_on_any_path(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    app = await front_end(await make_engine({BackendKind.LOCAL: ScriptedBackend(steps=2)}))
+    note = await slash(app, "/imagine", f"{NOISY_AS_SENT} --seed 5")
+    job_id = job_id_of(note)
+    assert (await app.engine.store.get_job(job_id)).request.prompt == NOISY
+    result = await finished(app, slack, job_id)
+
+    [header] = slack.named("chat.postMessage")
+    assert live_markup(header.fields["text"]) == [f"<@{ALICE}>"]
+    updates = [call for call in slack.named("chat.update")]
+    assert updates and all(live_markup(call.fields["text"]) == [f"<@{ALICE}>"] for call in updates)
+    shown = result.blocks[0]["text"]
+    assert shown["type"] == "mrkdwn" and live_markup(shown["text"]) == [f"<@{ALICE}>"]
+    assert NOISY_AS_SENT in shown["text"] and NOISY_AS_SENT in result.fields["text"]
+    [complete] = slack.named("files.completeUploadExternal")
+    assert NOISY_AS_SENT in complete.fields["initial_comment"] and not live_markup(complete.fields["initial_comment"])
+
+    # The ack: an error that echoes the user's words, and a note.
+    answer = await slash(app, "/imagine", "a cat --model &lt;!channel&gt;&amp;")
+    assert "unknown model '&lt;!channel&gt;&amp;'" in answer and not live_markup(answer)
+    assert not live_markup(note)
+    # An ephemeral message (button answers use it) is escaped the same way.
+    await app._ephemeral(Requester(Platform.SLACK, ALICE, guild_id=TEAM_ID, channel_id=CHANNEL), NOISY)
+    [ephemeral] = slack.named("chat.postEphemeral")
+    assert ephemeral.fields["text"] == NOISY_AS_SENT
+
+
+async def test_a_failure_after_a_restart_is_escaped_with_the_mention_live(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()})
+    requester = Requester(Platform.SLACK, ALICE, guild_id=TEAM_ID, channel_id=CHANNEL)
+    queued = await Commands(engine).imagine(requester, NOISY, {})
+    await wait_terminal(engine, queued.job_id)
+    app = await front_end(engine)
+    result = await finished(app, slack, queued.job_id)
+    assert live_markup(slack.named("chat.postMessage")[0].fields["text"]) == [f"<@{ALICE}>"]
+    assert live_markup(result.fields["text"]) == [f"<@{ALICE}>"] and NOISY_AS_SENT in result.fields["text"]
+
+
+SEND_METHODS = {"chat_postMessage", "chat_update", "chat_postEphemeral", "chat_scheduleMessage", "files_upload_v2"}
+SENDERS = {"_post", "_chat_update", "_upload", "_ephemeral", "_ack"}
+
+
+def test_every_slack_send_goes_through_the_escaping_helpers() -> None:
+    """A new path that called the Web API directly could post a prompt as markup: only the helpers may."""
+    tree = ast.parse(Path(bot.slack_app.__file__).read_text())
+    offenders = []
+    for function in ast.walk(tree):
+        if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef) or function.name in SENDERS:
+            continue
+        for node in ast.walk(function):
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            texty = name in ("ack", "say", "respond") and any(k.arg in ("text", "blocks") for k in node.keywords)
+            if name in SEND_METHODS or texty:
+                offenders.append(f"{function.name}:{node.lineno} {name}")
+    assert not offenders, f"send through _post/_chat_update/_upload/_ephemeral/_ack instead: {offenders}"
 
 
 async def test_reroll_and_vary_make_new_jobs(
@@ -414,3 +548,4 @@ async def test_alerts_are_posted_to_the_admin_channel(
     await until(lambda: any(call.fields["channel"] == "CADMIN" for call in slack.named("chat.postMessage")))
     [alert] = [call for call in slack.named("chat.postMessage") if call.fields["channel"] == "CADMIN"]
     assert alert.fields["text"].startswith("flux-bot alert: 1 of the 1 jobs that ended in the last hour failed")
+    assert not live_markup(alert.fields["text"])

@@ -11,7 +11,10 @@ from hypothesis import strategies as st
 
 from engine.config import PolicySettings
 from engine.errors import PolicyBlocked
-from engine.policy import PolicyDecision, PromptPolicy, normalise
+from engine.models import BackendJob, BackendKind, ImageRequest
+from engine.policy import PolicyDecision, PromptPolicy, for_model, normalise
+from tests.conftest import EngineFactory, SettingsFactory, user, wait_terminal
+from tests.fakes.backends import ScriptedBackend
 
 SETTINGS = PolicySettings(
     blocked_words=("weapons", "gore", "Gun Range", "c++", "épée", ""),
@@ -52,13 +55,16 @@ def test_a_ten_thousand_character_prompt_is_too_long() -> None:
     decision = POLICY.check(prompt)
     assert (decision.allowed, decision.rule) == (False, "too_long")
     assert "the limit is 1,500" in decision.detail
-    # Measured after normalising: the trailing space of the cut-off repetition does not count.
+    # Measured on what the model would get: the trailing space of the cut-off repetition does not count.
     assert f"{len(prompt.strip()):,} characters" in decision.detail
 
 
-def test_length_is_measured_on_the_normalised_prompt() -> None:
+def test_the_limit_bounds_what_the_model_gets_and_invisible_characters_do_not_make_a_prompt() -> None:
     policy = PromptPolicy(PolicySettings(max_prompt_chars=10))
-    assert policy.check("a     b\n\n\n\nc      d").allowed  # "a b c d" is 7 characters
+    assert policy.check("  a  b  c  ").allowed  # sent as "a  b  c": 7 characters
+    assert policy.check("a     b\n\n\n\nc      d").rule == "too_long"  # sent with its spacing: 19 characters
+    assert POLICY.check("\u200b\u200b\u200b\u00ad\ufeff").rule == "too_short"
+    assert POLICY.check("a\u200bb\u2060").detail == "the prompt is 2 characters; use at least 3"
 
 
 @pytest.mark.parametrize("char", ["\x00", "\x07", "\x0b", "\x0c", "\x1b", "\x1f", "\x7f", "\x85", "\x9f"])
@@ -68,10 +74,10 @@ def test_control_characters_are_refused_and_named(char: str) -> None:
     assert decision == PolicyDecision(False, "control_chars", f"the prompt contains a control character ({code})", code)
 
 
-def test_newlines_tabs_and_carriage_returns_are_allowed_and_become_spaces() -> None:
+def test_newlines_tabs_and_carriage_returns_are_allowed_and_kept_for_the_model() -> None:
     prompt = "  a cat\r\n\r\non a\tmat \n"
     assert POLICY.check(prompt).allowed
-    assert POLICY.check_or_raise(prompt) == "a cat on a mat"
+    assert POLICY.check_or_raise(prompt) == "a cat\r\n\r\non a\tmat"
 
 
 def test_the_control_pattern_is_exactly_unicode_cc_less_tab_newline_and_return() -> None:
@@ -120,9 +126,22 @@ def test_an_allowed_phrase_wins_over_the_blocked_word_it_contains() -> None:
     )
 
 
-def test_an_allowed_phrase_wins_over_other_blocked_words_in_the_prompt() -> None:
+def test_an_allowed_phrase_exempts_only_the_blocked_words_inside_it() -> None:
     decision = POLICY.check("gore, and weapons in a game-design brief")
-    assert (decision.allowed, decision.rule) == (True, "allowed_phrase")
+    assert (decision.allowed, decision.rule, decision.matched) == (False, "blocked_word", "gore")
+    policy = PromptPolicy(PolicySettings(blocked_words=("gun",), allowed_phrases=("water gun",)))
+    assert policy.check("a water gun fight").rule == "allowed_phrase"
+    assert policy.check("a water gun fight with a water gun").rule == "allowed_phrase"
+    decision = policy.check("a water gun fight with a real gun")
+    assert (decision.rule, decision.matched) == ("blocked_word", "gun")
+    assert policy.check("a gun and a water gun").rule == "blocked_word"
+
+
+def test_a_blocked_entry_reaching_out_of_an_allowed_phrase_is_not_exempt() -> None:
+    policy = PromptPolicy(PolicySettings(blocked_words=("water gun", "gun fight"), allowed_phrases=("water gun",)))
+    # "water gun" (exempt) is matched first; "gun fight" starts inside it and must still be seen.
+    decision = policy.check("a water gun fight")
+    assert (decision.rule, decision.matched) == ("blocked_word", "gun fight")
 
 
 def test_an_allowed_phrase_is_only_reported_when_it_overruled_a_block() -> None:
@@ -165,15 +184,66 @@ def test_a_long_block_list_is_one_working_regex() -> None:
     assert policy.check("a prompt with word43210 in it").rule == "ok"
 
 
-def test_check_or_raise_returns_the_normalised_prompt_or_raises_policy_blocked() -> None:
-    assert POLICY.check_or_raise("  a\tlighthouse \n at dusk ") == "a lighthouse at dusk"
+def test_check_or_raise_returns_the_prompt_for_the_model_or_raises_policy_blocked() -> None:
+    assert POLICY.check_or_raise("  a\tlighthouse \n at dusk ") == "a\tlighthouse \n at dusk"
     with pytest.raises(PolicyBlocked) as caught:
         POLICY.check_or_raise("so much gore")
     assert (caught.value.rule, caught.value.detail) == ("blocked_word", "the prompt contains the blocked word 'gore'")
 
 
 def test_normalise_is_available_on_the_module_and_the_policy() -> None:
-    assert normalise(" a \n b ") == POLICY.normalise(" a \n b ") == "a b"
+    assert normalise(" A \n b ") == POLICY.normalise(" A \n b ") == "a b"
+    assert for_model(" A \n b ") == POLICY.for_model(" A \n b ") == "A \n b"
+
+
+# Each hides "gore" from a naive match: invisible characters, compatibility forms, other cases.
+HIDDEN_GORE = [
+    "g\u200bore",  # zero-width space
+    "go\u200cre",  # zero-width non-joiner
+    "gor\u200de",  # zero-width joiner
+    "g\u2060ore",  # word joiner
+    "\ufeffgore",  # byte order mark
+    "go\u00adre",  # soft hyphen
+    "g\u202eore\u202c",  # right-to-left override ... pop
+    "\u2066gore\u2069",  # left-to-right isolate ... pop
+    "g\u200eo\u200fre",  # left-to-right and right-to-left marks
+    "go\u061cre",  # Arabic letter mark
+    "g\u034fore",  # combining grapheme joiner
+    "go\ufe0fre",  # variation selector
+    "go\U000e0067re",  # a tag character
+    "ｇｏｒｅ",  # fullwidth
+    "𝐠𝐨𝐫𝐞",  # mathematical bold
+    "GORE",
+    "gOrE",
+]
+
+
+@pytest.mark.parametrize("hidden", HIDDEN_GORE)
+def test_invisible_characters_and_compatibility_forms_do_not_hide_a_blocked_word(hidden: str) -> None:
+    decision = POLICY.check(f"a scene full of {hidden}, studio light")
+    assert (decision.rule, decision.matched) == ("blocked_word", "gore"), ascii(hidden)
+
+
+def test_entries_are_normalised_too_and_an_invisible_character_splits_no_word() -> None:
+    policy = PromptPolicy(PolicySettings(blocked_words=("ＳＴＲＡＳＳＥ", "g\u200bun")))
+    assert policy.check("die straße hinunter").matched == "ＳＴＲＡＳＳＥ"
+    assert policy.check("a gun").matched == "g\u200bun"
+    assert policy.check("a gunfight").rule == "ok"
+
+
+async def test_the_model_gets_the_prompt_as_typed(make_engine: EngineFactory, make_settings: SettingsFactory) -> None:
+    settings = make_settings(policy={"blocked_words": ["gun"], "allowed_phrases": ["water gun"]})
+    received: list[str] = []
+
+    def plan(job: BackendJob, attempt: int) -> None:
+        received.append(job.request.prompt)
+
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend(plan=plan)}, settings)
+    prompt = 'a  "Water Gun"\nfight — the sign says: E=mc²; 🧑\u200d🚀 it\'s --ok'
+    queued = await engine.submit(user(), ImageRequest(f"  {prompt} \n", "schnell"))
+    await wait_terminal(engine, queued.job_id)
+    assert (await engine.store.get_job(queued.job_id)).request.prompt == prompt
+    assert received == [prompt]
 
 
 # Random text, salted with the words, phrases and characters that the rules look for.
@@ -197,5 +267,5 @@ def test_check_or_raise_raises_nothing_but_policy_blocked(prompt: str) -> None:
         assert (blocked.rule, blocked.detail) == (decision.rule, decision.detail)
     else:
         assert decision.allowed
-        assert stored == normalise(prompt)
-        assert 3 <= len(stored) <= 1_500
+        assert stored == prompt.strip()
+        assert len(normalise(prompt)) >= 3 and len(stored) <= 1_500
