@@ -154,6 +154,9 @@ class LocalSettings(_Section):
     job_timeout_s: float = Field(600.0, gt=0)
     step_timeout_s: float = Field(120.0, gt=0)
     start_timeout_s: float = Field(600.0, gt=0)
+    # A cancelled job's worker must stop it and answer within this (one step plus a VAE decode on the slowest card
+    # here), else it is killed and restarted, which reloads the model.
+    cancel_timeout_s: float = Field(10.0, gt=0)
     preview_every: int = Field(4, ge=0)
     # Workers run as their own systemd units (flux-bot-worker@N, `flux-bot worker --listen PATH`): the supervisor
     # attaches to these sockets instead of spawning workers, and the units' own flags choose model and switches.

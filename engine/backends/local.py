@@ -3,9 +3,13 @@
 Self-hosted FLUX fails in ways that only a restart cures: fragmented GPU memory, OOM with memory to spare, RSS that
 only grows, a kernel that never returns. So the supervisor treats a worker process as disposable. It restarts one
 after `recycle_after_jobs`, when reserved-minus-allocated GPU memory or RSS grows past its bound, after an OOM, a hung
-job (watchdog) or a crash, and when a job is cancelled mid-generation (diffusers cannot be interrupted). A job caught
-in any of these ends in exactly one `Failed` with `retryable=True`; retrying or failing over is the scheduler's
-decision, never this module's, so no job is run twice behind its back.
+job (watchdog) or a crash. A job caught in any of these ends in exactly one `Failed` with `retryable=True`; retrying
+or failing over is the scheduler's decision, never this module's, so no job is run twice behind its back.
+
+A job whose consumer goes away (the user cancelled it) costs no restart: the worker is sent `cancel`, stops the
+pipeline at its next step and answers `cancelled`, and then serves the next job with the model still loaded. Only a
+worker that does not answer within `cancel_timeout_s` (a step that never returns) is killed and replaced. Either
+way the job yields nothing more, so the scheduler ends it as cancelled, never as failed.
 
 Workers are spawned as child processes, or, with `[local] worker_sockets`, run by systemd as their own units
 (flux-bot-worker@.service) and attached to through their Unix sockets. The decisions above are the same for both;
@@ -32,6 +36,7 @@ from engine.backends.gpu_probe import GpuProbe, GpuReading
 from engine.backends.local_process import ChildPipes, Transport, UnitSocket, WorkerGone, WorkerProcess
 from engine.backends.protocol import (
     PROTOCOL_VERSION,
+    CancelledJob,
     Frame,
     JobSpec,
     MemoryStats,
@@ -135,6 +140,7 @@ class LocalBackend:
         self._live: set[WorkerProcess] = set()
         self._closed = False
         self._recycles = 0
+        self._workers_started = 0
         self._jobs_served = 0
         self._failures = 0
         self._recent: deque[bool] = deque(maxlen=RECENT_JOBS)
@@ -148,6 +154,11 @@ class LocalBackend:
     def recycles(self) -> int:
         """Worker processes replaced for any reason: job count, memory growth, OOM, hang, crash, cancellation."""
         return self._recycles
+
+    @property
+    def workers_started(self) -> int:
+        """Worker processes that became ready: each one loaded the model."""
+        return self._workers_started
 
     @property
     def jobs_served(self) -> int:
@@ -260,8 +271,11 @@ class LocalBackend:
                 return
         finally:
             if not settled and sent:
-                # Cancelled or abandoned mid-job: diffusers cannot be interrupted, so the process goes.
-                self._replace(process, f"job {job.job_id} was cancelled mid-generation", graceful=False)
+                # Cancelled or abandoned mid-job. While the backend closes, close() stops the process anyway.
+                if self._closed:
+                    self._replace(process, f"job {job.job_id} was abandoned at shutdown", graceful=False)
+                else:
+                    self._spawn(self._stop_job(process, spec.id))
             elif not settled:
                 self._spawn(self._make_idle(process))
 
@@ -312,6 +326,44 @@ class LocalBackend:
             raise ProtocolError(f"unexpected {frame.type} message during a job")
         except ProtocolError as exc:
             return self._lost(process, FailureReason.INTERNAL, f"worker protocol error: {exc}", started, retry=False)
+
+    async def _stop_job(self, process: WorkerProcess, job_id: str) -> None:
+        """Have the worker stop a job nobody waits for any more; keep it if it answers within cancel_timeout_s."""
+        bound = self._settings.cancel_timeout_s
+        try:
+            stopped, oom = await self._cancel(process, job_id, time.monotonic() + bound)
+        except TimeoutError:
+            self._replace(
+                process, f"job {job_id}: no answer to cancel within cancel_timeout_s = {bound:g} s", graceful=False
+            )
+            return
+        except (WorkerGone, ConnectionError, ProtocolError) as exc:
+            self._replace(process, f"job {job_id}: cancelling it failed: {exc}", graceful=False)
+            return
+        except BaseException:
+            process.kill()  # close() cancelled this wait: the GPU must not go on with a lost job meanwhile
+            raise
+        when = "after it had ended" if stopped.step is None else f"after step {stopped.step}"
+        log.info("worker %d (pid %d): job %s cancelled %s", process.slot, process.pid, job_id, when)
+        process.jobs += 1
+        if oom:
+            self._replace(process, f"{FailureReason.OOM.value} in job {job_id}, cancelled meanwhile", graceful=True)
+        else:
+            await self._after_job(process)
+
+    @staticmethod
+    async def _cancel(process: WorkerProcess, job_id: str, deadline: float) -> tuple[CancelledJob, bool]:
+        """Send `cancel` and read up to its answer; also whether the job ran out of memory before it stopped."""
+        await process.send(Frame(MessageType.CANCEL, {"id": job_id}))
+        oom = False
+        while True:
+            frame = await process.receive(deadline - time.monotonic())
+            if frame.header.get("id") != job_id:
+                raise ProtocolError(f"{frame.type} for job {frame.header.get('id')!r} while cancelling {job_id!r}")
+            if frame.type is MessageType.CANCELLED:
+                return CancelledJob.from_frame(frame), oom
+            # Progress, or the end of a job that finished before the cancel reached it: nobody takes it now.
+            oom = oom or (frame.type is MessageType.FAILED and frame.header.get("reason") == WorkerFailure.OOM)
 
     def _lost(
         self,
@@ -435,6 +487,7 @@ class LocalBackend:
         except BaseException:
             process.kill()
             raise
+        self._workers_started += 1
         log.info("worker %d ready: pid %d on %s", slot.index, process.pid, process.device)
         return process
 

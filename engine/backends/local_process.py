@@ -162,8 +162,8 @@ class UnitSocket:
         except ProcessLookupError:
             pass
         except PermissionError:
-            # The unit runs as another user. Without the connection the worker exits at its next frame, and one
-            # stuck inside a step stops its watchdog pings, so systemd kills it after WatchdogSec.
+            # The unit runs as another user. Without the connection the worker stops its job at the next step and
+            # exits, and one stuck inside a step stops its watchdog pings, so systemd kills it after WatchdogSec.
             log.warning("worker pid %d at %s: not allowed to kill it; closing its connection", self.pid, self.path)
             self._writer.close()
 

@@ -5,17 +5,24 @@ header object with at least `"type"`, and an optional binary payload (PNG bytes)
 base64. The same frames travel over a worker's stdin/stdout or its Unix socket today, and as NATS JetStream message
 bodies later (one frame per message).
 
-Version 1 messages (supervisor -> worker):
+Version 2 messages (supervisor -> worker):
     hello    {version}                                      first frame; the worker answers `ready` once loaded
     job      {id, prompt, width, height, steps, guidance, seed}
+    cancel   {id}                                           may come while that job runs; always answered by
+                                                            `cancelled`, also when no such job runs (any more)
     stats    {}                                             answered by `memory`
     shutdown {}                                             the worker exits cleanly
 Worker -> supervisor:
-    ready    {version, pid, device, dtype, model, load_s}
-    progress {id, step, total}          + preview PNG payload (optional)
-    done     {id, seed, seconds}        + PNG payload
-    failed   {id, reason: "oom" | "internal", detail}       id is null for a failure outside any job
-    memory   {rss_mb, allocated_mb, reserved_mb, max_allocated_mb}   GPU figures are null on a CPU
+    ready     {version, pid, device, dtype, model, load_s}
+    progress  {id, step, total}          + preview PNG payload (optional)
+    done      {id, seed, seconds}        + PNG payload
+    failed    {id, reason: "oom" | "internal", detail}      id is null for a failure outside any job
+    cancelled {id, step}                 the job stopped after `step` steps, or null: it was not running (it had
+                                         ended, or never came); nothing about that job follows, and the next
+                                         frame the worker reads is served as by a fresh worker
+    memory    {rss_mb, allocated_mb, reserved_mb, max_allocated_mb}   GPU figures are null on a CPU
+
+Version 2 added cancel/cancelled: a supervisor relies on the answer, so it refuses a version 1 worker at hello.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 _PREFIX = struct.Struct(">II")
 # Bounds that catch a stray print() on the protocol stream long before it could make us allocate gigabytes.
@@ -49,12 +56,14 @@ class ProtocolError(Exception):
 class MessageType(StrEnum):
     HELLO = "hello"
     JOB = "job"
+    CANCEL = "cancel"
     STATS = "stats"
     SHUTDOWN = "shutdown"
     READY = "ready"
     PROGRESS = "progress"
     DONE = "done"
     FAILED = "failed"
+    CANCELLED = "cancelled"
     MEMORY = "memory"
 
 
@@ -80,6 +89,9 @@ class Frame:
         if not isinstance(value, int) or isinstance(value, bool):
             raise ProtocolError(f"{self.type}: field {key!r} must be an integer, got {value!r}")
         return value
+
+    def optional_integer(self, key: str) -> int | None:
+        return None if self.header.get(key) is None else self.integer(key)
 
     def number(self, key: str) -> float:
         value = self.header.get(key)
@@ -211,6 +223,21 @@ class JobSpec:
             guidance=frame.optional_number("guidance"),
             seed=frame.integer("seed"),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class CancelledJob:
+    """The `cancelled` message: the worker's answer to `cancel`, after which it is free for the next job."""
+
+    id: str
+    step: int | None  # the steps the job made before it stopped; None when it was not running
+
+    def to_frame(self) -> Frame:
+        return Frame(MessageType.CANCELLED, {"id": self.id, "step": self.step})
+
+    @classmethod
+    def from_frame(cls, frame: Frame) -> CancelledJob:
+        return cls(id=frame.text("id"), step=frame.optional_integer("step"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,9 +10,16 @@ Restart=always then starts a fresh process, which is how a worker unit is recycl
 torch is imported only inside functions: PYTORCH_CUDA_ALLOC_CONF has to be in the environment before torch reads
 it, and the supervisor imports this module (for `worker_args`) without needing torch at all.
 
-Test-only fault switch: FLUX_BOT_WORKER_FAULT="oom_at_step=2", "hang_at_step=2" or "crash_at_step=2", optionally
-followed by ";job=N" to fire only in the Nth job this process serves (counted from 1, warm-up excluded). It lets
-tests provoke an OOM, a hang and a native crash through the real code path; it does nothing when unset.
+A `cancel` reaches a job while it runs: a reader thread takes every frame off the channel as it comes and notes a
+cancel at once; the job's step callback sees it and sets FluxPipeline's `interrupt`, so the pipeline skips the steps
+left. The worker answers `cancelled`, frees what the job held (as between any two jobs) and serves the next job with
+the model still loaded. Only the serving thread pings systemd's watchdog, so a step that never returns still stops
+the pings.
+
+Test-only fault switch: FLUX_BOT_WORKER_FAULT="oom_at_step=2", "hang_at_step=2", "crash_at_step=2" or
+"stall_at_step=2", optionally followed by ";job=N" to fire only in the Nth job this process serves (counted from 1,
+warm-up excluded). It lets tests provoke an OOM, a hang (a step that never returns, cancel or not), a native crash
+and a slow step (one that lasts until the job is cancelled) through the real code path; it does nothing when unset.
 """
 
 from __future__ import annotations
@@ -24,19 +31,22 @@ import importlib
 import io
 import logging
 import os
+import queue
 import select
 import socket
 import stat
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal, Protocol
 
 from engine.backends.protocol import (
     PROTOCOL_VERSION,
+    CancelledJob,
     Frame,
     JobSpec,
     MemoryStats,
@@ -88,9 +98,12 @@ class WorkerSetupError(Exception):
 # ---- the test-only fault switch ----
 
 
+FaultKind = Literal["oom", "hang", "crash", "stall"]
+
+
 @dataclass(frozen=True, slots=True)
 class Fault:
-    kind: Literal["oom", "hang", "crash"]
+    kind: FaultKind
     step: int
     job: int | None = None
 
@@ -108,10 +121,11 @@ def parse_fault(text: str | None) -> Fault | None:
             raise ValueError(f"{FAULT_ENV}: expected KEY=NUMBER parts separated by ';', got {part!r}")
         fields[key.strip()] = int(value)
     job = fields.pop("job", None)
-    kinds: dict[str, Literal["oom", "hang", "crash"]] = {
+    kinds: dict[str, FaultKind] = {
         "oom_at_step": "oom",
         "hang_at_step": "hang",
         "crash_at_step": "crash",
+        "stall_at_step": "stall",
     }
     if len(fields) != 1 or next(iter(fields)) not in kinds:
         raise ValueError(f"{FAULT_ENV}: name exactly one of {', '.join(kinds)} (and optionally job=N)")
@@ -119,7 +133,7 @@ def parse_fault(text: str | None) -> Fault | None:
     return Fault(kinds[key], step, job)
 
 
-def _inject(fault: Fault) -> None:
+def _inject(fault: Fault, until_cancelled: Callable[[], None]) -> None:
     import torch
 
     log.warning("%s: injecting %s at step %d", FAULT_ENV, fault.kind, fault.step)
@@ -128,7 +142,10 @@ def _inject(fault: Fault) -> None:
     if fault.kind == "crash":
         # No cleanup, no goodbye frame: what a segfault in a CUDA kernel looks like from outside.
         os._exit(70)
-    while True:  # hang: only the supervisor's watchdog ends this
+    if fault.kind == "stall":
+        until_cancelled()
+        return
+    while True:  # hang: only the supervisor's watchdog (or its cancel bound) ends this
         time.sleep(3600)
 
 
@@ -199,11 +216,18 @@ def parse_buckets(text: str) -> list[tuple[int, int]]:
 
 
 class Channel(Protocol):
-    """Where frames come from and go to: stdin/stdout pipes, a Unix socket, a JetStream consumer later."""
+    """Where frames come from and go to: stdin/stdout pipes, a Unix socket, a JetStream consumer later.
+
+    `receive` blocks and is called from the inbox's reader thread while `send` is called from the serving thread.
+    """
 
     def receive(self) -> Frame | None: ...
 
     def send(self, frame: Frame) -> None: ...
+
+
+# What the inbox's reader thread hands the serving thread: a frame, None at the end of the stream, or what broke it.
+_Inbound = Frame | None | Exception
 
 
 class PipeChannel:
@@ -232,7 +256,8 @@ class Heartbeat:
     """WATCHDOG=1 for systemd, at most once per interval, from the thread that serves jobs.
 
     Pinged while waiting for a frame and whenever a frame goes out (every step sends progress), so a step that never
-    returns stops the pings and systemd kills the unit after WatchdogSec, even with no supervisor watching.
+    returns stops the pings and systemd kills the unit after WatchdogSec, even with no supervisor watching. Never
+    from the inbox's reader thread, which keeps reading whatever the serving thread does.
     """
 
     def __init__(self, notifier: Notifier, interval_s: float | None) -> None:
@@ -250,6 +275,14 @@ class Heartbeat:
         while not select.select([sock], [], [], self.interval_s)[0]:
             self.beat()
 
+    def wait(self, frames: queue.Queue[_Inbound]) -> _Inbound:
+        """The next item of `frames`, pinging while none comes."""
+        while True:
+            try:
+                return frames.get(timeout=self.interval_s)
+            except queue.Empty:
+                self.beat()
+
 
 class SocketChannel:
     """Frames over one connection accepted on a worker unit's socket."""
@@ -260,8 +293,10 @@ class SocketChannel:
         self._reader = conn.makefile("rb", buffering=0)
         self._heartbeat = heartbeat
 
-    def receive(self) -> Frame | None:
+    def wait_readable(self) -> None:
         self._heartbeat.wait_readable(self._conn)
+
+    def receive(self) -> Frame | None:
         return read_frame_blocking(self._reader)
 
     def send(self, frame: Frame) -> None:
@@ -271,6 +306,61 @@ class SocketChannel:
     def close(self) -> None:
         self._reader.close()
         self._conn.close()
+
+
+class Inbox:
+    """The supervisor's frames, read on a thread of their own so that a cancel reaches a job while it runs.
+
+    The reader thread queues every frame, in order, for the serving thread, and notes a cancel the moment it arrives
+    (and the end of the stream, which cancels whatever runs: nobody is left to take its result). The serving thread
+    forgets a cancel once it has answered it, so a cancel never outlives its answer.
+    """
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+        self._frames: queue.Queue[_Inbound] = queue.Queue()
+        self._cancelled: set[str] = set()
+        self._ended = False
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, name="inbox", daemon=True).start()
+
+    def next(self, heartbeat: Heartbeat) -> Frame | None:
+        item = heartbeat.wait(self._frames)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def cancelled(self, job_id: str) -> bool:
+        with self._changed:
+            return self._ended or job_id in self._cancelled
+
+    def until_cancelled(self, job_id: str) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._ended or job_id in self._cancelled)
+
+    def answered(self, job_id: str) -> None:
+        with self._changed:
+            self._cancelled.discard(job_id)
+
+    def _read(self) -> None:
+        try:
+            while True:
+                frame = self._channel.receive()
+                with self._changed:
+                    if frame is None:
+                        self._ended = True
+                    elif frame.type is MessageType.CANCEL and isinstance(job_id := frame.header.get("id"), str):
+                        self._cancelled.add(job_id)
+                    self._changed.notify_all()
+                # Queued after it is noted: a job stopped by a cancel always finds that cancel in the queue.
+                self._frames.put(frame)
+                if frame is None or frame.type is MessageType.SHUTDOWN:
+                    return
+        except (ProtocolError, OSError) as exc:  # the serving thread raises it, as if it had read the frame itself
+            with self._changed:
+                self._ended = True
+                self._changed.notify_all()
+            self._frames.put(exc)
 
 
 def bind_socket(path: Path) -> socket.socket:
@@ -447,13 +537,24 @@ class FluxWorker:
             log.info("warmed %dx%d in %.1f s", width, height, time.perf_counter() - started)
         self._between_jobs()
 
-    def serve(self, channel: Channel) -> int:
+    def serve(self, channel: Channel, heartbeat: Heartbeat) -> int:
+        inbox = Inbox(channel)
+        stopped: dict[str, CancelledJob] = {}  # jobs a cancel stopped, until that cancel comes up in the queue
         while True:
-            frame = channel.receive()
+            frame = inbox.next(heartbeat)
             if frame is None or frame.type is MessageType.SHUTDOWN:
                 return 0  # the end of the stream means the supervisor is gone: free the GPU rather than linger
             if frame.type is MessageType.JOB:
-                channel.send(self.run(JobSpec.from_frame(frame), channel))
+                result = self.run(JobSpec.from_frame(frame), channel, inbox)
+                if isinstance(result, CancelledJob):
+                    stopped[result.id] = result
+                else:
+                    channel.send(result)
+            elif frame.type is MessageType.CANCEL:
+                # One answer per cancel, in stream order: whatever this job sent came before it, nothing comes after.
+                job_id = frame.text("id")
+                inbox.answered(job_id)
+                channel.send(stopped.pop(job_id, CancelledJob(job_id, None)).to_frame())
             elif frame.type is MessageType.STATS:
                 channel.send(self.memory().to_frame())
             else:
@@ -470,20 +571,30 @@ class FluxWorker:
         }
         return Frame(MessageType.READY, header)
 
-    def run(self, spec: JobSpec, channel: Channel) -> Frame:
+    def run(self, spec: JobSpec, channel: Channel, inbox: Inbox) -> Frame | CancelledJob:
         import torch
 
         self.jobs_served += 1
         job_number = self.jobs_served
+        if inbox.cancelled(spec.id):
+            return CancelledJob(spec.id, 0)
         if self.options.compile and (spec.width, spec.height) not in self.options.buckets:
             log.warning(
                 "job %s: %dx%d is not a warmed bucket: torch.compile recompiles", spec.id, spec.width, spec.height
             )
 
+        stopped_after: int | None = None
+
         def on_step_end(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            nonlocal stopped_after
             step = index + 1
             if self.fault is not None and self.fault.fires(job_number, step):
-                _inject(self.fault)
+                _inject(self.fault, lambda: inbox.until_cancelled(spec.id))
+            if inbox.cancelled(spec.id):
+                # FluxPipeline's own stop: it skips the steps left (and resets the flag at its next call).
+                pipe._interrupt = True
+                stopped_after = step
+                return {}
             every = self.options.preview_every
             preview = b""
             if every and step % every == 0 and step < spec.steps:
@@ -504,6 +615,9 @@ class FluxWorker:
                 callback_on_step_end_tensor_inputs=["latents"],
                 **extra,
             ).images[0]
+            if stopped_after is not None:
+                log.info("job %s: cancelled after step %d of %d", spec.id, stopped_after, spec.steps)
+                return CancelledJob(spec.id, stopped_after)
             png = _png(image)
         except torch.cuda.OutOfMemoryError as exc:
             log.error("job %s: out of memory: %s", spec.id, exc)
@@ -601,7 +715,7 @@ def _serve_pipe(channel: Channel, options: Options, fault: Fault | None) -> int:
         return 1
     worker, load_s = loaded
     channel.send(worker.ready_frame(load_s))
-    return worker.serve(channel)
+    return worker.serve(channel, Heartbeat(Notifier(None), None))
 
 
 def serve_socket(path: Path, options: Options, fault: Fault | None, notifier: Notifier) -> int:
@@ -624,6 +738,7 @@ def serve_socket(path: Path, options: Options, fault: Fault | None, notifier: No
         heartbeat.wait_readable(listener)
         conn, _ = listener.accept()
         channel = SocketChannel(conn, heartbeat)
+        channel.wait_readable()
         code = _greet(channel)
         if code != 0:
             break
@@ -635,7 +750,7 @@ def serve_socket(path: Path, options: Options, fault: Fault | None, notifier: No
     log.info("serving the supervisor on %s", path)
     notifier.status(f"serving the supervisor on {path}")
     channel.send(worker.ready_frame(load_s))
-    return worker.serve(channel)
+    return worker.serve(channel, heartbeat)
 
 
 def _tell_a_waiting_supervisor(listener: socket.socket, failure: Frame) -> None:

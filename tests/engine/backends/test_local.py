@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,6 +26,7 @@ from engine.backends.demo_model import MARKER, VERSION, ensure_demo_model
 from engine.backends.gpu_probe import GpuProbe
 from engine.backends.local import LocalBackend
 from engine.backends.protocol import (
+    CancelledJob,
     Frame,
     JobSpec,
     MessageType,
@@ -61,6 +63,8 @@ from tests.fakes.tiny_flux import (
 GUARD_S = 300
 # The worker's second job hangs at step 2 (after Progress 1) until something kills the process.
 HANG_SECOND_JOB = "hang_at_step=2;job=2"
+# The worker's second job stalls at step 2 (after Progress 1) until it is cancelled: a cancel always finds it running.
+STALL_SECOND_JOB = "stall_at_step=2;job=2"
 
 
 @dataclass
@@ -72,6 +76,7 @@ class Run:
     cancelled: bool = False
     status: BackendStatus | None = None
     recycles: int = 0
+    workers_started: int = 0
     jobs_served: int = 0
     failures: int = 0
     error: BaseException | None = None
@@ -108,11 +113,23 @@ async def _scenario(run: Run, backend: LocalBackend, body: Callable[[], Awaitabl
         run.error = exc
     finally:
         run.recycles, run.jobs_served, run.failures = backend.recycles, backend.jobs_served, backend.failures
+        run.workers_started = backend.workers_started
         await backend.close()
 
 
+async def _cancel_mid_job(backend: LocalBackend, run: Run, job_id: str) -> None:
+    """Start a job and cancel its consumer (as the scheduler does) once the first Progress arrives."""
+    first_progress = asyncio.Event()
+    consumer = asyncio.create_task(_run_job(backend, run, job_id, lambda _: first_progress.set()))
+    await first_progress.wait()
+    consumer.cancel()
+    await asyncio.gather(consumer, return_exceptions=True)
+    run.cancelled = consumer.cancelled()
+
+
 async def _crash_then_cancel(model: Path, run: Run) -> None:
-    backend = tiny_backend(model, fault=HANG_SECOND_JOB)
+    # The cancelled job hangs: its worker never answers the cancel, whatever the bound, and is killed after it.
+    backend = tiny_backend(model, fault=HANG_SECOND_JOB, cancel_timeout_s=1.0)
 
     def sigkill_worker(progress: Progress) -> None:
         if progress.step == 1:
@@ -122,13 +139,19 @@ async def _crash_then_cancel(model: Path, run: Run) -> None:
         await _run_job(backend, run, "first", width=96)
         await _run_job(backend, run, "killed", sigkill_worker)
         await _run_job(backend, run, "after_crash")
-        first_progress = asyncio.Event()
-        consumer = asyncio.create_task(_run_job(backend, run, "cancelled", lambda _: first_progress.set()))
-        await first_progress.wait()
-        consumer.cancel()
-        await asyncio.gather(consumer, return_exceptions=True)
-        run.cancelled = consumer.cancelled()
+        await _cancel_mid_job(backend, run, "ignored")
         await _run_job(backend, run, "after_cancel")
+
+    await _scenario(run, backend, body)
+
+
+async def _cancel(model: Path, run: Run) -> None:
+    backend = tiny_backend(model, fault=STALL_SECOND_JOB)
+
+    async def body() -> None:
+        await _run_job(backend, run, "before")
+        await _cancel_mid_job(backend, run, "stopped")  # seed 1 as well: the same noise, stopped half-way
+        await _run_job(backend, run, "next")
 
     await _scenario(run, backend, body)
 
@@ -175,6 +198,7 @@ async def _cannot_start(model: Path, run: Run) -> None:
 
 SCENARIOS = {
     "crash_cancel": _crash_then_cancel,
+    "cancel": _cancel,
     "oom": _oom,
     "hang": _hang,
     "recycle": _recycle,
@@ -187,8 +211,31 @@ def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux") / "model")
 
 
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
-def runs(tiny_flux: Path) -> dict[str, Run]:
+def supervisor_log() -> Iterator[list[str]]:
+    """What the supervisor logged while the scenarios ran."""
+    logger = logging.getLogger("engine.backends.local")
+    handler, level = _Messages(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_flux: Path, supervisor_log: list[str]) -> dict[str, Run]:
     results = {name: Run() for name in SCENARIOS}
 
     async def run_all() -> None:
@@ -250,15 +297,40 @@ def test_sigkill_mid_job_fails_as_a_retryable_crash_and_the_next_job_gets_a_new_
     assert run.pids["after_crash"] != run.pids["killed"]
 
 
-def test_cancelling_mid_job_kills_the_worker_and_the_next_job_succeeds(runs: dict[str, Run]) -> None:
+def test_cancelling_mid_job_stops_the_pipeline_and_the_same_worker_serves_the_next_job(
+    runs: dict[str, Run], supervisor_log: list[str]
+) -> None:
+    run = runs["cancel"].checked()
+    assert run.cancelled
+    assert kinds(run.jobs["stopped"]) == ["Started", "Progress"]  # no terminal event: the consumer went away
+    # The worker stopped the pipeline where the cancel found it (step 2 of 4) and answered.
+    assert any(message.endswith("job stopped cancelled after step 2") for message in supervisor_log), supervisor_log
+    _finished(run.jobs["next"])
+    assert run.pids["before"] == run.pids["stopped"] == run.pids["next"]  # no new process...
+    assert (run.workers_started, run.recycles) == (1, 0)  # ...so the model was loaded once
+    assert (run.jobs_served, run.failures) == (2, 0)  # the cancelled job never ended, so it is not counted
+
+
+def test_the_job_after_a_cancel_is_made_exactly_as_by_a_fresh_worker(runs: dict[str, Run]) -> None:
+    after_cancel = _finished(runs["cancel"].checked().jobs["next"]).image
+    assert after_cancel == _finished(runs["cancel"].jobs["before"]).image
+    # The same request as the first job of a worker started after a crash: nothing of the cancel leaks into it.
+    assert after_cancel == _finished(runs["crash_cancel"].checked().jobs["after_crash"]).image
+
+
+def test_a_worker_that_does_not_stop_a_cancelled_job_in_time_is_replaced(
+    runs: dict[str, Run], supervisor_log: list[str]
+) -> None:
     run = runs["crash_cancel"].checked()
     assert run.cancelled
-    assert kinds(run.jobs["cancelled"]) == ["Started", "Progress"]  # no terminal event: the consumer went away
+    assert kinds(run.jobs["ignored"]) == ["Started", "Progress"]  # never a Failed: the job ends cancelled
+    assert any("job ignored: no answer to cancel within cancel_timeout_s = 1 s" in m for m in supervisor_log)
     with pytest.raises(ProcessLookupError):
-        os.kill(run.pids["cancelled"], 0)
+        os.kill(run.pids["ignored"], 0)
     _finished(run.jobs["after_cancel"])
-    assert run.pids["after_cancel"] != run.pids["cancelled"]
+    assert run.pids["after_cancel"] != run.pids["ignored"]
     assert run.recycles == 2  # the crash and the cancellation
+    assert run.workers_started == 3
     assert (run.jobs_served, run.failures) == (4, 1)  # the cancelled job never ended, so it is not counted
 
 
@@ -367,6 +439,9 @@ def test_frames_round_trip_and_garbage_is_rejected() -> None:
     spec = JobSpec("j1", "a fox", 64, 96, 4, 3.5, 7)
     assert JobSpec.from_frame(decode(encode(spec.to_frame()))) == spec
     done = Frame(MessageType.DONE, {"id": "j1", "seed": 7, "seconds": 0.5}, b"\x89PNG...")
+    cancelled = CancelledJob("j1", 2)
+    assert CancelledJob.from_frame(decode(encode(cancelled.to_frame()))) == cancelled
+    assert CancelledJob.from_frame(decode(encode(CancelledJob("j1", None).to_frame()))).step is None
     stream = io.BytesIO(encode(done) + encode(Frame(MessageType.SHUTDOWN)))
     assert read_frame_blocking(stream) == done
     assert read_frame_blocking(stream) == Frame(MessageType.SHUTDOWN)
@@ -392,6 +467,7 @@ def test_fault_switch_parsing() -> None:
     assert parse_fault("") is None
     assert parse_fault("oom_at_step=2") == Fault("oom", 2)
     assert parse_fault("hang_at_step=3;job=2") == Fault("hang", 3, 2)
+    assert parse_fault("stall_at_step=2") == Fault("stall", 2)
     fault = parse_fault("crash_at_step=1;job=2")
     assert fault is not None and fault.fires(2, 1) and not fault.fires(1, 1)
     for bad in ("oom", "explode_at_step=1", "oom_at_step=1;hang_at_step=2", "job=2"):

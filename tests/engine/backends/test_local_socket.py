@@ -30,7 +30,9 @@ from engine.backends import local as local_module
 from engine.backends.local import PACKAGE_ROOT, LocalBackend
 from engine.backends.protocol import (
     PROTOCOL_VERSION,
+    CancelledJob,
     Frame,
+    JobSpec,
     MessageType,
     WorkerFailure,
     encode,
@@ -49,6 +51,7 @@ from engine.models import (
     JobCancelled,
     JobDone,
     JobEvent,
+    JobFailed,
     JobProgress,
     JobRerouted,
     Mode,
@@ -65,9 +68,12 @@ REPO = Path(__file__).resolve().parents[3]
 GUARD_S = 300
 # Each worker process's second job hangs at step 2 (after progress 1) until something kills the process.
 HANG_SECOND_JOB = "hang_at_step=2;job=2"
+# Each worker process's second job stalls at step 2 (after progress 1) until it is cancelled.
+STALL_SECOND_JOB = "stall_at_step=2;job=2"
 ENGINE_SIZE = 256  # the smallest side the engine accepts
 WATCHDOG_USEC = 100_000  # pings every 50 ms
 MAX_STARTS = 5  # per unit; the scenarios need at most 3 processes
+ALICE = user()
 
 
 @dataclass
@@ -143,8 +149,11 @@ class Run:
     unit_pids: list[int] = field(default_factory=list)
     exits: dict[int, int] = field(default_factory=dict)
     recycles: int = 0
+    workers_started: int = 0
     jobs_served: int = 0
     failures: int = 0
+    images: dict[str, bytes] = field(default_factory=dict)
+    frames: dict[str, list[Frame]] = field(default_factory=dict)  # raw protocol: what the worker answered to each
     notify: list[str] = field(default_factory=list)
     socket_mode: int = 0
     ready: Frame | None = None
@@ -166,58 +175,95 @@ async def _scenario(run: Run, body: Callable[[], Awaitable[None]]) -> None:
         run.error = exc
 
 
-async def _crash_and_cancel(model: Path, folder: Path, run: Run) -> None:
-    """Through the engine: a job, a SIGKILL mid-job (retried on the restarted unit), a cancel mid-job."""
-    unit = Unit(model, folder / "gpu0.sock", {"FLUX_BOT_WORKER_FAULT": HANG_SECOND_JOB})
-    settings = Settings.model_validate(
-        {
-            "bot": {"state_dir": str(folder / "state")},
-            "routing": {"default_model": MODEL, "api_enabled": False},
-            "models": {MODEL: MODELS[MODEL].model_dump()},
-            "local": tiny_settings(worker_sockets=(unit.path,)).model_dump(),
-        }
-    )
-    backend = LocalBackend(settings.local, settings.models, model)
-    alice = user()
+@dataclass
+class _EngineOnUnit:
+    """An Engine whose only backend is a LocalBackend attached to one unit, and a user who submits jobs."""
 
-    async def job(name: str, on_progress: Callable[[str], Awaitable[None]] | None = None) -> None:
+    unit: Unit
+    run: Run
+    engine: Engine
+    backend: LocalBackend
+
+    @classmethod
+    async def open(cls, model: Path, folder: Path, run: Run, fault: str, **local: Any) -> _EngineOnUnit:
+        unit = Unit(model, folder / "gpu0.sock", {"FLUX_BOT_WORKER_FAULT": fault})
+        settings = Settings.model_validate(
+            {
+                "bot": {"state_dir": str(folder / "state")},
+                "routing": {"default_model": MODEL, "api_enabled": False},
+                "models": {MODEL: MODELS[MODEL].model_dump()},
+                "local": tiny_settings(worker_sockets=(unit.path,), **local).model_dump(),
+            }
+        )
+        backend = LocalBackend(settings.local, settings.models, model)
+        unit.start()
+        store = await Store.open(settings.bot.database_path)
+        engine = Engine(settings, Secrets(), store, {BackendKind.LOCAL: backend})
+        await engine.start()
+        return cls(unit, run, engine, backend)
+
+    async def job(self, name: str, on_progress: Callable[[str], Awaitable[None]] | None = None) -> None:
         request = ImageRequest("a red fox", MODEL, ENGINE_SIZE, ENGINE_SIZE, steps=4, seed=1, mode=Mode.RELAX)
-        queued = await engine.submit(alice, request)
-        events = run.events.setdefault(name, [])
-        async for event in engine.events(queued.job_id):
+        queued = await self.engine.submit(ALICE, request)
+        events = self.run.events.setdefault(name, [])
+        async for event in self.engine.events(queued.job_id):
             events.append(event)
+            if isinstance(event, JobProgress) and name not in self.run.pids:
+                self.run.pids[name] = self.unit.current_pid  # the process that runs the job (its first try)
             if isinstance(event, JobProgress) and event.step == 1 and on_progress is not None:
                 await on_progress(queued.job_id)
                 on_progress = None  # once: the retry's progress is left alone
-        stored = await engine.store.get_job(queued.job_id)
-        run.attempts[name] = stored.attempts
-        ledger = await engine.store.job_ledger(queued.job_id)
-        run.gpu_ledger[name] = [line["entry"] for line in ledger if line["resource"] == "gpu_ms"]
+        stored = await self.engine.store.get_job(queued.job_id)
+        self.run.attempts[name] = stored.attempts
+        ledger = await self.engine.store.job_ledger(queued.job_id)
+        self.run.gpu_ledger[name] = [line["entry"] for line in ledger if line["resource"] == "gpu_ms"]
+
+    async def cancel(self, job_id: str) -> None:
+        await self.engine.cancel(ALICE, job_id)
+
+    async def close(self) -> None:
+        run, backend = self.run, self.backend
+        run.recycles, run.jobs_served, run.failures = backend.recycles, backend.jobs_served, backend.failures
+        run.workers_started = backend.workers_started
+        self.unit.stopping = True  # the shutdown that close() sends ends the last process for good
+        await self.engine.close()
+        await self.unit.stop()
+        run.unit_pids, run.exits = self.unit.pids, self.unit.exits
+
+
+async def _crash_and_cancel(model: Path, folder: Path, run: Run) -> None:
+    """Through the engine: a job, a SIGKILL mid-job (retried on the restarted unit), a cancel the unit ignores."""
+    # The cancelled job hangs: its process never answers the cancel, whatever the bound, and is killed after it.
+    setup = await _EngineOnUnit.open(model, folder, run, HANG_SECOND_JOB, cancel_timeout_s=1.0)
 
     async def sigkill(job_id: str) -> None:
-        os.kill(unit.current_pid, signal.SIGKILL)  # hung at step 2: it cannot have finished this job
-
-    async def cancel(job_id: str) -> None:
-        await engine.cancel(alice, job_id)
+        os.kill(setup.unit.current_pid, signal.SIGKILL)  # hung at step 2: it cannot have finished this job
 
     async def body() -> None:
-        await job("first")
-        await job("killed", sigkill)
-        await job("cancelled", cancel)
-        await job("after_cancel")
+        await setup.job("first")
+        await setup.job("killed", sigkill)
+        await setup.job("cancelled", setup.cancel)
+        await setup.job("after_cancel")
 
-    unit.start()
-    store = await Store.open(settings.bot.database_path)
-    engine = Engine(settings, Secrets(), store, {BackendKind.LOCAL: backend})
     try:
-        await engine.start()
         await _scenario(run, body)
     finally:
-        run.recycles, run.jobs_served, run.failures = backend.recycles, backend.jobs_served, backend.failures
-        unit.stopping = True  # the shutdown that close() sends ends the last process for good
-        await engine.close()
-        await unit.stop()
-        run.unit_pids, run.exits = unit.pids, unit.exits
+        await setup.close()
+
+
+async def _cancel(model: Path, folder: Path, run: Run) -> None:
+    """Through the engine: a cancel mid-job that the unit's process honours, and the job after it."""
+    setup = await _EngineOnUnit.open(model, folder, run, STALL_SECOND_JOB)
+
+    async def body() -> None:
+        await setup.job("before")
+        await setup.job("cancelled", setup.cancel)
+        await setup.job("next")
+
+    try:
+        await _scenario(run, body)
+    finally:
+        await setup.close()
 
 
 async def _recycle(model: Path, folder: Path, run: Run) -> None:
@@ -249,25 +295,53 @@ async def _recycle(model: Path, folder: Path, run: Run) -> None:
 
 
 async def _notify(model: Path, folder: Path, run: Run) -> None:
-    """The raw protocol over the socket, with systemd's NOTIFY_SOCKET and watchdog set."""
+    """The raw protocol over the socket, with systemd's NOTIFY_SOCKET and watchdog set: cancels between jobs, mid-job
+    and after a job, then the next job, on one process."""
     path = folder / "gpu0.sock"
     listener = NotifyListener()
-    env = {"NOTIFY_SOCKET": listener.address, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
+    env = {
+        "NOTIFY_SOCKET": listener.address,
+        "WATCHDOG_USEC": str(WATCHDOG_USEC),
+        "FLUX_BOT_WORKER_FAULT": "stall_at_step=2;job=1",
+    }
+
+    async def until(reader: asyncio.StreamReader, kind: MessageType) -> list[Frame]:
+        frames: list[Frame] = []
+        while not frames or frames[-1].type is not kind:
+            frame = await read_frame(reader)
+            assert frame is not None, [f.type for f in frames]
+            frames.append(frame)
+        return frames
 
     async def body() -> None:
         proc = await start_worker(model, path, env)
         try:
-            await listener.until("READY=1")
+            await listener.until("READY=1", limit_s=GUARD_S)  # the other scenarios load their models meanwhile
             run.socket_mode = path.stat().st_mode
             reader, writer = await asyncio.open_unix_connection(path)
-            writer.write(encode(Frame(MessageType.HELLO, {"version": PROTOCOL_VERSION})))
+
+            def send(frame: Frame) -> None:
+                writer.write(encode(frame))
+
+            send(Frame(MessageType.HELLO, {"version": PROTOCOL_VERSION}))
             run.ready = await read_frame(reader)
             try:
                 await asyncio.open_unix_connection(path)
             except OSError as exc:
                 run.second_connect = type(exc).__name__
             await listener.until("WATCHDOG=1")
-            writer.write(encode(Frame(MessageType.STATS)))
+            send(Frame(MessageType.CANCEL, {"id": "never-sent"}))
+            run.frames["before_any_job"] = await until(reader, MessageType.CANCELLED)
+            send(JobSpec("stopped", "a red fox in the snow", 64, 64, 4, None, 1).to_frame())
+            run.frames["stopped_progress"] = await until(reader, MessageType.PROGRESS)
+            send(Frame(MessageType.CANCEL, {"id": "stopped"}))
+            run.frames["stopped"] = await until(reader, MessageType.CANCELLED)
+            send(Frame(MessageType.CANCEL, {"id": "stopped"}))  # again, once it has ended
+            run.frames["stopped_again"] = await until(reader, MessageType.CANCELLED)
+            # The request of the recycle scenario's r0, a fresh process's first job.
+            send(JobSpec("next", "a red fox in the snow", 64, 64, 4, None, 0).to_frame())
+            run.frames["next"] = await until(reader, MessageType.DONE)
+            send(Frame(MessageType.STATS))
             run.memory = await read_frame(reader)
             writer.close()
             run.exit_code = await proc.wait()
@@ -282,7 +356,7 @@ async def _notify(model: Path, folder: Path, run: Run) -> None:
     await _scenario(run, body)
 
 
-SCENARIOS = {"crash_cancel": _crash_and_cancel, "recycle": _recycle, "notify": _notify}
+SCENARIOS = {"crash_cancel": _crash_and_cancel, "cancel": _cancel, "recycle": _recycle, "notify": _notify}
 
 
 @pytest.fixture(scope="session")
@@ -345,16 +419,60 @@ def test_a_unit_sigkilled_mid_job_is_reattached_and_the_job_retried_and_charged_
     assert second != first
 
 
-def test_cancelling_mid_job_makes_the_supervisor_sigkill_the_unit_process(runs: dict[str, Run]) -> None:
+def test_a_unit_process_that_does_not_stop_a_cancelled_job_in_time_is_sigkilled(runs: dict[str, Run]) -> None:
     run = runs["crash_cancel"].checked()
     assert isinstance(_terminal(run.events["cancelled"]), JobCancelled)
+    assert not any(isinstance(event, JobFailed) for event in run.events["cancelled"])
     assert isinstance(_terminal(run.events["after_cancel"]), JobDone)
+    assert run.pids["after_cancel"] != run.pids["cancelled"]
     # The process that ran the cancelled job was killed through its pidfd by the supervisor, not by the test.
     assert len(run.unit_pids) == 3
     assert run.exits[run.unit_pids[1]] == -signal.SIGKILL
     assert run.exits[run.unit_pids[2]] == 0  # the engine's close() sent `shutdown`: a clean exit
     assert run.recycles == 2  # the crash and the cancellation
+    assert run.workers_started == 3
     assert (run.jobs_served, run.failures) == (4, 1)  # the cancelled job never ended, so it is not counted
+
+
+def test_cancelling_mid_job_keeps_the_unit_process_and_its_loaded_model(runs: dict[str, Run]) -> None:
+    run = runs["cancel"].checked()
+    events = run.events["cancelled"]
+    assert isinstance(_terminal(events), JobCancelled)
+    assert not any(isinstance(event, JobFailed) for event in events)
+    assert [event.step for event in events if isinstance(event, JobProgress)] == [1]
+    done = _terminal(run.events["next"])
+    assert isinstance(done, JobDone), [type(event).__name__ for event in run.events["next"]]
+    assert run.pids["before"] == run.pids["cancelled"] == run.pids["next"]
+    assert run.unit_pids == [run.pids["next"]]  # one process for the whole scenario: the model loaded once
+    assert run.exits[run.pids["next"]] == 0  # and it left on the engine's `shutdown`, not killed
+    assert (run.workers_started, run.recycles, run.jobs_served, run.failures) == (1, 0, 2, 0)
+    # The same request as before the cancel, and as the first job of the other scenario's fresh process.
+    before = _terminal(run.events["before"])
+    first_elsewhere = _terminal(runs["crash_cancel"].checked().events["first"])
+    assert isinstance(before, JobDone) and isinstance(first_elsewhere, JobDone)
+    assert done.image == before.image == first_elsewhere.image
+
+
+def test_a_unit_worker_answers_every_cancel_once_and_stops_a_running_job_at_its_next_step(
+    runs: dict[str, Run],
+) -> None:
+    run = runs["notify"].checked()
+    frames = run.frames
+    assert run.ready is not None and run.ready.type is MessageType.READY
+    # A cancel for no job running (none yet, or one that has ended) is answered and changes nothing.
+    assert frames["before_any_job"] == [CancelledJob("never-sent", None).to_frame()]
+    assert frames["stopped_again"] == [CancelledJob("stopped", None).to_frame()]
+    # Stalled in step 2 when the cancel came: it stops there, with no further progress and no image.
+    assert [frame.header["step"] for frame in frames["stopped_progress"]] == [1]
+    assert frames["stopped"] == [CancelledJob("stopped", 2).to_frame()]
+    # The next job runs in full, as it would on a fresh process (the recycle scenario's r0, same request).
+    *progress, done = frames["next"]
+    assert [frame.header["step"] for frame in progress] == [1, 2, 3, 4]
+    fresh = runs["recycle"].checked().backend_events["r0"][-1]
+    assert isinstance(fresh, Finished)
+    assert done.payload == fresh.image
+    assert run.memory is not None and run.memory.type is MessageType.MEMORY
+    assert run.exit_code == 0
 
 
 def test_units_are_recycled_after_n_jobs_by_shutdown_and_no_queued_job_is_lost(runs: dict[str, Run]) -> None:
