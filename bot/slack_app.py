@@ -29,7 +29,6 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import render
 from bot.commands import Commands
-from bot.console import png_with_parameters
 
 # Shared with Discord rather than copied; they belong in a platform-neutral module (see the report).
 from bot.delivery import ChannelDelivery, ThrottledEditor, forward_alerts, same_options
@@ -401,7 +400,7 @@ class SlackFrontEnd:
             if isinstance(event, JobDone):
                 display = self.commands.model_display(job.request.model)
                 caption = render.done_caption(job, event, display)
-                png = await asyncio.to_thread(png_with_parameters, event.image, job, display)
+                png = event.image  # the stored result, which already carries its parameters (engine.results)
                 uploaded = await self.client.files_upload_v2(
                     channel=channel, thread_ts=ts, file=png, filename=f"{job.id}.png", initial_comment=clip(caption)
                 )

@@ -184,7 +184,7 @@ def test_bad_config_stops_with_one_line(tmp_path: Path) -> None:
 
 def test_piped_console_image_text_chunks_survive(tmp_path: Path) -> None:
     """PNG text chunks are what other tools read; check one survives a plain Pillow round trip."""
-    from bot.console import png_with_parameters
+    from engine.results import png_with_parameters
     from engine.models import Job, JobState, Mode, ResolvedRequest
     from tests.fakes.backends import tiny_png
 
