@@ -175,6 +175,9 @@ async def chat(settings: Settings, secrets: Secrets, sync_guild: int | None) -> 
                     slack_settings.command_quota,
                     slack_settings.command_cancel,
                     slack_settings.command_admin,
+                    slack_settings.command_queue,
+                    slack_settings.command_job,
+                    slack_settings.command_settings,
                 ),
                 admin_via_users_info=slack_settings.workspace_admins,
             )
