@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from bot.commands import Commands
-from bot.console import Console, stdin_reader
+from bot.console import Console, Terminal
 from bot.render import error_message
 from bot.systemd_notify import Notifier, watchdog_interval_s, watchdog_loop
 from engine.backup import backup, backup_dir, backup_every, restore
@@ -260,7 +260,7 @@ async def console(settings: Settings, secrets: Secrets, user: str, out: Path, *,
     engine = await Engine.open(settings, secrets)
     try:
         requester = Requester(Platform.CONSOLE, user, is_admin=admin, display_name=user)
-        return await Console(engine, requester, out).run(stdin_reader(sys.stdin.isatty()))
+        return await Console(engine, requester, out, terminal=Terminal()).run()
     finally:
         await engine.close()
 
