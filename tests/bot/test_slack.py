@@ -10,8 +10,8 @@ import asyncio
 import io
 import json
 import time
-from dataclasses import replace
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlencode
 
@@ -23,8 +23,8 @@ from slack_sdk.signature import SignatureVerifier
 
 from bot.commands import Commands
 from bot.slack_app import CommandNames, SlackFrontEnd, parse_imagine
-from engine.errors import InvalidRequest
 from engine.config import Settings
+from engine.errors import InvalidRequest
 from engine.models import BackendKind, FailureReason, JobState, Platform, Requester
 from engine.service import Engine
 from tests.conftest import EngineFactory, SettingsFactory, wait_terminal
