@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -505,3 +506,19 @@ async def test_a_refused_edit_is_shown_in_the_modal(
     assert "not charged" in answer["errors"]["prompt"] and "Traceback" not in answer["errors"]["prompt"]
     assert len(await app.engine.store.jobs(states=list(JobState))) == 1
     assert slack.named("chat.postEphemeral") == []
+
+
+async def test_the_posted_image_is_the_stored_file_with_its_parameters(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    """The engine writes one annotated PNG; Slack gets those bytes, not a second encoding of them."""
+    app = await front_end(await make_engine({BackendKind.LOCAL: ScriptedBackend()}))
+    job_id = job_id_of(await slash(app, "/imagine", "a red cat --seed 7"))
+    await finished(app, slack, job_id)
+    job = await app.engine.store.get_job(job_id)
+    assert job.result_path is not None
+    stored = await asyncio.to_thread(Path(job.result_path).read_bytes)
+    [upload] = slack.named("upload")
+    assert upload.data == stored
+    with Image.open(io.BytesIO(stored)) as image:
+        assert image.text["prompt"] == "a red cat" and image.text["model"] == "FLUX.1 [schnell]"
