@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from bot.commands import Commands
-from bot.console import Console, stdin_reader
+from bot.console import Console, Terminal
 from bot.render import error_message
 from bot.systemd_notify import Notifier, watchdog_interval_s, watchdog_loop
 from engine.backup import backup, backup_dir, backup_every, restore
@@ -175,6 +175,9 @@ async def chat(settings: Settings, secrets: Secrets, sync_guild: int | None) -> 
                     slack_settings.command_quota,
                     slack_settings.command_cancel,
                     slack_settings.command_admin,
+                    slack_settings.command_queue,
+                    slack_settings.command_job,
+                    slack_settings.command_settings,
                 ),
                 admin_via_users_info=slack_settings.workspace_admins,
             )
@@ -257,7 +260,7 @@ async def console(settings: Settings, secrets: Secrets, user: str, out: Path, *,
     engine = await Engine.open(settings, secrets)
     try:
         requester = Requester(Platform.CONSOLE, user, is_admin=admin, display_name=user)
-        return await Console(engine, requester, out).run(stdin_reader(sys.stdin.isatty()))
+        return await Console(engine, requester, out, terminal=Terminal()).run()
     finally:
         await engine.close()
 

@@ -26,7 +26,6 @@ from PIL import Image
 
 from bot import render
 from bot.commands import ChartReply, Commands
-from bot.console import png_with_parameters
 from bot.delivery import ChannelDelivery, ThrottledEditor, forward_alerts, same_options
 from bot.discord_views import BUTTONS, EditPromptModal, FluxClient, result_view
 from engine.config import ASPECT_RATIOS
@@ -495,7 +494,7 @@ class DiscordFrontEnd:
 
     async def _result(self, job: Job, event: JobDone, limit: int) -> tuple[bytes, str, str]:
         display = self.commands.model_display(job.request.model)
-        png = await asyncio.to_thread(png_with_parameters, event.image, job, display)
+        png = event.image  # the stored result, which already carries its parameters (engine.results)
         data, filename = await asyncio.to_thread(fit_attachment, png, limit, job.id)
         return data, filename, render.done_caption(job, event, display, user_text)
 

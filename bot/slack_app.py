@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
@@ -36,7 +37,6 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import render
 from bot.commands import Commands, ImagineArgs, parse_imagine_text
-from bot.console import png_with_parameters
 
 # Shared with Discord rather than copied; they belong in a platform-neutral module (see the report).
 from bot.delivery import ChannelDelivery, ThrottledEditor, forward_alerts, same_options
@@ -59,7 +59,11 @@ from engine.validation import MAX_SEED
 log = logging.getLogger("flux_bot.slack")
 
 MAX_CHARS = 3000  # a section block's text limit; plain message text allows more, one limit keeps it simple
-ACTIONS = ("reroll", "vary", "delete")
+ACTIONS = ("reroll", "vary", "edit", "delete")
+LABELS = {"edit": "Edit prompt"}  # the others are the action's name, capitalised
+EDIT_VIEW = "flux_editprompt"  # the edit-prompt modal's callback_id; its private_metadata says which job and channel
+EDIT_BLOCK, EDIT_INPUT = "prompt", "prompt"
+MAX_INPUT_CHARS = 3000  # a plain_text_input's max_length limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +74,9 @@ class CommandNames:
     quota: str = "/imagine-quota"
     cancel: str = "/imagine-cancel"
     admin: str = "/imagine-admin"
+    queue: str = "/imagine-queue"
+    job: str = "/imagine-job"
+    settings: str = "/imagine-settings"
 
 
 def clip(text: str) -> str:
@@ -143,7 +150,7 @@ def result_blocks(text: str, job_id: str, file_id: str) -> list[dict[str, Any]]:
         {
             "type": "button",
             "action_id": f"flux_{action}",
-            "text": {"type": "plain_text", "text": action.capitalize()},
+            "text": {"type": "plain_text", "text": LABELS.get(action, action.capitalize())},
             "value": f"{job_id}:{file_id}" if action == "delete" else job_id,
             **({"style": "danger"} if action == "delete" else {}),
         }
@@ -153,6 +160,34 @@ def result_blocks(text: str, job_id: str, file_id: str) -> list[dict[str, Any]]:
         {"type": "section", "text": {"type": "mrkdwn", "text": text}},
         {"type": "actions", "block_id": f"flux_result_{job_id}", "elements": buttons},
     ]
+
+
+def edit_prompt_view(job: Job, channel: str, max_chars: int) -> dict[str, Any]:
+    """The edit-prompt modal: the old prompt as plain input text (never rendered as mrkdwn), the job and channel in
+    private_metadata, so whichever process is running when it is submitted can make the new job."""
+    return {
+        "type": "modal",
+        "callback_id": EDIT_VIEW,
+        "private_metadata": json.dumps({"job": job.id, "channel": channel}),
+        "title": {"type": "plain_text", "text": "Edit prompt"},
+        "submit": {"type": "plain_text", "text": "Make it"},
+        "close": {"type": "plain_text", "text": "Cancel"},
+        "blocks": [
+            {
+                "type": "input",
+                "block_id": EDIT_BLOCK,
+                "label": {"type": "plain_text", "text": "Prompt"},
+                "hint": {"type": "plain_text", "text": "Made again with the same seed and settings."},
+                "element": {
+                    "type": "plain_text_input",
+                    "action_id": EDIT_INPUT,
+                    "multiline": True,
+                    "initial_value": job.request.prompt[:max_chars],
+                    "max_length": max_chars,
+                },
+            }
+        ],
+    }
 
 
 class ChannelPacer:
@@ -267,8 +302,12 @@ class SlackFrontEnd:
         self.app.command(names.quota)(self._on_quota)
         self.app.command(names.cancel)(self._on_cancel)
         self.app.command(names.admin)(self._on_admin)
+        self.app.command(names.queue)(self._on_queue)
+        self.app.command(names.job)(self._on_job)
+        self.app.command(names.settings)(self._on_settings)
         for action in ACTIONS:
             self.app.action(f"flux_{action}")(self._on_action)
+        self.app.view(EDIT_VIEW)(self._on_edited_prompt)
 
     async def _requester(self, body: dict[str, Any], *, check_admin: bool = False) -> Requester:
         user = body.get("user")
@@ -330,6 +369,16 @@ class SlackFrontEnd:
 
     async def _on_quota(self, ack: AsyncAck, body: dict[str, Any]) -> None:
         await self._answer(ack, body, self.commands.quota)
+
+    async def _on_queue(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        await self._answer(ack, body, self.commands.queue)
+
+    async def _on_job(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        await self._answer(ack, body, lambda r: self.commands.job(r, str(body.get("text", "")).strip()))
+
+    async def _on_settings(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        name, _, value = str(body.get("text", "")).strip().partition(" ")
+        await self._answer(ack, body, lambda r: self.commands.settings(r, name or None, value.strip() or None))
 
     async def _on_cancel(self, ack: AsyncAck, body: dict[str, Any]) -> None:
         async def run(requester: Requester) -> str:
@@ -460,7 +509,7 @@ class SlackFrontEnd:
                 display = self.commands.model_display(job.request.model)
                 # Plain here: the whole caption is escaped when sent.
                 caption = render.done_caption(job, event, display, render.plain)
-                png = await asyncio.to_thread(png_with_parameters, event.image, job, display)
+                png = event.image  # the stored result, which already carries its parameters (engine.results)
                 file_id = await self._upload(channel, png, f"{job.id}.png", caption, thread_ts=ts)
                 await self._chat_update(channel, ts, caption, mention=mention, buttons=(job.id, file_id))
             else:
@@ -480,6 +529,9 @@ class SlackFrontEnd:
             if action.get("action_id") == "flux_delete":
                 await self._delete(body, requester, job, file_id)
                 return
+            if action.get("action_id") == "flux_edit":
+                await self._open_edit_prompt(body, requester, job)
+                return
             seed = str((job.request.seed + 1) % (MAX_SEED + 1)) if action.get("action_id") == "flux_vary" else None
             note = await self._imagine(requester, job.request.prompt, same_options(job, seed))
         except EngineError as exc:
@@ -487,6 +539,39 @@ class SlackFrontEnd:
         except Exception:
             log.exception("slack button %s on job %s failed", action.get("action_id"), job_id)
             note = render.INTERNAL_ERROR
+        await self._ephemeral(requester, note)
+
+    async def _open_edit_prompt(self, body: dict[str, Any], requester: Requester, job: Job) -> None:
+        if requester.channel_id is None:
+            raise InvalidRequest("this button needs the channel it was pressed in")
+        limit = min(MAX_INPUT_CHARS, self.engine.settings.policy.max_prompt_chars)
+        view = edit_prompt_view(job, requester.channel_id, limit)
+        await self.client.views_open(trigger_id=str(body.get("trigger_id", "")), view=view)
+
+    async def _on_edited_prompt(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+        """The modal's submit: a refusal is shown in the modal, next to the prompt; success closes it and answers
+        ephemerally in the channel, as the other buttons do."""
+        view = body.get("view") or {}
+        try:
+            meta = json.loads(str(view.get("private_metadata") or "{}"))
+            job_id, channel = str(meta["job"]), str(meta["channel"])
+            prompt = str(view["state"]["values"][EDIT_BLOCK][EDIT_INPUT].get("value") or "")
+        except (ValueError, KeyError, TypeError):
+            log.warning("slack: an edit-prompt submit without its job, channel or prompt: %r", view.get("id"))
+            await ack(response_action="errors", errors={EDIT_BLOCK: render.INTERNAL_ERROR})
+            return
+        requester = replace(await self._requester(body), channel_id=channel)
+        try:
+            job = await self.engine.store.get_job(job_id)
+            note = await self._imagine(requester, prompt, same_options(job, str(job.request.seed)))
+        except EngineError as exc:
+            await ack(response_action="errors", errors={EDIT_BLOCK: clip(render.error_message(exc))})
+            return
+        except Exception:
+            log.exception("slack edit-prompt submit on job %s failed", job_id)
+            await ack(response_action="errors", errors={EDIT_BLOCK: render.INTERNAL_ERROR})
+            return
+        await ack()
         await self._ephemeral(requester, note)
 
     async def _delete(self, body: dict[str, Any], requester: Requester, job: Job, file_id: str) -> None:

@@ -94,6 +94,9 @@ class SlackSettings(_Section):
     command_quota: str = "/imagine-quota"
     command_cancel: str = "/imagine-cancel"
     command_admin: str = "/imagine-admin"
+    command_queue: str = "/imagine-queue"
+    command_job: str = "/imagine-job"
+    command_settings: str = "/imagine-settings"
 
 
 class OpsSettings(_Section):

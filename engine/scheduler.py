@@ -47,6 +47,7 @@ from engine.models import (
     Submitted,
 )
 from engine.quota import Quota
+from engine.results import annotated
 from engine.store import AuditEntry, OpenReservation, QueuedJob, Store
 
 log = logging.getLogger("flux_bot.scheduler")
@@ -324,8 +325,12 @@ class Scheduler:
                 self.wake()
 
     async def _succeed(self, job: Job, finished: Finished) -> None:
-        path = self._settings.bot.images_dir / f"{job.id}.{_EXTENSIONS.get(finished.mime, 'png')}"
-        await asyncio.to_thread(_write_atomically, path, finished.image)
+        # The parameters go into the one stored copy, which every front-end posts or links as it is.
+        model = self._settings.models.get(job.request.model)
+        display = model.display_name if model else job.request.model
+        image, mime = await asyncio.to_thread(annotated, finished.image, finished.mime, job, display)
+        path = self._settings.bot.images_dir / f"{job.id}.{_EXTENSIONS.get(mime, 'png')}"
+        await asyncio.to_thread(_write_atomically, path, image)
         closes = self._quota.closes_for_success(await self._store.open_reservations(job.id), finished)
         now = self._clock()
         charged = await self._charged(job.id) + finished.cost_micros
@@ -334,7 +339,7 @@ class Scheduler:
         )
         if ended:
             seconds = now - job.created_at
-            self._publish(JobDone(job.id, finished.image, finished.mime, finished.seed, job.backend, charged, seconds))
+            self._publish(JobDone(job.id, image, mime, finished.seed, job.backend, charged, seconds))
 
     async def _on_failure(self, job: Job, failed: Failed) -> None:
         log.warning("job %s: %s failed: %s (%s)", job.id, job.backend.value, failed.reason.value, failed.detail)

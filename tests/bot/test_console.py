@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
+import pty
+import signal
 import subprocess
 import sys
 import threading
@@ -20,7 +23,7 @@ from engine.errors import InvalidRequest
 from engine.models import BackendKind, FailureReason, Platform, Requester
 from tests.conftest import EngineFactory, SettingsFactory
 from tests.fakes.backends import ScriptedBackend, fail
-from tests.fakes.bfl_server import API_KEY, FakeBfl
+from tests.fakes.bfl_server import API_KEY, FakeBfl, FakeTask
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -184,8 +187,8 @@ def test_bad_config_stops_with_one_line(tmp_path: Path) -> None:
 
 def test_piped_console_image_text_chunks_survive(tmp_path: Path) -> None:
     """PNG text chunks are what other tools read; check one survives a plain Pillow round trip."""
-    from bot.console import png_with_parameters
     from engine.models import Job, JobState, Mode, ResolvedRequest
+    from engine.results import png_with_parameters
     from tests.fakes.backends import tiny_png
 
     request = ResolvedRequest("a fox", "dev", 1024, 1024, "1:1", 28, 3.0, 99, Mode.AUTO)
@@ -261,3 +264,130 @@ def test_admin_report_from_the_shell(tmp_path: Path) -> None:
         assert image.format == "PNG" and image.size == (1200, 800)
     bad = _cli(["admin", "report", "--outfile", "x.png"], env)
     assert bad.returncode == 2 and "usage: flux-bot admin report [--out FILE.png]" in bad.stderr
+
+
+class Process:
+    """`python -m bot ...` as a real process, its output collected as it comes (read from a pipe or a pty)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, output_fd: int) -> None:
+        self.proc, self.fd, self.output = proc, output_fd, ""
+        self._more = asyncio.Event()
+        asyncio.get_running_loop().add_reader(output_fd, self._read)
+
+    def _read(self) -> None:
+        try:
+            chunk = os.read(self.fd, 65536)
+        except OSError:  # a pty answers EIO once the process has gone
+            chunk = b""
+        if not chunk:
+            asyncio.get_running_loop().remove_reader(self.fd)
+        self.output += chunk.decode(errors="replace")
+        self._more.set()
+
+    async def wait_for(self, text: str, after: int = 0, limit_s: float = 60) -> int:
+        """Where text appears in the output (searching from after); the bound only guards against a hung test."""
+        async with asyncio.timeout(limit_s):
+            while text not in self.output[after:]:
+                self._more.clear()
+                await self._more.wait()
+        return self.output.index(text, after)
+
+    async def exit_status(self, limit_s: float = 60) -> int:
+        async with asyncio.timeout(limit_s):
+            return await self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(self.fd)
+
+
+async def start(args: list[str], env: dict[str, str], *, pty_: bool = False) -> Process:
+    if pty_:
+        master, slave = pty.openpty()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", *args, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=REPO
+        )
+        os.close(slave)
+        return Process(proc, master)
+    read, write = os.pipe()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", *args, stdin=subprocess.PIPE, stdout=write, stderr=write, env=env, cwd=REPO
+    )
+    os.close(write)
+    return Process(proc, read)
+
+
+async def held_task(bfl: FakeBfl) -> FakeTask:
+    """The one task the fake API holds Pending, once submitted (a job is "started" before its submit is sent)."""
+    async with asyncio.timeout(60):
+        while not (held := [task for task in bfl.tasks.values() if task.pending_polls == sys.maxsize]):
+            await asyncio.sleep(0.01)
+    [task] = held
+    return task
+
+
+async def test_ctrl_c_cancels_queued_jobs_and_the_next_start_delivers_the_running_one(tmp_path: Path) -> None:
+    """Ctrl-C with stdin still open ends the process, cancelling the queued job and leaving the running one, which
+    the next console resumes, waits for and shows; its image is the stored file, hard-linked into --out."""
+    async with FakeBfl(pending_polls=sys.maxsize) as bfl:
+        env = _base_env(tmp_path) | {"BFL_API_KEY": API_KEY, "BFL_API_URL": bfl.api_url}
+        out = tmp_path / "out"
+        first = await start(["console", "--user", "alice", "--out", str(out)], env)
+        try:
+            assert first.proc.stdin is not None
+            first.proc.stdin.write(b"/imagine a red cat model=pro\n")
+            await first.wait_for("started on")
+            task = await held_task(bfl)
+            first.proc.stdin.write(b"/imagine a blue cat model=pro\n")
+            await first.wait_for("] queued", after=first.output.index("started on"))
+            running, queued = [line.split("]")[0][1:] for line in first.output.splitlines() if "] queued" in line]
+            first.proc.send_signal(signal.SIGINT)
+            assert await first.exit_status() == 130, first.output
+        finally:
+            first.close()
+        assert "Stopping" in first.output and "Traceback" not in first.output
+        assert f"Job {queued} cancelled. You were not charged" in first.output
+        assert f"Left running: {running}. The next start resumes it" in first.output
+
+        task.pending_polls = 0  # the API finishes the task while no console runs
+        second = await start(["console", "--user", "alice", "--out", str(out)], env)
+        try:
+            assert second.proc.stdin is not None
+            second.proc.stdin.close()  # nothing to type: it waits for the resumed job, then ends
+            assert await second.exit_status() == 0, second.output
+        finally:
+            second.close()
+    assert f"Your jobs from an earlier session: {running} (running)" in second.output
+    assert f"Waiting for 1 job to finish: {running}." in second.output
+    stored = tmp_path / "state" / "images" / f"{running}.png"
+    linked = out / f"{running}.png"
+    assert f"[{running}] done on api" in second.output and f"saved {stored}, linked as {linked}" in second.output
+    assert stored.stat().st_ino == linked.stat().st_ino and [p.name for p in out.glob("*.png")] == [linked.name]
+    with Image.open(linked) as image:
+        assert image.text["prompt"] == "a red cat" and image.text["model"] == "FLUX1.1 [pro]"
+
+
+async def test_at_a_terminal_the_prompt_and_the_typed_text_come_back_after_a_job_event(tmp_path: Path) -> None:
+    async with FakeBfl(pending_polls=sys.maxsize) as bfl:
+        env = _base_env(tmp_path) | {"BFL_API_KEY": API_KEY, "BFL_API_URL": bfl.api_url, "TERM": "dumb"}
+        console = await start(["console", "--user", "alice", "--out", str(tmp_path / "out")], env, pty_=True)
+        try:
+            await console.wait_for("> ")
+            os.write(console.fd, b"/imagine a red cat model=pro\r")
+            started = await console.wait_for("started on")
+            task = await held_task(bfl)
+            os.write(console.fd, b"half a li")  # typed, not yet entered, when the result arrives
+            await console.wait_for("half a li", after=started)
+            task.pending_polls = 0
+            done = await console.wait_for("] done on api")
+            await console.wait_for("> half a li", after=done)
+            os.write(console.fd, b"ne\r")
+            await console.wait_for("unknown command 'half'", after=done)
+            console.proc.send_signal(signal.SIGINT)
+            assert await console.exit_status() == 130, console.output
+        finally:
+            console.close()
+            os.close(console.fd)
+    assert "Stopping" in console.output and console.output.endswith("You had no jobs waiting or running.\r\n")

@@ -9,6 +9,7 @@ import asyncio
 import io
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -620,3 +621,37 @@ async def test_a_refused_delete_pings_nobody(
     await fake.wait_for(lambda _: bool(fake.matching("POST", f"{refused}/callback")), "the refusal")
     [answer] = fake.matching("POST", f"{refused}/callback")
     assert allows(answer) == NOBODY
+
+
+async def test_an_edit_prompt_modal_opened_before_a_restart_is_handled_after_it(
+    make_engine: EngineFactory, make_settings: SettingsFactory, front_end: FrontEndFactory, fake: FakeDiscord
+) -> None:
+    settings: Settings = make_settings()
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()}, settings)
+    app = await front_end(engine)
+    token = feed(app, command("imagine", imagine("a red fox", seed=7, aspect="16:9", steps=3)))
+    result = await wait_followup(fake, token)
+    job_id = result.payload["components"][0]["components"][0]["custom_id"].split(":")[2]
+    opened = feed(app, click(f"flux:edit:{job_id}", "4242"))
+    await fake.wait_for(lambda _: bool(fake.matching("POST", f"{opened}/callback")), "the modal")
+    [modal] = fake.matching("POST", f"{opened}/callback")
+    await wait_delivered(engine)
+    await app.close()
+    await engine.close()
+
+    # The user submits the modal to a new process: nothing of the first one remains but the database.
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()}, settings)
+    app = await front_end(engine)
+    [[text_input]] = [row["components"] for row in modal.json["data"]["components"]]
+    submitted = {
+        "custom_id": modal.json["data"]["custom_id"],
+        "components": [
+            {"type": 1, "components": [{"type": 4, "custom_id": text_input["custom_id"], "value": "a red wolf"}]}
+        ],
+    }
+    edited = await wait_followup(fake, feed(app, interaction(5, submitted)))
+    assert '"a red wolf"' in content(edited) and "seed 7," in content(edited)
+    old = await engine.store.get_job(job_id)
+    [new] = [job for job in await engine.store.jobs(states=list(JobState)) if job.id != job_id]
+    assert new.request.prompt == "a red wolf"
+    assert new.request == replace(old.request, prompt="a red wolf")

@@ -13,6 +13,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -25,7 +26,8 @@ from slack_sdk.signature import SignatureVerifier
 
 import bot.slack_app
 from bot.commands import Commands, ImagineArgs
-from bot.slack_app import SlackFrontEnd, parse_imagine, plain_text
+from bot.slack_app import CommandNames, SlackFrontEnd, parse_imagine, plain_text
+from engine.config import Settings
 from engine.errors import InvalidRequest
 from engine.models import BackendKind, FailureReason, JobState, Platform, Requester
 from engine.service import Engine
@@ -188,7 +190,12 @@ async def test_imagine_end_to_end(make_engine: EngineFactory, slack: FakeSlack, 
     progress = " ".join(call.fields["text"] for call in updates[:-1])
     assert "started on the local GPU" in progress or "/3" in progress, progress
     assert result is updates[-1] and f"<@{ALICE}>" in result.fields["text"] and "seed 7" in result.fields["text"]
-    assert [b["action_id"] for b in result.blocks[1]["elements"]] == ["flux_reroll", "flux_vary", "flux_delete"]
+    assert [b["action_id"] for b in result.blocks[1]["elements"]] == [
+        "flux_reroll",
+        "flux_vary",
+        "flux_edit",
+        "flux_delete",
+    ]
 
     # The three steps of files_upload_v2, in order, landing in the progress message's thread.
     methods = [call.method for call in slack.calls]
@@ -549,3 +556,103 @@ async def test_alerts_are_posted_to_the_admin_channel(
     [alert] = [call for call in slack.named("chat.postMessage") if call.fields["channel"] == "CADMIN"]
     assert alert.fields["text"].startswith("flux-bot alert: 1 of the 1 jobs that ended in the last hour failed")
     assert not live_markup(alert.fields["text"])
+
+
+async def test_queue_job_and_settings_under_configurable_names(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    gate = asyncio.Event()
+    names = CommandNames(queue="/fx-queue", job="/fx-job", settings="/fx-settings")
+    app = await front_end(await make_engine({BackendKind.LOCAL: ScriptedBackend(gate=gate)}), command_names=names)
+    assert await slash(app, "/fx-settings", "aspect 3:2") == "Your defaults: aspect=3:2"
+    assert await slash(app, "/fx-settings") == "Your defaults: aspect=3:2"
+    assert "use /settings NAME VALUE" in await slash(app, "/fx-settings", "aspect")
+    assert "You have no jobs waiting or running." in await slash(app, "/fx-queue")
+
+    job_id = job_id_of(await slash(app, "/imagine", "a red cat --seed 7"))
+    queue = await slash(app, "/fx-queue")
+    assert "Your jobs:" in queue and job_id in queue and "a red cat" in queue
+    shown = await slash(app, "/fx-job", job_id)
+    assert shown.startswith(f"Job {job_id}:") and "prompt: a red cat" in shown and "seed 7" in shown
+    assert "(3:2)" in shown  # the default set above
+    assert (await slash(app, "/fx-job", "jnope")).startswith("No job 'jnope'")
+    gate.set()
+    await finished(app, slack, job_id)
+
+
+async def submit_view(app: SlackFrontEnd, view: dict[str, Any], prompt: str, *, user: str = ALICE) -> dict[str, Any]:
+    """Submit a modal as Slack does (the view with the typed values in its state); returns the ack's body."""
+    state = {"values": {"prompt": {"prompt": {"type": "plain_text_input", "value": prompt}}}}
+    payload = {
+        "type": "view_submission",
+        "team": {"id": TEAM_ID, "domain": "test"},
+        "user": {"id": user, "username": user.lower(), "name": user.lower(), "team_id": TEAM_ID},
+        "api_app_id": "A1",
+        "token": "legacy",
+        "trigger_id": "1.2.4",
+        "view": {**view, "state": state},
+    }
+    body = urlencode({"payload": json.dumps(payload)})
+    status, answer = await post(app, body, signed(body))
+    assert status == 200, answer
+    return json.loads(answer) if answer else {}
+
+
+async def test_edit_prompt_opens_a_modal_that_works_after_a_restart(
+    make_engine: EngineFactory, make_settings: SettingsFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    settings: Settings = make_settings()
+    app = await front_end(await make_engine({BackendKind.LOCAL: ScriptedBackend()}, settings))
+    job_id = job_id_of(await slash(app, "/imagine", "a red fox --aspect 16:9 --steps 3 --seed 41"))
+    result = await finished(app, slack, job_id)
+    await click(app, result, "edit", user=BOB)
+    await until(lambda: bool(slack.opened_views))
+    [opened] = slack.named("views.open")
+    assert opened.fields["trigger_id"] == "1.2.3"
+    [view] = slack.opened_views
+    [block] = view["blocks"]
+    assert block["element"]["type"] == "plain_text_input" and block["element"]["initial_value"] == "a red fox"
+    await app.close()
+    await app.engine.close()
+
+    # Submitted to a new process: only the database and the view Slack kept are left.
+    app = await front_end(await make_engine({BackendKind.LOCAL: ScriptedBackend()}, settings))
+    assert await submit_view(app, view, "a red wolf", user=BOB) == {}
+    await until(lambda: bool(slack.named("chat.postEphemeral")))
+    [note] = slack.named("chat.postEphemeral")
+    assert note.fields["user"] == BOB and note.fields["channel"] == CHANNEL
+    new_id = job_id_of(note.fields["text"])
+    old, new = [await app.engine.store.get_job(j) for j in (job_id, new_id)]
+    assert new.request == replace(old.request, prompt="a red wolf") and new.requester.user_id == BOB
+    result = await finished(app, slack, new_id)
+    assert result.fields["channel"] == CHANNEL and "seed 41" in result.fields["text"]
+
+
+async def test_a_refused_edit_is_shown_in_the_modal(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    app = await front_end(await make_engine({BackendKind.LOCAL: ScriptedBackend()}))
+    job_id = job_id_of(await slash(app, "/imagine", "a red fox"))
+    await click(app, await finished(app, slack, job_id), "edit")
+    await until(lambda: bool(slack.opened_views))
+    answer = await submit_view(app, slack.opened_views[0], "   ")
+    assert answer["response_action"] == "errors"
+    assert "not charged" in answer["errors"]["prompt"] and "Traceback" not in answer["errors"]["prompt"]
+    assert len(await app.engine.store.jobs(states=list(JobState))) == 1
+    assert slack.named("chat.postEphemeral") == []
+
+
+async def test_the_posted_image_is_the_stored_file_with_its_parameters(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    """The engine writes one annotated PNG; Slack gets those bytes, not a second encoding of them."""
+    app = await front_end(await make_engine({BackendKind.LOCAL: ScriptedBackend()}))
+    job_id = job_id_of(await slash(app, "/imagine", "a red cat --seed 7"))
+    await finished(app, slack, job_id)
+    job = await app.engine.store.get_job(job_id)
+    assert job.result_path is not None
+    stored = await asyncio.to_thread(Path(job.result_path).read_bytes)
+    [upload] = slack.named("upload")
+    assert upload.data == stored
+    with Image.open(io.BytesIO(stored)) as image:
+        assert image.text["prompt"] == "a red cat" and image.text["model"] == "FLUX.1 [schnell]"

@@ -1,6 +1,7 @@
 """A fake Slack Web API on loopback, driven by the real slack_sdk AsyncWebClient (and so by slack-bolt's AsyncApp).
 
-It answers the methods the Slack front-end calls, including the three steps of files_upload_v2, records every call in
+It answers the methods the Slack front-end calls, including the three steps of files_upload_v2 and views.open (a modal
+opened from a button's trigger_id), records every call in
 order with its fields (form or JSON, as the client sent them) and the uploaded bytes, and injects one 429 with
 Retry-After for a chosen method.
 """
@@ -64,6 +65,11 @@ class FakeSlack:
         if self._runner is not None:
             await self._runner.cleanup()
 
+    @property
+    def opened_views(self) -> list[dict[str, Any]]:
+        """The modals views.open showed, as Slack answered them (with their view id), oldest first."""
+        return [call.answer["view"] for call in self.named("views.open")]
+
     def named(self, method: str) -> list[Call]:
         return [call for call in self.calls if call.method == method and call.status == 200]
 
@@ -105,6 +111,9 @@ class FakeSlack:
             case "files.getUploadURLExternal":
                 file_id = f"F{next(self._ts)}"
                 return {"file_id": file_id, "upload_url": f"http://127.0.0.1:{self.port}/upload/{file_id}"}
+            case "views.open":
+                view = json.loads(fields["view"]) if isinstance(fields["view"], str) else dict(fields["view"])
+                return {"view": {"id": f"V{next(self._ts)}", "team_id": TEAM_ID, "state": {"values": {}}, **view}}
             case "files.completeUploadExternal":
                 files = json.loads(fields["files"]) if isinstance(fields["files"], str) else fields["files"]
                 return {"files": [{"id": f["id"], "title": f.get("title")} for f in files]}
