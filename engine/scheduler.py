@@ -144,9 +144,9 @@ class Scheduler:
         backend = self._backends.get(kind)
         if backend is None:
             return None
-        own = backend.status(0, request)
-        place = await self._place_of_new(kind, backend, own.run_s, user_key or _NEW_JOB)
-        status = replace(own, wait_s=place.wait_s, ahead=place.position)
+        run_s = backend.estimate_seconds(request) if request is not None else backend.status(0).run_s
+        place = await self._place_of_new(kind, backend, run_s, user_key or _NEW_JOB)
+        status = replace(backend.status(place.position, request), wait_s=place.wait_s, ahead=place.position)
         if kind in self.paused:
             return replace(status, paused=True, detail="paused by an admin")
         return status
