@@ -104,7 +104,7 @@ class InstantBackend:
         return model.local if self.kind is BackendKind.LOCAL else model.api_endpoint is not None
 
     def status(self, queued_ahead: int, request: ResolvedRequest | None = None) -> BackendStatus:
-        return BackendStatus(kind=self.kind, healthy=True, eta_s=0.0, in_flight=self.in_flight, capacity=self.slots)
+        return BackendStatus(kind=self.kind, healthy=True, in_flight=self.in_flight, capacity=self.slots)
 
     def capacity(self) -> int:
         return self.slots

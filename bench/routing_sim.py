@@ -26,9 +26,11 @@ simulated day is the first of a month, so nobody has spent anything yet this mon
 Strategies (the same arrivals, and the same API fate per request, for each): `local` = `[routing] api_enabled =
 false`, `api` = `local_enabled = false`, `router` = the defaults. Reported per strategy: requests, refused at
 submit, user-visible failures (a job that ended failed), p50/p95 time from /imagine to the image (images made),
-the API money posted in the ledger, and how many jobs went to each side.
+the API money posted in the ledger, how many jobs went to each side, and the ETA's error: for each image, the end
+promised at submit (created_at + the queued note's ETA) against the real one, as p50 and p90 of the absolute error
+and the median signed error (positive: later than promised).
 
-    python -m bench.routing_sim                       # both profiles: table + docs/routing_sim.png (~3 min)
+    python -m bench.routing_sim                       # both profiles: table + docs/routing_sim.png (~6 min)
     python -m bench.routing_sim --gpu rtx4090         # one profile (the RTX 4090's takes ~1 min)
     python -m bench.routing_sim --gpu h100 --strategies router --set routing.max_local_wait_s=30 --plot w.png
     python -m bench.routing_sim --hours 6 --strategies router   # a shorter look
@@ -299,7 +301,9 @@ class SimLocal:
         return BackendStatus(
             kind=self.kind,
             healthy=True,
-            eta_s=per_job * (queued_ahead / self.capacity() + 1),
+            wait_s=per_job * queued_ahead / self.capacity(),
+            run_s=per_job,
+            ahead=queued_ahead,
             in_flight=self.in_flight,
             capacity=self.capacity(),
         )
@@ -378,7 +382,9 @@ class SimApi:
         return BackendStatus(
             kind=self.kind,
             healthy=not failing,
-            eta_s=estimate * (1 + rounds),
+            wait_s=estimate * rounds,
+            run_s=estimate,
+            ahead=queued_ahead,
             in_flight=self.in_flight,
             capacity=capacity,
         )
@@ -470,6 +476,10 @@ class StrategyResult:
     api_counts: dict[str, int]
     local_busy_share: float
     sim_wall_s: float
+    # The ETA a user was shown at submit against when the image came: |actual - predicted| end, over images made.
+    eta_error_p50_s: float
+    eta_error_p90_s: float
+    eta_bias_s: float  # median of actual - predicted: > 0 means images came later than promised
     hourly_p95_s: list[float | None] = field(default_factory=list)
     hourly_spend_usd: list[float] = field(default_factory=list)
 
@@ -511,6 +521,7 @@ async def _day(
     )
     await engine.start()
     arrived: dict[str, Arrival] = {}
+    promised: dict[str, float] = {}  # job id -> the ETA shown at submit (seconds from submit to the image)
     finished: list[tuple[Arrival, JobEvent]] = []
     rerouted: set[str] = set()
     refused: Counter[str] = Counter()
@@ -543,6 +554,7 @@ async def _day(
             refused[re.sub(r"\d+(\.\d+)?", "N", exc.reason.split(": ")[0])] += 1
         else:
             arrived[queued.job_id] = arrival
+            promised[queued.job_id] = queued.eta_s
             routes[_route_kind(queued.route.reason)] += 1
             pending += 1
         if pending == 0 and len(finished) + sum(refused.values()) == len(day):
@@ -567,7 +579,9 @@ async def _day(
         await asyncio.gather(watcher, return_exceptions=True)
         await engine.close()
     wall = time.perf_counter() - started
-    return _summarise(gpu, strategy, day, finished, refused, routes, rerouted, posted, local, api, loop.time(), wall)
+    return _summarise(
+        gpu, strategy, day, finished, promised, refused, routes, rerouted, posted, local, api, loop.time(), wall
+    )
 
 
 def _summarise(
@@ -575,6 +589,7 @@ def _summarise(
     strategy: str,
     day: list[Arrival],
     finished: list[tuple[Arrival, JobEvent]],
+    promised: Mapping[str, float],
     refused: Counter[str],
     routes: Counter[str],
     rerouted: set[str],
@@ -592,6 +607,9 @@ def _summarise(
     for hour in range(hours):
         made = [e.seconds for a, e in finished if isinstance(e, JobDone) and int(a.at // 3600) == hour]
         hourly_p95.append(round(_quantile(made, 0.95), 1) if made else None)
+    # Both ends are measured from the job's created_at: predicted = created_at + ETA, actual = created_at + seconds.
+    lateness = [e.seconds - promised[e.job_id] for _, e in finished if isinstance(e, JobDone)]
+    misses = [abs(value) for value in lateness]
     for arrival, event in finished:
         charged = event.cost_micros if isinstance(event, JobDone) else getattr(event, "charged_micros", 0)
         hourly_spend[min(int(arrival.at // 3600), hours - 1)] += charged / 1_000_000
@@ -620,6 +638,9 @@ def _summarise(
         api_counts=dict(api.counts),
         local_busy_share=round(local.busy_s / max(ended_at, 1.0), 3),
         sim_wall_s=round(wall, 1),
+        eta_error_p50_s=round(_quantile(misses, 0.50), 1) if misses else math.nan,
+        eta_error_p90_s=round(_quantile(misses, 0.90), 1) if misses else math.nan,
+        eta_bias_s=round(_quantile(lateness, 0.50), 1) if lateness else math.nan,
         hourly_p95_s=hourly_p95,
         hourly_spend_usd=[round(value, 2) for value in hourly_spend],
     )
@@ -670,14 +691,15 @@ def simulate(
 def table(results: list[StrategyResult]) -> str:
     lines = [
         "| GPU | strategy | requests | refused | failed jobs | images | p50 to image | p95 to image"
-        " | image within 60 s | API spend | API / local attempts | rerouted |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " | image within 60 s | API spend | API / local attempts | rerouted | ETA error p50 / p90 | ETA bias |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.gpu} | {r.strategy} | {r.requests:,} | {r.refused:,} ({r.refused / r.requests:.1%})"
             f" | {r.failed:,} ({r.failed / r.requests:.1%}) | {r.done:,} | {r.p50_s:,.1f} s | {r.p95_s:,.1f} s"
-            f" | {r.within_60s:.1%} | ${r.api_spend_usd:,.2f} | {r.api_jobs:,} / {r.local_jobs:,} | {r.rerouted:,} |"
+            f" | {r.within_60s:.1%} | ${r.api_spend_usd:,.2f} | {r.api_jobs:,} / {r.local_jobs:,} | {r.rerouted:,}"
+            f" | {r.eta_error_p50_s:,.1f} / {r.eta_error_p90_s:,.1f} s | {r.eta_bias_s:+,.1f} s |"
         )
     return "\n".join(lines)
 

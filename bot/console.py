@@ -33,7 +33,7 @@ from typing import Any, TextIO, TypeVar
 from bot import render
 from bot.commands import Commands, parse_imagine_text
 from engine.errors import EngineError, InvalidRequest
-from engine.models import TERMINAL_EVENTS, JobDone, JobEvent, JobQueued, JobState, Requester
+from engine.models import TERMINAL_EVENTS, JobDone, JobEvent, JobQueued, JobState, JobWaiting, Requester
 from engine.service import Engine
 
 log = logging.getLogger("flux_bot.console")
@@ -398,9 +398,18 @@ class Console:
         return mine
 
     async def _deliver_events(self) -> None:
+        # A waiting job's place as last printed: a line only when it changes, so a long queue does not flood the
+        # terminal with ETA ticks. The submit's own JobQueued (printed by _track) comes first.
+        places: dict[str, int] = {}
         async for event in self.engine.all_events():
-            if isinstance(event, JobQueued) or not await self._is_mine(event.job_id):
+            if not await self._is_mine(event.job_id):
                 continue
+            if isinstance(event, JobQueued | JobWaiting):
+                if isinstance(event, JobWaiting) and places.get(event.job_id, event.position) != event.position:
+                    self.write(render.event_line(event))
+                places[event.job_id] = event.position
+                continue
+            places.pop(event.job_id, None)
             await self._deliver(event)
 
     async def _print_alerts(self) -> None:

@@ -40,6 +40,7 @@ from engine.models import (
     JobQueued,
     JobRerouted,
     JobStarted,
+    JobWaiting,
     Platform,
     Requester,
 )
@@ -405,18 +406,27 @@ class DiscordFrontEnd:
         job_id = queued.job_id
         try:
             job = await self.engine.store.get_job(job_id)
-            header = render.queued_text(queued, self.commands.model_display(job.request.model))
+            model = self.commands.model_display(job.request.model)
+            header = render.queued_text(queued, model)
             await self._edit(interaction, header, None)
 
             async def show(text: str, preview: bytes | None) -> None:
-                await self._edit(interaction, f"{header}\n{text}", preview)
+                await self._edit(interaction, f"{header}\n{text}" if text else header, preview)
 
             editor = ThrottledEditor(show, self.edit_interval_s)
             try:
                 async for event in self.engine.events(job_id):
                     if isinstance(event, JobProgress):
                         editor.update(render.progress_bar(event.step, event.total), event.preview_png)
+                    elif isinstance(event, JobWaiting):
+                        moved = render.queued_text(queued, model, event)
+                        if moved != header:
+                            header = moved
+                            editor.update("", None)
                     elif isinstance(event, JobStarted | JobRerouted):
+                        if isinstance(event, JobRerouted):
+                            # Where it waits now, for the next JobWaiting's note.
+                            queued = JobQueued(job_id, queued.position, queued.eta_s, event.route)
                         editor.update(render.event_line(event), None)
                     elif isinstance(event, TERMINAL_EVENTS):
                         await editor.close()

@@ -35,6 +35,7 @@ from engine.models import (
     JobQueued,
     JobRerouted,
     JobStarted,
+    JobWaiting,
     Resource,
     format_usd,
 )
@@ -169,19 +170,23 @@ def _api(capabilities: Capabilities | None) -> bool:
     return capabilities is not None and capabilities.api_usable
 
 
-def queued_text(event: JobQueued, model_display: str) -> str:
+def queued_text(event: JobQueued, model_display: str, moved: JobWaiting | None = None) -> str:
+    """The queued note; once the queue has `moved`, with the new place and ETA and without the route's reason,
+    which quotes the wait at submit: one message never shows two different waits."""
     route = event.route
     where = backend_name(route.backend)
-    place = "next in line" if event.position == 0 else f"position {event.position + 1} in the queue"
+    position, eta = (moved.position, moved.eta_s) if moved else (event.position, event.eta_s)
     cost = (
         f"estimated cost {format_usd(route.estimated_cost_micros)}"
         if route.backend is BackendKind.API
         else "free (local GPU)"
     )
-    return (
-        f"Job {event.job_id}: {model_display} on {where}, {place}, ETA {duration(event.eta_s)}, {cost}. "
-        f"Why: {route.reason}"
-    )
+    note = f"Job {event.job_id}: {model_display} on {where}, {_place(position)}, ETA {duration(eta)}, {cost}."
+    return note if moved else f"{note} Why: {route.reason}"
+
+
+def _place(position: int) -> str:
+    return "next in line" if position == 0 else f"position {position + 1} in the queue"
 
 
 def done_caption(job: Job, event: JobDone, model_display: str, safe: UserText) -> str:
@@ -201,6 +206,8 @@ def event_line(event: JobEvent, capabilities: Capabilities | None = None) -> str
                 f"[{event.job_id}] queued on {event.route.backend.value}: position {event.position + 1}, "
                 f"ETA {duration(event.eta_s)} — {event.route.reason}"
             )
+        case JobWaiting():
+            return f"[{event.job_id}] now {_place(event.position)}, ETA {duration(event.eta_s)}"
         case JobRerouted():
             return (
                 f"[{event.job_id}] rerouted to {event.route.backend.value} after {event.after.value}: "

@@ -50,6 +50,7 @@ from engine.models import (
     JobQueued,
     JobRerouted,
     JobStarted,
+    JobWaiting,
     Platform,
     Requester,
 )
@@ -443,18 +444,27 @@ class SlackFrontEnd:
             channel = job.requester.channel_id
             if channel is None:
                 raise ValueError("a Slack job without a channel")
-            note = render.queued_text(queued, self.commands.model_display(job.request.model))
+            model = self.commands.model_display(job.request.model)
+            note = render.queued_text(queued, model)
             ts = await self._post(channel, note, mention=job.requester.user_id)
 
             async def show(text: str, _preview: bytes | None) -> None:
-                await self._update(channel, ts, f"{note}\n{text}", mention=job.requester.user_id)
+                await self._update(channel, ts, f"{note}\n{text}" if text else note, mention=job.requester.user_id)
 
             editor = ThrottledEditor(show, self.edit_interval_s)
             try:
                 async for event in self.engine.events(job_id):
                     if isinstance(event, JobProgress):
                         editor.update(render.progress_bar(event.step, event.total), None)
+                    elif isinstance(event, JobWaiting):
+                        moved = render.queued_text(queued, model, event)
+                        if moved != note:
+                            note = moved
+                            editor.update("", None)
                     elif isinstance(event, JobStarted | JobRerouted):
+                        if isinstance(event, JobRerouted):
+                            # Where it waits now, for the next JobWaiting's note.
+                            queued = JobQueued(job_id, queued.position, queued.eta_s, event.route)
                         editor.update(render.event_line(event), None)
                     elif isinstance(event, TERMINAL_EVENTS):
                         await editor.close()

@@ -175,15 +175,25 @@ class ResolvedRequest:
 
 @dataclass(frozen=True, slots=True)
 class BackendStatus:
-    """What the router knows of one backend at the moment of a decision."""
+    """What the router knows of one backend at the moment of a decision, for a new job of one shape.
+
+    `wait_s` is the time until that job would start (the running jobs' remaining time and the jobs ahead of it,
+    spread over the lane's slots), `run_s` its own generation time; `eta_s`, the time until its image, is their sum.
+    """
 
     kind: BackendKind
     healthy: bool
     paused: bool = False
-    eta_s: float = 0.0  # expected seconds until a new job of this shape would be finished
+    wait_s: float = 0.0
     in_flight: int = 0
     capacity: int = 1
     detail: str = ""
+    run_s: float = 0.0
+    ahead: int = 0  # queued jobs that would start before it
+
+    @property
+    def eta_s(self) -> float:
+        return self.wait_s + self.run_s
 
     @property
     def available(self) -> bool:
@@ -224,7 +234,8 @@ class RouteDecision:
     reason: str
     estimated_cost_micros: int = 0  # API only; local jobs cost GPU time, not money
     estimated_gpu_ms: int = 0  # local only
-    eta_s: float = 0.0
+    eta_s: float = 0.0  # seconds until the image: wait_s + the job's own run
+    wait_s: float = 0.0  # seconds until the job starts
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,9 +306,20 @@ BackendEvent = Started | Submitted | Progress | Finished | Failed
 @dataclass(frozen=True, slots=True)
 class JobQueued:
     job_id: str
-    position: int
-    eta_s: float
+    position: int  # queued jobs of its lane that start before it
+    eta_s: float  # seconds until the image (wait_s + its own run)
     route: RouteDecision
+    wait_s: float = 0.0  # seconds until it starts: the same wait as the route's reason
+
+
+@dataclass(frozen=True, slots=True)
+class JobWaiting:
+    """A queued job's place and ETA after the queue moved (the engine throttles these)."""
+
+    job_id: str
+    position: int
+    wait_s: float
+    eta_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,7 +368,7 @@ class JobCancelled:
     charged_micros: int
 
 
-JobEvent = JobQueued | JobRerouted | JobStarted | JobProgress | JobDone | JobFailed | JobCancelled
+JobEvent = JobQueued | JobWaiting | JobRerouted | JobStarted | JobProgress | JobDone | JobFailed | JobCancelled
 TERMINAL_EVENTS = (JobDone, JobFailed, JobCancelled)
 
 

@@ -94,9 +94,10 @@ def route(
             return _local_decision(reason, local_lane, gpu_ms)
         raise BackendUnavailable(_refusal([local_lane, api_lane]))
 
+    # The limit is on the wait before the job starts; its own run comes on top, wherever it runs.
     limit = routing.max_local_wait_s
-    if isinstance(local_lane, BackendStatus) and local_lane.eta_s <= limit:
-        reason = f"local: queue wait ~{_seconds(local_lane.eta_s)} <= {_limit(limit)}"
+    if isinstance(local_lane, BackendStatus) and local_lane.wait_s <= limit:
+        reason = f"local: queue wait ~{_seconds(local_lane.wait_s)} <= {_limit(limit)}"
         return _local_decision(reason, local_lane, gpu_ms)
     if isinstance(api_lane, BackendStatus):
         if isinstance(local_lane, BackendStatus):
@@ -104,7 +105,7 @@ def route(
             if _full(api_lane) and local_lane.eta_s <= api_lane.eta_s:
                 reason = f"local (slow lane): {_queue(api_lane)}; {_wait(local_lane)}"
                 return _local_decision(reason, local_lane, gpu_ms)
-            why_not_local = f"local wait {_seconds(local_lane.eta_s)} > {_limit(limit)}"
+            why_not_local = f"local wait {_seconds(local_lane.wait_s)} > {_limit(limit)}"
         else:
             why_not_local = local_lane.why
         return _api_decision(f"API: {why_not_local}{_queued(api_lane)}; {_cost_note(cost, room)}", api_lane, cost)
@@ -227,12 +228,12 @@ def _api_lane(
 
 
 def _full(api: BackendStatus) -> bool:
-    """Every API slot is taken: a job sent there now waits in flux-bot's queue for one (its eta_s says how long)."""
+    """Every API slot is taken: a job sent there now waits in flux-bot's queue for one (its wait_s says how long)."""
     return api.in_flight >= api.capacity
 
 
 def _queue(api: BackendStatus) -> str:
-    return f"the API is at its limit of {api.capacity} jobs at once (~{_duration(api.eta_s)} queue)"
+    return f"the API is at its limit of {api.capacity} jobs at once (~{_duration(api.wait_s)} queue)"
 
 
 def _queued(api: BackendStatus) -> str:
@@ -262,15 +263,15 @@ def _join(items: list[str], conjunction: str) -> str:
 
 
 def _local_decision(reason: str, status: BackendStatus, gpu_ms: int) -> RouteDecision:
-    return RouteDecision(BackendKind.LOCAL, reason, estimated_gpu_ms=gpu_ms, eta_s=status.eta_s)
+    return RouteDecision(BackendKind.LOCAL, reason, estimated_gpu_ms=gpu_ms, eta_s=status.eta_s, wait_s=status.wait_s)
 
 
 def _api_decision(reason: str, status: BackendStatus, cost: int) -> RouteDecision:
-    return RouteDecision(BackendKind.API, reason, estimated_cost_micros=cost, eta_s=status.eta_s)
+    return RouteDecision(BackendKind.API, reason, estimated_cost_micros=cost, eta_s=status.eta_s, wait_s=status.wait_s)
 
 
 def _gpu_ms(request: ResolvedRequest, model: ModelSettings) -> int:
-    """The run part of a local job (the status's eta_s also counts the queue): what the GPU budget pays."""
+    """The run part of a local job (the status's wait_s is the queue before it): what the GPU budget pays."""
     return round(request.steps * model.local_seconds_per_step * 1000)
 
 
@@ -286,7 +287,7 @@ def _usd(micros: int) -> str:
 
 
 def _wait(status: BackendStatus) -> str:
-    return f"about {_duration(status.eta_s)} wait"
+    return f"about {_duration(status.wait_s)} wait"
 
 
 def _with_detail(text: str, detail: str) -> str:

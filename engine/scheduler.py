@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Mapping
 from contextlib import aclosing
 from dataclasses import replace
@@ -20,6 +21,7 @@ from engine import router
 from engine.backends.base import Backend
 from engine.config import Settings
 from engine.errors import InvalidRequest, JobNotFound, QuotaExceeded
+from engine.forecast import Running, Slot, play_forward, remaining_s
 from engine.models import (
     BackendJob,
     BackendKind,
@@ -38,11 +40,11 @@ from engine.models import (
     JobRerouted,
     JobStarted,
     JobState,
+    JobWaiting,
     Progress,
     RemoteTask,
     ResolvedRequest,
     Resource,
-    RouteDecision,
     Started,
     Submitted,
 )
@@ -53,6 +55,12 @@ from engine.store import AuditEntry, OpenReservation, QueuedJob, Store
 log = logging.getLogger("flux_bot.scheduler")
 
 _EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+# How deep into a lane's queue the ETA plays the dispatcher forward; jobs past it count at the lane's full speed.
+_FORECAST_DEPTH = 1000
+# A new job's place in a play-forward: it joins the queue last (no job id is empty).
+_NEW_JOB = ""
+# Queued jobs hear their new place at most this often per lane (the chat edits are throttled again on top).
+WAIT_UPDATES_EVERY_S = 2.0
 
 
 class Scheduler:
@@ -81,6 +89,12 @@ class Scheduler:
         # API jobs that may have reached BFL but have no stored task yet: set once it is stored or the job ends.
         self._unconfirmed: dict[str, asyncio.Event] = {}
         self._transitions = asyncio.Lock()
+        self._runs: dict[str, tuple[float, float]] = {}  # running job id -> (started at, expected seconds)
+        self.wait_updates_every_s = WAIT_UPDATES_EVERY_S
+        self._waits_sent_at: dict[BackendKind, float] = {}  # loop time of each lane's last round of JobWaiting
+        self._waits_due: set[BackendKind] = set()  # lanes whose queue moved since their last round
+        # Per lane, what each queued job was last told: job id -> (position, predicted end, told at), in loop time.
+        self._waits_shown: dict[BackendKind, dict[str, tuple[int, float, float]]] = {}
 
     # ---- life cycle ----
 
@@ -122,24 +136,53 @@ class Scheduler:
     def running_count(self, kind: BackendKind | None = None) -> int:
         return sum(1 for k, _, _ in self._running.values() if kind is None or k is kind)
 
-    async def status(self, kind: BackendKind, request: ResolvedRequest | None) -> BackendStatus | None:
-        """The backend's own health and load, with the admin's pause switch and the queue ahead applied."""
+    async def status(
+        self, kind: BackendKind, request: ResolvedRequest | None, user_key: str | None = None
+    ) -> BackendStatus | None:
+        """The backend's own health and load with the admin's pause switch applied, and where a new job of this
+        shape from `user_key` (None: a user with nothing queued or running) would stand: `ahead` and `wait_s` from
+        the dispatcher played forward over the lane's queue and running jobs (engine/forecast.py)."""
         backend = self._backends.get(kind)
         if backend is None:
             return None
-        queued_ahead = await self._store.count_jobs(JobState.QUEUED, kind)
-        status = backend.status(queued_ahead, request)
+        run_s = backend.estimate_seconds(request) if request is not None else backend.status(0).run_s
+        place = await self._place_of_new(kind, backend, run_s, user_key or _NEW_JOB)
+        status = replace(backend.status(place.position, request), wait_s=place.wait_s, ahead=place.position)
         if kind in self.paused:
-            return BackendStatus(
-                kind=status.kind,
-                healthy=status.healthy,
-                paused=True,
-                eta_s=status.eta_s,
-                in_flight=status.in_flight,
-                capacity=status.capacity,
-                detail="paused by an admin",
-            )
+            return replace(status, paused=True, detail="paused by an admin")
         return status
+
+    async def _place_of_new(self, kind: BackendKind, backend: Backend, run_s: float, user_key: str) -> Slot:
+        """Where a new job of `user_key` would stand in the lane (it joins the queue last)."""
+        queued = await self._store.queued(kind, limit=_FORECAST_DEPTH)
+        past_depth = 0  # queued jobs past the play-forward's depth: taken to come first, at the lane's full speed
+        if len(queued) == _FORECAST_DEPTH:
+            past_depth = await self._store.count_jobs(JobState.QUEUED, kind) - len(queued)
+        lane = [*((job.id, job.user_key) for job in queued), (_NEW_JOB, user_key)]
+        slot = self._play_forward(kind, backend, lane, run_s)[_NEW_JOB]
+        return Slot(slot.position + past_depth, slot.wait_s + past_depth * run_s / max(backend.capacity(), 1))
+
+    def _play_forward(
+        self, kind: BackendKind, backend: Backend, lane: list[tuple[str, str]], run_s: float
+    ) -> dict[str, Slot]:
+        now = self._clock()
+        timeouts = {
+            BackendKind.LOCAL: self._settings.local.job_timeout_s,
+            BackendKind.API: self._settings.bfl.total_timeout_s,
+        }
+        running = []
+        for job_id, (running_kind, user, _) in self._running.items():
+            started, seconds = self._runs.get(job_id, (now, 0.0))
+            left = remaining_s(now - started, seconds, timeouts[running_kind])
+            running.append(Running(user, left, in_lane=running_kind is kind))
+        return play_forward(
+            lane,
+            running,
+            capacity=backend.capacity(),
+            run_s=run_s,
+            max_running_per_user=self._settings.scheduler.max_running_per_user,
+            last_served=self._last_dispatch,
+        )
 
     async def cancel(self, job: Job, actor: str) -> JobCancelled:
         """Cancel a queued job at once; a running one is stopped and ends through its own task."""
@@ -236,10 +279,13 @@ class Scheduler:
                 continue
             free = backend.capacity() - self.running_count(kind)
             if free <= 0:
+                if kind in self._waits_due:
+                    await self._publish_waits(kind, backend)
                 continue
             # Only ids and users for the pick: mark_running reads the picked jobs' full rows.
             queued = await self._store.queued(kind, limit=1000)
-            for job in self._fair_pick(queued, free):
+            picked = self._fair_pick(queued, free)
+            for job in picked:
                 # Marking a job running and starting its task are one step for cancel() and stop().
                 async with self._transitions:
                     try:
@@ -247,6 +293,60 @@ class Scheduler:
                     except JobNotFound:
                         continue  # cancelled meanwhile
                     self._spawn(running, resumed=False)
+            if picked or kind in self._waits_due:
+                await self._publish_waits(kind, backend)
+
+    def told(self, queued: JobQueued) -> None:
+        """What a submit's note said, so that the next round tells the job only what has changed since."""
+        now = asyncio.get_running_loop().time()
+        lane = self._waits_shown.setdefault(queued.route.backend, {})
+        lane[queued.job_id] = (queued.position, now + queued.eta_s, now)
+
+    async def _publish_waits(self, kind: BackendKind, backend: Backend) -> None:
+        """Tell the lane's queued jobs their new place and ETA (JobWaiting) when either changed.
+
+        At most one round per `wait_updates_every_s` per lane; a queue that moves sooner gets a round when that
+        interval is up, so the last move is never left untold. A job hears again only after a fifth of its wait,
+        so a deep queue does not send every job an update on every dispatch.
+        """
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        since = now - self._waits_sent_at.get(kind, -math.inf)
+        if since < self.wait_updates_every_s:
+            self._waits_later(kind, self.wait_updates_every_s - since)
+            return
+        self._waits_due.discard(kind)
+        self._waits_sent_at[kind] = now
+        queued = await self._store.queued(kind, limit=_FORECAST_DEPTH)
+        if not queued:
+            self._waits_shown.pop(kind, None)
+            return
+        # One run time for the whole lane, the oldest job's: jobs of a lane are mostly of a few shapes.
+        run_s = backend.estimate_seconds((await self._store.get_job(queued[0].id)).request)
+        slots = self._play_forward(kind, backend, [(job.id, job.user_key) for job in queued], run_s)
+        shown = self._waits_shown.get(kind, {})
+        fresh: dict[str, tuple[int, float, float]] = {}
+        held = False
+        for job_id, slot in slots.items():
+            ends_at = now + slot.wait_s + run_s
+            before = shown.get(job_id)
+            if before is not None:
+                position, promised, told_at = before
+                moved = position != slot.position or abs(ends_at - promised) >= max(2.0, 0.1 * (ends_at - now))
+                if not moved or now - told_at < slot.wait_s / 5:
+                    held = held or moved
+                    fresh[job_id] = before
+                    continue
+            fresh[job_id] = (slot.position, ends_at, now)
+            self._publish(JobWaiting(job_id, slot.position, slot.wait_s, slot.wait_s + run_s))
+        self._waits_shown[kind] = fresh
+        if held:
+            self._waits_later(kind, self.wait_updates_every_s)
+
+    def _waits_later(self, kind: BackendKind, delay_s: float) -> None:
+        if kind not in self._waits_due:
+            self._waits_due.add(kind)
+            asyncio.get_running_loop().call_later(delay_s, self.wake)
 
     def _fair_pick(self, queued: list[QueuedJob], free: int) -> list[QueuedJob]:
         """Round-robin over users: fewest running first, then the one served longest ago; oldest job each."""
@@ -273,6 +373,8 @@ class Scheduler:
             self._unconfirmed[job.id] = asyncio.Event()
         task = asyncio.create_task(self._execute(job, resumed=resumed), name=f"job {job.id}")
         self._running[job.id] = (job.backend, job.requester.user_key, task)
+        expected = self._backends[job.backend].estimate_seconds(job.request)
+        self._runs[job.id] = (job.started_at or self._clock(), expected)
 
     # ---- one attempt ----
 
@@ -320,6 +422,7 @@ class Scheduler:
         finally:
             self._confirm(job.id)
             self._running.pop(job.id, None)
+            self._runs.pop(job.id, None)
             self._cancel_requested.discard(job.id)
             if not self._stopping:
                 self.wake()
@@ -417,13 +520,6 @@ class Scheduler:
             for line in await self._store.job_ledger(job_id)
             if line["entry"] == "settle" and line["resource"] == Resource.USD_MICROS.value
         )
-
-    async def queued_event(self, job: Job) -> JobQueued:
-        position = await self._store.queue_position(job)
-        backend = self._backends.get(job.backend)
-        eta = backend.status(position, job.request).eta_s if backend else 0.0
-        route = RouteDecision(job.backend, job.reason, job.estimated_cost_micros, job.estimated_gpu_ms, eta)
-        return JobQueued(job.id, position, eta, route)
 
 
 def _lost(reason: FailureReason, detail: str, task: RemoteTask | None) -> Failed:

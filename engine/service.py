@@ -164,13 +164,18 @@ class Engine:
         resolved = resolve(replace(request, prompt=self.policy.for_model(request.prompt)), model)
         # The image allowance does not depend on the route: say so plainly, with its reset time, before routing.
         standing.ensure_room(Resource.IMAGES, 1)
+        # One snapshot of each lane for the route, its reason and the queued note, so they all quote the same wait.
+        lanes = {
+            kind: await self.scheduler.status(kind, resolved, requester.user_key)
+            for kind in (BackendKind.LOCAL, BackendKind.API)
+        }
         decision = router.route(
             resolved,
             request.model,
             model,
             self.settings.routing,
-            await self.scheduler.status(BackendKind.LOCAL, resolved),
-            await self.scheduler.status(BackendKind.API, resolved),
+            lanes[BackendKind.LOCAL],
+            lanes[BackendKind.API],
             standing.room(),
         )
         job = Job(
@@ -194,7 +199,9 @@ class Engine:
             ),
         )
         self.telemetry.track(job)
-        queued = await self.scheduler.queued_event(job)
+        lane = lanes[decision.backend]
+        queued = JobQueued(job.id, lane.ahead if lane else 0, decision.eta_s, decision, wait_s=decision.wait_s)
+        self.scheduler.told(queued)
         self._publish(queued)
         self.scheduler.wake()
         return queued
@@ -280,9 +287,6 @@ class Engine:
         running = {kind: self.scheduler.running_count(kind) for kind in BackendKind}
         mine = await self.store.jobs(states=[JobState.QUEUED, JobState.RUNNING], user_key=requester.user_key)
         return QueueSummary(queued, running, mine)
-
-    async def queued_event(self, job: Job) -> JobQueued:
-        return await self.scheduler.queued_event(job)
 
     # ---- the user's own views ----
 

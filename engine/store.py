@@ -559,15 +559,6 @@ class Store:
             )
         return int(rows[0][0])
 
-    async def queue_position(self, job: Job) -> int:
-        """How many queued jobs on the same backend were submitted before this one."""
-        rows = await self._read(
-            "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND backend = ? AND (created_at < ? OR"
-            " (created_at = ? AND id < ?))",
-            (job.backend.value, job.created_at, job.created_at, job.id),
-        )
-        return int(rows[0][0])
-
     async def mark_running(self, job_id: str, now: float) -> Job:
         """queued -> running, counting the attempt; returns the updated job."""
 

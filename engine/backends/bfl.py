@@ -200,7 +200,8 @@ class BflBackend:
         capacity = self.capacity()
         estimate = self.estimate_seconds(request) if request else self._settings.seconds_estimate
         busy = self._in_flight + queued_ahead
-        # With every slot taken, a new job waits for about one generation per full round of slots ahead of it.
+        # With every slot taken, a new job waits for about one generation per full round of slots ahead of it (the
+        # scheduler replaces this with its play-forward of the queue, which knows what the running tasks have left).
         rounds = 0 if busy < capacity else (busy - capacity) // capacity + 1
         healthy, detail = True, f"{self._in_flight}/{capacity} tasks in flight, ~{estimate:.0f} s per image"
         if not self._api_key:
@@ -213,7 +214,9 @@ class BflBackend:
         return BackendStatus(
             kind=BackendKind.API,
             healthy=healthy,
-            eta_s=estimate * (1 + rounds),
+            wait_s=estimate * rounds,
+            run_s=estimate,
+            ahead=queued_ahead,
             in_flight=self._in_flight,
             capacity=capacity,
             detail=detail,

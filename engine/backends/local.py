@@ -216,10 +216,14 @@ class LocalBackend:
 
     def status(self, queued_ahead: int, request: ResolvedRequest | None = None) -> BackendStatus:
         per_job = self.estimate_seconds(request) if request else (self._last_seconds or 0.0)
+        # The backend knows only how many wait: the scheduler replaces this wait with one that also counts what the
+        # running jobs have left and the dispatcher's fair order.
         return BackendStatus(
             kind=self.kind,
             healthy=not self._closed and not all(slot.broken for slot in self._slots),
-            eta_s=per_job * (queued_ahead / self.capacity() + 1),
+            wait_s=per_job * queued_ahead / self.capacity(),
+            run_s=per_job,
+            ahead=queued_ahead,
             in_flight=sum(1 for slot in self._slots if slot.process is not None and slot.process.busy),
             capacity=self.capacity(),
             detail=self._detail(),

@@ -26,13 +26,16 @@ from engine.models import (
     BackendKind,
     FailureReason,
     Finished,
+    ImageRequest,
+    JobDone,
     JobState,
+    Mode,
     Platform,
     Progress,
     Requester,
 )
 from engine.service import Engine
-from tests.conftest import EngineFactory, SettingsFactory, wait_terminal
+from tests.conftest import EngineFactory, SettingsFactory, user, wait_terminal
 from tests.fakes.backends import ScriptedBackend, fail, tiny_png
 from tests.fakes.discord_server import (
     APP_ID,
@@ -213,6 +216,34 @@ async def test_progress_edits_carry_the_preview(
     assert "1/2" in content(edit) and edit.files[0].filename == "preview.png" and edit.files[0].data == preview
     gate.set()  # the script ends without a result: the engine fails the job, and the user is told
     assert "not charged" in content(await wait_followup(fake, token))
+
+
+async def test_the_queued_note_follows_the_queue(
+    make_engine: EngineFactory, front_end: FrontEndFactory, fake: FakeDiscord
+) -> None:
+    gate = asyncio.Event()
+    local = ScriptedBackend(gate=gate)
+    engine = await make_engine({BackendKind.LOCAL: local})
+    app = await front_end(engine)
+    bob = user("bob")
+    running = await engine.submit(bob, ImageRequest("a dog", "schnell", mode=Mode.RELAX))
+    while running.job_id not in local.started:
+        await asyncio.sleep(0.01)
+    ahead = await engine.submit(user("carol"), ImageRequest("a cow", "schnell", mode=Mode.RELAX))
+    token = feed(app, command("imagine", imagine("a red cat", mode="relax")))
+
+    def notes() -> list[str]:
+        return [content(r) for r in fake.matching("PATCH", f"{token}/messages/@original")]
+
+    await fake.wait_for(lambda _: any("position 2 in the queue" in note for note in notes()), "the queued note")
+    assert "Why: local (relax mode)" in notes()[0]
+    await engine.cancel(bob, running.job_id)  # the queue moves: Carol's job starts, Alice's is next
+    await fake.wait_for(lambda _: any("next in line" in note for note in notes()), "the note's update")
+    [moved] = [note for note in notes() if "next in line" in note]
+    assert moved.startswith("Job j") and ", ETA " in moved and "Why:" not in moved  # the old wait is not repeated
+    gate.set()
+    assert isinstance(await wait_terminal(engine, ahead.job_id), JobDone)
+    await wait_followup(fake, token)
 
 
 def _quota_show(user_id: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:

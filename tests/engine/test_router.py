@@ -26,13 +26,13 @@ MODELS = load_settings(None, {})[0].models  # schnell (local only), dev (both, n
 # A model that runs on both sides at a round price, for the exact wording of refusals.
 BOTH = ModelSettings(display_name="Both", local=True, api_endpoint="flux-both", price_credits=Decimal(4))
 
-LOCAL = BackendStatus(BackendKind.LOCAL, healthy=True, eta_s=12.0)
-LOCAL_SLOW = BackendStatus(BackendKind.LOCAL, healthy=True, eta_s=240.0)
-LOCAL_PAUSED = BackendStatus(BackendKind.LOCAL, healthy=True, paused=True, eta_s=12.0)
-API = BackendStatus(BackendKind.API, healthy=True, eta_s=18.0, in_flight=3, capacity=20)
-API_FULL = BackendStatus(BackendKind.API, healthy=True, eta_s=18.0, in_flight=20, capacity=20)
-API_FULL_LONG = BackendStatus(BackendKind.API, healthy=True, eta_s=300.0, in_flight=20, capacity=20)
-API_DOWN = BackendStatus(BackendKind.API, healthy=False, eta_s=18.0, detail="HTTP 503")
+LOCAL = BackendStatus(BackendKind.LOCAL, healthy=True, wait_s=12.0)
+LOCAL_SLOW = BackendStatus(BackendKind.LOCAL, healthy=True, wait_s=240.0)
+LOCAL_PAUSED = BackendStatus(BackendKind.LOCAL, healthy=True, paused=True, wait_s=12.0)
+API = BackendStatus(BackendKind.API, healthy=True, wait_s=18.0, in_flight=3, capacity=20)
+API_FULL = BackendStatus(BackendKind.API, healthy=True, wait_s=18.0, in_flight=20, capacity=20)
+API_FULL_LONG = BackendStatus(BackendKind.API, healthy=True, wait_s=300.0, in_flight=20, capacity=20)
+API_DOWN = BackendStatus(BackendKind.API, healthy=False, wait_s=18.0, detail="HTTP 503")
 
 ROOM = BudgetRoom(api_micros=420_000, gpu_ms=None, images=None)  # $0.42 left this month
 UNLIMITED = BudgetRoom(api_micros=None, gpu_ms=None, images=None)
@@ -238,23 +238,45 @@ def test_fast_waits_for_a_full_api_when_its_queue_is_shorter() -> None:
 def test_auto_runs_locally_when_the_wait_is_short() -> None:
     decision = decide("dev")
     assert decision == RouteDecision(
-        BackendKind.LOCAL, "local: queue wait ~12 s <= 60 s", estimated_gpu_ms=7_000, eta_s=12.0
+        BackendKind.LOCAL, "local: queue wait ~12 s <= 60 s", estimated_gpu_ms=7_000, eta_s=12.0, wait_s=12.0
     )
 
 
+def test_auto_compares_the_wait_before_the_job_starts_not_its_eta_with_the_limit() -> None:
+    """max_local_wait_s bounds the queue before the job; its own run comes on top wherever it runs."""
+    slow_card = BackendStatus(BackendKind.LOCAL, healthy=True, wait_s=10.0, run_s=70.0)
+    decision = decide("dev", local=slow_card)
+    assert decision.backend is BackendKind.LOCAL
+    assert decision.reason == "local: queue wait ~10 s <= 60 s"
+    assert (decision.wait_s, decision.eta_s) == (10.0, 80.0)
+    queued_long = BackendStatus(BackendKind.LOCAL, healthy=True, wait_s=61.0, run_s=1.0)
+    assert decide("dev", local=queued_long).reason.startswith("API: local wait 61 s > 60 s; ")
+
+
+def test_the_reasons_wait_is_the_wait_not_the_eta() -> None:
+    slow = BackendStatus(BackendKind.LOCAL, healthy=True, wait_s=240.0, run_s=60.0)
+    decision = decide("dev", mode=Mode.RELAX, local=slow)
+    assert decision.reason == "local (relax mode): about 4 min wait"
+    assert (decision.wait_s, decision.eta_s) == (240.0, 300.0)
+    full = BackendStatus(BackendKind.API, healthy=True, wait_s=36.0, run_s=18.0, in_flight=20, capacity=20)
+    decision = decide("dev", local=LOCAL_SLOW, api=full)
+    assert "(~36 s queue)" in decision.reason
+    assert (decision.wait_s, decision.eta_s) == (36.0, 54.0)
+
+
 def test_auto_counts_a_wait_equal_to_the_limit_as_short() -> None:
-    assert decide("dev", local=BackendStatus(BackendKind.LOCAL, healthy=True, eta_s=60.0)).backend is BackendKind.LOCAL
+    assert decide("dev", local=BackendStatus(BackendKind.LOCAL, healthy=True, wait_s=60.0)).backend is BackendKind.LOCAL
 
 
 def test_auto_sends_a_long_wait_to_the_api_with_the_budget_left() -> None:
-    decision = decide("dev", local=BackendStatus(BackendKind.LOCAL, healthy=True, eta_s=140.0))
+    decision = decide("dev", local=BackendStatus(BackendKind.LOCAL, healthy=True, wait_s=140.0))
     assert decision.backend is BackendKind.API
     assert decision.reason == "API: local wait 140 s > 60 s; costs $0.025, $0.395 left this month"
     assert decision.eta_s == API.eta_s
 
 
 def test_auto_never_prints_a_comparison_that_contradicts_itself() -> None:
-    decision = decide("dev", local=BackendStatus(BackendKind.LOCAL, healthy=True, eta_s=60.2))
+    decision = decide("dev", local=BackendStatus(BackendKind.LOCAL, healthy=True, wait_s=60.2))
     assert decision.backend is BackendKind.API
     assert "local wait 61 s > 60 s" in decision.reason
 
@@ -360,7 +382,7 @@ def test_estimates_follow_the_model_and_steps() -> None:
      (7_200.0, "2 h")],
 )  # fmt: skip
 def test_waits_are_said_in_friendly_units(eta: float, said: str) -> None:
-    decision = decide("dev", mode=Mode.RELAX, local=BackendStatus(BackendKind.LOCAL, healthy=True, eta_s=eta))
+    decision = decide("dev", mode=Mode.RELAX, local=BackendStatus(BackendKind.LOCAL, healthy=True, wait_s=eta))
     assert decision.reason == f"local (relax mode): about {said} wait"
 
 
@@ -543,7 +565,8 @@ def statuses(kind: BackendKind) -> st.SearchStrategy[BackendStatus | None]:
         kind=st.just(kind),
         healthy=usually,
         paused=rarely,
-        eta_s=st.floats(min_value=0, max_value=100_000),
+        wait_s=st.floats(min_value=0, max_value=100_000),
+        run_s=st.floats(min_value=0, max_value=1_000),
         in_flight=st.integers(min_value=0, max_value=8),
         capacity=st.integers(min_value=1, max_value=24),
     )

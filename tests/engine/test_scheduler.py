@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
-from engine.config import Secrets
+from engine.backends.base import Backend
+from engine.config import Secrets, Settings
 from engine.models import (
     BackendEvent,
     BackendJob,
@@ -18,7 +20,9 @@ from engine.models import (
     JobDone,
     JobFailed,
     JobRerouted,
+    JobStarted,
     JobState,
+    JobWaiting,
     Mode,
     RemoteTask,
     Resource,
@@ -27,6 +31,7 @@ from engine.models import (
 from engine.service import Engine
 from engine.store import Store
 from tests.conftest import EngineFactory, SettingsFactory, user, wait_terminal
+from tests.engine.clocked import Clock
 from tests.fakes.backends import ScriptedBackend, fail, tiny_png
 
 UNLIMITED = {"default": {"concurrent_jobs": 100, "images_per_day": 1000}}
@@ -291,3 +296,108 @@ async def test_a_cancel_during_an_api_submit_posts_what_bfl_bills(
     cancelled = await cancelling
     assert cancelled == JobCancelled(queued.job_id, 40_000)
     assert (await engine.store.ledger_totals())[Resource.USD_MICROS.value] == 40_000
+
+
+# ---- where a queued job stands: position and ETA ----
+
+
+@contextlib.asynccontextmanager
+async def _engine_at(
+    clock: Clock, backends: Mapping[BackendKind, Backend], settings: Settings
+) -> AsyncIterator[Engine]:
+    """An engine on a clock the test moves: how long a running job has been at it is then exact."""
+    engine = Engine(settings, Secrets(), await Store.open(settings.bot.database_path), backends, clock=clock)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.close()
+
+
+async def _until_started(backend: ScriptedBackend, job_id: str) -> None:
+    for _ in range(1000):
+        if job_id in backend.started:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{job_id} never started")
+
+
+async def test_an_eta_counts_what_the_running_job_has_left(make_settings: SettingsFactory) -> None:
+    clock = Clock(1_000_000.0)
+    local = ScriptedBackend(seconds_per_job=10.0, gate=asyncio.Event())
+    async with _engine_at(clock, {BackendKind.LOCAL: local}, make_settings(tiers=UNLIMITED)) as engine:
+        first = await engine.submit(user("alice"), ImageRequest("a cat", "schnell"))
+        await _until_started(local, first.job_id)
+        clock.now += 4.0  # 6 of its 10 s are left
+        queued = await engine.submit(user("bob"), ImageRequest("a dog", "schnell"))
+        assert (queued.position, queued.wait_s, queued.eta_s) == (0, 6.0, 16.0)
+        assert queued.route.reason == "local: queue wait ~6 s <= 15 s"
+        clock.now += 20.0  # past its estimate: slow for a reason, so taken to need as long again
+        later = await engine.submit(user("carol"), ImageRequest("a cow", "schnell"))
+        assert (later.position, later.wait_s, later.eta_s) == (1, 20.0, 30.0)
+
+
+async def test_a_users_own_held_back_jobs_count_in_place_and_eta(make_settings: SettingsFactory) -> None:
+    """max_running_per_user = 1 on a two-slot GPU: Alice's queued jobs wait for her running one, one at a time,
+    while Bob's job takes the free slot at once, though it was submitted last."""
+    clock = Clock(1_000_000.0)
+    local = ScriptedBackend(slots=2, seconds_per_job=10.0, gate=asyncio.Event())
+    settings = make_settings(tiers=UNLIMITED, scheduler={"max_running_per_user": 1})
+    async with _engine_at(clock, {BackendKind.LOCAL: local}, settings) as engine:
+        alice = user("alice")
+        jobs = [await engine.submit(alice, ImageRequest(f"cat {i}", "schnell", mode=Mode.RELAX)) for i in range(3)]
+        await _until_started(local, jobs[0].job_id)
+        fourth = await engine.submit(alice, ImageRequest("cat 3", "schnell", mode=Mode.RELAX))
+        assert (fourth.position, fourth.wait_s, fourth.eta_s) == (2, 30.0, 40.0)
+        assert fourth.route.reason == "local (relax mode): about 30 s wait"
+        bobs = await engine.submit(user("bob"), ImageRequest("a dog", "schnell"))
+        assert (bobs.position, bobs.wait_s, bobs.eta_s) == (0, 0.0, 10.0)
+        await _until_started(local, bobs.job_id)
+        assert local.started == [jobs[0].job_id, bobs.job_id]
+
+
+async def test_the_position_is_the_fair_order_not_the_row_order(make_settings: SettingsFactory) -> None:
+    """Round-robin: users never served go before Bob's second job, though it was submitted earlier."""
+    clock = Clock(1_000_000.0)
+    local = ScriptedBackend(seconds_per_job=10.0, gate=asyncio.Event())
+    async with _engine_at(clock, {BackendKind.LOCAL: local}, make_settings(tiers=UNLIMITED)) as engine:
+        bob = user("bob")
+        first = await engine.submit(bob, ImageRequest("dog 1", "schnell", mode=Mode.RELAX))
+        await _until_started(local, first.job_id)
+        carols = await engine.submit(user("carol"), ImageRequest("a cow", "schnell", mode=Mode.RELAX))
+        alices = await engine.submit(user("alice"), ImageRequest("a cat", "schnell", mode=Mode.RELAX))
+        second = await engine.submit(bob, ImageRequest("dog 2", "schnell", mode=Mode.RELAX))
+        daves = await engine.submit(user("dave"), ImageRequest("a yak", "schnell", mode=Mode.RELAX))
+        assert [q.position for q in (carols, alices, second, daves)] == [0, 1, 2, 2]
+        assert (daves.wait_s, daves.eta_s) == (30.0, 40.0)
+        assert local.gate is not None
+        local.gate.set()
+        for queued in (first, carols, alices, second, daves):
+            await wait_terminal(engine, queued.job_id)
+        assert local.started == [q.job_id for q in (first, carols, alices, daves, second)]
+
+
+async def test_waiting_jobs_are_told_their_new_place_when_the_queue_moves(make_settings: SettingsFactory) -> None:
+    clock = Clock(1_000_000.0)
+    local = ScriptedBackend(seconds_per_job=10.0, gate=asyncio.Event())
+    async with _engine_at(clock, {BackendKind.LOCAL: local}, make_settings(tiers=UNLIMITED)) as engine:
+        bob = user("bob")
+        first = await engine.submit(bob, ImageRequest("a dog", "schnell", mode=Mode.RELAX))
+        await _until_started(local, first.job_id)
+        carols = await engine.submit(user("carol"), ImageRequest("a cow", "schnell", mode=Mode.RELAX))
+        alices = await engine.submit(user("alice"), ImageRequest("a cat", "schnell", mode=Mode.RELAX))
+        assert (alices.position, alices.eta_s) == (1, 30.0)
+        seen: list[JobWaiting] = []
+
+        async def follow() -> None:
+            async for event in engine.events(alices.job_id):
+                if isinstance(event, JobWaiting):
+                    seen.append(event)
+                    return
+                assert not isinstance(event, JobStarted)
+
+        following = asyncio.create_task(follow())
+        await engine.cancel(bob, first.job_id)  # the queue moves: Carol's job starts, Alice's is next
+        await _until_started(local, carols.job_id)
+        await asyncio.wait_for(following, 10)  # within the update interval: a round comes once it is up
+        assert seen == [JobWaiting(alices.job_id, 0, 10.0, 20.0)]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import math
+from dataclasses import dataclass
 
 import aiosqlite
 import pytest
@@ -10,7 +12,17 @@ import pytest
 from engine.backends.bfl import BflBackend
 from engine.config import Secrets, Settings
 from engine.errors import EngineError, InvalidRequest, JobNotFound, NotAllowed, PolicyBlocked
-from engine.models import BackendKind, ImageRequest, JobDone, JobFailed, JobState, Mode, Resource
+from engine.models import (
+    BackendKind,
+    BackendStatus,
+    ImageRequest,
+    JobDone,
+    JobFailed,
+    JobState,
+    Mode,
+    ResolvedRequest,
+    Resource,
+)
 from engine.service import Engine
 from engine.store import Store
 from tests.conftest import EngineFactory, SettingsFactory, user, wait_terminal
@@ -99,6 +111,29 @@ async def test_admin_by_configured_user_id_and_role(make_engine: EngineFactory, 
     assert not engine.is_admin(user("7", roles=("members",)))
     with pytest.raises(NotAllowed):
         await engine.admin_spend(user("7"))
+
+
+@dataclass
+class _Measuring(ScriptedBackend):
+    """Every look at its load finds a newer measurement, as a GPU that keeps finishing jobs would."""
+
+    def status(self, queued_ahead: int, request: ResolvedRequest | None = None) -> BackendStatus:
+        self.seconds_per_job += 1.0
+        return super().status(queued_ahead, request)
+
+
+async def test_the_queued_note_quotes_the_same_wait_as_its_reason(make_engine: EngineFactory) -> None:
+    local = _Measuring(seconds_per_job=10.0, gate=asyncio.Event())
+    engine = await make_engine({BackendKind.LOCAL: local})
+    first = await engine.submit(user("alice"), ImageRequest("a cat", "schnell"))
+    while first.job_id not in local.started:
+        await asyncio.sleep(0.01)
+    queued = await engine.submit(user("bob"), ImageRequest("a dog", "schnell"))
+    # One snapshot: the route, its reason and the note agree, though the backend's estimate moved meanwhile.
+    assert queued.eta_s == queued.route.eta_s
+    assert queued.wait_s == queued.route.wait_s > 0
+    assert queued.route.reason == f"local: queue wait ~{math.ceil(queued.wait_s)} s <= 15 s"
+    assert queued.eta_s == queued.wait_s + local.seconds_per_job
 
 
 async def _bfl_engine(settings: Settings, bfl: FakeBfl) -> Engine:

@@ -61,7 +61,9 @@ class ScriptedBackend:
         return BackendStatus(
             kind=self.kind,
             healthy=self.healthy,
-            eta_s=self.seconds_per_job * (waves + 1),
+            wait_s=self.seconds_per_job * waves,
+            run_s=self.seconds_per_job,
+            ahead=queued_ahead,
             in_flight=self.in_flight,
             capacity=self.slots,
         )

@@ -66,6 +66,12 @@ def tiny_job(job_id: str, seed: int = 1, **request: Any) -> BackendJob:
     return BackendJob(job_id, tiny_request(seed, **request))
 
 
+def png_pixels(data: bytes) -> bytes:
+    """A PNG's decoded pixels: what two results must share to be the same image (their text chunks name the job)."""
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB").tobytes()
+
+
 def png_size(data: bytes) -> tuple[int, int]:
     """The size of a PNG, after checking that it decodes completely."""
     with Image.open(io.BytesIO(data)) as image:
