@@ -175,7 +175,7 @@ class Console:
                 png = png_with_parameters(event.image, job, self.commands.model_display(job.request.model))
                 path = self.out_dir / f"{event.job_id}.png"
                 await asyncio.to_thread(path.write_bytes, png)
-                line += f": saved {path}"
+                line += f": saved {path}{render.demo_note(event, self.engine.demo)}"
             self.write(line)
             if isinstance(event, TERMINAL_EVENTS):
                 await self.engine.mark_delivered(event.job_id)

@@ -473,7 +473,7 @@ class DiscordFrontEnd:
         display = self.commands.model_display(job.request.model)
         png = await asyncio.to_thread(png_with_parameters, event.image, job, display)
         data, filename = await asyncio.to_thread(fit_attachment, png, limit, job.id)
-        return data, filename, render.done_caption(job, event, display)
+        return data, filename, render.done_caption(job, event, display, demo=self.engine.demo)
 
     # ---- result buttons (bot.discord_views routes clicks here) ----
 

@@ -400,7 +400,7 @@ class SlackFrontEnd:
                 ts = str(posted["ts"])
             if isinstance(event, JobDone):
                 display = self.commands.model_display(job.request.model)
-                caption = render.done_caption(job, event, display)
+                caption = render.done_caption(job, event, display, demo=self.engine.demo)
                 png = await asyncio.to_thread(png_with_parameters, event.image, job, display)
                 uploaded = await self.client.files_upload_v2(
                     channel=channel, thread_ts=ts, file=png, filename=f"{job.id}.png", initial_comment=clip(caption)
