@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from bot.commands import Commands
 from bot.console import Console, stdin_reader
@@ -58,7 +59,7 @@ GLOBAL_OPTIONS = ("--config", "--log-level", "--verbose")
 def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     """The options every command takes, before or after its name. The subcommands' copies default to SUPPRESS so
     that an option given only before the name is not reset by the subcommand's own default."""
-    suppress = {} if top else {"default": argparse.SUPPRESS}
+    suppress: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
     parser.add_argument(
         "--config",
         type=Path,
