@@ -11,14 +11,17 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from bot.commands import Commands
 from bot.console import Console, Terminal
 from bot.render import error_message
 from bot.systemd_notify import Notifier, watchdog_interval_s, watchdog_loop
+from engine.backends.factory import LocalLane, local_lane, local_off_line, serving_settings
 from engine.backup import backup, backup_dir, backup_every, restore
-from engine.config import Secrets, Settings, load_settings
+from engine.config import DEMO_MODEL, SYSTEM_CONFIG, Secrets, Settings, find_config, load_settings
 from engine.errors import ConfigError, EngineError
 from engine.models import BackendKind, Platform, Requester
 from engine.service import Engine
@@ -50,35 +53,68 @@ def setup_logging(level: str, secrets: Secrets) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
-def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="flux-bot", description="FLUX.1 image generation for Discord and Slack")
-    top.add_argument("--config", type=Path, help="config file (default: $FLUX_BOT_CONFIG, else built-in defaults)")
-    top.add_argument(
+GLOBAL_OPTIONS = ("--config", "--log-level", "--verbose")
+
+
+def _global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """The options every command takes, before or after its name. The subcommands' copies default to SUPPRESS so
+    that an option given only before the name is not reset by the subcommand's own default."""
+    suppress: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="config file (default: $FLUX_BOT_CONFIG, else ./config.toml, else /etc/flux-bot/config.toml, "
+        "else built-in defaults)",
+        **suppress,
+    )
+    parser.add_argument(
         "--log-level",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="default: INFO when serving a chat platform, WARNING at the console (its own output is the interface)",
+        **suppress,
     )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="first print the config file and database in use (run and doctor always do)",
+        **suppress,
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="flux-bot", description="FLUX.1 image generation for Discord and Slack")
+    _global_options(top, top=True)
     sub = top.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="start the chat front-ends whose tokens are set (the console if none is)")
-    run.add_argument("--sync-guild", type=int, help="sync Discord commands to this guild only (development)")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        made = sub.add_parser(name, help=help)
+        _global_options(made, top=False)
+        return made
 
-    console = sub.add_parser("console", help="the commands on stdin/stdout")
+    run = command("run", "start the chat front-ends whose tokens are set (the console if none is)")
+    run.add_argument("--sync-guild", type=int, help="sync Discord commands to this guild only (development)")
+    run.add_argument("--admin", action="store_true", help="at the console (no chat token): allow /admin commands")
+    run.add_argument(
+        "--demo", action="store_true", help="use the built-in tiny demo model (its images are noise) and no API"
+    )
+
+    console = command("console", "the commands on stdin/stdout")
     console.add_argument("--user", default=None, help="who you are in quotas and jobs (default: your login name)")
     console.add_argument("--out", type=Path, default=None, help="folder for the images (default: STATE_DIR/out)")
     console.add_argument("--admin", action="store_true", help="allow /admin commands")
     console.add_argument("--demo", action="store_true", help="use the built-in tiny demo model and no API")
 
-    admin = sub.add_parser("admin", help="quota, spend and routing administration on the bot's database")
+    admin = command("admin", "quota, spend and routing administration on the bot's database")
     admin.add_argument(
         "words",
         nargs=argparse.REMAINDER,
         help="e.g. quota show console:alice | spend --month 2026-11 | report --out FILE | backup | restore FILE",
     )
 
-    sub.add_parser("doctor", help="check the configuration, database, keys and GPU")
+    command("doctor", "check the configuration, database, keys and GPU")
     # No option prefix of its own: REMAINDER would otherwise drop the worker's leading --flags (CPython issue 17050),
-    # and the worker parses them itself (`flux-bot worker --help` shows its options).
+    # and the worker parses them itself (`flux-bot worker --help` shows its options). The global options do not
+    # apply to a worker: it reads no config file.
     worker = sub.add_parser(
         "worker",
         help="run one local FLUX.1 worker process (spawned by the supervisor, or its own unit with --listen)",
@@ -89,7 +125,32 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _pull_global_options(args: argparse.Namespace) -> None:
+    """Global options written after the admin words (`admin quota show X --config F`) apply too: REMAINDER keeps
+    every word after the first positional one, and no admin word starts with these names."""
+    words: list[str] = list(args.words)
+    kept: list[str] = []
+    while words:
+        word = words.pop(0)
+        name, has_value, value = word.partition("=")
+        if name not in GLOBAL_OPTIONS:
+            kept.append(word)
+        elif name == "--verbose" and not has_value:
+            args.verbose = True
+        elif name == "--verbose" or not (has_value or words):
+            raise SystemExit(f"flux-bot admin: {name} " + ("takes no value" if has_value else "needs a value"))
+        else:
+            value = value if has_value else words.pop(0)
+            if name == "--config":
+                args.config = Path(value)
+            elif value.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"):
+                args.log_level = value.upper()
+            else:
+                raise SystemExit(f"flux-bot admin: --log-level must be DEBUG, INFO, WARNING or ERROR, not {value!r}")
+    args.words = kept
+
+
+def main(argv: Sequence[str] | None = None, *, system_config: Path = SYSTEM_CONFIG) -> int:
     args = parser().parse_args(argv)
     if args.command == "worker":
         from engine.backends.worker import main as worker_main
@@ -99,8 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # since the supervisor waits for this exit before starting a successor.
         logging.shutdown()
         os._exit(code)
+    if args.command == "admin":
+        _pull_global_options(args)
+    source = find_config(args.config, system=system_config)
     try:
-        settings, secrets = load_settings(args.config)
+        settings, secrets = load_settings(source.path)
     except ConfigError as exc:
         if args.command == "doctor":
             from bot.doctor import config_failure
@@ -109,17 +173,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         print(f"flux-bot: configuration error in {exc.file}: {exc.field}: {exc.problem}", file=sys.stderr)
         return 2
+    if args.command in ("run", "doctor") or args.verbose:
+        # The first line: which file and which database, so that an edit to the wrong file is seen at once.
+        print(f"flux-bot: config {source.describe()}; database {settings.bot.database_path}", flush=True)
+    if args.command in ("run", "console") and args.demo:
+        settings, secrets = demo_settings(settings, secrets)
     at_the_console = args.command in ("console", "admin") or (
         args.command == "run" and not (secrets.discord_token or secrets.slack_bot_token)
     )
     setup_logging(args.log_level or ("WARNING" if at_the_console else "INFO"), secrets)
+    if args.command in ("run", "console") and local_lane(settings, secrets) is LocalLane.NO_WEIGHTS:
+        print(local_off_line(settings, secrets), flush=True)
+        settings = serving_settings(settings, secrets)
     try:
         match args.command:
             case "run":
-                return asyncio.run(run(settings, secrets, args.sync_guild))
+                return asyncio.run(run(settings, secrets, args.sync_guild, admin=args.admin))
             case "console":
-                if args.demo:
-                    settings, secrets = demo_settings(settings)
                 user = args.user or getpass.getuser()
                 out = args.out or settings.bot.state_dir / "out"
                 return asyncio.run(console(settings, secrets, user, out, admin=args.admin))
@@ -135,20 +205,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
-def demo_settings(settings: Settings) -> tuple[Settings, Secrets]:
-    """The built-in tiny model on the local backend only: no weights, no GPU, no API key needed."""
-    local = settings.local.model_copy(update={"model": "", "warmup": False, "compile": False, "fp8": False})
+def demo_settings(settings: Settings, secrets: Secrets) -> tuple[Settings, Secrets]:
+    """`--demo`: the built-in tiny model on the local backend only, and no API (the BFL key is dropped)."""
+    local = settings.local.model_copy(update={"model": DEMO_MODEL, "worker_sockets": ()})
     routing = settings.routing.model_copy(update={"local_enabled": True, "api_enabled": False})
-    return settings.model_copy(update={"local": local, "routing": routing}), Secrets()
+    return settings.model_copy(update={"local": local, "routing": routing}), replace(secrets, bfl_api_key=None)
 
 
-async def run(settings: Settings, secrets: Secrets, sync_guild: int | None = None) -> int:
+async def run(settings: Settings, secrets: Secrets, sync_guild: int | None = None, *, admin: bool = False) -> int:
     if secrets.discord_token or secrets.slack_bot_token:
         return await chat(settings, secrets, sync_guild)
     print("No chat token is set (DISCORD_TOKEN, SLACK_BOT_TOKEN): starting the console front-end.")
-    if not secrets.bfl_api_key and not settings.local.model:
-        settings, secrets = demo_settings(settings)
-    return await console(settings, secrets, getpass.getuser(), settings.bot.state_dir / "out", admin=True)
+    return await console(settings, secrets, getpass.getuser(), settings.bot.state_dir / "out", admin=admin)
 
 
 async def chat(settings: Settings, secrets: Secrets, sync_guild: int | None) -> int:
@@ -268,14 +336,18 @@ async def console(settings: Settings, secrets: Secrets, user: str, out: Path, *,
 async def admin(settings: Settings, secrets: Secrets, words: list[str]) -> int:
     """Admin commands at a shell: the same handlers as /admin, on the same database, without dispatching jobs."""
     # Backups work on the database file itself; a restore must not open (and so migrate) the file it replaces.
+    if words[:1] == ["restore"] and len(words) == 2:
+        restore(Path(words[1]), settings.bot.database_path)
+        print(f"restored {words[1]} into {settings.bot.database_path}; start the bot again")
+        return 0
+    if not settings.bot.database_path.is_file():
+        # Opening it would create an empty database: quotas "reset", jobs "gone", on what is only a wrong path.
+        print(f"flux-bot: {no_database(settings)}", file=sys.stderr)
+        return 1
     if words[:1] == ["backup"] and len(words) == 1:
         directory = backup_dir(settings.bot.state_dir)
         written = await backup(settings.bot.database_path, directory, keep=settings.ops.backups_keep)
         print(f"backup written: {written}")
-        return 0
-    if words[:1] == ["restore"] and len(words) == 2:
-        restore(Path(words[1]), settings.bot.database_path)
-        print(f"restored {words[1]} into {settings.bot.database_path}; start the bot again")
         return 0
     # `spend --month 2026-11` is `spend 2026-11`; a flag without its value is an error, not "this month".
     if "--month" in words:
@@ -314,6 +386,14 @@ async def admin(settings: Settings, secrets: Secrets, words: list[str]) -> int:
         return 1
     finally:
         await engine.close()
+
+
+def no_database(settings: Settings) -> str:
+    path = settings.bot.database_path
+    return (
+        f"no database at {path}: the bot creates it when it first starts (`flux-bot run`); if it is somewhere "
+        "else, select that config file (--config, $FLUX_BOT_CONFIG) or fix [bot] state_dir and database"
+    )
 
 
 def _quote(word: str) -> str:

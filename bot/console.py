@@ -55,11 +55,12 @@ class Terminal:
 
     PROMPT = "> "
 
-    def __init__(self, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
-        self._in, self._out = stdin, stdout
-        self.interactive = stdin.isatty() and stdout.isatty()
+    def __init__(self, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
+        # Looked up when built, not when defined: the process's streams may have been replaced since import.
+        self._in, self._out = stdin or sys.stdin, stdout or sys.stdout
+        self.interactive = self._in.isatty() and self._out.isatty()
         self._readline = _readline() if self.interactive else None
-        self._tty = _tty_state(stdin) if self.interactive else None
+        self._tty = _tty_state(self._in) if self.interactive else None
         self._lock = threading.Lock()
         self._prompting = False
         self._ending = False
@@ -431,7 +432,7 @@ class Console:
         try:
             line = render.event_line(event, self.engine.capabilities())
             if isinstance(event, JobDone):
-                line += ": " + await self._place(event)
+                line += ": " + await self._place(event) + render.demo_note(event, self.engine.demo)
             self.write(line)
             if terminal:
                 await self.engine.mark_delivered(event.job_id)

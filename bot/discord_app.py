@@ -506,7 +506,7 @@ class DiscordFrontEnd:
         display = self.commands.model_display(job.request.model)
         png = event.image  # the stored result, which already carries its parameters (engine.results)
         data, filename = await asyncio.to_thread(fit_attachment, png, limit, job.id)
-        return data, filename, render.done_caption(job, event, display, user_text)
+        return data, filename, render.done_caption(job, event, display, user_text, demo=self.engine.demo)
 
     # ---- result buttons (bot.discord_views routes clicks here) ----
 

@@ -18,8 +18,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 
+from engine.backends.factory import LocalLane, local_lane
 from engine.backup import backup_dir, integrity_problem, list_backups
-from engine.config import Secrets, Settings
+from engine.config import DEMO_MODEL, Secrets, Settings
 from engine.errors import BackendUnavailable, ConfigError
 from engine.models import format_usd
 
@@ -62,6 +63,7 @@ async def run_checks(settings: Settings, secrets: Secrets, *, slack_api_url: str
         disk_space(settings),
         backups(settings),
         await bfl_key(settings, secrets),
+        local_lane_check(settings, secrets),
         *local_weights(settings),
         *gpu(settings),
     ]
@@ -87,7 +89,12 @@ def failed(checks: Iterable[Check]) -> bool:
 def database(settings: Settings) -> Check:
     path = settings.bot.database_path
     if not path.exists():
-        return Check(Status.INFO, f"database {path}: none yet, it is created at the first start")
+        return Check(
+            Status.FAIL,
+            f"database {path}: does not exist",
+            "start the bot once (`flux-bot run`) to create it, or select the config file of the existing one "
+            "(--config, $FLUX_BOT_CONFIG)",
+        )
     try:
         problem = integrity_problem(path)
     except sqlite3.DatabaseError as exc:
@@ -157,18 +164,45 @@ async def bfl_key(settings: Settings, secrets: Secrets) -> Check:
     return Check(Status.OK, what)
 
 
+def local_lane_check(settings: Settings, secrets: Secrets) -> Check:
+    """Which case holds for the local lane: real weights, the demo model (asked for, or because nothing is
+    configured), or off."""
+    lane = local_lane(settings, secrets)
+    chat = bool(secrets.discord_token or secrets.slack_bot_token)
+    match lane:
+        case LocalLane.WEIGHTS:
+            units = f"the worker units on {len(settings.local.worker_sockets)} sockets"
+            return Check(Status.OK, f"local worker: local weights ({settings.local.model or units})")
+        case LocalLane.DEMO_UNCONFIGURED:
+            return Check(
+                Status.INFO,
+                "local worker: the built-in demo model, because nothing is configured (no DISCORD_TOKEN, "
+                "SLACK_BOT_TOKEN, BFL_API_KEY or [local] model); its images are noise from random weights",
+            )
+        case LocalLane.DEMO_REQUESTED:
+            what = f'local worker: the built-in demo model by request ([local] model = "{DEMO_MODEL}")'
+            if chat:
+                return Check(
+                    Status.WARN,
+                    f"{what}: chat users get noise from random weights (each result says so)",
+                    "set [local] model to a FLUX.1 folder or Hugging Face id for real images",
+                )
+            return Check(Status.INFO, f"{what}; its images are noise from random weights")
+        case LocalLane.NO_WEIGHTS:
+            what = "local worker: off, API only (no [local] model is set)"
+            hint = "for local images install the gpu extra and set [local] model to a FLUX.1 folder or Hugging Face id"
+            if settings.routing.api_enabled and secrets.bfl_api_key:
+                return Check(Status.INFO, f"{what}; {hint}")
+            return Check(
+                Status.FAIL, "local worker: off (no [local] model) and no BFL API: nothing can make images", hint
+            )
+    return Check(Status.INFO, "local worker: off ([routing] local_enabled = false)")
+
+
 def local_weights(settings: Settings) -> list[Check]:
     local = settings.local
-    if not settings.routing.local_enabled:
-        return [Check(Status.INFO, "local worker: off ([routing] local_enabled = false)")]
-    if not local.model:
-        return [
-            Check(
-                Status.INFO,
-                "local worker: the built-in demo model (random weights: its images are noise); "
-                "set [local] model to a FLUX.1 folder or Hugging Face id for real images",
-            )
-        ]
+    if not settings.routing.local_enabled or local.model in ("", DEMO_MODEL):
+        return []  # no weights to check: local_lane_check says what the local lane runs
     folder = _model_folder(local.model)
     if folder is None:
         if os.environ.get("HF_HUB_OFFLINE") == "1":
@@ -230,7 +264,7 @@ def _safetensors_check(model: str, folder: Path) -> Check:
 
 
 def gpu(settings: Settings) -> list[Check]:
-    if not (settings.routing.local_enabled and settings.local.model):
+    if not settings.routing.local_enabled or settings.local.model in ("", DEMO_MODEL):
         return []  # the demo model runs on the CPU; a real model is what needs a GPU
     if settings.local.device == "cpu":
         return [Check(Status.WARN, 'GPU: [local] device = "cpu"', "FLUX.1 on a CPU takes minutes per image")]

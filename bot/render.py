@@ -47,6 +47,7 @@ from engine.store import SpendRow
 UserText = Callable[[str], str]
 
 NOT_CHARGED = "You were not charged."
+DEMO_NOTE = "[demo model: random weights, this image is noise]"
 INTERNAL_ERROR = "Something went wrong inside flux-bot; it has been logged. Try again, or tell an admin."
 
 
@@ -189,13 +190,19 @@ def _place(position: int) -> str:
     return "next in line" if position == 0 else f"position {position + 1} in the queue"
 
 
-def done_caption(job: Job, event: JobDone, model_display: str, safe: UserText) -> str:
+def done_caption(job: Job, event: JobDone, model_display: str, safe: UserText, *, demo: bool = False) -> str:
+    """`demo`: the engine's local backend runs the demo model (`Engine.demo`)."""
     cost = "free" if event.cost_micros <= 0 else format_usd(event.cost_micros)
     prompt = job.request.prompt if len(job.request.prompt) <= 300 else job.request.prompt[:297] + "..."
     return (
         f'"{shown(prompt, safe)}" — {model_display}, seed {event.seed}, {job.request.width}x{job.request.height}, '
-        f"{backend_name(event.backend)}, {duration(event.seconds)}, {cost} (job {job.id})"
+        f"{backend_name(event.backend)}, {duration(event.seconds)}, {cost} (job {job.id}){demo_note(event, demo)}"
     )
+
+
+def demo_note(event: JobDone, demo: bool) -> str:
+    """Said with every image the demo model made, so that nobody takes the noise for a broken bot."""
+    return " " + DEMO_NOTE if demo and event.backend is BackendKind.LOCAL else ""
 
 
 def event_line(event: JobEvent, capabilities: Capabilities | None = None) -> str:

@@ -518,7 +518,7 @@ class SlackFrontEnd:
             if isinstance(event, JobDone):
                 display = self.commands.model_display(job.request.model)
                 # Plain here: the whole caption is escaped when sent.
-                caption = render.done_caption(job, event, display, render.plain)
+                caption = render.done_caption(job, event, display, render.plain, demo=self.engine.demo)
                 png = event.image  # the stored result, which already carries its parameters (engine.results)
                 file_id = await self._upload(channel, png, f"{job.id}.png", caption, thread_ts=ts)
                 await self._chat_update(channel, ts, caption, mention=mention, buttons=(job.id, file_id))

@@ -6,36 +6,76 @@ Secrets never come from the file: only from the environment (`Secrets`). Any pro
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.errors import ConfigError
 from engine.models import credits_to_micros, dollars_to_micros
 
 CONFIG_ENV = "FLUX_BOT_CONFIG"
+LOCAL_CONFIG = Path("config.toml")  # in the working directory: the file next to the README, where people edit it
+SYSTEM_CONFIG = Path("/etc/flux-bot/config.toml")
+DEMO_MODEL = "demo"  # [local] model = "demo": the built-in tiny model with random weights, asked for explicitly
 DEFAULT_BFL_URL = "https://api.bfl.ai"
 UNIX_PATH_MAX = 107  # bytes of a Unix socket path that fit sockaddr_un's sun_path (108, NUL included)
 
 ASPECT_RATIOS = ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9", "9:21")
 
-Dollars = Annotated[Decimal, Field(ge=0, max_digits=12, decimal_places=6)]
+
+# TOML values arrive with their real types, so validation is strict: `true` is not a number, `1` not a boolean,
+# "3000" not a port. Three kinds of value have no TOML type of their own and are converted here, strictly too.
+
+
+def _as_tuple(value: Any) -> Any:
+    """A TOML array (a list) for a tuple field; the items are then validated strictly."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _as_path(value: Any) -> Any:
+    if isinstance(value, str):
+        return Path(value)
+    if not isinstance(value, Path):
+        raise ValueError(f"expected a path in quotes, got {_toml_value(value)}")
+    return value
+
+
+def _as_decimal(value: Any) -> Any:
+    """Money and credits: a TOML number, or a decimal string ("2.50") for an exact value."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
+        raise ValueError(f"expected a number such as 2.50, got {_toml_value(value)}")
+    try:
+        number = value if isinstance(value, Decimal) else Decimal(str(value).strip())
+    except InvalidOperation as exc:
+        raise ValueError(f"expected a number such as 2.50, got {_toml_value(value)}") from exc
+    if not number.is_finite():
+        raise ValueError(f"expected a finite number, got {_toml_value(value)}")
+    return number
+
+
+Strings = Annotated[tuple[str, ...], BeforeValidator(_as_tuple)]
+Ints = Annotated[tuple[int, ...], BeforeValidator(_as_tuple)]
+FilePath = Annotated[Path, BeforeValidator(_as_path)]
+FilePaths = Annotated[tuple[FilePath, ...], BeforeValidator(_as_tuple)]
+Credits = Annotated[Decimal, BeforeValidator(_as_decimal)]
+Dollars = Annotated[Decimal, BeforeValidator(_as_decimal), Field(ge=0, max_digits=12, decimal_places=6)]
 
 
 class _Section(BaseModel):
-    # A typo in config.toml is an error, not a silently ignored key.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A typo in config.toml is an error, not a silently ignored key; a value of the wrong type is one too.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class BotSettings(_Section):
-    state_dir: Path = Path("state")
+    state_dir: FilePath = Path("state")
     database: str = "flux-bot.db"
     timezone: str = "UTC"
 
@@ -65,8 +105,8 @@ class BotSettings(_Section):
 
 
 class AdminSettings(_Section):
-    user_ids: tuple[str, ...] = ()
-    role_ids: tuple[str, ...] = ()
+    user_ids: Strings = ()
+    role_ids: Strings = ()
 
 
 class RoutingSettings(_Section):
@@ -108,7 +148,7 @@ class OpsSettings(_Section):
     backups_keep: int = Field(7, ge=1)
     alert_discord_channel_id: str = ""  # where spend and failure alerts go ("" = none on Discord)
     alert_slack_channel_id: str = ""  # ("" = none on Slack)
-    spend_alert_percents: tuple[int, ...] = (50, 80, 100)
+    spend_alert_percents: Ints = (50, 80, 100)
     failure_alert_rate: float = Field(0.2, ge=0, le=1)  # failed share of the last hour's ended jobs
     failure_alert_min_jobs: int = Field(10, ge=1)  # ended jobs in the hour before the failure rate counts
 
@@ -130,11 +170,13 @@ class BflSettings(_Section):
 class LocalSettings(_Section):
     """The local FLUX.1 worker(s): one process per GPU, supervised by engine/backends/local.py."""
 
-    model: str = ""  # a folder or a Hugging Face id; empty = the built-in tiny demo model (random weights)
+    # A folder or a Hugging Face id. "demo" = the built-in tiny model (random weights); "" = none: the demo model
+    # only while nothing real is configured (engine/backends/factory.py), else no local generation.
+    model: str = ""
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     device: str = "auto"  # "auto" = cuda when present, else cpu
-    gpus: tuple[int, ...] = ()  # one worker per index (CUDA_VISIBLE_DEVICES); empty = one worker on `device`
-    resolution_buckets: tuple[str, ...] = (
+    gpus: Ints = ()  # one worker per index (CUDA_VISIBLE_DEVICES); empty = one worker on `device`
+    resolution_buckets: Strings = (
         "1024x1024",
         "1344x768",
         "768x1344",
@@ -163,7 +205,7 @@ class LocalSettings(_Section):
     preview_every: int = Field(4, ge=0)
     # Workers run as their own systemd units (flux-bot-worker@N, `flux-bot worker --listen PATH`): the supervisor
     # attaches to these sockets instead of spawning workers, and the units' own flags choose model and switches.
-    worker_sockets: tuple[Path, ...] = ()
+    worker_sockets: FilePaths = ()
 
     @field_validator("worker_sockets")
     @classmethod
@@ -190,7 +232,7 @@ class ModelSettings(_Section):
     local: bool = False
     api_endpoint: str | None = None
     non_commercial: bool = False
-    price_credits: Decimal = Field(Decimal(0), ge=0)
+    price_credits: Credits = Field(Decimal(0), ge=0)
     default_steps: int = Field(28, ge=1)
     max_steps: int = Field(50, ge=1)
     default_guidance: float | None = None
@@ -217,12 +259,12 @@ class ModelSettings(_Section):
 class PolicySettings(_Section):
     min_prompt_chars: int = Field(3, ge=1)
     max_prompt_chars: int = Field(1500, ge=1)
-    blocked_words: tuple[str, ...] = ()
-    allowed_phrases: tuple[str, ...] = ()
+    blocked_words: Strings = ()
+    allowed_phrases: Strings = ()
 
 
 class TierSettings(_Section):
-    roles: tuple[str, ...] = ()
+    roles: Strings = ()
     images_per_day: int | None = Field(None, ge=0)
     gpu_seconds_per_day: int | None = Field(None, ge=0)
     api_usd_per_month: Dollars | None = None
@@ -350,19 +392,90 @@ def _reject_secrets(data: Any, path: str, file: str) -> None:
             _reject_secrets(value, where, file)
 
 
+_EXPECTED = {
+    "bool_type": "true or false",
+    "int_type": "a whole number",
+    "int_from_float": "a whole number",
+    "float_type": "a number",
+    "finite_number": "a finite number",
+    "string_type": "a string in quotes",
+    "tuple_type": "an array such as [1, 2]",
+    "dict_type": "a table",
+    "model_type": "a table",
+}
+
+
+def _toml_value(value: Any) -> str:
+    """The value as it was written in TOML, with its kind: `the boolean true`, `the string "3000"`."""
+    if isinstance(value, bool):
+        return f"the boolean {'true' if value else 'false'}"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return f"the string {json.dumps(value)}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return repr(value)
+
+
 def _describe(error: Mapping[str, Any]) -> tuple[str, str]:
     where = ".".join(str(part) for part in error.get("loc", ()) if part != "__root__") or "(top level)"
     message = str(error.get("msg", "invalid value"))
-    if error.get("type") == "extra_forbidden":
+    kind = str(error.get("type"))
+    if kind == "extra_forbidden":
         message = "unknown key (check its spelling against the documented config.toml)"
+    elif kind in _EXPECTED:
+        message = f"expected {_EXPECTED[kind]}, got {_toml_value(error.get('input'))}"
     return where, message.removeprefix("Value error, ")
 
 
-def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None) -> tuple[Settings, Secrets]:
-    """Read the file (or the built-in defaults), apply environment overrides, validate, resolve paths."""
+@dataclass(frozen=True, slots=True)
+class ConfigSource:
+    """Which config file is in use and how it was found; `path` None means the built-in defaults."""
+
+    path: Path | None
+    found_by: str
+
+    def describe(self) -> str:
+        if self.path is None:
+            return f"built-in defaults ({self.found_by})"
+        return f"{self.path.resolve()} ({self.found_by})"
+
+
+def find_config(
+    explicit: Path | None,
+    env: Mapping[str, str] | None = None,
+    *,
+    cwd: Path | None = None,
+    system: Path = SYSTEM_CONFIG,
+) -> ConfigSource:
+    """`--config`, then $FLUX_BOT_CONFIG, then ./config.toml, then /etc/flux-bot/config.toml, else the defaults.
+
+    A file named by the option or the variable must exist (loading it says so); the two places searched are used
+    only when a file is there.
+    """
     env = os.environ if env is None else env
-    if path is None and env.get(CONFIG_ENV):
-        path = Path(env[CONFIG_ENV])
+    if explicit is not None:
+        return ConfigSource(explicit, "--config")
+    if env.get(CONFIG_ENV):
+        return ConfigSource(Path(env[CONFIG_ENV]), f"${CONFIG_ENV}")
+    local = (cwd or Path.cwd()) / LOCAL_CONFIG
+    if local.is_file():
+        return ConfigSource(local, f"./{LOCAL_CONFIG}")
+    if system.is_file():
+        return ConfigSource(system, str(system))
+    return ConfigSource(None, f"no --config, ${CONFIG_ENV}, ./{LOCAL_CONFIG} or {system}")
+
+
+def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None) -> tuple[Settings, Secrets]:
+    """Read the file (None: the built-in defaults), apply environment overrides, validate, resolve paths.
+
+    Relative paths in the file are relative to the file's folder (with the built-in defaults: to the working
+    directory), wherever the bot is started from. `find_config` chooses the file.
+    """
+    env = os.environ if env is None else env
     raw: dict[str, Any] = {}
     file = str(path) if path else "(built-in defaults)"
     base_dir = Path.cwd()
@@ -372,6 +485,8 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
                 raw = tomllib.load(handle)
         except FileNotFoundError as exc:
             raise ConfigError(file, "(file)", "file not found") from exc
+        except OSError as exc:
+            raise ConfigError(file, "(file)", f"cannot be read ({exc.strerror or exc})") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(file, "(syntax)", str(exc)) from exc
         base_dir = path.resolve().parent
@@ -383,10 +498,20 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
     except ValidationError as exc:
         where, problem = _describe(exc.errors()[0])
         raise ConfigError(file, where, problem) from exc
-    if not settings.bot.state_dir.is_absolute():
-        bot = settings.bot.model_copy(update={"state_dir": base_dir / settings.bot.state_dir})
-        settings = settings.model_copy(update={"bot": bot})
-    return settings, Secrets.from_env(env)
+    return _relative_to(settings, base_dir), Secrets.from_env(env)
+
+
+def _relative_to(settings: Settings, base_dir: Path) -> Settings:
+    bot = settings.bot.model_copy(update={"state_dir": base_dir / settings.bot.state_dir.expanduser()})
+    local = settings.local
+    # `[local] model` is a folder or a Hugging Face id ("org/name"): a folder that exists (or an explicit ./ or
+    # ../ path) is one, as diffusers decides; an id is left as it is.
+    model = local.model
+    if model and model != DEMO_MODEL:
+        folder = base_dir / Path(model).expanduser()
+        if model.startswith(("./", "../")) or folder.is_dir():
+            local = local.model_copy(update={"model": str(folder)})
+    return settings.model_copy(update={"bot": bot, "local": local})
 
 
 def dollars(value: Decimal | None) -> int | None:

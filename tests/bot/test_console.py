@@ -21,6 +21,7 @@ from bot.commands import Commands
 from bot.console import Console
 from engine.errors import InvalidRequest
 from engine.models import BackendKind, FailureReason, Platform, Requester
+from engine.store import Store
 from tests.conftest import EngineFactory, SettingsFactory
 from tests.fakes.backends import ScriptedBackend, fail
 from tests.fakes.bfl_server import API_KEY, FakeBfl, FakeTask
@@ -145,6 +146,16 @@ def _base_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def _first_start(tmp_path: Path) -> None:
+    """The database the bot makes when it first starts: the admin CLI never creates one."""
+
+    async def create() -> None:
+        store = await Store.open(tmp_path / "state" / "flux-bot.db")
+        await store.close()
+
+    asyncio.run(create())
+
+
 async def test_piped_console_against_the_fake_bfl_api(tmp_path: Path) -> None:
     """`printf '/imagine ...\\n/quota\\n' | flux-bot console --user alice --out DIR` as a real process."""
     async with FakeBfl(pending_polls=1) as bfl:
@@ -208,6 +219,7 @@ async def test_admin_user_ids_keep_their_case(make_engine: EngineFactory) -> Non
 
 def test_admin_backup_and_restore_from_the_shell(tmp_path: Path) -> None:
     env = _base_env(tmp_path)
+    _first_start(tmp_path)
     assert _cli(["admin", "ban", "console:mallory"], env).returncode == 0
     made = _cli(["admin", "backup"], env)
     assert made.returncode == 0, made.stderr
@@ -256,6 +268,7 @@ async def test_console_admin_report_saves_the_chart_and_alerts_are_printed(
 
 def test_admin_report_from_the_shell(tmp_path: Path) -> None:
     env = _base_env(tmp_path)
+    _first_start(tmp_path)
     out = tmp_path / "charts" / "report.png"
     result = _cli(["admin", "report", "--out", str(out)], env)
     assert result.returncode == 0, result.stderr

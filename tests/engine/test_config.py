@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bot.__main__ import RedactSecrets
-from engine.config import Secrets, load_settings
+from engine.config import ConfigSource, Secrets, find_config, load_settings
 from engine.errors import ConfigError
 from engine.models import credits_to_micros, dollars_to_micros, format_usd
 
@@ -37,7 +37,7 @@ def test_every_documented_key_has_a_comment() -> None:
         ("[routing]\nmax_local_wait = 5\n", "routing.max_local_wait", "unknown key"),
         ("[bot]\ntimezone = 'Mars/Olympus'\n", "bot.timezone", "unknown time zone"),
         ("[routing]\ndefault_model = 'sdxl'\n", "(top level)", "default_model"),
-        ("[tiers.gold]\nimages_per_day = 5\n[tiers.default]\nimages_per_day = 'x'\n", "tiers.default", "integer"),
+        ("[tiers.gold]\nimages_per_day = 5\n[tiers.default]\nimages_per_day = 'x'\n", "tiers.default", "whole number"),
         ("[models.mine]\ndisplay_name = 'Mine'\n", "models.mine", "run locally"),
         ("[discord]\ntoken = 'abc'\n", "discord.token", "environment"),
         ("[bfl\n", "(syntax)", ""),
@@ -53,14 +53,89 @@ def test_config_errors_name_file_key_and_problem(tmp_path: Path, text: str, fiel
     assert problem in caught.value.problem
 
 
+@pytest.mark.parametrize(
+    ("text", "field", "problem"),
+    [
+        ("[routing]\ncommercial = 1\n", "routing.commercial", "expected true or false, got the number 1"),
+        (
+            "[slack]\nworkspace_admins = 'yes'\n",
+            "slack.workspace_admins",
+            'expected true or false, got the string "yes"',
+        ),
+        ("[routing]\nmax_local_wait_s = true\n", "routing.max_local_wait_s", "expected a number, got the boolean true"),
+        ("[routing]\nmax_local_wait_s = '15'\n", "routing.max_local_wait_s", 'expected a number, got the string "15"'),
+        ("[routing]\nmax_local_wait_s = inf\n", "routing.max_local_wait_s", "finite"),
+        ("[bfl]\ntotal_timeout_s = nan\n", "bfl.total_timeout_s", "finite"),
+        ("[slack]\nport = '3000'\n", "slack.port", 'expected a whole number, got the string "3000"'),
+        ("[bfl]\nmax_retries = true\n", "bfl.max_retries", "expected a whole number, got the boolean true"),
+        ("[scheduler]\nlocal_retries = 1.0\n", "scheduler.local_retries", "expected a whole number"),
+        ("[local]\ngpus = [true]\n", "local.gpus.0", "expected a whole number, got the boolean true"),
+        ("[ops]\nspend_alert_percents = ['50']\n", "ops.spend_alert_percents.0", "expected a whole number"),
+        ("[tiers.default]\napi_usd_per_month = true\n", "tiers.default.api_usd_per_month", "got the boolean true"),
+        (
+            "[models.pro]\ndisplay_name = 'p'\napi_endpoint = 'flux-pro-1.1'\nprice_credits = false\n",
+            "models.pro",
+            "boolean",
+        ),
+        ("[limits]\nglobal_api_usd_per_month = 'lots'\n", "limits.global_api_usd_per_month", "a number such as"),
+        ("[bot]\nstate_dir = 7\n", "bot.state_dir", "expected a path in quotes, got the number 7"),
+    ],
+)
+def test_config_types_are_strict_and_the_error_names_the_key(
+    tmp_path: Path, text: str, field: str, problem: str
+) -> None:
+    """TOML gives real types: a boolean is not a number, a number is not a boolean, a string is neither."""
+    path = tmp_path / "typed.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, {})
+    assert caught.value.file == str(path)
+    assert caught.value.field.startswith(field), caught.value
+    assert problem in caught.value.problem, caught.value
+
+
+def test_typed_values_that_are_right_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "typed.toml"
+    path.write_text(
+        "[routing]\nmax_local_wait_s = 60\ncommercial = true\n"  # an integer is a fine number of seconds
+        "[local]\ngpus = [0, 1]\nworker_sockets = ['/run/flux-bot/gpu0.sock', '/run/flux-bot/gpu1.sock']\n"
+        "[tiers.default]\napi_usd_per_month = 2\n[limits]\nglobal_api_usd_per_month = '0.10'\n"
+    )
+    settings, _ = load_settings(path, {})
+    assert settings.routing.max_local_wait_s == 60.0 and settings.routing.commercial is True
+    assert settings.local.gpus == (0, 1) and settings.local.worker_sockets[1] == Path("/run/flux-bot/gpu1.sock")
+    assert settings.tiers["default"].api_usd_per_month == 2 and str(settings.limits.global_api_usd_per_month) == "0.10"
+
+
 def test_missing_file_and_environment_selection(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="file not found"):
         load_settings(tmp_path / "nope.toml", {})
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_settings(tmp_path, {})  # a folder
     path = tmp_path / "chosen.toml"
     path.write_text("[routing]\nmax_local_wait_s = 5\n")
-    settings, _ = load_settings(None, {"FLUX_BOT_CONFIG": str(path), "BFL_API_URL": "https://api.eu.bfl.ai"})
+    source = find_config(None, {"FLUX_BOT_CONFIG": str(path)}, cwd=tmp_path, system=tmp_path / "etc.toml")
+    assert source == ConfigSource(path, "$FLUX_BOT_CONFIG")
+    settings, _ = load_settings(source.path, {"BFL_API_URL": "https://api.eu.bfl.ai"})
     assert settings.routing.max_local_wait_s == 5
     assert settings.bfl.api_url == "https://api.eu.bfl.ai"
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "deploy"
+    (folder / "weights" / "FLUX.1-schnell").mkdir(parents=True)
+    path = folder / "config.toml"
+    monkeypatch.chdir(tmp_path)  # started from elsewhere
+    for model, expected in [
+        ("weights/FLUX.1-schnell", str(folder / "weights" / "FLUX.1-schnell")),  # a folder next to the file
+        ("./weights/not-yet", str(folder / "weights" / "not-yet")),  # explicitly a path
+        ("black-forest-labs/FLUX.1-schnell", "black-forest-labs/FLUX.1-schnell"),  # a Hugging Face id
+        ("demo", "demo"),
+    ]:
+        path.write_text(f'[bot]\nstate_dir = "var"\n[local]\nmodel = "{model}"\n')
+        settings, _ = load_settings(path, {})
+        assert settings.bot.state_dir == folder / "var"
+        assert settings.local.model == expected
 
 
 def test_secrets_come_from_the_environment_and_never_show() -> None:

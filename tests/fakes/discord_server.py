@@ -158,7 +158,8 @@ class FakeDiscord:
         self.port = 0
 
     async def __aenter__(self) -> FakeDiscord:
-        app = web.Application(middlewares=[self._record])
+        # Discord takes attachments up to the guild's limit (10 MiB and more); aiohttp would stop at 1 MiB.
+        app = web.Application(middlewares=[self._record], client_max_size=32 << 20)
         app.add_routes(
             [
                 web.get("/api/v10/users/@me", self._me),

@@ -52,7 +52,7 @@ class FakeSlack:
         return f"http://127.0.0.1:{self.port}/api/"
 
     async def __aenter__(self) -> FakeSlack:
-        app = web.Application()
+        app = web.Application(client_max_size=64 << 20)  # Slack takes files up to 1 GB; aiohttp stops at 1 MiB
         app.add_routes([web.route("*", "/api/{method}", self._api), web.post("/upload/{file_id}", self._upload)])
         self._runner = web.AppRunner(app)
         await self._runner.setup()
