@@ -32,6 +32,7 @@ from engine.models import (
     JobQueued,
     JobRerouted,
     JobStarted,
+    JobState,
     Resource,
     format_usd,
 )
@@ -96,6 +97,8 @@ _FAILURES = {
     FailureReason.DOWNLOAD_FAILED: "the finished image could not be downloaded in time",
     FailureReason.INTERRUPTED: "flux-bot restarted while it was working on it",
     FailureReason.INTERNAL: "something went wrong inside flux-bot",
+    FailureReason.IMAGE_REMOVED: "its image was made but is no longer stored here (deleted, or past this server's"
+    " retention), so it cannot be shown",
 }
 
 _ADVICE = {
@@ -103,6 +106,7 @@ _ADVICE = {
     FailureReason.BAD_REQUEST: "Try other settings (size, steps, guidance).",
     FailureReason.OUT_OF_CREDITS: "Tell an admin; try mode=relax to use the local GPU.",
     FailureReason.AUTH: "Tell an admin; try mode=relax to use the local GPU.",
+    FailureReason.IMAGE_REMOVED: "Ask again with /imagine to make a new one.",
 }
 
 
@@ -245,6 +249,8 @@ def job_text(job: Job, model_display: str) -> str:
     ]
     if job.error:
         lines.append(f"  error: {job.error}")
+    if job.state is JobState.DONE and job.result_path is None:
+        lines.append("  image: no longer stored (deleted, or past this server's retention)")
     return "\n".join(lines)
 
 

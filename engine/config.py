@@ -38,6 +38,7 @@ class BotSettings(_Section):
     state_dir: Path = Path("state")
     database: str = "flux-bot.db"
     timezone: str = "UTC"
+    keep_images_days: int = Field(30, ge=0)  # results older than this are deleted from images_dir; 0 = kept forever
 
     @field_validator("timezone")
     @classmethod

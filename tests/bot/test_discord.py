@@ -511,3 +511,26 @@ async def test_alerts_are_posted_to_the_admin_channel(
     [alert] = fake.matching("POST", path)
     assert content(alert).startswith("flux-bot alert: 1 of the 1 jobs that ended in the last hour failed (100%")
     assert alert.payload["allowed_mentions"]["parse"] == []
+
+
+async def test_delete_removes_the_stored_image_too(
+    make_engine: EngineFactory, front_end: FrontEndFactory, fake: FakeDiscord
+) -> None:
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()})
+    app = await front_end(engine)
+    job_id, message_id = await _first_result(fake, app, "a red fox")
+    stored = str((await engine.store.get_job(job_id)).result_path)
+    assert await asyncio.to_thread(os.path.isfile, stored)
+
+    refused = feed(app, click(f"flux:delete:{job_id}", message_id, user_id=BOB))
+    await fake.wait_for(lambda _: bool(fake.matching("POST", f"{refused}/callback")), "the refusal")
+    assert await asyncio.to_thread(os.path.isfile, stored)  # someone else's Delete changes nothing
+
+    feed(app, click(f"flux:delete:{job_id}", message_id))
+    path = f"/channels/{CHANNEL_ID}/messages/{message_id}"
+    await fake.wait_for(lambda _: bool(fake.matching("DELETE", path, status=204)), "the deletion")
+    assert not await asyncio.to_thread(os.path.isfile, stored)
+    job = await engine.store.get_job(job_id)
+    assert job.state is JobState.DONE and job.result_path is None
+    [audit] = await engine.store.audit_log("image.removed")
+    assert audit["job_id"] == job_id and audit["actor"] == f"discord:{ALICE}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -414,3 +415,25 @@ async def test_alerts_are_posted_to_the_admin_channel(
     await until(lambda: any(call.fields["channel"] == "CADMIN" for call in slack.named("chat.postMessage")))
     [alert] = [call for call in slack.named("chat.postMessage") if call.fields["channel"] == "CADMIN"]
     assert alert.fields["text"].startswith("flux-bot alert: 1 of the 1 jobs that ended in the last hour failed")
+
+
+async def test_delete_removes_the_stored_image_too(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    app = await front_end(await make_engine({BackendKind.LOCAL: ScriptedBackend()}))
+    job_id = job_id_of(await slash(app, "/imagine", "a red cat"))
+    result = await finished(app, slack, job_id)
+    stored = str((await app.engine.store.get_job(job_id)).result_path)
+    assert await asyncio.to_thread(os.path.isfile, stored)
+
+    await click(app, result, "delete", user=BOB)
+    await until(lambda: len(slack.named("chat.postEphemeral")) == 1)
+    assert await asyncio.to_thread(os.path.isfile, stored)  # someone else's Delete changes nothing
+
+    await click(app, result, "delete", user=ALICE)
+    await until(lambda: len(slack.named("files.delete")) == 1)
+    assert not await asyncio.to_thread(os.path.isfile, stored)
+    job = await app.engine.store.get_job(job_id)
+    assert job.state is JobState.DONE and job.result_path is None
+    [audit] = await app.engine.store.audit_log("image.removed")
+    assert audit["job_id"] == job_id and audit["actor"] == f"slack:{TEAM_ID}:{ALICE}"
