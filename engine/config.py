@@ -81,7 +81,6 @@ class RoutingSettings(_Section):
 class SchedulerSettings(_Section):
     max_running_per_user: int = Field(1, ge=1)
     local_retries: int = Field(1, ge=0, le=5)
-    local_capacity: int = Field(1, ge=1)
 
 
 class SlackSettings(_Section):
