@@ -186,7 +186,7 @@ class ModelSettings(_Section):
     price_credits: Decimal = Field(Decimal(0), ge=0)
     default_steps: int = Field(28, ge=1)
     max_steps: int = Field(50, ge=1)
-    default_guidance: float | None = None
+    default_guidance: float | None = None  # None: the model takes no guidance, and a value is refused
     min_guidance: float = 1.5
     max_guidance: float = 5.0
     sizing: Literal["pixels", "aspect"] = "pixels"

@@ -158,7 +158,8 @@ class Engine:
         if not decision_of_policy.allowed:
             await self.store.audit(policy_audit)
             raise PolicyBlocked(decision_of_policy.rule, decision_of_policy.detail)
-        resolved = resolve(replace(request, prompt=self.policy.normalise(request.prompt)), model)
+        guided = tuple(name for name, other in self.settings.models.items() if other.default_guidance is not None)
+        resolved = resolve(replace(request, prompt=self.policy.normalise(request.prompt)), model, guided=guided)
         # The image allowance does not depend on the route: say so plainly, with its reset time, before routing.
         standing.ensure_room(Resource.IMAGES, 1)
         decision = router.route(

@@ -261,3 +261,16 @@ def test_admin_report_from_the_shell(tmp_path: Path) -> None:
         assert image.format == "PNG" and image.size == (1200, 800)
     bad = _cli(["admin", "report", "--outfile", "x.png"], env)
     assert bad.returncode == 2 and "usage: flux-bot admin report [--out FILE.png]" in bad.stderr
+
+
+async def test_console_guidance_is_refused_where_ignored_and_saved_where_used(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    written = await run_console(
+        make_engine, out, ["/imagine a red cat guidance=3", "/imagine a red cat model=dev guidance=4.5"]
+    )
+    assert "FLUX.1 [schnell] takes no guidance value" in written[0] and "not charged" in written[0]
+    [png] = list(out.glob("*.png"))
+    with Image.open(png) as image:
+        assert image.text["model"] == "FLUX.1 [dev]" and image.text["guidance"] == "4.5"

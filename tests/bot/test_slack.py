@@ -437,3 +437,17 @@ async def test_delete_removes_the_stored_image_too(
     assert job.state is JobState.DONE and job.result_path is None
     [audit] = await app.engine.store.audit_log("image.removed")
     assert audit["job_id"] == job_id and audit["actor"] == f"slack:{TEAM_ID}:{ALICE}"
+
+
+async def test_guidance_is_refused_for_schnell_and_shown_as_used_for_dev(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()})
+    app = await front_end(engine)
+    refusal = await slash(app, "/imagine", "a red cat --guidance 3")
+    assert "FLUX.1 [schnell] takes no guidance value" in refusal and "not charged" in refusal
+    assert await engine.store.jobs() == []
+    job_id = job_id_of(await slash(app, "/imagine", "a red cat --model dev"))
+    await finished(app, slack, job_id)
+    with Image.open(io.BytesIO(slack.named("upload")[0].data)) as image:
+        assert isinstance(image, PngImageFile) and image.text["guidance"] == "3.0"  # dev's default, as used
