@@ -80,10 +80,8 @@ class Retention:
             return Swept()
         cutoff = self._clock() - self.keep_days * DAY_S
         why = f"older than {self.keep_days} days ([bot] keep_images_days)"
-        removed = []
-        for result in await self._store.stored_results(finished_before=cutoff):
-            if await self.remove(result.job_id, result.path, why=why, actor=ACTOR):
-                removed.append(result.job_id)
+        expired = await self._store.stored_results(finished_before=cutoff)
+        removed = await self._remove({result.job_id: result.path for result in expired}, why=why, actor=ACTOR)
         # By name: the images folder may have moved with state_dir since a row's absolute path was written.
         known = {Path(result.path).name for result in await self._store.stored_results()}
         orphans = await asyncio.to_thread(_remove_orphans, self._settings.images_dir, known, cutoff)
@@ -97,16 +95,33 @@ class Retention:
         """Delete one job's stored image and record it; False when it had none or the file could not be deleted."""
         if path is None:
             return False
-        try:
-            await asyncio.to_thread(Path(path).unlink, missing_ok=True)
-        except OSError as exc:
-            log.error("job %s: could not delete its stored image %s: %s", job_id, path, exc)
-            return False
-        audit = AuditEntry(actor, "image.removed", job_id=job_id, detail={"why": why, "path": path})
-        forgotten = await self._store.forget_result(job_id, audit)
-        if forgotten:
+        return bool(await self._remove({job_id: path}, why=why, actor=actor))
+
+    async def _remove(self, paths: dict[str, str], *, why: str, actor: str) -> list[str]:
+        deleted = await asyncio.to_thread(_unlink, paths)
+        audits = [
+            AuditEntry(actor, "image.removed", job_id=job_id, detail={"why": why, "path": paths[job_id]})
+            for job_id in deleted
+        ]
+        forgotten = await self._store.forget_results(audits)
+        for job_id in forgotten:
             log.info("job %s: stored image removed (%s)", job_id, why)
         return forgotten
+
+
+def _unlink(paths: dict[str, str]) -> list[str]:
+    """Delete each job's file (one already gone counts as deleted); the jobs whose file is gone now."""
+    deleted = []
+    for job_id, path in paths.items():
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("job %s: could not delete its stored image %s: %s", job_id, path, exc)
+            continue
+        deleted.append(job_id)
+    return deleted
 
 
 def _remove_orphans(directory: Path, known: set[str], cutoff: float) -> list[Path]:

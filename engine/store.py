@@ -708,17 +708,22 @@ class Store:
         )
         return [StoredResult(row[0], row[1], row[2]) for row in rows]
 
-    async def forget_result(self, job_id: str, audit: AuditEntry) -> bool:
-        """Record that a job's image was removed from disk (its result_path is cleared); False if it had none."""
+    async def forget_results(self, removals: Sequence[AuditEntry]) -> list[str]:
+        """Record that these jobs' images were removed from disk: result_path cleared, one audit line each.
 
-        def forget(db: sqlite3.Connection) -> bool:
-            cursor = db.execute(
-                "UPDATE jobs SET result_path = NULL WHERE id = ? AND result_path IS NOT NULL", (job_id,)
-            )
-            if cursor.rowcount != 1:
-                return False
-            _audit(db, audit)
-            return True
+        One transaction for the lot (a first sweep may remove thousands); returns the jobs that had an image.
+        """
+
+        def forget(db: sqlite3.Connection) -> list[str]:
+            forgotten = []
+            for audit in removals:
+                cursor = db.execute(
+                    "UPDATE jobs SET result_path = NULL WHERE id = ? AND result_path IS NOT NULL", (audit.job_id,)
+                )
+                if cursor.rowcount == 1:
+                    _audit(db, audit)
+                    forgotten.append(str(audit.job_id))
+            return forgotten
 
         return await self._tx(forget)
 
