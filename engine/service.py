@@ -81,6 +81,8 @@ class Engine:
         self.alerts = Alerts(store, settings, clock)
         self.retention = Retention(store, settings.bot, clock)
         self._retention_task: asyncio.Task[None] | None = None
+        # The models that take a guidance value, for the advice when one is given to a model that takes none.
+        self._guided = tuple(name for name, model in settings.models.items() if model.default_guidance is not None)
         self._watchers: dict[str, set[asyncio.Queue[JobEvent]]] = {}
         self._latest: dict[str, JobEvent] = {}
         self._everything: set[asyncio.Queue[JobEvent]] = set()
@@ -158,8 +160,7 @@ class Engine:
         if not decision_of_policy.allowed:
             await self.store.audit(policy_audit)
             raise PolicyBlocked(decision_of_policy.rule, decision_of_policy.detail)
-        guided = tuple(name for name, other in self.settings.models.items() if other.default_guidance is not None)
-        resolved = resolve(replace(request, prompt=self.policy.normalise(request.prompt)), model, guided=guided)
+        resolved = resolve(replace(request, prompt=self.policy.normalise(request.prompt)), model, guided=self._guided)
         # The image allowance does not depend on the route: say so plainly, with its reset time, before routing.
         standing.ensure_room(Resource.IMAGES, 1)
         decision = router.route(
@@ -262,23 +263,23 @@ class Engine:
         """
         if job.state is JobState.DONE:
             image = await self._stored_image(job)
-            if image is None:
+            if image is None or job.result_path is None:
                 return JobFailed(job.id, FailureReason.IMAGE_REMOVED, "the image is no longer stored", job.cost_micros)
-            path = Path(image[0])
-            mime = "image/" + {"jpg": "jpeg"}.get(path.suffix[1:], path.suffix[1:])
+            suffix = Path(job.result_path).suffix[1:]
+            mime = "image/" + {"jpg": "jpeg"}.get(suffix, suffix)
             seconds = (job.finished_at or job.created_at) - job.created_at
-            return JobDone(job.id, image[1], mime, job.request.seed, job.backend, job.cost_micros, seconds)
+            return JobDone(job.id, image, mime, job.request.seed, job.backend, job.cost_micros, seconds)
         if job.state is JobState.CANCELLED:
             return JobCancelled(job.id, job.cost_micros)
         if job.state is JobState.FAILED and job.failure_reason is not None:
             return JobFailed(job.id, job.failure_reason, job.error or "", job.cost_micros)
         raise InvalidRequest(f"job {job.id} has not ended yet", field="job")
 
-    async def _stored_image(self, job: Job) -> tuple[str, bytes] | None:
+    async def _stored_image(self, job: Job) -> bytes | None:
         if job.result_path is None:
             return None
         try:
-            return job.result_path, await asyncio.to_thread(Path(job.result_path).read_bytes)
+            return await asyncio.to_thread(Path(job.result_path).read_bytes)
         except FileNotFoundError:
             log.warning("job %s: its image %s is missing from the disk", job.id, job.result_path)
             return None
