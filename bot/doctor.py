@@ -300,7 +300,7 @@ def gpu(settings: Settings) -> list[Check]:
     for index in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(index)
         what = f"GPU {index}: {props.name}, {props.total_memory / 2**30:.0f} GiB"
-        if props.total_memory < LOW_GPU_BYTES and not settings.local.cpu_offload:
+        if props.total_memory < LOW_GPU_BYTES and not settings.local.cpu_offload and not demo:
             checks.append(Check(Status.WARN, what, "under 24 GB: set [local] cpu_offload = true"))
         else:
             checks.append(Check(Status.OK, what))
