@@ -540,6 +540,7 @@ class DiscordFrontEnd:
             await interaction.response.send_message(error_text(refusal), ephemeral=True)
             return
         await interaction.response.defer()
+        await self.engine.delete_result(requester, job_id)  # the stored image too, not only the message
         if interaction.message is not None:
             await interaction.message.delete()
         log.info("job %s: result deleted on Discord by %s", job_id, requester.user_key)

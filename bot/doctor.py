@@ -18,11 +18,12 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 
-from engine.backends.factory import LocalLane, local_lane
+from engine.backends.factory import LocalLane, gpu_extra_installed, local_lane
 from engine.backup import backup_dir, integrity_problem, list_backups
 from engine.config import DEMO_MODEL, Secrets, Settings
 from engine.errors import BackendUnavailable, ConfigError
 from engine.models import format_usd
+from engine.retention import image_store
 
 MIN_FREE_BYTES = 1 << 30  # below 1 GiB a day of images and a backup may no longer fit
 LOW_GPU_BYTES = 24 << 30  # FLUX.1 in bf16 needs about 24 GB without offloading (REFERENCE.md)
@@ -61,13 +62,14 @@ async def run_checks(settings: Settings, secrets: Secrets, *, slack_api_url: str
         Check(Status.OK, f"configuration: {len(settings.models)} models, {len(settings.tiers)} tiers"),
         database(settings),
         disk_space(settings),
+        images(settings),
         backups(settings),
-        await bfl_key(settings, secrets),
+        await bfl_key(settings, secrets, local_serves=local_serves(settings, secrets)),
         local_lane_check(settings, secrets),
         *local_weights(settings),
         *gpu(settings),
     ]
-    if not (settings.routing.api_enabled and secrets.bfl_api_key) and not settings.routing.local_enabled:
+    if not settings.routing.api_enabled and not settings.routing.local_enabled:
         checks.append(
             Check(
                 Status.FAIL,
@@ -121,6 +123,21 @@ def disk_space(settings: Settings) -> Check:
     return Check(Status.OK, what)
 
 
+def images(settings: Settings) -> Check:
+    """The image store's size, and how long it keeps images (`[bot] keep_images_days`)."""
+    found = image_store(settings.bot.images_dir)
+    days = settings.bot.keep_images_days
+    kept = f"kept {days} days" if days else "kept forever ([bot] keep_images_days = 0)"
+    if found.oldest_mtime is None:
+        return Check(Status.INFO, f"images: none stored yet in {settings.bot.images_dir}; {kept}")
+    oldest = datetime.fromtimestamp(found.oldest_mtime, UTC)
+    return Check(
+        Status.OK,
+        f"images: {found.files} files, {found.bytes / 2**20:.1f} MB in {settings.bot.images_dir}, "
+        f"the oldest from {oldest:%Y-%m-%d}; {kept}",
+    )
+
+
 def backups(settings: Settings, now: datetime | None = None) -> Check:
     every_h = settings.ops.backup_every_hours
     found = list_backups(backup_dir(settings.bot.state_dir))
@@ -137,15 +154,33 @@ def backups(settings: Settings, now: datetime | None = None) -> Check:
 # ---- image backends ----
 
 
-async def bfl_key(settings: Settings, secrets: Secrets) -> Check:
+def local_serves(settings: Settings, secrets: Secrets) -> bool:
+    """Whether the local lane will take jobs: on, installed, and with weights or in the demo case.
+
+    The demo model (no [local] model) serves only while nothing real is configured: no chat token and no BFL key.
+    """
+    return gpu_extra_installed() and local_lane(settings, secrets) not in (LocalLane.NO_WEIGHTS, LocalLane.DISABLED)
+
+
+async def bfl_key(settings: Settings, secrets: Secrets, *, local_serves: bool = False) -> Check:
     if not settings.routing.api_enabled:
         return Check(Status.INFO, "BFL API: off ([routing] api_enabled = false)")
     if not secrets.bfl_api_key:
+        api_only = [name for name, model in settings.models.items() if not model.local]
+        if local_serves:
+            # Not a failure: the local lane serves; only the API-only models are missing.
+            return Check(
+                Status.WARN,
+                "BFL API: BFL_API_KEY is not set; jobs run on the local lane"
+                + (f" and the API-only models ({', '.join(api_only)}) are refused" if api_only else ""),
+                "put BFL_API_KEY=... in the environment (/etc/flux-bot/env) for the API, "
+                "or set [routing] api_enabled = false to say it is meant",
+            )
         return Check(
             Status.FAIL,
-            "BFL API: BFL_API_KEY is not set",
+            "BFL API: BFL_API_KEY is not set, and no local model can serve either: no backend can make images",
             "put BFL_API_KEY=... in the environment (/etc/flux-bot/env), "
-            "or set [routing] api_enabled = false for a local-only bot",
+            "or set [local] model to FLUX.1 weights (with pip install 'flux-bot[gpu]') for a local-only bot",
         )
     from engine.backends.bfl import BflBackend
 
@@ -264,15 +299,25 @@ def _safetensors_check(model: str, folder: Path) -> Check:
 
 
 def gpu(settings: Settings) -> list[Check]:
-    if not settings.routing.local_enabled or settings.local.model in ("", DEMO_MODEL):
-        return []  # the demo model runs on the CPU; a real model is what needs a GPU
+    """Always one line at least: what the local lane runs on (a real model needs a GPU; the demo model does not)."""
+    if not settings.routing.local_enabled:
+        return [Check(Status.INFO, "GPU: not used ([routing] local_enabled = false)")]
+    demo = settings.local.model in ("", DEMO_MODEL)
     if settings.local.device == "cpu":
+        if demo:
+            return [Check(Status.INFO, 'GPU: not used ([local] device = "cpu"; the demo model runs on the CPU)')]
         return [Check(Status.WARN, 'GPU: [local] device = "cpu"', "FLUX.1 on a CPU takes minutes per image")]
     try:
         import torch
     except ImportError:
+        if demo:
+            return [
+                Check(Status.WARN, "GPU: torch is not installed: no local generation", "pip install 'flux-bot[gpu]'")
+            ]
         return [Check(Status.FAIL, "GPU: torch is not installed", "pip install 'flux-bot[gpu]'")]
     if not torch.cuda.is_available():
+        if demo:
+            return [Check(Status.INFO, "GPU: no CUDA GPU: local generation runs on the CPU (demo model only)")]
         return [
             Check(
                 Status.FAIL,
@@ -284,7 +329,7 @@ def gpu(settings: Settings) -> list[Check]:
     for index in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(index)
         what = f"GPU {index}: {props.name}, {props.total_memory / 2**30:.0f} GiB"
-        if props.total_memory < LOW_GPU_BYTES and not settings.local.cpu_offload:
+        if props.total_memory < LOW_GPU_BYTES and not settings.local.cpu_offload and not demo:
             checks.append(Check(Status.WARN, what, "under 24 GB: set [local] cpu_offload = true"))
         else:
             checks.append(Check(Status.OK, what))

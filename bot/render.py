@@ -35,6 +35,7 @@ from engine.models import (
     JobQueued,
     JobRerouted,
     JobStarted,
+    JobState,
     JobWaiting,
     Resource,
     format_usd,
@@ -123,11 +124,14 @@ _FAILURES = {
     FailureReason.DOWNLOAD_FAILED: "the finished image could not be downloaded in time",
     FailureReason.INTERRUPTED: "flux-bot restarted while it was working on it",
     FailureReason.INTERNAL: "something went wrong inside flux-bot",
+    FailureReason.IMAGE_REMOVED: "its image was made but is no longer stored here (deleted, or past this server's"
+    " retention), so it cannot be shown",
 }
 
 _ADVICE = {
     FailureReason.MODERATED: "Rephrase the prompt and try again.",
     FailureReason.BAD_REQUEST: "Try other settings (size, steps, guidance).",
+    FailureReason.IMAGE_REMOVED: "Ask again with /imagine to make a new one.",
 }
 # The API itself cannot serve anyone until an admin acts: the GPU lane is the way round it, where there is one.
 _ADMIN_MUST_FIX = (FailureReason.OUT_OF_CREDITS, FailureReason.AUTH)
@@ -302,6 +306,8 @@ def job_text(job: Job, model_display: str, safe: UserText) -> str:
     ]
     if job.error:
         lines.append(f"  error: {shown(job.error, safe)}")  # it can quote what a provider answered about the prompt
+    if job.state is JobState.DONE and job.result_path is None:
+        lines.append("  image: no longer stored (deleted, or past this server's retention)")
     return "\n".join(lines)
 
 

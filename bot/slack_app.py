@@ -591,6 +591,7 @@ class SlackFrontEnd:
             return
         channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id")
         ts = (body.get("message") or {}).get("ts") or (body.get("container") or {}).get("message_ts")
+        await self.engine.delete_result(requester, job.id)  # the stored image too, not only the message
         await self.client.chat_delete(channel=str(channel), ts=str(ts))
         if file_id:
             await self.client.files_delete(file=file_id)

@@ -78,6 +78,7 @@ class BotSettings(_Section):
     state_dir: FilePath = Path("state")
     database: str = "flux-bot.db"
     timezone: str = "UTC"
+    keep_images_days: int = Field(30, ge=0)  # results older than this are deleted from images_dir; 0 = kept forever
 
     @field_validator("timezone")
     @classmethod
@@ -120,7 +121,6 @@ class RoutingSettings(_Section):
 class SchedulerSettings(_Section):
     max_running_per_user: int = Field(1, ge=1)
     local_retries: int = Field(1, ge=0, le=5)
-    local_capacity: int = Field(1, ge=1)
 
 
 class SlackSettings(_Section):
@@ -235,7 +235,7 @@ class ModelSettings(_Section):
     price_credits: Credits = Field(Decimal(0), ge=0)
     default_steps: int = Field(28, ge=1)
     max_steps: int = Field(50, ge=1)
-    default_guidance: float | None = None
+    default_guidance: float | None = None  # None: the model takes no guidance, and a value is refused
     min_guidance: float = 1.5
     max_guidance: float = 5.0
     sizing: Literal["pixels", "aspect"] = "pixels"

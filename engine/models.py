@@ -111,6 +111,7 @@ class FailureReason(StrEnum):
     DOWNLOAD_FAILED = "download_failed"
     INTERRUPTED = "interrupted"
     INTERNAL = "internal"
+    IMAGE_REMOVED = "image_removed"  # made, but deleted from the store (Delete, retention) before it was delivered
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from engine.models import (
     TERMINAL_EVENTS,
     BackendKind,
     Capabilities,
+    FailureReason,
     ImageRequest,
     Job,
     JobCancelled,
@@ -40,6 +41,7 @@ from engine.models import (
 )
 from engine.policy import PromptPolicy
 from engine.quota import Quota, QuotaView
+from engine.retention import Retention
 from engine.scheduler import Scheduler
 from engine.store import AuditEntry, SpendRow, Store
 from engine.telemetry import Health, Telemetry
@@ -79,6 +81,10 @@ class Engine:
         self.scheduler = Scheduler(store, self.quota, settings, backends, self._publish, clock)
         self.telemetry = Telemetry(store, self.scheduler, backends, clock)
         self.alerts = Alerts(store, settings, clock)
+        self.retention = Retention(store, settings.bot, clock)
+        self._retention_task: asyncio.Task[None] | None = None
+        # The models that take a guidance value, for the advice when one is given to a model that takes none.
+        self._guided = tuple(name for name, model in settings.models.items() if model.default_guidance is not None)
         self._watchers: dict[str, set[asyncio.Queue[JobEvent]]] = {}
         self._latest: dict[str, JobEvent] = {}
         self._everything: set[asyncio.Queue[JobEvent]] = set()
@@ -115,12 +121,18 @@ class Engine:
             self.telemetry.track(job)  # jobs left by the last process: their log lines still name user and route
         if dispatch:
             await self.scheduler.start()
+            if self.retention.keep_days > 0:
+                await self.retention.sweep_logged()
+                self._retention_task = asyncio.create_task(self.retention.run(), name="image retention")
 
     async def close(self) -> None:
         """Stop without ending running jobs (the next start recovers them). Safe to call twice."""
         if self._closed:
             return
         self._closed = True
+        if self._retention_task is not None:
+            self._retention_task.cancel()
+            await asyncio.gather(self._retention_task, return_exceptions=True)
         await self.scheduler.stop()
         await self.alerts.close()
         for backend in self._backends.values():
@@ -161,7 +173,7 @@ class Engine:
         if not decision_of_policy.allowed:
             await self.store.audit(policy_audit)
             raise PolicyBlocked(decision_of_policy.rule, decision_of_policy.detail)
-        resolved = resolve(replace(request, prompt=self.policy.for_model(request.prompt)), model)
+        resolved = resolve(replace(request, prompt=self.policy.for_model(request.prompt)), model, guided=self._guided)
         # The image allowance does not depend on the route: say so plainly, with its reset time, before routing.
         standing.ensure_room(Resource.IMAGES, 1)
         # One snapshot of each lane for the route, its reason and the queued note, so they all quote the same wait.
@@ -264,10 +276,17 @@ class Engine:
             queue.put_nowait(event)
 
     async def terminal_event(self, job: Job) -> JobEvent:
-        """Rebuild the terminal event of an ended job from the database (and the saved image)."""
-        if job.state is JobState.DONE and job.result_path:
-            image = await asyncio.to_thread(Path(job.result_path).read_bytes)
-            mime = "image/" + {"jpg": "jpeg"}.get(Path(job.result_path).suffix[1:], Path(job.result_path).suffix[1:])
+        """Rebuild the terminal event of an ended job from the database (and the saved image).
+
+        A done job whose image is no longer stored (deleted, past the retention, or gone from the disk) ends as
+        a failure to deliver it, charged what the job cost: the image was made, but nobody can be shown it now.
+        """
+        if job.state is JobState.DONE:
+            image = await self._stored_image(job)
+            if image is None or job.result_path is None:
+                return JobFailed(job.id, FailureReason.IMAGE_REMOVED, "the image is no longer stored", job.cost_micros)
+            suffix = Path(job.result_path).suffix[1:]
+            mime = "image/" + {"jpg": "jpeg"}.get(suffix, suffix)
             seconds = (job.finished_at or job.created_at) - job.created_at
             return JobDone(job.id, image, mime, job.request.seed, job.backend, job.cost_micros, seconds)
         if job.state is JobState.CANCELLED:
@@ -275,6 +294,24 @@ class Engine:
         if job.state is JobState.FAILED and job.failure_reason is not None:
             return JobFailed(job.id, job.failure_reason, job.error or "", job.cost_micros)
         raise InvalidRequest(f"job {job.id} has not ended yet", field="job")
+
+    async def _stored_image(self, job: Job) -> bytes | None:
+        if job.result_path is None:
+            return None
+        try:
+            return await asyncio.to_thread(Path(job.result_path).read_bytes)
+        except FileNotFoundError:
+            log.warning("job %s: its image %s is missing from the disk", job.id, job.result_path)
+            return None
+
+    async def delete_result(self, requester: Requester, job_id: str) -> bool:
+        """Delete a result's stored image (the requester's own, or any for an admin); False if none was stored."""
+        job = await self.store.get_job(job_id.strip())
+        if job.requester.user_key != requester.user_key and not self.is_admin(requester):
+            raise NotAllowed("delete", "only the person who asked for this image or an admin can delete it")
+        return await self.retention.remove(
+            job.id, job.result_path, why=f"deleted by {requester.user_key}", actor=requester.user_key
+        )
 
     async def undelivered(self) -> list[Job]:
         return await self.store.undelivered()

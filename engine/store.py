@@ -148,6 +148,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX jobs_by_end ON jobs (finished_at, state, backend, created_at);
     """,
+    # 3: the image retention's hourly sweep reads the results still on disk, oldest first, without walking every job
+    """
+    CREATE INDEX jobs_with_result ON jobs (finished_at) WHERE result_path IS NOT NULL;
+    """,
 )
 
 
@@ -684,6 +688,37 @@ class Store:
         )
         return [_job_from_row(row) for row in rows]
 
+    # ---- stored images (engine/retention.py) ----
+
+    async def stored_results(self, finished_before: float | None = None) -> list[StoredResult]:
+        """The jobs whose image is still on disk, oldest first: all of them, or those that ended before a moment."""
+        where = "" if finished_before is None else " AND finished_at < ?"
+        rows = await self._read(
+            "SELECT id, result_path, finished_at FROM jobs INDEXED BY jobs_with_result"
+            f" WHERE result_path IS NOT NULL{where} ORDER BY finished_at",
+            () if finished_before is None else (finished_before,),
+        )
+        return [StoredResult(row[0], row[1], row[2]) for row in rows]
+
+    async def forget_results(self, removals: Sequence[AuditEntry]) -> list[str]:
+        """Record that these jobs' images were removed from disk: result_path cleared, one audit line each.
+
+        One transaction for the lot (a first sweep may remove thousands); returns the jobs that had an image.
+        """
+
+        def forget(db: sqlite3.Connection) -> list[str]:
+            forgotten = []
+            for audit in removals:
+                cursor = db.execute(
+                    "UPDATE jobs SET result_path = NULL WHERE id = ? AND result_path IS NOT NULL", (audit.job_id,)
+                )
+                if cursor.rowcount == 1:
+                    _audit(db, audit)
+                    forgotten.append(str(audit.job_id))
+            return forgotten
+
+        return await self._tx(forget)
+
     # ---- ledger ----
 
     async def usage(self, scope: Scope, resource: Resource, period_key: str) -> int:
@@ -812,6 +847,13 @@ class Store:
             (since,),
         )
         return {JobState(row[0]): int(row[1]) for row in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResult:
+    job_id: str
+    path: str
+    finished_at: float
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,8 @@ MIN_SIDE, MAX_SIDE, SIDE_STEP = 256, 1440, 32
 MAX_SEED = 2**32 - 1
 
 
-def resolve(request: ImageRequest, model: ModelSettings) -> ResolvedRequest:
+def resolve(request: ImageRequest, model: ModelSettings, *, guided: tuple[str, ...] = ()) -> ResolvedRequest:
+    """Fill and check every option; `guided` names the configured models that take guidance, for the advice."""
     aspect = request.aspect_ratio or "1:1"
     if aspect not in ASPECT_RATIOS:
         raise InvalidRequest(f"aspect ratio {aspect!r} is not one of {', '.join(ASPECT_RATIOS)}", field="aspect")
@@ -36,6 +37,13 @@ def resolve(request: ImageRequest, model: ModelSettings) -> ResolvedRequest:
     steps = model.default_steps if request.steps is None else request.steps
     if not 1 <= steps <= model.max_steps:
         raise InvalidRequest(f"steps must be between 1 and {model.max_steps} for {model.display_name}", field="steps")
+    # A model without a default guidance takes none (FLUX.1 [schnell] is distilled without it, and the API's pro
+    # endpoints have no such field): a value would be silently ignored, and the image's metadata would show it.
+    if request.guidance is not None and model.default_guidance is None:
+        other = f", or choose a model that takes it ({', '.join(guided)})" if guided else ""
+        raise InvalidRequest(
+            f"{model.display_name} takes no guidance value; leave guidance out{other}", field="guidance"
+        )
     guidance = request.guidance if request.guidance is not None else model.default_guidance
     if guidance is not None and not model.min_guidance <= guidance <= model.max_guidance:
         raise InvalidRequest(

@@ -404,3 +404,16 @@ async def test_at_a_terminal_the_prompt_and_the_typed_text_come_back_after_a_job
             console.close()
             os.close(console.fd)
     assert "Stopping" in console.output and console.output.endswith("You had no jobs waiting or running.\r\n")
+
+
+async def test_console_guidance_is_refused_where_ignored_and_saved_where_used(
+    make_engine: EngineFactory, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    written = await run_console(
+        make_engine, out, ["/imagine a red cat guidance=3", "/imagine a red cat model=dev guidance=4.5"]
+    )
+    assert "FLUX.1 [schnell] takes no guidance value" in written[0] and "not charged" in written[0]
+    [png] = list(out.glob("*.png"))
+    with Image.open(png) as image:
+        assert image.text["model"] == "FLUX.1 [dev]" and image.text["guidance"] == "4.5"

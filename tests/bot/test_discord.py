@@ -172,7 +172,7 @@ async def test_imagine_defers_then_edits_then_posts_the_image(
     ("options", "problem"),
     [
         ({"steps": 99}, "steps must be between 1 and 8"),
-        ({"guidance": 9.5}, "guidance must be between"),
+        ({"model": "dev", "guidance": 9.5}, "guidance must be between"),
         ({"model": "flux-9000"}, "unknown model"),
     ],
 )
@@ -686,3 +686,39 @@ async def test_an_edit_prompt_modal_opened_before_a_restart_is_handled_after_it(
     [new] = [job for job in await engine.store.jobs(states=list(JobState)) if job.id != job_id]
     assert new.request.prompt == "a red wolf"
     assert new.request == replace(old.request, prompt="a red wolf")
+
+
+async def test_delete_removes_the_stored_image_too(
+    make_engine: EngineFactory, front_end: FrontEndFactory, fake: FakeDiscord
+) -> None:
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()})
+    app = await front_end(engine)
+    job_id, message_id = await _first_result(fake, app, "a red fox")
+    stored = str((await engine.store.get_job(job_id)).result_path)
+    assert await asyncio.to_thread(os.path.isfile, stored)
+
+    refused = feed(app, click(f"flux:delete:{job_id}", message_id, user_id=BOB))
+    await fake.wait_for(lambda _: bool(fake.matching("POST", f"{refused}/callback")), "the refusal")
+    assert await asyncio.to_thread(os.path.isfile, stored)  # someone else's Delete changes nothing
+
+    feed(app, click(f"flux:delete:{job_id}", message_id))
+    path = f"/channels/{CHANNEL_ID}/messages/{message_id}"
+    await fake.wait_for(lambda _: bool(fake.matching("DELETE", path, status=204)), "the deletion")
+    assert not await asyncio.to_thread(os.path.isfile, stored)
+    job = await engine.store.get_job(job_id)
+    assert job.state is JobState.DONE and job.result_path is None
+    [audit] = await engine.store.audit_log("image.removed")
+    assert audit["job_id"] == job_id and audit["actor"] == f"discord:{ALICE}"
+
+
+async def test_guidance_is_refused_for_schnell_and_stored_as_used_for_dev(
+    make_engine: EngineFactory, front_end: FrontEndFactory, fake: FakeDiscord
+) -> None:
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()})
+    app = await front_end(engine)
+    reply = await wait_followup(fake, feed(app, command("imagine", imagine("a red cat", guidance=3.0))))
+    assert reply.payload["flags"] == EPHEMERAL and "FLUX.1 [schnell] takes no guidance value" in content(reply)
+    assert await engine.store.jobs(states=list(JobState)) == []
+    await wait_followup(fake, feed(app, command("imagine", imagine("a red cat", model="dev", guidance=4.5))))
+    [job] = await engine.store.jobs(states=list(JobState))
+    assert job.request.guidance == 4.5 and "guidance 4.5" in await Commands(engine).job(job.requester, job.id)

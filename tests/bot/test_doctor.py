@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -39,11 +41,24 @@ def test_a_broken_config_is_one_failed_line_naming_the_key(tmp_path: Path, capsy
 
 
 async def test_a_missing_bfl_key_fails_with_what_to_set(make_settings: SettingsFactory) -> None:
-    checks = await run_checks(make_settings(), Secrets())
+    # With nothing else to serve (the local lane off), a missing key means no image can be made.
+    checks = await run_checks(make_settings(routing={"local_enabled": False}), Secrets())
     line = by_topic(checks, "BFL API").line()
-    assert line.startswith("[FAIL] BFL API: BFL_API_KEY is not set — put BFL_API_KEY=... in the environment")
-    assert "api_enabled = false" in line
+    assert line.startswith("[FAIL] BFL API: BFL_API_KEY is not set, and no local model can serve either")
+    assert "put BFL_API_KEY=... in the environment" in line and "[local] model" in line
     assert failed(checks)
+    # The demo model serves while nothing real is configured: a warning, not a failure.
+    demo_settings = make_settings()
+    store = await Store.open(demo_settings.bot.database_path)  # doctor fails on a missing database
+    await store.close()
+    demo = await run_checks(demo_settings, Secrets())
+    line = by_topic(demo, "BFL API").line()
+    assert line.startswith("[warn] BFL API: BFL_API_KEY is not set; jobs run on the local lane")
+    assert "API-only models (pro, ultra) are refused" in line and "api_enabled = false" in line
+    assert not failed(demo)
+    # A chat token with no weights: the demo model does not serve chat users, so nothing can.
+    chat = await run_checks(make_settings(), Secrets(discord_token=DISCORD_TOKEN))
+    assert by_topic(chat, "BFL API").status is Status.FAIL
     # A local-only bot says so and is not failed for it.
     local_only_settings = make_settings(routing={"api_enabled": False})
     store = await Store.open(local_only_settings.bot.database_path)  # doctor fails on a missing database
@@ -133,3 +148,45 @@ async def test_a_real_model_without_a_gpu_fails(make_settings: SettingsFactory, 
     check = by_topic(await run_checks(settings, Secrets()), "GPU")
     # This machine has no GPU (CI neither); on a GPU host the line lists the cards instead.
     assert check.line().startswith("[FAIL] GPU: no CUDA device is visible — install the NVIDIA driver")
+
+
+def test_doctor_exits_0_on_the_default_demo_setup(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("DISCORD_TOKEN", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "SLACK_SIGNING_SECRET", "BFL_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("FLUX_BOT_CONFIG", raising=False)
+    config = tmp_path / "config.toml"
+    config.write_text('[bot]\nstate_dir = "state"\n')  # everything else at its default
+
+    async def first_start() -> None:  # a bot that has started once (doctor never creates the database)
+        await (await Store.open(tmp_path / "state" / "flux-bot.db")).close()
+
+    asyncio.run(first_start())
+    assert main(["--config", str(config), "doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "[FAIL]" not in out, out
+    assert "[warn] BFL API: BFL_API_KEY is not set" in out
+    assert any(line.startswith(("[info] GPU", "[ok] GPU")) for line in out.splitlines()), out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this host has a GPU: the check lists it instead")
+async def test_a_cpu_box_gets_a_gpu_line_for_the_demo_model(make_settings: SettingsFactory) -> None:
+    check = by_topic(await run_checks(make_settings(), Secrets()), "GPU")
+    assert check.line() == "[info] GPU: no CUDA GPU: local generation runs on the CPU (demo model only)"
+    off = by_topic(await run_checks(make_settings(routing={"local_enabled": False}), Secrets()), "GPU")
+    assert off.line() == "[info] GPU: not used ([routing] local_enabled = false)"
+
+
+async def test_the_image_store_is_one_line(make_settings: SettingsFactory) -> None:
+    settings: Settings = make_settings(bot={"keep_images_days": 7})
+    empty = by_topic(await run_checks(settings, Secrets()), "images")
+    assert empty.line() == f"[info] images: none stored yet in {settings.bot.images_dir}; kept 7 days"
+    settings.bot.images_dir.mkdir(parents=True)
+    for name, size, day in (("ja.png", 3 * 2**20, 5), ("jb.png", 2**19, 9)):
+        path = settings.bot.images_dir / name
+        path.write_bytes(b"x" * size)
+        stamp = datetime(2026, 11, day, 12, tzinfo=UTC).timestamp()
+        os.utime(path, (stamp, stamp))
+    line = by_topic(await run_checks(settings, Secrets()), "images").line()
+    assert line == f"[ok] images: 2 files, 3.5 MB in {settings.bot.images_dir}, the oldest from 2026-11-05; kept 7 days"

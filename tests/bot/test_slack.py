@@ -10,6 +10,7 @@ import ast
 import asyncio
 import io
 import json
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -656,3 +657,39 @@ async def test_the_posted_image_is_the_stored_file_with_its_parameters(
     assert upload.data == stored
     with Image.open(io.BytesIO(stored)) as image:
         assert image.text["prompt"] == "a red cat" and image.text["model"] == "FLUX.1 [schnell]"
+
+
+async def test_delete_removes_the_stored_image_too(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    app = await front_end(await make_engine({BackendKind.LOCAL: ScriptedBackend()}))
+    job_id = job_id_of(await slash(app, "/imagine", "a red cat"))
+    result = await finished(app, slack, job_id)
+    stored = str((await app.engine.store.get_job(job_id)).result_path)
+    assert await asyncio.to_thread(os.path.isfile, stored)
+
+    await click(app, result, "delete", user=BOB)
+    await until(lambda: len(slack.named("chat.postEphemeral")) == 1)
+    assert await asyncio.to_thread(os.path.isfile, stored)  # someone else's Delete changes nothing
+
+    await click(app, result, "delete", user=ALICE)
+    await until(lambda: len(slack.named("files.delete")) == 1)
+    assert not await asyncio.to_thread(os.path.isfile, stored)
+    job = await app.engine.store.get_job(job_id)
+    assert job.state is JobState.DONE and job.result_path is None
+    [audit] = await app.engine.store.audit_log("image.removed")
+    assert audit["job_id"] == job_id and audit["actor"] == f"slack:{TEAM_ID}:{ALICE}"
+
+
+async def test_guidance_is_refused_for_schnell_and_shown_as_used_for_dev(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()})
+    app = await front_end(engine)
+    refusal = await slash(app, "/imagine", "a red cat --guidance 3")
+    assert "FLUX.1 [schnell] takes no guidance value" in refusal and "not charged" in refusal
+    assert await engine.store.jobs() == []
+    job_id = job_id_of(await slash(app, "/imagine", "a red cat --model dev"))
+    await finished(app, slack, job_id)
+    with Image.open(io.BytesIO(slack.named("upload")[0].data)) as image:
+        assert isinstance(image, PngImageFile) and image.text["guidance"] == "3.0"  # dev's default, as used

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 from engine.models import BackendKind, FailureReason, JobCancelled
-from engine.report import Report, build_report, p95, render_png, summary_text
+from engine.report import NO_DATA, Report, build_report, draw, p95, render_png, summary_text
 from tests.conftest import SettingsFactory, user, wait_terminal
 from tests.engine.clocked import ClockedJobs, Outcome
 
@@ -124,16 +125,99 @@ def test_the_report_type_keeps_its_series_aligned() -> None:
         timezone="UTC",
         month="2026-11",
         spend_micros={BackendKind.LOCAL: (0, 0), BackendKind.API: (10, 30)},
+        month_to_date_micros=(10, 40),
         images={BackendKind.LOCAL: (2, 0), BackendKind.API: (1, 3)},
         failed=(1, 0),
         ended=(4, 3),
         cancelled=(0, 0),
+        worst_hour_pct=(None, None),
         p95_s=(1.0, 2.0),
         period_p95_s=2.0,
         month_spend_micros=40,
         cap_micros=None,
+        spend_alert_percents=(50, 80, 100),
         failure_alert_rate=0.2,
+        failure_alert_min_jobs=10,
     )
     assert report.images_per_day == (3, 3) and report.busiest_day == (date(2026, 11, 2), 3)  # the later of a tie
     assert report.total_spend() == 40 and report.total_spend(BackendKind.LOCAL) == 0
     assert report.failure_rate_pct == (25.0, 0.0)
+
+
+def drawn(report: Report) -> dict[str, dict[str, object]]:
+    """What each panel shows, by its title's first words: its texts and its labelled lines' y values."""
+    panels: dict[str, dict[str, object]] = {}
+    figure = draw(report)
+    main_axes = [ax for ax in figure.axes if ax.get_title()]
+    for ax in main_axes:
+        twins = [other for other in figure.axes if not other.get_title() and other.bbox.bounds == ax.bbox.bounds]
+        lines = {
+            str(line.get_label()): [float(y) for y in line.get_ydata()]  # type: ignore[union-attr]
+            for axis in (ax, *twins)
+            for line in axis.get_lines()
+            if not str(line.get_label()).startswith("_")
+        }
+        panels[ax.get_title().split(" ")[0]] = {"texts": [t.get_text() for t in ax.texts], "lines": lines}
+    return panels
+
+
+async def test_empty_panels_say_no_data_yet(jobs: ClockedJobs, make_settings: SettingsFactory) -> None:
+    engine = await jobs.open(make_settings())
+    jobs.clock.now = NOW.timestamp()
+    panels = drawn(await build_report(engine.store, engine.settings, engine.quota.periods()))
+    assert sorted(panels) == ["API", "End-to-end", "Failure", "Images"]
+    assert all(panel["texts"] == [NO_DATA] for panel in panels.values()), panels
+    # Local images only: the spend panel is still empty, the others are not.
+    await jobs.run(engine, at("2026-11-26", 11), "schnell", Outcome(4))
+    panels = drawn(await build_report(engine.store, engine.settings, engine.quota.periods()))
+    assert {name: panel["texts"] for name, panel in panels.items()} == {
+        "API": [NO_DATA],
+        "Images": [],
+        "Failure": [],
+        "End-to-end": [],
+    }
+
+
+async def test_the_cap_and_the_alert_thresholds_are_drawn_in_the_panels_units(
+    jobs: ClockedJobs, make_settings: SettingsFactory
+) -> None:
+    settings = make_settings(limits={"global_api_usd_per_month": "1.00"}, tiers={"default": {}})
+    engine = await jobs.open(settings)
+    # October's money counts towards October's month-to-date, November starts again from zero.
+    await jobs.run(engine, at("2026-10-20", 10), "pro", Outcome(10, cost_micros=300_000))  # before the window
+    await jobs.run(engine, at("2026-10-30", 10), "pro", Outcome(10, cost_micros=200_000))
+    await jobs.run(engine, at("2026-11-02", 10), "pro", Outcome(10, cost_micros=40_000))
+    # 25 Nov: 10 images at night; then 8 images and 4 failures within one hour. The day's rate is 4 of 22; the
+    # alert, at each failure, saw the hour before it: 2 of 10, 3 of 11, 4 of 12 (1 of 9 is under the 10 jobs).
+    for n in range(10):
+        await jobs.run(engine, at("2026-11-25", 2, n), "schnell", Outcome(1))
+    for n in range(8):
+        await jobs.run(engine, at("2026-11-25", 10, n), "schnell", Outcome(1))
+    for n in range(4):
+        await jobs.run(engine, at("2026-11-25", 10, 10 + n), "schnell", Outcome(1, FailureReason.BAD_REQUEST))
+    jobs.clock.now = NOW.timestamp()
+    report = await build_report(engine.store, settings, engine.quota.periods())
+
+    assert report.month_to_date_micros[report.days.index(date(2026, 10, 30))] == 500_000
+    assert report.month_to_date_micros[report.days.index(date(2026, 10, 31))] == 500_000
+    assert report.month_to_date_micros[report.days.index(date(2026, 11, 1))] == 0
+    assert report.month_to_date_micros[-1] == 40_000 == report.month_spend_micros
+    day = report.days.index(date(2026, 11, 25))
+    assert report.failure_rate_pct[day] == pytest.approx(100 * 4 / 22)
+    assert report.worst_hour_pct[day] == pytest.approx(100 * 4 / 12)
+    assert [rate for rate in report.worst_hour_pct if rate is not None] == [pytest.approx(100 * 4 / 12)]
+
+    panels = drawn(report)
+    spend = panels["API"]["lines"]
+    assert isinstance(spend, dict)
+    assert spend["monthly cap $1.00"] == [1.0, 1.0]  # dollars a month, on the month-to-date axis
+    assert spend["spend alerts at 50%, 80% of the cap"] == [0.5, 0.5]
+    assert spend["spent this month, to date"] == [m / 1_000_000 for m in report.month_to_date_micros]
+    failures = panels["Failure"]["lines"]
+    assert isinstance(failures, dict)
+    assert failures["alert threshold: 20% of an hour"] == [20.0, 20.0]
+    worst = failures["worst hour that day (hours with >= 10 ended jobs)"]
+    assert worst[day] == pytest.approx(100 * 4 / 12) and sum(1 for w in worst if not math.isnan(w)) == 1
+    # Without a cap, there is no cap to draw.
+    plain = drawn(await build_report(engine.store, make_settings(tiers={"default": {}}), engine.quota.periods()))
+    assert isinstance(plain["API"]["lines"], dict) and not any("cap" in name for name in plain["API"]["lines"])

@@ -197,3 +197,26 @@ async def _job_state(settings: Settings, job_id: str) -> JobState:
         return (await store.get_job(job_id)).state
     finally:
         await store.close()
+
+
+async def test_guidance_is_refused_for_a_model_that_takes_none_and_stored_as_used(make_engine: EngineFactory) -> None:
+    engine = await make_engine(
+        {BackendKind.LOCAL: ScriptedBackend(), BackendKind.API: ScriptedBackend(BackendKind.API)}
+    )
+    for model in ("schnell", "pro", "ultra"):
+        with pytest.raises(InvalidRequest) as caught:
+            await engine.submit(user(), ImageRequest("a cat", model, guidance=3.0))
+        display = engine.settings.models[model].display_name
+        assert caught.value.field == "guidance"
+        assert (
+            caught.value.problem
+            == f"{display} takes no guidance value; leave guidance out, or choose a model that takes it (dev)"
+        )
+    await _nothing_stored(engine)
+    # What a job really used is what is stored: none for schnell, the default or the value asked for on dev.
+    used = {}
+    for model, guidance in (("schnell", None), ("dev", None), ("dev", 4.5)):
+        queued = await engine.submit(user(), ImageRequest("a cat", model, guidance=guidance))
+        await wait_terminal(engine, queued.job_id)
+        used[(model, guidance)] = (await engine.store.get_job(queued.job_id)).request.guidance
+    assert used == {("schnell", None): None, ("dev", None): 3.0, ("dev", 4.5): 4.5}
