@@ -285,6 +285,7 @@ class Process:
     def __init__(self, proc: asyncio.subprocess.Process, output_fd: int) -> None:
         self.proc, self.fd, self.output = proc, output_fd, ""
         self._more = asyncio.Event()
+        self._ended = asyncio.Event()  # the output's end: everything the process wrote has been read
         asyncio.get_running_loop().add_reader(output_fd, self._read)
 
     def _read(self) -> None:
@@ -294,6 +295,7 @@ class Process:
             chunk = b""
         if not chunk:
             asyncio.get_running_loop().remove_reader(self.fd)
+            self._ended.set()
         self.output += chunk.decode(errors="replace")
         self._more.set()
 
@@ -306,8 +308,11 @@ class Process:
         return self.output.index(text, after)
 
     async def exit_status(self, limit_s: float = 60) -> int:
+        """The exit status, once the output is read to its end too (the exit can be seen before the last output)."""
         async with asyncio.timeout(limit_s):
-            return await self.proc.wait()
+            status = await self.proc.wait()
+            await self._ended.wait()
+        return status
 
     def close(self) -> None:
         if self.proc.returncode is None:
