@@ -372,7 +372,10 @@ class DiscordFrontEnd:
         log.error("discord command failed", exc_info=error)
         text = render.INTERNAL_ERROR
         if isinstance(error, app_commands.TransformerError):
-            text = f"That option can't be used: {user_text(repr(error.value))}. {render.NOT_CHARGED}"
+            # Only a refused /imagine could have cost anything: elsewhere a word about charges would be noise.
+            makes_images = interaction.command is not None and interaction.command.name == "imagine"
+            charge = f" {render.NOT_CHARGED}" if makes_images else ""
+            text = f"That option can't be used: {user_text(repr(error.value))}.{charge}"
         await self._refuse(interaction, text)
 
     async def _refuse(self, interaction: discord.Interaction, text: str) -> None:

@@ -103,11 +103,21 @@ class Engine:
         from engine.backends.factory import build_backends
 
         store = await Store.open(settings.bot.database_path)
-        demo = False
-        if backends is None:
-            backends, demo = await build_backends(settings, secrets)
-        engine = cls(settings, secrets, store, backends, clock=clock, demo=demo)
-        await engine.start()
+        # Whatever stops the start (an error, Ctrl-C while the demo model is built), the database's thread is
+        # closed again: a process cannot exit while it still runs.
+        try:
+            demo = False
+            if backends is None:
+                backends, demo = await build_backends(settings, secrets)
+            engine = cls(settings, secrets, store, backends, clock=clock, demo=demo)
+        except BaseException:
+            await store.close()
+            raise
+        try:
+            await engine.start()
+        except BaseException:
+            await engine.close()
+            raise
         return engine
 
     async def start(self, *, dispatch: bool = True) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 from dataclasses import dataclass
 
 import aiosqlite
@@ -220,3 +221,22 @@ async def test_guidance_is_refused_for_a_model_that_takes_none_and_stored_as_use
         await wait_terminal(engine, queued.job_id)
         used[(model, guidance)] = (await engine.store.get_job(queued.job_id)).request.guidance
     assert used == {("schnell", None): None, ("dev", None): 3.0, ("dev", 4.5): 4.5}
+
+
+class _RefusingBackend(ScriptedBackend):
+    """A backend whose start fails, as a worker that cannot load its model does."""
+
+    async def start(self) -> None:
+        raise RuntimeError("the model could not be loaded")
+
+
+async def test_a_failed_start_closes_the_database_again(make_settings: SettingsFactory) -> None:
+    """Otherwise the database's thread outlives the failure and the process cannot exit (Ctrl-C at start-up hung)."""
+    before = set(threading.enumerate())
+    with pytest.raises(RuntimeError, match="could not be loaded"):
+        await Engine.open(make_settings(), Secrets(), backends={BackendKind.LOCAL: _RefusingBackend()})
+    # A closed connection's thread ends just after close() returns; one left open never ends.
+    started = [thread for thread in threading.enumerate() if thread not in before]
+    for thread in started:
+        thread.join(timeout=10)
+    assert [thread for thread in started if thread.is_alive()] == []
