@@ -124,7 +124,7 @@ async def test_direction_controls_in_a_prompt_cannot_reorder_the_bots_own_words(
     spoof = "a cat \u202eeerf si sihT"  # a right-to-left override left open
     queued = await commands.imagine(alice, spoof, {})
     await wait_terminal(engine, queued.job_id)
-    assert (await engine.store.get_job(queued.job_id)).request.prompt == spoof  # the model got it as typed
+    assert (await engine.get_job(queued.job_id)).request.prompt == spoof  # the model got it as typed
     assert f"  prompt: \u2068{spoof}\u2069\n" in await commands.job(alice, queued.job_id)
     plain = await commands.imagine(alice, "a plain cat", {})
     assert "  prompt: a plain cat\n" in await commands.job(alice, plain.job_id)
