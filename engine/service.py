@@ -21,7 +21,7 @@ from engine import router
 from engine.alerts import Alert, Alerts, FailureAlert, SpendAlert
 from engine.backends.base import Backend
 from engine.backends.factory import LocalLane, gpu_extra_installed, local_lane, local_off_line, serving_settings
-from engine.backup import BackupFile, backup, backup_dir, backup_every, integrity_problem, list_backups, restore
+from engine.backup import backup, backup_dir, backup_every, integrity_problem, list_backups, restore
 from engine.config import ASPECT_RATIOS, Secrets, Settings
 from engine.errors import BackendUnavailable, InvalidRequest, JobNotFound, NotAllowed, PolicyBlocked, refuses_a_charge
 from engine.models import (
@@ -47,21 +47,18 @@ from engine.models import (
 from engine.policy import PromptPolicy
 from engine.quota import Quota, QuotaView
 from engine.report import build_report, render_png, summary_text
-from engine.retention import ImageStore, Retention, image_store
+from engine.retention import Retention, image_store
 from engine.scheduler import Scheduler
 from engine.sd_notify import Notifier, watchdog_interval_s
 from engine.store import AuditEntry, SpendRow, Store
 from engine.telemetry import Health, Telemetry
 from engine.validation import resolve
 
-# What the front-ends use from the engine's inner modules, offered here so that bot/ depends on this facade alone.
+# The facade: the Engine, and what the front-ends use of the engine's inner modules, so bot/ depends on this alone.
 __all__ = [
     "Alert",
-    "BackupFile",
     "Engine",
     "FailureAlert",
-    "Health",
-    "ImageStore",
     "LocalLane",
     "Notifier",
     "QueueSummary",
@@ -85,7 +82,7 @@ __all__ = [
     "watchdog_interval_s",
 ]
 
-log = logging.getLogger("flux_bot.engine")
+log = logging.getLogger(__name__)
 
 USER_SETTINGS = {"model", "aspect", "mode"}
 
