@@ -236,7 +236,7 @@ class ChannelFrontEnd:
         try:
             async for event in self.engine.events(job_id):
                 if isinstance(event, TERMINAL_EVENTS):
-                    await self._deliver(await self.engine.store.get_job(job_id), event)
+                    await self._deliver(await self.engine.get_job(job_id), event)
         except Exception:
             log.exception("job %s: following it failed", job_id)
 
@@ -258,7 +258,7 @@ class _Life:
 
     @property
     def local(self) -> LocalBackend | None:
-        backend = self.engine.scheduler.backend(BackendKind.LOCAL)
+        backend = self.engine._scheduler.backend(BackendKind.LOCAL)
         return backend if isinstance(backend, LocalBackend) else None
 
 
@@ -433,8 +433,8 @@ class Chaos:
             assert life is not None
             await life.front.close()
             stop = Stop(
-                await life.engine.store.count_jobs(JobState.QUEUED),
-                await life.engine.store.count_jobs(JobState.RUNNING),
+                await life.engine._store.count_jobs(JobState.QUEUED),
+                await life.engine._store.count_jobs(JobState.RUNNING),
             )
             self.report.stops.append(stop)
             log.warning("chaos: stopping the engine (%d queued, %d running)", stop.queued, stop.running)

@@ -151,7 +151,7 @@ async def main() -> None:
         seeded = time.perf_counter() - started
         try:
             started = time.perf_counter()
-            report = await build_report(engine.store, settings, engine.quota.periods())
+            report = await build_report(engine._store, settings, engine._quota.periods())
             built = time.perf_counter() - started
             started = time.perf_counter()
             png = render_png(report)

@@ -19,15 +19,23 @@ from bot.commands import Commands
 from bot.console import Console, Terminal
 from bot.render import error_message
 from bot.systemd_notify import Notifier, watchdog_interval_s, watchdog_loop
-from engine.backends.factory import LocalLane, local_lane, local_off_line, serving_settings
-from engine.backup import backup, backup_dir, backup_every, restore
 from engine.config import DEMO_MODEL, SYSTEM_CONFIG, Secrets, Settings, find_config, load_settings
 from engine.errors import ConfigError, EngineError
-from engine.models import BackendKind, Platform, Requester
-from engine.service import Engine
-from engine.store import Store
+from engine.models import Platform, Requester
+from engine.service import (
+    Engine,
+    LocalLane,
+    backup,
+    backup_dir,
+    backup_every,
+    local_lane,
+    local_off_line,
+    restore,
+    run_worker,
+    serving_settings,
+)
 
-log = logging.getLogger("flux_bot")
+log = logging.getLogger(__name__)
 
 
 class RedactSecrets(logging.Filter):
@@ -153,9 +161,7 @@ def _pull_global_options(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None, *, system_config: Path = SYSTEM_CONFIG) -> int:
     args = parser().parse_args(argv)
     if args.command == "worker":
-        from engine.backends.worker import main as worker_main
-
-        code = worker_main(list(args.worker_args))
+        code = run_worker(list(args.worker_args))
         # As `python -m engine.backends.worker` does: skip the interpreter's teardown (1-2 s with torch loaded),
         # since the supervisor waits for this exit before starting a successor.
         logging.shutdown()
@@ -293,7 +299,7 @@ async def operations(settings: Settings, engine: Engine) -> AsyncIterator[None]:
         directory = backup_dir(settings.bot.state_dir)
         tasks.append(
             asyncio.create_task(
-                backup_every(engine.store.path, directory, every_s=every_s, keep=ops.backups_keep), name="backups"
+                backup_every(engine.database_path, directory, every_s=every_s, keep=ops.backups_keep), name="backups"
             )
         )
     try:
@@ -356,14 +362,7 @@ async def admin(settings: Settings, secrets: Secrets, words: list[str]) -> int:
             print("flux-bot admin: --month needs a month, as in: spend --month 2026-11", file=sys.stderr)
             return 2
         words = [*words[:at], *words[at + 1 :]]
-    backends = {}
-    if secrets.bfl_api_key:
-        from engine.backends.bfl import BflBackend
-
-        backends[BackendKind.API] = BflBackend(settings.bfl, settings.models, secrets.bfl_api_key)
-    store = await Store.open(settings.bot.database_path)
-    engine = Engine(settings, secrets, store, backends)
-    await engine.start(dispatch=False)
+    engine = await Engine.open_admin(settings, secrets)
     try:
         operator = Requester(Platform.CONSOLE, f"cli-{getpass.getuser()}", is_admin=True)
         if words[:1] == ["report"]:

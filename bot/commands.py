@@ -7,7 +7,6 @@ render.error_message, so every front-end says the same thing about the same fail
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import shlex
@@ -16,18 +15,20 @@ from dataclasses import dataclass
 from bot import render
 from engine.errors import InvalidRequest, refuses_a_charge
 from engine.models import (
+    ASPECT_SIZES,
+    MAX_SEED,
     BackendKind,
     ImageRequest,
+    Job,
     JobCancelled,
     JobQueued,
     Mode,
     Requester,
     format_usd,
 )
-from engine.report import build_report, render_png, summary_text
-from engine.service import Engine
+from engine.service import Engine, parse_grant
 
-log = logging.getLogger("flux_bot.commands")
+log = logging.getLogger(__name__)
 
 IMAGINE_OPTIONS = ("model", "aspect", "steps", "guidance", "seed", "mode", "width", "height")
 ADMIN_USAGE = (
@@ -50,6 +51,29 @@ class ChartReply:
 class ImagineArgs:
     prompt: str
     options: dict[str, str]
+
+
+def same_options(job: Job, seed: int | None) -> dict[str, str]:
+    """The options of an earlier job, for Reroll, Vary and Edit prompt (which change only the seed or prompt).
+
+    seed None leaves the seed out, so the new job draws a random one.
+    """
+    r = job.request
+    options = {"model": r.model, "steps": str(r.steps), "mode": r.mode.value}
+    if (r.width, r.height) == ASPECT_SIZES.get(r.aspect_ratio):
+        options["aspect"] = r.aspect_ratio
+    else:  # a width and height the user asked for (Slack, the console)
+        options |= {"width": str(r.width), "height": str(r.height)}
+    if r.guidance is not None:
+        options["guidance"] = str(r.guidance)
+    if seed is not None:
+        options["seed"] = str(seed)
+    return options
+
+
+def next_seed(seed: int) -> int:
+    """Vary's seed: the one after the job's, wrapping to 0 past the largest seed."""
+    return (seed + 1) % (MAX_SEED + 1)
 
 
 def parse_int(name: str, value: str) -> int:
@@ -202,6 +226,31 @@ class Commands:
         )
         return await self.engine.submit(requester, request)
 
+    # ---- the buttons under a result: Reroll, Vary, Edit prompt, Delete ----
+    # A result's parameters are public in its message, so anyone who sees it may make it again; only the person who
+    # asked for it (or an admin) may delete it.
+
+    async def reroll(self, job_id: str) -> ImagineArgs:
+        """The job's prompt and options with a new random seed."""
+        job = await self.engine.get_job(job_id)
+        return ImagineArgs(job.request.prompt, same_options(job, None))
+
+    async def vary(self, job_id: str) -> ImagineArgs:
+        """The job's prompt and options with the next seed."""
+        job = await self.engine.get_job(job_id)
+        return ImagineArgs(job.request.prompt, same_options(job, next_seed(job.request.seed)))
+
+    async def edited_prompt(self, job_id: str, prompt: str) -> ImagineArgs:
+        """A new prompt with the job's own seed and options."""
+        job = await self.engine.get_job(job_id)
+        return ImagineArgs(prompt, same_options(job, job.request.seed))
+
+    async def deletable(self, requester: Requester, job_id: str) -> Job:
+        """The job under a Delete button, when this requester may delete its result; NotAllowed otherwise."""
+        job = await self.engine.get_job(job_id)
+        self.engine.ensure_may_delete(requester, job)
+        return job
+
     async def quota(self, requester: Requester) -> str:
         return render.quota_text(await self.engine.quota_view(requester))
 
@@ -246,11 +295,8 @@ class Commands:
 
     async def report(self, requester: Requester) -> ChartReply:
         """The last 30 days as a PNG chart and a short summary."""
-        self.engine.require_admin(requester, "report")
-        report = await build_report(self.engine.store, self.engine.settings, self.engine.quota.periods())
-        # Drawing takes CPU for a noticeable fraction of a second: off the event loop, so chat traffic goes on.
-        png = await asyncio.to_thread(render_png, report)
-        return ChartReply(summary_text(report), png, f"flux-bot-report-{report.last_day}.png")
+        chart = await self.engine.report(requester)
+        return ChartReply(chart.summary, chart.png, f"flux-bot-report-{chart.last_day}.png")
 
     async def admin(self, requester: Requester, text: str) -> str:
         """The admin commands as text, shared by the console, Slack and the CLI (`report`, a chart, is separate)."""
@@ -272,7 +318,7 @@ class Commands:
                 ahead = "" if view.seen else " It applies from their first request."
                 return f"Limit set.{ahead}\n" + render.quota_text(view)
             case ["quota", "grant", user, resource, value]:
-                kind, amount = engine.quota.parse_grant(resource, value)
+                kind, amount = parse_grant(resource, value)
                 view = await engine.admin_quota_grant(requester, self._user(requester, user), kind, amount)
                 return f"Granted {render.amount(kind, amount)}.\n" + render.quota_text(view)
             case ["quota", "reset", user]:

@@ -36,7 +36,7 @@ from engine.errors import EngineError, InvalidRequest
 from engine.models import TERMINAL_EVENTS, JobDone, JobEvent, JobQueued, JobState, JobWaiting, Requester
 from engine.service import Engine
 
-log = logging.getLogger("flux_bot.console")
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -321,7 +321,7 @@ class Console:
                 " To make real images, set [local] model in config.toml to a FLUX.1 folder or Hugging Face id"
                 " (with the gpu extra installed), or set BFL_API_KEY for the BFL API."
             )
-        if self.engine.scheduler.backend_count() == 0:
+        if not self.engine.has_backends():
             self.write(
                 "No image backend is configured: set BFL_API_KEY for the BFL API, or install the gpu extra"
                 " (pip install 'flux-bot[gpu]') for the local worker. Quota and admin commands still work."
@@ -392,7 +392,7 @@ class Console:
         mine = self._mine.get(job_id)
         if mine is None:
             try:
-                job = await self.engine.store.get_job(job_id)
+                job = await self.engine.get_job(job_id)
             except EngineError:
                 return False
             mine = self._mine[job_id] = job.requester.user_key == self.requester.user_key
@@ -414,7 +414,7 @@ class Console:
             await self._deliver(event)
 
     async def _print_alerts(self) -> None:
-        async for alert in self.engine.alerts.stream():
+        async for alert in self.engine.alerts():
             self.write(render.alert_text(alert))
 
     async def _deliver_backlog(self) -> None:
@@ -447,7 +447,7 @@ class Console:
 
     async def _place(self, event: JobDone) -> str:
         """The stored result in the --out folder; the words that say where it is."""
-        job = await self.engine.store.get_job(event.job_id)
+        job = await self.engine.get_job(event.job_id)
         if not job.result_path:
             raise ValueError(f"job {job.id} is done without a stored result")
         stored = Path(job.result_path)

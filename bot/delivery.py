@@ -1,5 +1,5 @@
-"""Delivery helpers shared by the chat front-ends: throttled progress edits, repeating a job's options, results
-nobody follows, and alerts to the admin channel."""
+"""Delivery shared by the chat front-ends: following a job with throttled progress edits, results nobody follows,
+and alerts to the admin channel. The platforms supply only how a text is shown and how a result is posted."""
 
 from __future__ import annotations
 
@@ -8,11 +8,20 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from bot import render
-from engine.models import TERMINAL_EVENTS, Job, JobEvent, Platform
+from engine.models import (
+    TERMINAL_EVENTS,
+    Job,
+    JobEvent,
+    JobProgress,
+    JobQueued,
+    JobRerouted,
+    JobStarted,
+    JobWaiting,
+    Platform,
+)
 from engine.service import Engine
-from engine.validation import ASPECT_SIZES
 
-log = logging.getLogger("flux_bot.delivery")
+log = logging.getLogger(__name__)
 
 
 class ThrottledEditor:
@@ -24,7 +33,7 @@ class ThrottledEditor:
         self._latest: tuple[str, bytes | None] | None = None
         self._wake = asyncio.Event()
         self._sending = asyncio.Lock()
-        self._task = asyncio.create_task(self._run(), name="discord progress edits")
+        self._task = asyncio.create_task(self._run(), name="progress edits")
 
     def update(self, text: str, preview: bytes | None) -> None:
         self._latest = (text, preview)
@@ -47,19 +56,48 @@ class ThrottledEditor:
         await asyncio.gather(self._task, return_exceptions=True)
 
 
-def same_options(job: Job, seed: str | None) -> dict[str, str]:
-    """The options of an earlier job, for Reroll, Vary and Edit prompt (which change only the seed or prompt)."""
-    r = job.request
-    options = {"model": r.model, "steps": str(r.steps), "mode": r.mode.value}
-    if (r.width, r.height) == ASPECT_SIZES.get(r.aspect_ratio):
-        options["aspect"] = r.aspect_ratio
-    else:  # a width and height the user asked for (Slack, the console)
-        options |= {"width": str(r.width), "height": str(r.height)}
-    if r.guidance is not None:
-        options["guidance"] = str(r.guidance)
-    if seed is not None:
-        options["seed"] = seed
-    return options
+async def follow(
+    engine: Engine,
+    queued: JobQueued,
+    model: str,
+    *,
+    show: Callable[[str, bytes | None], Awaitable[None]],
+    deliver: Callable[[JobEvent], Awaitable[None]],
+    interval_s: float,
+) -> None:
+    """Show a job's progress until it ends, then hand its terminal event to `deliver`.
+
+    `show` gets the whole text each time: the queued note (place, ETA, route) and, while it runs, the progress line,
+    with the preview image when the backend sent one. The note is shown at once; later texts at most once per
+    `interval_s`, the latest winning. `model` is the model's display name for the note.
+    """
+    job_id = queued.job_id
+    header = render.queued_text(queued, model)
+    await show(header, None)
+
+    async def line(text: str, preview: bytes | None) -> None:
+        await show(f"{header}\n{text}" if text else header, preview)
+
+    editor = ThrottledEditor(line, interval_s)
+    try:
+        async for event in engine.events(job_id):
+            if isinstance(event, JobProgress):
+                editor.update(render.progress_bar(event.step, event.total), event.preview_png)
+            elif isinstance(event, JobWaiting):
+                moved = render.queued_text(queued, model, event)
+                if moved != header:
+                    header = moved
+                    editor.update("", None)
+            elif isinstance(event, JobStarted | JobRerouted):
+                if isinstance(event, JobRerouted):
+                    # Where it waits now, for the next JobWaiting's note.
+                    queued = JobQueued(job_id, queued.position, queued.eta_s, event.route)
+                editor.update(render.event_line(event), None)
+            elif isinstance(event, TERMINAL_EVENTS):
+                await editor.close()
+                await deliver(event)
+    finally:
+        await editor.close()
 
 
 class ChannelDelivery:
@@ -98,7 +136,7 @@ class ChannelDelivery:
         """Failures are logged and the job stays undelivered for the next start."""
         try:
             async with self._lock:
-                job = await self._engine.store.get_job(job_id)
+                job = await self._engine.get_job(job_id)
                 if job.requester.platform is self._platform and not job.delivered:
                     await self._deliver(job, event or await self._engine.terminal_event(job))
         except Exception:
@@ -110,7 +148,7 @@ async def forward_alerts(engine: Engine, post: Callable[[str], Awaitable[None]],
 
     A failed post is logged and the next alert still goes: the alert is already in the log and the audit trail.
     """
-    async for alert in engine.alerts.stream():
+    async for alert in engine.alerts():
         try:
             await post(render.alert_text(alert))
         except Exception:

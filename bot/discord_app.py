@@ -22,32 +22,27 @@ from typing import Any, Literal
 
 import discord
 from discord import app_commands
-from PIL import Image
 
 from bot import render
-from bot.commands import ChartReply, Commands
-from bot.delivery import ChannelDelivery, ThrottledEditor, forward_alerts, same_options
+from bot.commands import ChartReply, Commands, ImagineArgs
+from bot.delivery import ChannelDelivery, follow, forward_alerts
 from bot.discord_views import BUTTONS, EditPromptModal, FluxClient, result_view
+from bot.images import fit_attachment
 from engine.config import ASPECT_RATIOS
-from engine.errors import EngineError, NotAllowed
+from engine.errors import EngineError
 from engine.models import (
-    TERMINAL_EVENTS,
+    MAX_SEED,
     Capabilities,
     Job,
     JobDone,
     JobEvent,
-    JobProgress,
     JobQueued,
-    JobRerouted,
-    JobStarted,
-    JobWaiting,
     Platform,
     Requester,
 )
 from engine.service import Engine
-from engine.validation import MAX_SEED
 
-log = logging.getLogger("flux_bot.discord")
+log = logging.getLogger(__name__)
 
 # Discord's own limits: a token lives 15 minutes (we stop trusting it a minute early), 2,000 characters a message,
 # and 10 MiB an attachment where the interaction does not say more.
@@ -91,28 +86,6 @@ def requester_of(interaction: discord.Interaction) -> Requester:
 
 def clip(text: str) -> str:
     return text if len(text) <= MAX_CHARS else text[: MAX_CHARS - 1] + "…"
-
-
-def fit_attachment(png: bytes, limit: int, stem: str) -> tuple[bytes, str]:
-    """The PNG if it fits, else the largest JPEG that does: lower quality first, then smaller sizes.
-
-    A JPEG has no PNG text chunks, so the parameters travel in its comment segment instead.
-    """
-    if len(png) <= limit:
-        return png, f"{stem}.png"
-    with Image.open(io.BytesIO(png)) as opened:
-        text = getattr(opened, "text", {})
-        image = opened.convert("RGB")
-    comment = "\n".join(f"{key}: {value}" for key, value in text.items()).encode()
-    while True:
-        for quality in (90, 75, 60, 45):
-            out = io.BytesIO()
-            image.save(out, format="JPEG", quality=quality, optimize=True, comment=comment)
-            if out.tell() <= limit:
-                return out.getvalue(), f"{stem}.jpg"
-        if min(image.size) <= 16:
-            raise ValueError(f"the image cannot be made smaller than {limit} bytes")
-        image = image.resize((max(1, image.width * 3 // 4), max(1, image.height * 3 // 4)), Image.Resampling.LANCZOS)
 
 
 class DiscordFrontEnd:
@@ -406,38 +379,18 @@ class DiscordFrontEnd:
         self._spawn(self._follow(interaction, queued), f"discord: follow {queued.job_id}")
 
     async def _follow(self, interaction: discord.Interaction, queued: JobQueued) -> None:
-        job_id = queued.job_id
         try:
-            job = await self.engine.store.get_job(job_id)
-            model = self.commands.model_display(job.request.model)
-            header = render.queued_text(queued, model)
-            await self._edit(interaction, header, None)
-
-            async def show(text: str, preview: bytes | None) -> None:
-                await self._edit(interaction, f"{header}\n{text}" if text else header, preview)
-
-            editor = ThrottledEditor(show, self.edit_interval_s)
-            try:
-                async for event in self.engine.events(job_id):
-                    if isinstance(event, JobProgress):
-                        editor.update(render.progress_bar(event.step, event.total), event.preview_png)
-                    elif isinstance(event, JobWaiting):
-                        moved = render.queued_text(queued, model, event)
-                        if moved != header:
-                            header = moved
-                            editor.update("", None)
-                    elif isinstance(event, JobStarted | JobRerouted):
-                        if isinstance(event, JobRerouted):
-                            # Where it waits now, for the next JobWaiting's note.
-                            queued = JobQueued(job_id, queued.position, queued.eta_s, event.route)
-                        editor.update(render.event_line(event), None)
-                    elif isinstance(event, TERMINAL_EVENTS):
-                        await editor.close()
-                        await self._deliver(event, interaction)
-            finally:
-                await editor.close()
+            job = await self.engine.get_job(queued.job_id)
+            await follow(
+                self.engine,
+                queued,
+                self.commands.model_display(job.request.model),
+                show=lambda text, preview: self._edit(interaction, text, preview),
+                deliver=lambda event: self._deliver(event, interaction),
+                interval_s=self.edit_interval_s,
+            )
         except Exception:
-            log.exception("job %s: following it on Discord failed", job_id)
+            log.exception("job %s: following it on Discord failed", queued.job_id)
 
     async def _edit(self, interaction: discord.Interaction, text: str, preview: bytes | None) -> None:
         """A progress edit; lost ones only cost a stale bar, so failures are logged, not raised."""
@@ -455,7 +408,7 @@ class DiscordFrontEnd:
 
     async def _deliver(self, event: JobEvent, interaction: discord.Interaction | None) -> None:
         """The terminal message: through the interaction while its token lives, else to the channel; then recorded."""
-        job = await self.engine.store.get_job(event.job_id)
+        job = await self.engine.get_job(event.job_id)
         delivered = False
         if interaction is not None and not self._token_too_old(interaction):
             try:
@@ -470,7 +423,7 @@ class DiscordFrontEnd:
         if not delivered:
             await self._deliver_to_channel(job, event)
         # Shielded: close() cancels this task, and a write cut off mid-transaction would leave the store's
-        # connection inside it (engine.store._tx is not safe against cancellation).
+        # connection inside it (the store's transactions are not safe against cancellation).
         await asyncio.shield(self.engine.mark_delivered(job.id))
 
     async def _deliver_to_interaction(self, job: Job, event: JobEvent, interaction: discord.Interaction) -> None:
@@ -515,32 +468,31 @@ class DiscordFrontEnd:
 
     async def reroll(self, interaction: discord.Interaction, job_id: str, *, vary: bool) -> None:
         await interaction.response.defer(thinking=True)
-        job = await self._shown_job(interaction, job_id)
-        if job is None:
-            return
-        seed = str((job.request.seed + 1) % (MAX_SEED + 1)) if vary else None
-        await self._imagine(interaction, job.request.prompt, same_options(job, seed))
+        args = await self._remake(interaction, self.commands.vary(job_id) if vary else self.commands.reroll(job_id))
+        if args is not None:
+            await self._imagine(interaction, args.prompt, args.options)
 
     async def edit_prompt(self, interaction: discord.Interaction, job_id: str) -> None:
-        job = await self._shown_job(interaction, job_id)
-        if job is not None:
-            limit = min(4000, self.engine.settings.policy.max_prompt_chars)
-            await interaction.response.send_modal(EditPromptModal(job_id, job.request.prompt, limit))
+        try:
+            job = await self.engine.get_job(job_id)
+        except EngineError as exc:
+            await self._refuse(interaction, error_text(exc))
+            return
+        limit = min(4000, self.engine.settings.policy.max_prompt_chars)
+        await interaction.response.send_modal(EditPromptModal(job_id, job.request.prompt, limit))
 
     async def edited_prompt(self, interaction: discord.Interaction, job_id: str, prompt: str) -> None:
         await interaction.response.defer(thinking=True)
-        job = await self._shown_job(interaction, job_id)
-        if job is not None:
-            await self._imagine(interaction, prompt, same_options(job, str(job.request.seed)))
+        args = await self._remake(interaction, self.commands.edited_prompt(job_id, prompt))
+        if args is not None:
+            await self._imagine(interaction, args.prompt, args.options)
 
     async def delete(self, interaction: discord.Interaction, job_id: str) -> None:
-        job = await self._shown_job(interaction, job_id)
-        if job is None:
-            return
         requester = requester_of(interaction)
-        if requester.user_key != job.requester.user_key and not self.engine.is_admin(requester):
-            refusal = NotAllowed("delete", "only the person who asked for this image or an admin can delete it")
-            await interaction.response.send_message(error_text(refusal), ephemeral=True)
+        try:
+            await self.commands.deletable(requester, job_id)
+        except EngineError as exc:
+            await self._refuse(interaction, error_text(exc))
             return
         await interaction.response.defer()
         await self.engine.delete_result(requester, job_id)  # the stored image too, not only the message
@@ -548,10 +500,10 @@ class DiscordFrontEnd:
             await interaction.message.delete()
         log.info("job %s: result deleted on Discord by %s", job_id, requester.user_key)
 
-    async def _shown_job(self, interaction: discord.Interaction, job_id: str) -> Job | None:
-        """The job under a button. Its parameters are already public in the message, so anyone may reuse them."""
+    async def _remake(self, interaction: discord.Interaction, args: Awaitable[ImagineArgs]) -> ImagineArgs | None:
+        """A button's new request, or None once the refusal (the job is gone) is shown."""
         try:
-            return await self.engine.store.get_job(job_id)
+            return await args
         except EngineError as exc:
             await self._refuse(interaction, error_text(exc))
             return None

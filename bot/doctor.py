@@ -9,6 +9,7 @@ Secrets are never printed: a line says whether a token was accepted, never what 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import sqlite3
@@ -18,12 +19,21 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 
-from engine.backends.factory import LocalLane, gpu_extra_installed, local_lane
-from engine.backup import backup_dir, integrity_problem, list_backups
 from engine.config import DEMO_MODEL, Secrets, Settings
 from engine.errors import BackendUnavailable, ConfigError
 from engine.models import format_usd
-from engine.retention import image_store
+from engine.service import (
+    LocalLane,
+    backup_dir,
+    bfl_credits,
+    gpu_extra_installed,
+    image_store,
+    integrity_problem,
+    list_backups,
+    local_lane,
+)
+
+log = logging.getLogger(__name__)
 
 MIN_FREE_BYTES = 1 << 30  # below 1 GiB a day of images and a backup may no longer fit
 LOW_GPU_BYTES = 24 << 30  # FLUX.1 in bf16 needs about 24 GB without offloading (REFERENCE.md)
@@ -182,17 +192,11 @@ async def bfl_key(settings: Settings, secrets: Secrets, *, local_serves: bool = 
             "put BFL_API_KEY=... in the environment (/etc/flux-bot/env), "
             "or set [local] model to FLUX.1 weights (with pip install 'flux-bot[gpu]') for a local-only bot",
         )
-    from engine.backends.bfl import BflBackend
-
-    backend = BflBackend(settings.bfl, settings.models, secrets.bfl_api_key)
-    await backend.start()
     try:
-        credits = await asyncio.wait_for(backend.credits(), SERVICE_TIMEOUT_S)
+        credits = await bfl_credits(settings, secrets, timeout_s=SERVICE_TIMEOUT_S)
     except (BackendUnavailable, TimeoutError) as exc:
         reason = str(exc) or f"no answer within {SERVICE_TIMEOUT_S:g} s"
         return Check(Status.FAIL, f"BFL API: {reason}", "check BFL_API_KEY and [bfl] api_url")
-    finally:
-        await backend.close()
     what = f"BFL API: key accepted, {format_usd(credits)} of credits left"
     if credits <= 0:
         return Check(Status.WARN, what, "buy credits, or every API job will fail")

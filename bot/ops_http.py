@@ -6,12 +6,15 @@ errors. Like the chat front-ends it only translates: the engine decides what is 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from engine.service import Engine
+
+log = logging.getLogger(__name__)
 
 
 class OpsServer:
@@ -77,5 +80,5 @@ class OpsServer:
         return web.json_response(body, status=200 if health.ok else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = await self._engine.telemetry.scrape()
+        body = await self._engine.metrics()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

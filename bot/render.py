@@ -6,11 +6,11 @@ No traceback or internal detail ever reaches a chat user; the log has them, keye
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from engine.alerts import Alert, FailureAlert, SpendAlert
 from engine.errors import (
     BackendUnavailable,
     ConfigError,
@@ -40,8 +40,9 @@ from engine.models import (
     Resource,
     format_usd,
 )
-from engine.quota import QuotaView
-from engine.store import SpendRow
+from engine.service import Alert, FailureAlert, QuotaView, SpendAlert, SpendRow
+
+log = logging.getLogger(__name__)
 
 # How a front-end shows user text (a prompt) inside a text of its own: escaped for its platform's markup, so the
 # words show as typed and cannot mention anyone or format the message. The texts here are otherwise plain.

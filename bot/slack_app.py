@@ -25,39 +25,24 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
-from slack_bolt.async_app import AsyncAck, AsyncApp
+from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncBoltContext
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import render
 from bot.commands import Commands, ImagineArgs, parse_imagine_text
-
-# Shared with Discord rather than copied; they belong in a platform-neutral module (see the report).
-from bot.delivery import ChannelDelivery, ThrottledEditor, forward_alerts, same_options
-from engine.errors import EngineError, InvalidRequest, NotAllowed
-from engine.models import (
-    TERMINAL_EVENTS,
-    Job,
-    JobDone,
-    JobEvent,
-    JobProgress,
-    JobQueued,
-    JobRerouted,
-    JobStarted,
-    JobWaiting,
-    Platform,
-    Requester,
-)
+from bot.delivery import ChannelDelivery, follow, forward_alerts
+from engine.errors import EngineError, InvalidRequest
+from engine.models import Job, JobDone, JobEvent, JobQueued, Platform, Requester
 from engine.service import Engine
-from engine.validation import MAX_SEED
 
-log = logging.getLogger("flux_bot.slack")
+log = logging.getLogger(__name__)
 
 MAX_CHARS = 3000  # a section block's text limit; plain message text allows more, one limit keeps it simple
 ACTIONS = ("reroll", "vary", "edit", "delete")
@@ -310,22 +295,19 @@ class SlackFrontEnd:
             self.app.action(f"flux_{action}")(self._on_action)
         self.app.view(EDIT_VIEW)(self._on_edited_prompt)
 
-    async def _requester(self, body: dict[str, Any], *, check_admin: bool = False) -> Requester:
-        user = body.get("user")
-        if isinstance(user, dict):  # block actions nest the user and team; slash commands flatten them
-            user_id, team = str(user.get("id", "")), (body.get("team") or {}).get("id") or user.get("team_id")
-            channel = (body.get("channel") or {}).get("id")
-            name = user.get("username") or user.get("name")
-        else:
-            user_id, team = str(body.get("user_id", "")), body.get("team_id")
-            channel = body.get("channel_id")
-            name = body.get("user_name")
+    async def _requester(
+        self, context: AsyncBoltContext, name: object, *, check_admin: bool = False, channel: str | None = None
+    ) -> Requester:
+        """Who asked, from the ids bolt read out of the payload; `name` is the payload's user name, which bolt does
+        not keep, and `channel` stands in for the context's (a modal's submit has none)."""
+        user_id = context.user_id or ""
+        channel = channel or context.channel_id
         is_admin = check_admin and self.admin_via_users_info and await self._workspace_admin(user_id)
         return Requester(
             Platform.SLACK,
             user_id,
-            guild_id=str(team) if team else None,
-            channel_id=str(channel) if channel else None,
+            guild_id=context.team_id or None,
+            channel_id=channel or None,
             is_admin=is_admin,
             display_name=str(name) if name else None,
         )
@@ -343,7 +325,8 @@ class SlackFrontEnd:
     async def _answer(
         self,
         ack: AsyncAck,
-        body: dict[str, Any],
+        command: dict[str, Any],
+        context: AsyncBoltContext,
         handler: Callable[[Requester], Awaitable[str | Markup]],
         *,
         check_admin: bool = False,
@@ -355,11 +338,11 @@ class SlackFrontEnd:
         """
         answer: str | Markup
         try:
-            answer = await handler(await self._requester(body, check_admin=check_admin))
+            answer = await handler(await self._requester(context, command.get("user_name"), check_admin=check_admin))
         except EngineError as exc:
             answer = render.error_message(exc, self.engine.capabilities())
         except Exception:
-            log.exception("slack %s failed", body.get("command", "?"))
+            log.exception("slack %s failed", command.get("command", "?"))
             answer = render.INTERNAL_ERROR
         await self._ack(ack, answer)
 
@@ -368,29 +351,32 @@ class SlackFrontEnd:
         text = answer.text if isinstance(answer, Markup) else markup(answer)
         await ack(text=text, response_type="ephemeral")
 
-    async def _on_quota(self, ack: AsyncAck, body: dict[str, Any]) -> None:
-        await self._answer(ack, body, self.commands.quota)
+    async def _on_quota(self, ack: AsyncAck, command: dict[str, Any], context: AsyncBoltContext) -> None:
+        await self._answer(ack, command, context, self.commands.quota)
 
-    async def _on_queue(self, ack: AsyncAck, body: dict[str, Any]) -> None:
-        await self._answer(ack, body, self.commands.queue)
+    async def _on_queue(self, ack: AsyncAck, command: dict[str, Any], context: AsyncBoltContext) -> None:
+        await self._answer(ack, command, context, self.commands.queue)
 
-    async def _on_job(self, ack: AsyncAck, body: dict[str, Any]) -> None:
-        await self._answer(ack, body, lambda r: self.commands.job(r, str(body.get("text", "")).strip()))
+    async def _on_job(self, ack: AsyncAck, command: dict[str, Any], context: AsyncBoltContext) -> None:
+        job_id = str(command.get("text", "")).strip()
+        await self._answer(ack, command, context, lambda r: self.commands.job(r, job_id))
 
-    async def _on_settings(self, ack: AsyncAck, body: dict[str, Any]) -> None:
-        name, _, value = str(body.get("text", "")).strip().partition(" ")
-        await self._answer(ack, body, lambda r: self.commands.settings(r, name or None, value.strip() or None))
+    async def _on_settings(self, ack: AsyncAck, command: dict[str, Any], context: AsyncBoltContext) -> None:
+        name, _, value = str(command.get("text", "")).strip().partition(" ")
+        await self._answer(
+            ack, command, context, lambda r: self.commands.settings(r, name or None, value.strip() or None)
+        )
 
-    async def _on_cancel(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+    async def _on_cancel(self, ack: AsyncAck, command: dict[str, Any], context: AsyncBoltContext) -> None:
         async def run(requester: Requester) -> str:
-            return render.cancelled_text(await self.commands.cancel(requester, str(body.get("text", "")).strip()))
+            return render.cancelled_text(await self.commands.cancel(requester, str(command.get("text", "")).strip()))
 
-        await self._answer(ack, body, run, check_admin=True)
+        await self._answer(ack, command, context, run, check_admin=True)
 
-    async def _on_admin(self, ack: AsyncAck, body: dict[str, Any]) -> None:
-        text = str(body.get("text", ""))
+    async def _on_admin(self, ack: AsyncAck, command: dict[str, Any], context: AsyncBoltContext) -> None:
+        text = str(command.get("text", ""))
         if text.strip().lower() != "report":
-            await self._answer(ack, body, lambda r: self.commands.admin(r, text), check_admin=True)
+            await self._answer(ack, command, context, lambda r: self.commands.admin(r, text), check_admin=True)
             return
 
         async def start_report(requester: Requester) -> Markup:
@@ -406,7 +392,7 @@ class SlackFrontEnd:
                 escape("Building the report; the chart and its summary will be posted in ") + f"<#{channel}>."
             )
 
-        await self._answer(ack, body, start_report, check_admin=True)
+        await self._answer(ack, command, context, start_report, check_admin=True)
 
     async def _post_report(self, requester: Requester, channel: str) -> None:
         try:
@@ -420,59 +406,49 @@ class SlackFrontEnd:
     async def _post_alert(self, text: str) -> None:
         await self._post(self.alert_channel, text)
 
-    async def _on_imagine(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+    async def _on_imagine(self, ack: AsyncAck, command: dict[str, Any], context: AsyncBoltContext) -> None:
         async def run(requester: Requester) -> str:
-            args = parse_imagine(str(body.get("text", "")))
+            args = parse_imagine(str(command.get("text", "")))
             return await self._imagine(requester, args.prompt, args.options)
 
-        await self._answer(ack, body, run)
+        await self._answer(ack, command, context, run)
 
     async def _imagine(self, requester: Requester, prompt: str, options: dict[str, str]) -> str:
         """Submit and start following; the queued note for the user."""
         queued = await self.commands.imagine(requester, prompt, options)
         self._orphans.follow(queued.job_id)
         self._spawn(self._follow(queued), f"slack: follow {queued.job_id}")
-        job = await self.engine.store.get_job(queued.job_id)
+        job = await self.engine.get_job(queued.job_id)
         return render.queued_text(queued, self.commands.model_display(job.request.model))
 
     # ---- following a job: progress message, throttled updates, result in its thread ----
 
     async def _follow(self, queued: JobQueued) -> None:
-        job_id = queued.job_id
         try:
-            job = await self.engine.store.get_job(job_id)
+            job = await self.engine.get_job(queued.job_id)
             channel = job.requester.channel_id
             if channel is None:
                 raise ValueError("a Slack job without a channel")
-            model = self.commands.model_display(job.request.model)
-            note = render.queued_text(queued, model)
-            ts = await self._post(channel, note, mention=job.requester.user_id)
+            mention = job.requester.user_id
+            ts: str | None = None  # the progress message, once posted
 
             async def show(text: str, _preview: bytes | None) -> None:
-                await self._update(channel, ts, f"{note}\n{text}" if text else note, mention=job.requester.user_id)
+                nonlocal ts
+                if ts is None:
+                    ts = await self._post(channel, text, mention=mention)
+                else:
+                    await self._update(channel, ts, text, mention=mention)
 
-            editor = ThrottledEditor(show, self.edit_interval_s)
-            try:
-                async for event in self.engine.events(job_id):
-                    if isinstance(event, JobProgress):
-                        editor.update(render.progress_bar(event.step, event.total), None)
-                    elif isinstance(event, JobWaiting):
-                        moved = render.queued_text(queued, model, event)
-                        if moved != note:
-                            note = moved
-                            editor.update("", None)
-                    elif isinstance(event, JobStarted | JobRerouted):
-                        if isinstance(event, JobRerouted):
-                            # Where it waits now, for the next JobWaiting's note.
-                            queued = JobQueued(job_id, queued.position, queued.eta_s, event.route)
-                        editor.update(render.event_line(event), None)
-                    elif isinstance(event, TERMINAL_EVENTS):
-                        await editor.close()
-                        await self._deliver(job, event, ts)
-            finally:
-                await editor.close()
+            await follow(
+                self.engine,
+                queued,
+                self.commands.model_display(job.request.model),
+                show=show,
+                deliver=lambda event: self._deliver(job, event, ts),
+                interval_s=self.edit_interval_s,
+            )
         except Exception:
-            log.exception("job %s: following it on Slack failed", job_id)
+            log.exception("job %s: following it on Slack failed", queued.job_id)
 
     async def _update(self, channel: str, ts: str, text: str, *, mention: str | None = None) -> None:
         """A progress update; a lost one only costs a stale bar, so failures are logged, not raised."""
@@ -530,38 +506,46 @@ class SlackFrontEnd:
 
     # ---- result buttons ----
 
-    async def _on_action(self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any]) -> None:
+    async def _on_action(
+        self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any], context: AsyncBoltContext
+    ) -> None:
         await ack()
         job_id, _, file_id = str(action.get("value", "")).partition(":")
-        requester = await self._requester(body, check_admin=action.get("action_id") == "flux_delete")
+        action_id = action.get("action_id")
+        requester = await self._requester(context, _user_name(body), check_admin=action_id == "flux_delete")
         try:
-            job = await self.engine.store.get_job(job_id)
-            if action.get("action_id") == "flux_delete":
-                await self._delete(body, requester, job, file_id)
-                return
-            if action.get("action_id") == "flux_edit":
-                await self._open_edit_prompt(body, requester, job)
-                return
-            seed = str((job.request.seed + 1) % (MAX_SEED + 1)) if action.get("action_id") == "flux_vary" else None
-            note = await self._imagine(requester, job.request.prompt, same_options(job, seed))
+            match action_id:
+                case "flux_delete":
+                    await self._delete(body, requester, job_id, file_id)
+                    return
+                case "flux_edit":
+                    await self._open_edit_prompt(body, requester, job_id)
+                    return
+                case "flux_vary":
+                    args = await self.commands.vary(job_id)
+                case _:
+                    args = await self.commands.reroll(job_id)
+            note = await self._imagine(requester, args.prompt, args.options)
         except EngineError as exc:
             note = render.error_message(exc, self.engine.capabilities())
         except Exception:
-            log.exception("slack button %s on job %s failed", action.get("action_id"), job_id)
+            log.exception("slack button %s on job %s failed", action_id, job_id)
             note = render.INTERNAL_ERROR
         await self._ephemeral(requester, note)
 
-    async def _open_edit_prompt(self, body: dict[str, Any], requester: Requester, job: Job) -> None:
+    async def _open_edit_prompt(self, body: dict[str, Any], requester: Requester, job_id: str) -> None:
         if requester.channel_id is None:
             raise InvalidRequest("this button needs the channel it was pressed in")
+        job = await self.engine.get_job(job_id)
         limit = min(MAX_INPUT_CHARS, self.engine.settings.policy.max_prompt_chars)
         view = edit_prompt_view(job, requester.channel_id, limit)
         await self.client.views_open(trigger_id=str(body.get("trigger_id", "")), view=view)
 
-    async def _on_edited_prompt(self, ack: AsyncAck, body: dict[str, Any]) -> None:
+    async def _on_edited_prompt(
+        self, ack: AsyncAck, body: dict[str, Any], view: dict[str, Any], context: AsyncBoltContext
+    ) -> None:
         """The modal's submit: a refusal is shown in the modal, next to the prompt; success closes it and answers
         ephemerally in the channel, as the other buttons do."""
-        view = body.get("view") or {}
         try:
             meta = json.loads(str(view.get("private_metadata") or "{}"))
             job_id, channel = str(meta["job"]), str(meta["channel"])
@@ -570,10 +554,10 @@ class SlackFrontEnd:
             log.warning("slack: an edit-prompt submit without its job, channel or prompt: %r", view.get("id"))
             await ack(response_action="errors", errors={EDIT_BLOCK: render.INTERNAL_ERROR})
             return
-        requester = replace(await self._requester(body), channel_id=channel)
+        requester = await self._requester(context, _user_name(body), channel=channel)
         try:
-            job = await self.engine.store.get_job(job_id)
-            note = await self._imagine(requester, prompt, same_options(job, str(job.request.seed)))
+            args = await self.commands.edited_prompt(job_id, prompt)
+            note = await self._imagine(requester, args.prompt, args.options)
         except EngineError as exc:
             await ack(response_action="errors", errors={EDIT_BLOCK: clip(render.error_message(exc))})
             return
@@ -584,15 +568,12 @@ class SlackFrontEnd:
         await ack()
         await self._ephemeral(requester, note)
 
-    async def _delete(self, body: dict[str, Any], requester: Requester, job: Job, file_id: str) -> None:
-        if requester.user_key != job.requester.user_key and not self.engine.is_admin(requester):
-            refusal = NotAllowed("delete", "only the person who asked for this image or an admin can delete it")
-            await self._ephemeral(requester, render.error_message(refusal))
-            return
-        channel = (body.get("channel") or {}).get("id") or (body.get("container") or {}).get("channel_id")
+    async def _delete(self, body: dict[str, Any], requester: Requester, job_id: str, file_id: str) -> None:
+        job = await self.commands.deletable(requester, job_id)
+        # The message under the button; bolt's context has its channel but not its ts.
         ts = (body.get("message") or {}).get("ts") or (body.get("container") or {}).get("message_ts")
         await self.engine.delete_result(requester, job.id)  # the stored image too, not only the message
-        await self.client.chat_delete(channel=str(channel), ts=str(ts))
+        await self.client.chat_delete(channel=str(requester.channel_id), ts=str(ts))
         if file_id:
             await self.client.files_delete(file=file_id)
         log.info("job %s: result deleted on Slack by %s", job.id, requester.user_key)
@@ -602,3 +583,9 @@ class SlackFrontEnd:
             log.warning("no channel for an ephemeral answer to %s: %s", requester.user_key, text)
             return
         await self.client.chat_postEphemeral(channel=requester.channel_id, user=requester.user_id, text=markup(text))
+
+
+def _user_name(body: dict[str, Any]) -> object:
+    """An interaction's user name (bolt's context keeps the user's id only)."""
+    user = body.get("user") or {}
+    return user.get("username") or user.get("name")

@@ -1,7 +1,7 @@
-"""The bot's systemd watchdog: pings gated on the event loop and the database, over engine/sd_notify.py.
+"""The bot's systemd watchdog: pings gated on the event loop and the database.
 
-`Notifier` and `watchdog_interval_s` (the sd_notify protocol itself) live in engine/sd_notify.py, shared with the
-worker units; they are re-exported here for the bot's callers.
+`Notifier` and `watchdog_interval_s` (the sd_notify protocol itself) are the engine's, shared with the worker units,
+and offered by engine.service; they are re-exported here for the bot's callers.
 
 `watchdog_loop` pings only after a cheap database round trip succeeds, and it runs on the event loop itself, so a
 blocked loop or a database that does not answer sends nothing, and systemd restarts the unit after WatchdogSec.
@@ -13,23 +13,18 @@ import asyncio
 import logging
 from typing import Protocol
 
-from engine.sd_notify import Notifier, watchdog_interval_s
+from engine.service import Notifier, watchdog_interval_s
 
 __all__ = ["Notifier", "watchdog_interval_s", "watchdog_loop"]
 
 log = logging.getLogger(__name__)
 
 
-class _ControlReader(Protocol):
-    async def get_control(self, name: str) -> str | None: ...
+class _Heartbeat(Protocol):
+    async def heartbeat(self) -> None: ...
 
 
-class _HasStore(Protocol):
-    @property
-    def store(self) -> _ControlReader: ...
-
-
-async def watchdog_loop(notifier: Notifier, engine: _HasStore, interval_s: float) -> None:
+async def watchdog_loop(notifier: Notifier, engine: _Heartbeat, interval_s: float) -> None:
     """Until cancelled: every `interval_s`, ping the watchdog if a database SELECT answers within `interval_s`.
 
     The loop runs on the event loop, so while the loop is blocked nothing is sent; a database error or a timeout
@@ -38,7 +33,7 @@ async def watchdog_loop(notifier: Notifier, engine: _HasStore, interval_s: float
     healthy = True
     while True:
         try:
-            await asyncio.wait_for(engine.store.get_control("heartbeat"), timeout=interval_s)
+            await asyncio.wait_for(engine.heartbeat(), timeout=interval_s)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # any failure means "the database does not answer": no ping this round

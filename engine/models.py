@@ -9,11 +9,28 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass
+from datetime import date
 from decimal import ROUND_HALF_UP, Decimal
 from enum import StrEnum
 
 MICROS_PER_DOLLAR = 1_000_000
 MICROS_PER_CREDIT = 10_000
+
+# Sizes come from fixed resolution buckets (one per aspect ratio, about one megapixel, multiples of 32 inside the
+# 256-1440 range that FLUX.1 [dev] accepts on the API), so a local worker warmed on those buckets never meets a new
+# shape and never recompiles in service. Front-ends read them too: a result's options are repeated as its aspect.
+ASPECT_SIZES: dict[str, tuple[int, int]] = {
+    "1:1": (1024, 1024),
+    "16:9": (1344, 768),
+    "9:16": (768, 1344),
+    "4:3": (1152, 896),
+    "3:4": (896, 1152),
+    "3:2": (1216, 832),
+    "2:3": (832, 1216),
+    "21:9": (1440, 608),
+    "9:21": (608, 1440),
+}
+MAX_SEED = 2**32 - 1
 
 
 def credits_to_micros(credits: float | int | str | Decimal) -> int:
@@ -396,3 +413,12 @@ class Job:
     cost_micros: int = 0
     result_path: str | None = None
     delivered: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ReportChart:
+    """The admin report: a short summary of the last 30 days and the PNG chart it describes."""
+
+    summary: str
+    png: bytes
+    last_day: date

@@ -1,7 +1,9 @@
 """The Engine facade that bot/ uses: submit, cancel, events, quota views, admin operations and stats.
 
 Everything a front-end can do goes through here, so every rule (policy, routing, quota, admin rights) is applied
-in one place whatever the platform.
+in one place whatever the platform. bot/ imports nothing else of the engine but models, errors and config: what it
+needs without a running engine (doctor, the admin CLI's backups, the worker subcommand, systemd's notify socket) is
+offered at the end of this module, and the types its texts show are re-exported here.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from engine import router
-from engine.alerts import Alerts
+from engine.alerts import Alert, Alerts, FailureAlert, SpendAlert
 from engine.backends.base import Backend
+from engine.backends.factory import LocalLane, gpu_extra_installed, local_lane, local_off_line, serving_settings
+from engine.backup import backup, backup_dir, backup_every, integrity_problem, list_backups, restore
 from engine.config import ASPECT_RATIOS, Secrets, Settings
 from engine.errors import BackendUnavailable, InvalidRequest, JobNotFound, NotAllowed, PolicyBlocked, refuses_a_charge
 from engine.models import (
@@ -35,19 +39,50 @@ from engine.models import (
     JobState,
     Mode,
     Platform,
+    ReportChart,
     Requester,
     Resource,
     new_job_id,
 )
 from engine.policy import PromptPolicy
 from engine.quota import Quota, QuotaView
-from engine.retention import Retention
+from engine.report import build_report, render_png, summary_text
+from engine.retention import Retention, image_store
 from engine.scheduler import Scheduler
+from engine.sd_notify import Notifier, watchdog_interval_s
 from engine.store import AuditEntry, SpendRow, Store
 from engine.telemetry import Health, Telemetry
 from engine.validation import resolve
 
-log = logging.getLogger("flux_bot.engine")
+# The facade: the Engine, and what the front-ends use of the engine's inner modules, so bot/ depends on this alone.
+__all__ = [
+    "Alert",
+    "Engine",
+    "FailureAlert",
+    "LocalLane",
+    "Notifier",
+    "QueueSummary",
+    "QuotaView",
+    "SpendAlert",
+    "SpendRow",
+    "backup",
+    "backup_dir",
+    "backup_every",
+    "bfl_credits",
+    "gpu_extra_installed",
+    "image_store",
+    "integrity_problem",
+    "list_backups",
+    "local_lane",
+    "local_off_line",
+    "parse_grant",
+    "restore",
+    "run_worker",
+    "serving_settings",
+    "watchdog_interval_s",
+]
+
+log = logging.getLogger(__name__)
 
 USER_SETTINGS = {"model", "aspect", "mode"}
 
@@ -71,17 +106,17 @@ class Engine:
         demo: bool = False,
     ) -> None:
         self.settings = settings
-        self.secrets = secrets
-        self.store = store
+        self._secrets = secrets
+        self._store = store
         self.demo = demo  # the local backend runs the tiny random-weights model: its images are noise
         self._backends = dict(backends)
         self._clock = clock
-        self.quota = Quota(store, settings, clock)
-        self.policy = PromptPolicy(settings.policy)
-        self.scheduler = Scheduler(store, self.quota, settings, backends, self._publish, clock)
-        self.telemetry = Telemetry(store, self.scheduler, backends, clock)
-        self.alerts = Alerts(store, settings, clock)
-        self.retention = Retention(store, settings.bot, clock)
+        self._quota = Quota(store, settings, clock)
+        self._policy = PromptPolicy(settings.policy)
+        self._scheduler = Scheduler(store, self._quota, settings, backends, self._publish, clock)
+        self._telemetry = Telemetry(store, self._scheduler, backends, clock)
+        self._alerts = Alerts(store, settings, clock)
+        self._retention = Retention(store, settings.bot, clock)
         self._retention_task: asyncio.Task[None] | None = None
         # The models that take a guidance value, for the advice when one is given to a model that takes none.
         self._guided = tuple(name for name, model in settings.models.items() if model.default_guidance is not None)
@@ -120,20 +155,37 @@ class Engine:
             raise
         return engine
 
+    @classmethod
+    async def open_admin(cls, settings: Settings, secrets: Secrets) -> Engine:
+        """For the admin CLI: the database and the BFL API (its balance), without dispatching any job."""
+        backends: dict[BackendKind, Backend] = {}
+        if secrets.bfl_api_key:
+            from engine.backends.bfl import BflBackend
+
+            backends[BackendKind.API] = BflBackend(settings.bfl, settings.models, secrets.bfl_api_key)
+        store = await Store.open(settings.bot.database_path)
+        engine = cls(settings, secrets, store, backends)
+        try:
+            await engine.start(dispatch=False)
+        except BaseException:
+            await engine.close()
+            raise
+        return engine
+
     async def start(self, *, dispatch: bool = True) -> None:
         """Start the backends and, unless only administering the database (the CLI), the dispatcher."""
         for backend in self._backends.values():
             await backend.start()
         for kind in BackendKind:
-            if await self.store.get_control(f"paused.{kind.value}") == "1":
-                self.scheduler.paused.add(kind)
-        for job in await self.store.jobs(states=[JobState.QUEUED, JobState.RUNNING]):
-            self.telemetry.track(job)  # jobs left by the last process: their log lines still name user and route
+            if await self._store.get_control(f"paused.{kind.value}") == "1":
+                self._scheduler.paused.add(kind)
+        for job in await self._store.jobs(states=[JobState.QUEUED, JobState.RUNNING]):
+            self._telemetry.track(job)  # jobs left by the last process: their log lines still name user and route
         if dispatch:
-            await self.scheduler.start()
-            if self.retention.keep_days > 0:
-                await self.retention.sweep_logged()
-                self._retention_task = asyncio.create_task(self.retention.run(), name="image retention")
+            await self._scheduler.start()
+            if self._retention.keep_days > 0:
+                await self._retention.sweep_logged()
+                self._retention_task = asyncio.create_task(self._retention.run(), name="image retention")
 
     async def close(self) -> None:
         """Stop without ending running jobs (the next start recovers them). Safe to call twice."""
@@ -143,17 +195,17 @@ class Engine:
         if self._retention_task is not None:
             self._retention_task.cancel()
             await asyncio.gather(self._retention_task, return_exceptions=True)
-        await self.scheduler.stop()
-        await self.alerts.close()
+        await self._scheduler.stop()
+        await self._alerts.close()
         for backend in self._backends.values():
             await backend.close()
-        await self.store.close()
+        await self._store.close()
 
     # ---- jobs ----
 
     def capabilities(self) -> Capabilities:
         """What this bot offers right now (configured lanes, admins' pauses), for advice that fits it."""
-        routing, paused = self.settings.routing, self.scheduler.paused
+        routing, paused = self.settings.routing, self._scheduler.paused
         return Capabilities(
             has_local=BackendKind.LOCAL in self._backends and routing.local_enabled,
             local_paused=BackendKind.LOCAL in paused,
@@ -161,19 +213,27 @@ class Engine:
             api_paused=BackendKind.API in paused,
         )
 
+    def has_backends(self) -> bool:
+        """Whether any image backend is configured at all (quota and admin commands work without one)."""
+        return bool(self._backends)
+
+    @property
+    def database_path(self) -> Path:
+        return self._store.path
+
     @refuses_a_charge
     async def submit(self, requester: Requester, request: ImageRequest) -> JobQueued:
         """Validate, apply the policy, route, reserve and persist; the job is queued when this returns."""
         # The stored user (for the ban), the limits and their use so far, in one read: the pre-check and the router
         # use them; the reserving transaction checks every limit again.
-        standing = await self.quota.standing(requester)
+        standing = await self._quota.standing(requester)
         if standing.record is not None and standing.record.banned:
             raise NotAllowed("imagine", "you are banned from generating images here; ask an admin")
         model = self.settings.models.get(request.model)
         if model is None:
             known = ", ".join(self.settings.models)
             raise InvalidRequest(f"unknown model {request.model!r}; choose one of: {known}", field="model")
-        decision_of_policy = self.policy.check(request.prompt)
+        decision_of_policy = self._policy.check(request.prompt)
         policy_audit = AuditEntry(
             requester.user_key,
             "policy.allow" if decision_of_policy.allowed else "policy.block",
@@ -181,14 +241,14 @@ class Engine:
             detail={"rule": decision_of_policy.rule, "matched": decision_of_policy.matched},
         )
         if not decision_of_policy.allowed:
-            await self.store.audit(policy_audit)
+            await self._store.audit(policy_audit)
             raise PolicyBlocked(decision_of_policy.rule, decision_of_policy.detail)
-        resolved = resolve(replace(request, prompt=self.policy.for_model(request.prompt)), model, guided=self._guided)
+        resolved = resolve(replace(request, prompt=self._policy.for_model(request.prompt)), model, guided=self._guided)
         # The image allowance does not depend on the route: say so plainly, with its reset time, before routing.
         standing.ensure_room(Resource.IMAGES, 1)
         # One snapshot of each lane for the route, its reason and the queued note, so they all quote the same wait.
         lanes = {
-            kind: await self.scheduler.status(kind, resolved, requester.user_key)
+            kind: await self._scheduler.status(kind, resolved, requester.user_key)
             for kind in (BackendKind.LOCAL, BackendKind.API)
         }
         decision = router.route(
@@ -211,42 +271,47 @@ class Engine:
             estimated_cost_micros=decision.estimated_cost_micros,
             estimated_gpu_ms=decision.estimated_gpu_ms,
         )
-        await self.store.submit_job(
+        await self._store.submit_job(
             job,
-            self.quota.reservations(decision, standing.periods, with_image=True),
+            self._quota.reservations(decision, standing.periods, with_image=True),
             standing.checks,
             standing.limits.concurrent_jobs,
             audit=AuditEntry(
                 policy_audit.actor, policy_audit.action, policy_audit.subject, job.id, policy_audit.detail
             ),
         )
-        self.telemetry.track(job)
+        self._telemetry.track(job)
         lane = lanes[decision.backend]
         queued = JobQueued(job.id, lane.ahead if lane else 0, decision.eta_s, decision, wait_s=decision.wait_s)
-        self.scheduler.told(queued)
+        self._scheduler.told(queued)
         self._publish(queued)
-        self.scheduler.wake()
+        self._scheduler.wake()
         return queued
 
     async def cancel(self, requester: Requester, job_id: str) -> JobCancelled:
         job = await self.job(requester, job_id)
         if job.state.terminal:
             raise InvalidRequest(f"job {job_id} has already ended ({job.state.value})", field="job")
-        return await self.scheduler.cancel(job, requester.user_key)
+        return await self._scheduler.cancel(job, requester.user_key)
 
     async def job(self, requester: Requester, job_id: str) -> Job:
         """A job of the requester's own (any job for an admin); someone else's looks like a missing one."""
-        job = await self.store.get_job(job_id.strip())
+        job = await self._store.get_job(job_id.strip())
         if job.requester.user_key != requester.user_key and not self.is_admin(requester):
             raise JobNotFound(job_id)
         return job
+
+    async def get_job(self, job_id: str) -> Job:
+        """Any job by id, for a front-end delivering it or acting on its result message (whose parameters are public
+        there already); rights to change a job are checked by the methods that change it."""
+        return await self._store.get_job(job_id)
 
     async def events(self, job_id: str) -> AsyncIterator[JobEvent]:
         """The job's events from now until its terminal one (at once, if it has already ended)."""
         queue: asyncio.Queue[JobEvent] = asyncio.Queue()
         self._watchers.setdefault(job_id, set()).add(queue)
         try:
-            job = await self.store.get_job(job_id)
+            job = await self._store.get_job(job_id)
             if job.state.terminal:
                 yield await self.terminal_event(job)
                 return
@@ -276,9 +341,9 @@ class Engine:
             self._everything.discard(queue)
 
     def _publish(self, event: JobEvent) -> None:
-        self.telemetry.observe(event)
+        self._telemetry.observe(event)
         if isinstance(event, TERMINAL_EVENTS):
-            self.alerts.job_ended(event)
+            self._alerts.job_ended(event)
             self._latest.pop(event.job_id, None)
         else:
             self._latest[event.job_id] = event
@@ -314,34 +379,38 @@ class Engine:
             log.warning("job %s: its image %s is missing from the disk", job.id, job.result_path)
             return None
 
-    async def delete_result(self, requester: Requester, job_id: str) -> bool:
-        """Delete a result's stored image (the requester's own, or any for an admin); False if none was stored."""
-        job = await self.store.get_job(job_id.strip())
+    def ensure_may_delete(self, requester: Requester, job: Job) -> None:
+        """A result may be deleted by the person who asked for it or by an admin; NotAllowed for anyone else."""
         if job.requester.user_key != requester.user_key and not self.is_admin(requester):
             raise NotAllowed("delete", "only the person who asked for this image or an admin can delete it")
-        return await self.retention.remove(
+
+    async def delete_result(self, requester: Requester, job_id: str) -> bool:
+        """Delete a result's stored image (the requester's own, or any for an admin); False if none was stored."""
+        job = await self._store.get_job(job_id.strip())
+        self.ensure_may_delete(requester, job)
+        return await self._retention.remove(
             job.id, job.result_path, why=f"deleted by {requester.user_key}", actor=requester.user_key
         )
 
     async def undelivered(self) -> list[Job]:
-        return await self.store.undelivered()
+        return await self._store.undelivered()
 
     async def mark_delivered(self, job_id: str) -> None:
-        await self.store.mark_delivered(job_id)
+        await self._store.mark_delivered(job_id)
 
     async def queue(self, requester: Requester) -> QueueSummary:
-        queued = {kind: await self.store.count_jobs(JobState.QUEUED, kind) for kind in BackendKind}
-        running = {kind: self.scheduler.running_count(kind) for kind in BackendKind}
-        mine = await self.store.jobs(states=[JobState.QUEUED, JobState.RUNNING], user_key=requester.user_key)
+        queued = {kind: await self._store.count_jobs(JobState.QUEUED, kind) for kind in BackendKind}
+        running = {kind: self._scheduler.running_count(kind) for kind in BackendKind}
+        mine = await self._store.jobs(states=[JobState.QUEUED, JobState.RUNNING], user_key=requester.user_key)
         return QueueSummary(queued, running, mine)
 
     # ---- the user's own views ----
 
     async def quota_view(self, requester: Requester) -> QuotaView:
-        return await self.quota.view(requester)
+        return await self._quota.view(requester)
 
     async def user_settings(self, requester: Requester) -> dict[str, Any]:
-        record = await self.store.get_user(requester.user_key)
+        record = await self._store.get_user(requester.user_key)
         return dict(record.settings) if record else {}
 
     async def set_user_setting(self, requester: Requester, name: str, value: str) -> dict[str, Any]:
@@ -358,7 +427,7 @@ class Engine:
             raise InvalidRequest(f"aspect must be one of {', '.join(ASPECT_RATIOS)}", field="aspect")
         settings = await self.user_settings(requester)
         settings[name] = value
-        await self.store.update_user(requester.user_key, display_name=requester.display_name, settings=settings)
+        await self._store.update_user(requester.user_key, display_name=requester.display_name, settings=settings)
         return settings
 
     # ---- admin operations (checked here, whatever the front-end did) ----
@@ -378,19 +447,19 @@ class Engine:
     async def _subject(self, user_key: str) -> Requester:
         """The requester an admin command is about, with the roles seen last (they decide the tier)."""
         subject = _parse_user_key(user_key)
-        record = await self.store.get_user(user_key)
+        record = await self._store.get_user(user_key)
         if record is None:
             return subject
         return Requester(subject.platform, subject.user_id, subject.guild_id, roles=record.roles)
 
     async def _admin_view(self, user_key: str) -> QuotaView:
-        view = await self.quota.view(await self._subject(user_key))
-        return replace(view, seen=await self.quota.seen(user_key))
+        view = await self._quota.view(await self._subject(user_key))
+        return replace(view, seen=await self._quota.seen(user_key))
 
     async def _known(self, user_key: str, action: str) -> None:
         """Only for users who have used the bot: a grant or reset for an id nobody has is an admin's typo."""
         _parse_user_key(user_key)
-        if not await self.quota.seen(user_key):
+        if not await self._quota.seen(user_key):
             raise InvalidRequest(
                 f"{user_key} has never used this bot, so there is nothing to {action}; check the id"
                 " (quota set and ban work ahead of someone's first request)",
@@ -405,29 +474,29 @@ class Engine:
         """Also for a user who has not used the bot yet: a limit set ahead applies from their first request."""
         self.require_admin(actor, "quota set")
         _parse_user_key(user_key)  # a bad key writes nothing
-        await self.quota.set_limit(user_key, field, value, actor.user_key)
+        await self._quota.set_limit(user_key, field, value, actor.user_key)
         return await self._admin_view(user_key)
 
     async def admin_quota_grant(self, actor: Requester, user_key: str, resource: Resource, amount: int) -> QuotaView:
         self.require_admin(actor, "quota grant")
         await self._known(user_key, "grant to")
-        await self.quota.grant(user_key, resource, amount, actor.user_key)
+        await self._quota.grant(user_key, resource, amount, actor.user_key)
         return await self._admin_view(user_key)
 
     async def admin_quota_reset(self, actor: Requester, user_key: str) -> QuotaView:
         self.require_admin(actor, "quota reset")
         await self._known(user_key, "reset")
-        await self.quota.reset(user_key, actor.user_key)
+        await self._quota.reset(user_key, actor.user_key)
         return await self._admin_view(user_key)
 
     async def admin_spend(self, actor: Requester, month: str | None = None) -> tuple[str, list[SpendRow]]:
         self.require_admin(actor, "spend")
-        month = month or self.quota.periods().month
-        return month, await self.store.spend_report(month)
+        month = month or self._quota.periods().month
+        return month, await self._store.spend_report(month)
 
     async def admin_credits(self, actor: Requester) -> int:
         self.require_admin(actor, "credits")
-        if not self.secrets.bfl_api_key:
+        if not self._secrets.bfl_api_key:
             raise BackendUnavailable(
                 "BFL_API_KEY is not set, so the BFL balance cannot be read: set it in the environment"
             )
@@ -442,48 +511,70 @@ class Engine:
 
     async def admin_pause(self, actor: Requester, kind: BackendKind, paused: bool) -> None:
         self.require_admin(actor, "pause" if paused else "resume")
-        await self.store.set_control(
+        await self._store.set_control(
             f"paused.{kind.value}",
             "1" if paused else "0",
             AuditEntry(actor.user_key, "routing.pause" if paused else "routing.resume", kind.value),
         )
         if paused:
-            self.scheduler.paused.add(kind)
+            self._scheduler.paused.add(kind)
         else:
-            self.scheduler.paused.discard(kind)
-            self.scheduler.wake()
+            self._scheduler.paused.discard(kind)
+            self._scheduler.wake()
 
     async def admin_ban(self, actor: Requester, user_key: str, banned: bool) -> bool:
         """Ban (also ahead of someone's first request) or unban; returns whether the user has used the bot."""
         self.require_admin(actor, "ban" if banned else "unban")
         _parse_user_key(user_key)
-        seen = await self.quota.seen(user_key)
-        record = await self.store.get_user(user_key)
+        seen = await self._quota.seen(user_key)
+        record = await self._store.get_user(user_key)
         if not banned and not (record and record.banned):
             never = " and has never used this bot" if not seen else ""
             raise InvalidRequest(f"{user_key} is not banned{never}; nothing was changed", field="user")
-        await self.store.update_user(
+        await self._store.update_user(
             user_key, banned=banned, audit=AuditEntry(actor.user_key, "user.ban" if banned else "user.unban", user_key)
         )
         return seen
 
     async def admin_jobs(self, actor: Requester, states: list[JobState] | None = None, limit: int = 50) -> list[Job]:
         self.require_admin(actor, "jobs")
-        return await self.store.jobs(
+        return await self._store.jobs(
             states=states or [JobState.QUEUED, JobState.RUNNING], limit=limit, newest_first=True
         )
 
+    async def report(self, actor: Requester) -> ReportChart:
+        """The last 30 days for an admin: a summary and its chart."""
+        self.require_admin(actor, "report")
+        report = await build_report(self._store, self.settings, self._quota.periods())
+        # Drawing takes CPU for a noticeable fraction of a second: off the event loop, so chat traffic goes on.
+        png = await asyncio.to_thread(render_png, report)
+        return ReportChart(summary_text(report), png, report.last_day)
+
+    def alerts(self) -> AsyncIterator[Alert]:
+        """Every alert from this call on, for a front-end that posts them (alerts nobody follows are only logged)."""
+        return self._alerts.stream()
+
+    # ---- operations: health, metrics, the watchdog ----
+
     async def health(self) -> Health:
         """For /healthz: does the database answer a query within a short timeout, and can any backend take jobs."""
-        return await self.telemetry.health()
+        return await self._telemetry.health()
+
+    async def metrics(self) -> bytes:
+        """The Prometheus exposition text for /metrics."""
+        return await self._telemetry.scrape()
+
+    async def heartbeat(self) -> None:
+        """One cheap database round trip: returns when the database answers, raises when it does not."""
+        await self._store.get_control("heartbeat")
 
     async def stats(self) -> dict[str, Any]:
-        counts = {state.value: await self.store.count_jobs(state) for state in JobState}
+        counts = {state.value: await self._store.count_jobs(state) for state in JobState}
         return {
             "jobs": counts,
-            "running": {kind.value: self.scheduler.running_count(kind) for kind in BackendKind},
-            "paused": sorted(kind.value for kind in self.scheduler.paused),
-            "posted": await self.store.ledger_totals(),
+            "running": {kind.value: self._scheduler.running_count(kind) for kind in BackendKind},
+            "paused": sorted(kind.value for kind in self._scheduler.paused),
+            "posted": await self._store.ledger_totals(),
             "backends": sorted(kind.value for kind in self._backends),
             "demo": self.demo,
         }
@@ -515,3 +606,36 @@ def _parse_user_key(user_key: str) -> Requester:
         example = "discord:123456789012345678" if kind is Platform.DISCORD else "console:alice"
         raise InvalidRequest(f"{user_key!r} names no {kind.value} user: use a user id, as in {example}", field="user")
     return Requester(kind, rest)
+
+
+# ---- without a running engine: doctor, the admin CLI, the worker subcommand ----
+
+
+def parse_grant(resource: str, text: str) -> tuple[Resource, int]:
+    """`images 5`, `gpu-seconds 600`, `usd 2.50` -> the resource and its stored amount, or InvalidRequest."""
+    return Quota.parse_grant(resource, text)
+
+
+async def bfl_credits(settings: Settings, secrets: Secrets, *, timeout_s: float) -> int:
+    """The BFL balance in micro-dollars, asked once with a short timeout (doctor's check of the key).
+
+    Raises BackendUnavailable (no key, a refused key, an unreachable API) or TimeoutError.
+    """
+    if not secrets.bfl_api_key:
+        raise BackendUnavailable("BFL_API_KEY is not set")
+    from engine.backends.bfl import BflBackend
+
+    backend = BflBackend(settings.bfl, settings.models, secrets.bfl_api_key)
+    await backend.start()
+    try:
+        return await asyncio.wait_for(backend.credits(), timeout_s)
+    finally:
+        await backend.close()
+
+
+def run_worker(args: list[str]) -> int:
+    """`flux-bot worker ARGS`: one local worker process; its exit status."""
+    # Imported here: the worker loads torch and diffusers, which nothing else of the bot needs.
+    from engine.backends.worker import main
+
+    return main(args)

@@ -1,8 +1,6 @@
 """ImageRequest -> ResolvedRequest: every option filled from the model's defaults and checked against its limits.
 
-Sizes come from fixed resolution buckets (one per aspect ratio, about one megapixel, multiples of 32 inside the
-256-1440 range that FLUX.1 [dev] accepts on the API), so a local worker warmed on those buckets never meets a new
-shape and never recompiles in service.
+Sizes come from the fixed resolution buckets of engine.models.ASPECT_SIZES.
 """
 
 from __future__ import annotations
@@ -11,21 +9,9 @@ import secrets
 
 from engine.config import ASPECT_RATIOS, ModelSettings
 from engine.errors import InvalidRequest
-from engine.models import ImageRequest, ResolvedRequest
+from engine.models import ASPECT_SIZES, MAX_SEED, ImageRequest, ResolvedRequest
 
-ASPECT_SIZES: dict[str, tuple[int, int]] = {
-    "1:1": (1024, 1024),
-    "16:9": (1344, 768),
-    "9:16": (768, 1344),
-    "4:3": (1152, 896),
-    "3:4": (896, 1152),
-    "3:2": (1216, 832),
-    "2:3": (832, 1216),
-    "21:9": (1440, 608),
-    "9:21": (608, 1440),
-}
 MIN_SIDE, MAX_SIDE, SIDE_STEP = 256, 1440, 32
-MAX_SEED = 2**32 - 1
 
 
 def resolve(request: ImageRequest, model: ModelSettings, *, guided: tuple[str, ...] = ()) -> ResolvedRequest:

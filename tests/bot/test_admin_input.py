@@ -176,7 +176,7 @@ async def test_chat_admin_input_is_checked_the_same_way(make_engine: EngineFacto
     engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()})
     bob = Requester(Platform.SLACK, "U0BOB", guild_id="T1")
     await wait_terminal(engine, (await engine.submit(bob, ImageRequest("a dog", "schnell"))).job_id)
-    database = engine.store.path
+    database = engine.database_path
     before = _snapshot(database)
     admin = Requester(Platform.SLACK, "U0ADMIN", guild_id="T1", is_admin=True)
     with pytest.raises(EngineError) as caught:

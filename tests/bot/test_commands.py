@@ -10,9 +10,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bot import render
-from bot.commands import IMAGINE_OPTIONS, OPTION_ALIASES, Commands, ImagineArgs, parse_imagine_text
-from engine.errors import InvalidRequest
-from engine.models import BackendKind
+from bot.commands import (
+    IMAGINE_OPTIONS,
+    OPTION_ALIASES,
+    Commands,
+    ImagineArgs,
+    next_seed,
+    parse_imagine_text,
+)
+from engine.errors import InvalidRequest, JobNotFound, NotAllowed
+from engine.models import MAX_SEED, BackendKind, JobDone, JobState
 from tests.conftest import EngineFactory, user, wait_terminal
 from tests.fakes.backends import ScriptedBackend
 
@@ -124,8 +131,81 @@ async def test_direction_controls_in_a_prompt_cannot_reorder_the_bots_own_words(
     spoof = "a cat \u202eeerf si sihT"  # a right-to-left override left open
     queued = await commands.imagine(alice, spoof, {})
     await wait_terminal(engine, queued.job_id)
-    assert (await engine.store.get_job(queued.job_id)).request.prompt == spoof  # the model got it as typed
+    assert (await engine.get_job(queued.job_id)).request.prompt == spoof  # the model got it as typed
     assert f"  prompt: \u2068{spoof}\u2069\n" in await commands.job(alice, queued.job_id)
     plain = await commands.imagine(alice, "a plain cat", {})
     assert "  prompt: a plain cat\n" in await commands.job(alice, plain.job_id)
     assert render.shown("\u2067مرحبا", str.upper) == "\u2068\u2067مرحبا\u2069"
+
+
+# ---- the buttons under a result: Reroll, Vary, Edit prompt and Delete ----
+
+
+def test_vary_takes_the_next_seed_and_wraps_past_the_largest() -> None:
+    assert next_seed(0) == 1
+    assert next_seed(41) == 42
+    assert next_seed(MAX_SEED - 1) == MAX_SEED
+    assert next_seed(MAX_SEED) == 0
+
+
+async def test_reroll_vary_and_edit_prompt_repeat_the_jobs_options(make_engine: EngineFactory) -> None:
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()})
+    commands = Commands(engine)
+    alice, bob = user("alice"), user("bob")
+    asked = {"model": "dev", "aspect": "16:9", "steps": "7", "guidance": "3", "seed": "41", "mode": "relax"}
+    queued = await commands.imagine(alice, "a red cat", asked)
+    await wait_terminal(engine, queued.job_id)
+    same = {"model": "dev", "steps": "7", "mode": "relax", "aspect": "16:9", "guidance": "3.0"}
+
+    # Anyone who sees the result may make it again: its parameters are public in the message.
+    assert await commands.reroll(queued.job_id) == ImagineArgs("a red cat", same)  # no seed: a random one
+    assert await commands.vary(queued.job_id) == ImagineArgs("a red cat", same | {"seed": "42"})
+    assert await commands.edited_prompt(queued.job_id, "a blue cat") == ImagineArgs("a blue cat", same | {"seed": "41"})
+
+    # The repeat is a job like any other: Bob's vary is Bob's job, on the next seed.
+    args = await commands.vary(queued.job_id)
+    varied = await commands.imagine(bob, args.prompt, args.options)
+    done = await wait_terminal(engine, varied.job_id)
+    assert isinstance(done, JobDone) and done.seed == 42
+    job = await engine.get_job(varied.job_id)
+    assert (job.requester.user_key, job.request.aspect_ratio, job.request.guidance) == ("discord:bob", "16:9", 3.0)
+
+
+async def test_a_width_and_height_are_repeated_as_asked(make_engine: EngineFactory) -> None:
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()})
+    commands = Commands(engine)
+    queued = await commands.imagine(user(), "a tall cat", {"width": "512", "height": "1024"})
+    await wait_terminal(engine, queued.job_id)
+    options = (await commands.reroll(queued.job_id)).options
+    assert (options.get("width"), options.get("height"), "aspect" in options) == ("512", "1024", False)
+
+
+async def test_only_the_requester_or_an_admin_may_delete_a_result(make_engine: EngineFactory) -> None:
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()})
+    commands = Commands(engine)
+    alice, bob, admin = user("alice"), user("bob"), user("carol", admin=True)
+    queued = await commands.imagine(alice, "a red cat", {})
+    await wait_terminal(engine, queued.job_id)
+
+    with pytest.raises(NotAllowed) as refused:
+        await commands.deletable(bob, queued.job_id)
+    assert refused.value.reason == "only the person who asked for this image or an admin can delete it"
+    assert (await commands.deletable(alice, queued.job_id)).id == queued.job_id
+    assert (await commands.deletable(admin, queued.job_id)).id == queued.job_id
+    # The engine holds the same rule whatever the front-end checked first.
+    with pytest.raises(NotAllowed):
+        await engine.delete_result(bob, queued.job_id)
+    assert (await engine.get_job(queued.job_id)).state is JobState.DONE
+
+
+async def test_a_button_on_a_job_that_is_gone_says_so(make_engine: EngineFactory) -> None:
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()})
+    commands = Commands(engine)
+    for press in (
+        commands.reroll("j0000000000000000"),
+        commands.vary("j0000000000000000"),
+        commands.edited_prompt("j0000000000000000", "a cat"),
+        commands.deletable(user(), "j0000000000000000"),
+    ):
+        with pytest.raises(JobNotFound):
+            await press

@@ -213,7 +213,7 @@ async def test_admin_user_ids_keep_their_case(make_engine: EngineFactory) -> Non
     engine = await make_engine({})
     admin = Requester(Platform.SLACK, "UADMIN", guild_id="T1", is_admin=True)
     await Commands(engine).admin(admin, "BAN U0BOB")
-    record = await engine.store.get_user("slack:T1:U0BOB")
+    record = await engine._store.get_user("slack:T1:U0BOB")
     assert record is not None and record.banned
 
 

@@ -19,7 +19,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngImageFile
 
 from bot.commands import Commands
-from bot.discord_app import DiscordFrontEnd, ThrottledEditor
+from bot.delivery import ThrottledEditor
+from bot.discord_app import DiscordFrontEnd
 from engine.config import Settings
 from engine.models import (
     BackendJob,
@@ -163,7 +164,7 @@ async def test_imagine_defers_then_edits_then_posts_the_image(
     custom_ids = [c["custom_id"] for row in result.payload["components"] for c in row["components"]]
     job_id = custom_ids[0].split(":")[2]
     assert custom_ids == [f"flux:{a}:{job_id}" for a in ("reroll", "vary", "edit", "delete")]
-    job = await engine.store.get_job(job_id)
+    job = await engine.get_job(job_id)
     assert (job.request.width, job.request.height) == (1344, 768)
     await wait_delivered(engine)
 
@@ -185,7 +186,7 @@ async def test_bad_options_get_an_ephemeral_error_and_store_nothing(
     reply = await wait_followup(fake, token)
     assert reply.payload["flags"] == EPHEMERAL and problem in content(reply) and "not charged" in content(reply)
     assert fake.matching("DELETE", f"{token}/messages/@original", status=None)  # the public placeholder is gone
-    assert await engine.store.jobs(states=list(JobState)) == []
+    assert await engine._store.jobs(states=list(JobState)) == []
 
 
 async def test_a_failed_job_is_told_ephemerally_never_as_a_traceback(
@@ -382,11 +383,11 @@ async def test_buttons_reroll_vary_and_delete(
     engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()})
     app = await front_end(engine)
     job_id, message_id = await _first_result(fake, app, "a red fox")
-    first = await engine.store.get_job(job_id)
+    first = await engine.get_job(job_id)
 
     reroll = await wait_followup(fake, feed(app, click(f"flux:reroll:{job_id}", message_id, user_id=BOB)))
     vary = await wait_followup(fake, feed(app, click(f"flux:vary:{job_id}", message_id)))
-    jobs = {job.id: job for job in await engine.store.jobs(states=[JobState.DONE])}
+    jobs = {job.id: job for job in await engine._store.jobs(states=[JobState.DONE])}
     assert len(jobs) == 3 and {j.request.prompt for j in jobs.values()} == {"a red fox"}
     rerolled = next(j for j in jobs.values() if j.requester.user_id == BOB)
     assert f"<@{BOB}>" in content(reroll) and rerolled.request.steps == first.request.steps
@@ -411,7 +412,7 @@ async def test_edit_prompt_opens_a_modal_and_keeps_the_seed(
     app = await front_end(engine)
     job_id, message_id = await _first_result(fake, app, "a red fox")
     result = await _edit_prompt(fake, app, job_id, message_id, "a red fox", "a blue fox")
-    seed = (await engine.store.get_job(job_id)).request.seed
+    seed = (await engine.get_job(job_id)).request.seed
     assert '"a blue fox"' in content(result) and f"seed {seed}," in content(result)
 
 
@@ -455,7 +456,7 @@ async def test_buttons_and_results_survive_a_restart(
     await wait_delivered(engine)
 
     # Every button of the old message, handled by the new client from its custom id alone.
-    seed = (await engine.store.get_job(job_id)).request.seed
+    seed = (await engine.get_job(job_id)).request.seed
     reroll = await wait_followup(fake, feed(app, click(f"flux:reroll:{job_id}", message_id)))
     assert '"a red fox"' in content(reroll)
     vary = await wait_followup(fake, feed(app, click(f"flux:vary:{job_id}", message_id)))
@@ -590,7 +591,7 @@ async def test_a_prompt_pings_nobody_and_formats_nothing_on_any_path(
 
     # /queue and /job while it runs: the prompt is shown literally, nobody may be pinged.
     queue = await wait_followup(fake, feed(app, command("queue", [])))
-    [job] = await engine.store.jobs(states=[JobState.RUNNING])
+    [job] = await engine._store.jobs(states=[JobState.RUNNING])
     assert job.request.prompt == NOISY
     job_answer = await wait_followup(fake, feed(app, command("job", [{"name": "id", "type": 3, "value": job.id}])))
     for answer in (queue, job_answer):
@@ -682,8 +683,8 @@ async def test_an_edit_prompt_modal_opened_before_a_restart_is_handled_after_it(
     }
     edited = await wait_followup(fake, feed(app, interaction(5, submitted)))
     assert '"a red wolf"' in content(edited) and "seed 7," in content(edited)
-    old = await engine.store.get_job(job_id)
-    [new] = [job for job in await engine.store.jobs(states=list(JobState)) if job.id != job_id]
+    old = await engine.get_job(job_id)
+    [new] = [job for job in await engine._store.jobs(states=list(JobState)) if job.id != job_id]
     assert new.request.prompt == "a red wolf"
     assert new.request == replace(old.request, prompt="a red wolf")
 
@@ -694,7 +695,7 @@ async def test_delete_removes_the_stored_image_too(
     engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()})
     app = await front_end(engine)
     job_id, message_id = await _first_result(fake, app, "a red fox")
-    stored = str((await engine.store.get_job(job_id)).result_path)
+    stored = str((await engine.get_job(job_id)).result_path)
     assert await asyncio.to_thread(os.path.isfile, stored)
 
     refused = feed(app, click(f"flux:delete:{job_id}", message_id, user_id=BOB))
@@ -705,9 +706,9 @@ async def test_delete_removes_the_stored_image_too(
     path = f"/channels/{CHANNEL_ID}/messages/{message_id}"
     await fake.wait_for(lambda _: bool(fake.matching("DELETE", path, status=204)), "the deletion")
     assert not await asyncio.to_thread(os.path.isfile, stored)
-    job = await engine.store.get_job(job_id)
+    job = await engine.get_job(job_id)
     assert job.state is JobState.DONE and job.result_path is None
-    [audit] = await engine.store.audit_log("image.removed")
+    [audit] = await engine._store.audit_log("image.removed")
     assert audit["job_id"] == job_id and audit["actor"] == f"discord:{ALICE}"
 
 
@@ -718,7 +719,7 @@ async def test_guidance_is_refused_for_schnell_and_stored_as_used_for_dev(
     app = await front_end(engine)
     reply = await wait_followup(fake, feed(app, command("imagine", imagine("a red cat", guidance=3.0))))
     assert reply.payload["flags"] == EPHEMERAL and "FLUX.1 [schnell] takes no guidance value" in content(reply)
-    assert await engine.store.jobs(states=list(JobState)) == []
+    assert await engine._store.jobs(states=list(JobState)) == []
     await wait_followup(fake, feed(app, command("imagine", imagine("a red cat", model="dev", guidance=4.5))))
-    [job] = await engine.store.jobs(states=list(JobState))
+    [job] = await engine._store.jobs(states=list(JobState))
     assert job.request.guidance == 4.5 and "guidance 4.5" in await Commands(engine).job(job.requester, job.id)

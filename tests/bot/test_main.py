@@ -279,7 +279,7 @@ async def test_a_chat_token_or_a_bfl_key_without_weights_turns_the_local_lane_of
             assert local_lane(settings, secrets) is LocalLane.NO_WEIGHTS
             engine = await Engine.open(serving_settings(settings, secrets), secrets)
             try:
-                assert not engine.demo and engine.scheduler.backend(BackendKind.LOCAL) is None
+                assert not engine.demo and engine._scheduler.backend(BackendKind.LOCAL) is None
             finally:
                 await engine.close()
             lane_check = local_lane_check(settings, secrets)

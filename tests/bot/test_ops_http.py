@@ -113,7 +113,7 @@ async def test_healthz_turns_unhealthy_when_the_database_is_unreachable(
         "local": {"available": True, "healthy": True, "paused": False, "in_flight": 0, "capacity": 1, "detail": ""}
     }
 
-    await engine.store.close()  # the connection is gone: every query now fails
+    await engine._store.close()  # the connection is gone: every query now fails
     status, body = await ops.healthz()
     assert status == 503
     assert body["status"] == "unhealthy"

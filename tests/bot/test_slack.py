@@ -164,7 +164,7 @@ async def delivered(app: SlackFrontEnd, job_id: str) -> None:
     """Delivery is recorded after Slack answers the terminal message, so poll (bounded) for it."""
     await wait_terminal(app.engine, job_id)
     async with asyncio.timeout(10):
-        while not (await app.engine.store.get_job(job_id)).delivered:
+        while not (await app.engine.get_job(job_id)).delivered:
             await asyncio.sleep(0.01)
 
 
@@ -224,7 +224,7 @@ async def test_malformed_flags_get_a_clear_error_and_store_nothing(
     ):
         answer = await slash(app, "/imagine", text)
         assert expected in answer and "not charged" in answer
-    assert await engine.store.jobs() == []
+    assert await engine._store.jobs() == []
     assert slack.named("chat.postMessage") == []
 
 
@@ -271,20 +271,20 @@ async def test_ordinary_english_reaches_the_model_unchanged(
         "--aspect=3:2 tom &amp; jerry &lt;3 for <@U9|bob>": ("tom & jerry <3 for @bob", "3:2"),
     }
     for text, (prompt, aspect) in cases.items():
-        job = await app.engine.store.get_job(job_id_of(await slash(app, "/imagine", text)))
+        job = await app.engine.get_job(job_id_of(await slash(app, "/imagine", text)))
         assert (job.request.prompt, job.request.aspect_ratio) == (prompt, aspect)
 
 
 async def test_width_and_height_flags(make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory) -> None:
     app = await front_end(await make_engine({BackendKind.LOCAL: ScriptedBackend()}))
     job_id = job_id_of(await slash(app, "/imagine", "a wide cat --width 1024 --height 768"))
-    job = await app.engine.store.get_job(job_id)
+    job = await app.engine.get_job(job_id)
     assert (job.request.width, job.request.height) == (1024, 768)
     assert "width must be a multiple of 32" in await slash(app, "/imagine", "a cat --width 1000 --height 768")
     result = await finished(app, slack, job_id)
     await click(app, result, "reroll")
     await until(lambda: len(slack.named("chat.postEphemeral")) == 1)
-    rerolled = await app.engine.store.get_job(job_id_of(slack.named("chat.postEphemeral")[0].fields["text"]))
+    rerolled = await app.engine.get_job(job_id_of(slack.named("chat.postEphemeral")[0].fields["text"]))
     assert (rerolled.request.width, rerolled.request.height) == (1024, 768)
 
 
@@ -305,7 +305,7 @@ async def test_a_prompt_pings_nobody_on_any_path(
     app = await front_end(await make_engine({BackendKind.LOCAL: ScriptedBackend(steps=2)}))
     note = await slash(app, "/imagine", f"{NOISY_AS_SENT} --seed 5")
     job_id = job_id_of(note)
-    assert (await app.engine.store.get_job(job_id)).request.prompt == NOISY
+    assert (await app.engine.get_job(job_id)).request.prompt == NOISY
     result = await finished(app, slack, job_id)
 
     [header] = slack.named("chat.postMessage")
@@ -376,7 +376,7 @@ async def test_reroll_and_vary_make_new_jobs(
     await until(lambda: len(slack.named("chat.postEphemeral")) == 2)
     rerolled = job_id_of(slack.named("chat.postEphemeral")[1].fields["text"])
 
-    store = app.engine.store
+    store = app.engine._store
     original, vary_job, reroll_job = [await store.get_job(j) for j in (job_id, varied, rerolled)]
     assert len({job_id, varied, rerolled}) == 3
     assert vary_job.request.seed == 42 and vary_job.request.prompt == original.request.prompt
@@ -457,7 +457,7 @@ async def test_quota_and_cancel(make_engine: EngineFactory, slack: FakeSlack, fr
     assert "cancelled" in await slash(app, "/imagine-cancel", job_id)
     await delivered(app, job_id)
     assert f"Job {job_id} cancelled" in slack.named("chat.update")[-1].fields["text"]
-    assert (await app.engine.store.get_job(job_id)).state is JobState.CANCELLED
+    assert (await app.engine.get_job(job_id)).state is JobState.CANCELLED
     assert f"slack:{TEAM_ID}:{ALICE}" in await slash(app, "/imagine-quota")
     gate.set()
 
@@ -471,7 +471,7 @@ async def test_two_workspaces_with_the_same_user_id_do_not_share_a_quota(
     await finished(app, slack, first)
     assert not (await slash(app, "/imagine", "a red cat", team="T0001")).startswith("Job ")
     other = job_id_of(await slash(app, "/imagine", "a red cat", team="T0002"))
-    assert (await app.engine.store.get_job(other)).requester.user_key == f"slack:T0002:{ALICE}"
+    assert (await app.engine.get_job(other)).requester.user_key == f"slack:T0002:{ALICE}"
 
 
 @pytest.mark.parametrize(
@@ -494,7 +494,7 @@ async def test_http_mode_rejects_unverified_requests(
         headers = signed(body, timestamp=int(time.time()) - 6 * 60)
     status, _ = await post(app, body, headers)
     assert status == 401
-    assert await engine.store.jobs() == []
+    assert await engine._store.jobs() == []
 
 
 async def test_a_429_with_retry_after_is_retried(
@@ -623,7 +623,7 @@ async def test_edit_prompt_opens_a_modal_that_works_after_a_restart(
     [note] = slack.named("chat.postEphemeral")
     assert note.fields["user"] == BOB and note.fields["channel"] == CHANNEL
     new_id = job_id_of(note.fields["text"])
-    old, new = [await app.engine.store.get_job(j) for j in (job_id, new_id)]
+    old, new = [await app.engine.get_job(j) for j in (job_id, new_id)]
     assert new.request == replace(old.request, prompt="a red wolf") and new.requester.user_id == BOB
     result = await finished(app, slack, new_id)
     assert result.fields["channel"] == CHANNEL and "seed 41" in result.fields["text"]
@@ -639,7 +639,7 @@ async def test_a_refused_edit_is_shown_in_the_modal(
     answer = await submit_view(app, slack.opened_views[0], "   ")
     assert answer["response_action"] == "errors"
     assert "not charged" in answer["errors"]["prompt"] and "Traceback" not in answer["errors"]["prompt"]
-    assert len(await app.engine.store.jobs(states=list(JobState))) == 1
+    assert len(await app.engine._store.jobs(states=list(JobState))) == 1
     assert slack.named("chat.postEphemeral") == []
 
 
@@ -650,7 +650,7 @@ async def test_the_posted_image_is_the_stored_file_with_its_parameters(
     app = await front_end(await make_engine({BackendKind.LOCAL: ScriptedBackend()}))
     job_id = job_id_of(await slash(app, "/imagine", "a red cat --seed 7"))
     await finished(app, slack, job_id)
-    job = await app.engine.store.get_job(job_id)
+    job = await app.engine.get_job(job_id)
     assert job.result_path is not None
     stored = await asyncio.to_thread(Path(job.result_path).read_bytes)
     [upload] = slack.named("upload")
@@ -665,7 +665,7 @@ async def test_delete_removes_the_stored_image_too(
     app = await front_end(await make_engine({BackendKind.LOCAL: ScriptedBackend()}))
     job_id = job_id_of(await slash(app, "/imagine", "a red cat"))
     result = await finished(app, slack, job_id)
-    stored = str((await app.engine.store.get_job(job_id)).result_path)
+    stored = str((await app.engine.get_job(job_id)).result_path)
     assert await asyncio.to_thread(os.path.isfile, stored)
 
     await click(app, result, "delete", user=BOB)
@@ -675,9 +675,9 @@ async def test_delete_removes_the_stored_image_too(
     await click(app, result, "delete", user=ALICE)
     await until(lambda: len(slack.named("files.delete")) == 1)
     assert not await asyncio.to_thread(os.path.isfile, stored)
-    job = await app.engine.store.get_job(job_id)
+    job = await app.engine.get_job(job_id)
     assert job.state is JobState.DONE and job.result_path is None
-    [audit] = await app.engine.store.audit_log("image.removed")
+    [audit] = await app.engine._store.audit_log("image.removed")
     assert audit["job_id"] == job_id and audit["actor"] == f"slack:{TEAM_ID}:{ALICE}"
 
 
@@ -688,7 +688,7 @@ async def test_guidance_is_refused_for_schnell_and_shown_as_used_for_dev(
     app = await front_end(engine)
     refusal = await slash(app, "/imagine", "a red cat --guidance 3")
     assert "FLUX.1 [schnell] takes no guidance value" in refusal and "not charged" in refusal
-    assert await engine.store.jobs() == []
+    assert await engine._store.jobs() == []
     job_id = job_id_of(await slash(app, "/imagine", "a red cat --model dev"))
     await finished(app, slack, job_id)
     with Image.open(io.BytesIO(slack.named("upload")[0].data)) as image:

@@ -107,6 +107,9 @@ class _FakeEngine:
     def __init__(self) -> None:
         self.store = _DeadStore()
 
+    async def heartbeat(self) -> None:
+        await self.store.get_control("heartbeat")
+
 
 async def test_no_ping_while_the_database_fails(notify_listener: NotifyListener) -> None:
     engine = _FakeEngine()

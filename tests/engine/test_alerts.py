@@ -31,8 +31,8 @@ async def jobs() -> AsyncIterator[ClockedJobs]:
 
 async def announced(engine: Engine, action: str) -> list[dict[str, object]]:
     """What was announced, oldest first, from the audit log (the durable record of every alert)."""
-    await engine.alerts.drain()
-    return [json.loads(str(row["detail"])) for row in reversed(await engine.store.audit_log(action))]
+    await engine._alerts.drain()
+    return [json.loads(str(row["detail"])) for row in reversed(await engine._store.audit_log(action))]
 
 
 async def next_alert(stream: AsyncIterator[Alert]) -> Alert:
@@ -45,7 +45,7 @@ async def test_spend_thresholds_once_each_and_not_again_after_a_restart(
     # A $0.30 cap and $0.04 images: 50% is crossed by the 4th image, 80% by the 6th.
     settings = make_settings(limits={"global_api_usd_per_month": "0.30"}, tiers={"default": {}})
     engine = await jobs.open(settings)
-    stream = engine.alerts.stream()
+    stream = engine._alerts.stream()
     for n in range(3):
         await jobs.run(engine, T0 + timedelta(minutes=n), "pro", PRO)
     assert await announced(engine, "alert.spend") == []
@@ -54,7 +54,7 @@ async def test_spend_thresholds_once_each_and_not_again_after_a_restart(
 
     await engine.close()  # a restart: what was announced is remembered in the database
     engine = await jobs.open(settings)
-    stream = engine.alerts.stream()
+    stream = engine._alerts.stream()
     await jobs.run(engine, T0 + timedelta(minutes=4), "pro", PRO)  # 67%: 50% was already announced
     assert len(await announced(engine, "alert.spend")) == 1
     await jobs.run(engine, T0 + timedelta(minutes=5), "pro", PRO)  # 80%
@@ -72,7 +72,7 @@ async def test_several_thresholds_crossed_at_once_announce_the_highest_and_a_new
         limits={"global_api_usd_per_month": "0.08"}, ops={"spend_alert_percents": [25, 50]}, tiers={"default": {}}
     )
     engine = await jobs.open(settings)
-    stream = engine.alerts.stream()
+    stream = engine._alerts.stream()
     await jobs.run(engine, T0, "pro", PRO)  # 50% in one step: past 25% and 50%
     assert await next_alert(stream) == SpendAlert("2026-11", 50, 40_000, 80_000)
     await jobs.run(engine, datetime(2026, 12, 1, 9, tzinfo=UTC), "pro", PRO)
@@ -85,7 +85,7 @@ async def test_no_spend_alerts_without_a_cap(jobs: ClockedJobs, make_settings: S
     for n in range(3):
         await jobs.run(engine, T0 + timedelta(minutes=n), "pro", PRO)
     assert await announced(engine, "alert.spend") == []
-    assert await engine.store.get_control("alert.spend") is None
+    assert await engine._store.get_control("alert.spend") is None
 
 
 async def test_failure_rate_alert_needs_min_jobs_and_comes_at_most_once_an_hour(
@@ -93,7 +93,7 @@ async def test_failure_rate_alert_needs_min_jobs_and_comes_at_most_once_an_hour(
 ) -> None:
     settings = make_settings(ops={"failure_alert_rate": 0.5, "failure_alert_min_jobs": 4}, tiers={"default": {}})
     engine = await jobs.open(settings)
-    stream = engine.alerts.stream()
+    stream = engine._alerts.stream()
     minute = iter(range(1000))
 
     async def run(outcome: Outcome, start: datetime = T0) -> None:
@@ -109,7 +109,7 @@ async def test_failure_rate_alert_needs_min_jobs_and_comes_at_most_once_an_hour(
 
     await engine.close()
     engine = await jobs.open(settings)
-    stream = engine.alerts.stream()
+    stream = engine._alerts.stream()
     await run(BAD)  # after a restart too
     assert len(await announced(engine, "alert.failures")) == 1
 

@@ -53,12 +53,12 @@ async def test_backup_while_jobs_are_written_then_restore_round_trip(
         while len(submitted) < 3 * (len(copies) + 1):
             await asyncio.sleep(0.005)
         before = len(submitted)  # committed before the backup starts, so surely in it
-        copies.append((await backup(engine.store.path, directory, keep=100), before))
+        copies.append((await backup(engine._store.path, directory, keep=100), before))
     stop.set()
     await writer
     for job_id in submitted:
         await wait_terminal(engine, job_id)
-    final = await backup(engine.store.path, directory, keep=100)
+    final = await backup(engine._store.path, directory, keep=100)
 
     for path, before in copies:
         ids = job_ids(path)
@@ -85,14 +85,14 @@ async def test_restore_over_the_stopped_bots_database(make_engine: EngineFactory
     engine = await make_engine({BackendKind.LOCAL: ScriptedBackend(seconds_per_job=0.01)})
     first = await engine.submit(user(), ImageRequest("before the backup", "schnell"))
     await wait_terminal(engine, first.job_id)
-    saved = await backup(engine.store.path, backup_dir(engine.settings.bot.state_dir), keep=7)
+    saved = await backup(engine._store.path, backup_dir(engine.settings.bot.state_dir), keep=7)
     later = await engine.submit(user(), ImageRequest("after the backup", "schnell"))
     await wait_terminal(engine, later.job_id)
     await engine.close()  # the bot is stopped before a restore
 
-    restore(saved, engine.store.path)
-    assert job_ids(engine.store.path) == {first.job_id}
-    assert integrity_problem(engine.store.path) is None
+    restore(saved, engine._store.path)
+    assert job_ids(engine._store.path) == {first.job_id}
+    assert integrity_problem(engine._store.path) is None
 
 
 def _seed(path: Path) -> Path:

@@ -162,7 +162,7 @@ def test_money_is_exact_integers() -> None:
 def test_every_aspect_ratio_size_is_a_warmed_bucket() -> None:
     """A size outside the buckets would be a new shape for a compiled worker: a recompile in service."""
     from engine.config import LocalSettings
-    from engine.validation import ASPECT_SIZES
+    from engine.models import ASPECT_SIZES
 
     buckets = set(LocalSettings().resolution_buckets)
     assert {f"{width}x{height}" for width, height in ASPECT_SIZES.values()} == buckets

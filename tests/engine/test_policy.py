@@ -242,7 +242,7 @@ async def test_the_model_gets_the_prompt_as_typed(make_engine: EngineFactory, ma
     prompt = 'a  "Water Gun"\nfight — the sign says: E=mc²; 🧑\u200d🚀 it\'s --ok'
     queued = await engine.submit(user(), ImageRequest(f"  {prompt} \n", "schnell"))
     await wait_terminal(engine, queued.job_id)
-    assert (await engine.store.get_job(queued.job_id)).request.prompt == prompt
+    assert (await engine._store.get_job(queued.job_id)).request.prompt == prompt
     assert received == [prompt]
 
 

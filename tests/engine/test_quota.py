@@ -55,20 +55,20 @@ async def test_concurrent_submits_never_overspend(make_engine: EngineFactory, ma
     for job_id in accepted:
         await wait_terminal(engine, job_id)
 
-    month = engine.quota.periods().month
+    month = engine._quota.periods().month
     for who in users:
-        spent = await engine.store.usage(Scope("user", who.user_key), Resource.USD_MICROS, month)
+        spent = await engine._store.usage(Scope("user", who.user_key), Resource.USD_MICROS, month)
         assert spent <= 200_000
     for guild in range(4):
-        spent = await engine.store.usage(Scope("guild", f"discord:g{guild}"), Resource.USD_MICROS, month)
+        spent = await engine._store.usage(Scope("guild", f"discord:g{guild}"), Resource.USD_MICROS, month)
         assert spent <= 600_000
-    total = await engine.store.usage(Scope("global", None), Resource.USD_MICROS, month)
+    total = await engine._store.usage(Scope("global", None), Resource.USD_MICROS, month)
     assert total <= 2_000_000
     # Each guild's $0.60 allows exactly 15 images at $0.04, and 4 guilds * 15 = 60 < the global 50 images: the
     # global $2.00 (50 images) binds first. Every dollar of room is used and not one micro-dollar more.
     assert len(accepted) == 50
     assert total == 50 * PRO_PRICE
-    assert (await engine.store.ledger_totals())[Resource.USD_MICROS.value] == total
+    assert (await engine._store.ledger_totals())[Resource.USD_MICROS.value] == total
 
 
 async def test_concurrent_jobs_limit(make_engine: EngineFactory, make_settings: SettingsFactory) -> None:
@@ -168,7 +168,7 @@ async def test_ledger_is_append_only(make_engine: EngineFactory) -> None:
     await wait_terminal(engine, done.job_id)
     import aiosqlite
 
-    async with aiosqlite.connect(engine.store.path) as db:
+    async with aiosqlite.connect(engine._store.path) as db:
         with pytest.raises(aiosqlite.IntegrityError, match="append-only"):
             await db.execute("UPDATE ledger SET amount = 0")
         with pytest.raises(aiosqlite.IntegrityError, match="append-only"):
@@ -243,7 +243,7 @@ async def test_admin_overrides_grants_and_reset(make_engine: EngineFactory, make
         await engine.admin_quota_set(admin, alice.user_key, "images_per_week", "3")
     with pytest.raises(InvalidRequest):
         await engine.admin_quota_set(admin, alice.user_key, "api_usd_per_month", "lots")
-    log = await engine.store.audit_log()
+    log = await engine._store.audit_log()
     assert {"quota.grant", "quota.set", "quota.reset"} <= {entry["action"] for entry in log}
 
 

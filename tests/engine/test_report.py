@@ -58,7 +58,7 @@ async def test_report_numbers_per_day(jobs: ClockedJobs, make_settings: Settings
     await jobs.run(engine, at("2026-11-26", 11), "pro", Outcome(20, cost_micros=40_000))
 
     jobs.clock.now = NOW.timestamp()
-    report = await build_report(engine.store, settings, engine.quota.periods())
+    report = await build_report(engine._store, settings, engine._quota.periods())
 
     assert report.days == tuple(date(2026, 10, 28) + timedelta(days=n) for n in range(30))
     assert (report.timezone, report.month) == ("UTC", "2026-11")
@@ -92,7 +92,7 @@ async def test_days_are_calendar_days_of_the_configured_zone(jobs: ClockedJobs, 
     engine = await jobs.open(settings)
     # 23:20 UTC on the 25th is 00:20 on the 26th in Berlin: the money, the image and the day all belong to the 26th.
     await jobs.run(engine, at("2026-11-25", 23, 20), "pro", Outcome(600, cost_micros=40_000))
-    report = await build_report(engine.store, settings, engine.quota.periods())
+    report = await build_report(engine._store, settings, engine._quota.periods())
     assert report.last_day == date(2026, 11, 26) and report.timezone == "Europe/Berlin"
     assert report.spend_micros[BackendKind.API][-1] == 40_000 and report.images[BackendKind.API][-1] == 1
     assert datetime.fromtimestamp(jobs.clock.now, ZoneInfo("Europe/Berlin")).date() == date(2026, 11, 26)
@@ -102,7 +102,7 @@ async def test_an_empty_database_still_gives_a_report(jobs: ClockedJobs, make_se
     settings = make_settings()
     engine = await jobs.open(settings)
     jobs.clock.now = NOW.timestamp()
-    report = await build_report(engine.store, settings, engine.quota.periods())
+    report = await build_report(engine._store, settings, engine._quota.periods())
     assert report.total_images() == 0 and report.busiest_day is None and report.period_p95_s is None
     text = summary_text(report)
     assert "no monthly cap is set" in text and "Failures: 0 of 0 jobs (no jobs ended)" in text
@@ -164,12 +164,12 @@ def drawn(report: Report) -> dict[str, dict[str, object]]:
 async def test_empty_panels_say_no_data_yet(jobs: ClockedJobs, make_settings: SettingsFactory) -> None:
     engine = await jobs.open(make_settings())
     jobs.clock.now = NOW.timestamp()
-    panels = drawn(await build_report(engine.store, engine.settings, engine.quota.periods()))
+    panels = drawn(await build_report(engine._store, engine.settings, engine._quota.periods()))
     assert sorted(panels) == ["API", "End-to-end", "Failure", "Images"]
     assert all(panel["texts"] == [NO_DATA] for panel in panels.values()), panels
     # Local images only: the spend panel is still empty, the others are not.
     await jobs.run(engine, at("2026-11-26", 11), "schnell", Outcome(4))
-    panels = drawn(await build_report(engine.store, engine.settings, engine.quota.periods()))
+    panels = drawn(await build_report(engine._store, engine.settings, engine._quota.periods()))
     assert {name: panel["texts"] for name, panel in panels.items()} == {
         "API": [NO_DATA],
         "Images": [],
@@ -196,7 +196,7 @@ async def test_the_cap_and_the_alert_thresholds_are_drawn_in_the_panels_units(
     for n in range(4):
         await jobs.run(engine, at("2026-11-25", 10, 10 + n), "schnell", Outcome(1, FailureReason.BAD_REQUEST))
     jobs.clock.now = NOW.timestamp()
-    report = await build_report(engine.store, settings, engine.quota.periods())
+    report = await build_report(engine._store, settings, engine._quota.periods())
 
     assert report.month_to_date_micros[report.days.index(date(2026, 10, 30))] == 500_000
     assert report.month_to_date_micros[report.days.index(date(2026, 10, 31))] == 500_000
@@ -219,5 +219,5 @@ async def test_the_cap_and_the_alert_thresholds_are_drawn_in_the_panels_units(
     worst = failures["worst hour that day (hours with >= 10 ended jobs)"]
     assert worst[day] == pytest.approx(100 * 4 / 12) and sum(1 for w in worst if not math.isnan(w)) == 1
     # Without a cap, there is no cap to draw.
-    plain = drawn(await build_report(engine.store, make_settings(tiers={"default": {}}), engine.quota.periods()))
+    plain = drawn(await build_report(engine._store, make_settings(tiers={"default": {}}), engine._quota.periods()))
     assert isinstance(plain["API"]["lines"], dict) and not any("cap" in name for name in plain["API"]["lines"])

@@ -81,9 +81,9 @@ async def test_local_oom_is_retried_locally_once(make_engine: EngineFactory) -> 
     seen = [event async for event in engine.events(queued.job_id)]
     assert any(isinstance(e, JobRerouted) and "local retry" in e.route.reason for e in seen)
     assert isinstance(seen[-1], JobDone) and seen[-1].cost_micros == 0
-    job = await engine.store.get_job(queued.job_id)
+    job = await engine._store.get_job(queued.job_id)
     assert job.attempts == 2 and job.local_attempts == 2
-    ledger = await engine.store.job_ledger(queued.job_id)
+    ledger = await engine._store.job_ledger(queued.job_id)
     gpu = [line for line in ledger if line["resource"] == "gpu_ms"]
     assert [line["entry"] for line in gpu] == ["reserve", "void", "reserve", "settle"]  # the failed try is free
 
@@ -110,7 +110,7 @@ async def test_billed_api_timeout_fails_over_locally_and_stays_charged(make_engi
     done = await wait_terminal(engine, queued.job_id)
     assert isinstance(done, JobDone) and done.backend is BackendKind.LOCAL
     assert done.cost_micros == 25_000  # what BFL billed for the timed-out task
-    settled = [line for line in await engine.store.job_ledger(queued.job_id) if line["entry"] == "settle"]
+    settled = [line for line in await engine._store.job_ledger(queued.job_id) if line["entry"] == "settle"]
     assert sorted((line["resource"], line["amount"]) for line in settled) == [
         ("gpu_ms", 1500),
         ("images", 1),
@@ -141,8 +141,8 @@ async def test_cancel_queued_and_running(make_engine: EngineFactory, make_settin
     cancelled = await engine.cancel(alice, running.job_id)
     assert cancelled.charged_micros == 0
     for job_id in (running.job_id, waiting.job_id):
-        assert (await engine.store.get_job(job_id)).state is JobState.CANCELLED
-        assert await engine.store.open_reservations(job_id) == []
+        assert (await engine._store.get_job(job_id)).state is JobState.CANCELLED
+        assert await engine._store.open_reservations(job_id) == []
     assert local.started == [running.job_id]
 
 
@@ -202,8 +202,8 @@ async def test_restart_recovers_every_job_exactly_once(make_settings: SettingsFa
         assert sorted(t.task_id for t in resumed if t) == sorted(f"task-{q.job_id}" for q in api_jobs)
         assert None not in resumed  # the API tasks were polled again, never submitted twice
         for job_id in all_ids:
-            assert await second.store.open_reservations(job_id) == []
-        usd = await second.store.ledger_totals()
+            assert await second._store.open_reservations(job_id) == []
+        usd = await second._store.ledger_totals()
         assert usd[Resource.USD_MICROS.value] == 2 * 40_000
         assert usd[Resource.IMAGES.value] == 5
     finally:
@@ -250,7 +250,7 @@ async def test_a_stop_during_an_api_submit_keeps_the_task_so_its_bill_is_posted(
     try:
         assert isinstance(await wait_terminal(second, queued.job_id), JobDone)
         assert [task.task_id if task else None for task in resumed] == [f"task-{queued.job_id}"]
-        assert (await second.store.ledger_totals())[Resource.USD_MICROS.value] == 40_000
+        assert (await second._store.ledger_totals())[Resource.USD_MICROS.value] == 40_000
     finally:
         await second.close()
 
@@ -263,14 +263,14 @@ async def test_a_cancel_holding_a_stale_queued_copy_stops_the_running_job(
     local = ScriptedBackend(gate=asyncio.Event())
     engine = await make_engine({BackendKind.LOCAL: local}, make_settings(tiers=UNLIMITED))
     queued = await engine.submit(user(), ImageRequest("a lamp", "schnell"))
-    stale = await engine.store.get_job(queued.job_id)
+    stale = await engine._store.get_job(queued.job_id)
     assert stale.state is JobState.QUEUED
     await local.started_event.wait()  # the dispatcher has marked it running and started it meanwhile
 
-    assert await engine.scheduler.cancel(stale, "discord:alice") == JobCancelled(queued.job_id, 0)
+    assert await engine._scheduler.cancel(stale, "discord:alice") == JobCancelled(queued.job_id, 0)
     assert local.in_flight == 0  # the generation was stopped, not left running
-    assert engine.scheduler.running_count() == 0
-    assert (await engine.store.get_job(queued.job_id)).state is JobState.CANCELLED
+    assert engine._scheduler.running_count() == 0
+    assert (await engine._store.get_job(queued.job_id)).state is JobState.CANCELLED
     # The slot is free: the next job runs.
     local.gate.set()
     follow = await engine.submit(user(), ImageRequest("a second lamp", "schnell"))
@@ -288,14 +288,14 @@ async def test_a_cancel_during_an_api_submit_posts_what_bfl_bills(
     cancelling = asyncio.create_task(engine.cancel(user(), queued.job_id))
 
     async def cancel_requested() -> None:
-        while queued.job_id not in engine.scheduler._cancel_requested:
+        while queued.job_id not in engine._scheduler._cancel_requested:
             await asyncio.sleep(0.01)
 
     await asyncio.wait_for(cancel_requested(), 10)  # the cancel has reached the job; BFL's answer comes only now
     api.answer.set()
     cancelled = await cancelling
     assert cancelled == JobCancelled(queued.job_id, 40_000)
-    assert (await engine.store.ledger_totals())[Resource.USD_MICROS.value] == 40_000
+    assert (await engine._store.ledger_totals())[Resource.USD_MICROS.value] == 40_000
 
 
 # ---- where a queued job stands: position and ETA ----

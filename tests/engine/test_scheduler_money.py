@@ -103,7 +103,7 @@ SCENARIOS = {
 
 
 async def _posted_usd(engine: Engine, job_id: str) -> int:
-    lines = await engine.store.job_ledger(job_id)
+    lines = await engine._store.job_ledger(job_id)
     return sum(
         line["amount"] for line in lines if line["entry"] == "settle" and line["resource"] == Resource.USD_MICROS.value
     )
@@ -140,7 +140,7 @@ async def test_cost_equals_posted_ledger_in_every_ending(
 
         async def reached() -> None:
             while True:
-                job = await engine.store.get_job(queued.job_id)
+                job = await engine._store.get_job(queued.job_id)
                 seen = (api if backend is BackendKind.API else local).seen.get(queued.job_id, 0)
                 ready = job.state is wanted and job.backend is backend
                 if ready and (wanted is JobState.QUEUED or (seen and (backend is BackendKind.LOCAL or job.task))):
@@ -155,10 +155,10 @@ async def test_cost_equals_posted_ledger_in_every_ending(
 
     ended = await wait_terminal(engine, queued.job_id)
     assert isinstance(ended, scenario.expect), ended
-    job = await engine.store.get_job(queued.job_id)
+    job = await engine._store.get_job(queued.job_id)
     charged = ended.cost_micros if isinstance(ended, JobDone) else ended.charged_micros  # type: ignore[union-attr]
     assert charged == job.cost_micros == await _posted_usd(engine, queued.job_id) == scenario.charged
-    assert await engine.store.open_reservations(queued.job_id) == []
+    assert await engine._store.open_reservations(queued.job_id) == []
     if isinstance(ended, JobCancelled) and scenario.charged:
         assert f"You were charged {format_usd(scenario.charged)}" in render.cancelled_text(ended)
 
@@ -177,7 +177,7 @@ async def test_a_billed_attempt_stays_in_the_cancel_message(
     queued = await engine.submit(user(), ImageRequest("a teapot", "dev", mode=Mode.FAST))
 
     async def rerouted() -> None:
-        while (await engine.store.get_job(queued.job_id)).backend is not BackendKind.LOCAL:
+        while (await engine._store.get_job(queued.job_id)).backend is not BackendKind.LOCAL:
             await asyncio.sleep(0.005)
 
     await asyncio.wait_for(rerouted(), 10)
@@ -186,7 +186,7 @@ async def test_a_billed_attempt_stays_in_the_cancel_message(
         f"Job {queued.job_id} cancelled. You were charged $0.025: the image API had accepted it, and BFL bills a"
         " task it accepted."
     )
-    assert (await engine.terminal_event(await engine.store.get_job(queued.job_id))) == cancelled
+    assert (await engine.terminal_event(await engine._store.get_job(queued.job_id))) == cancelled
 
 
 async def test_an_accepted_task_our_side_lost_is_posted_as_billed(make_engine: EngineFactory) -> None:
@@ -212,7 +212,7 @@ async def test_a_restart_without_the_api_posts_the_accepted_task(make_settings: 
     queued = await first.submit(user(), ImageRequest("a lamp", "pro"))
 
     async def stored() -> None:
-        while (await first.store.get_job(queued.job_id)).task is None:
+        while (await first._store.get_job(queued.job_id)).task is None:
             await asyncio.sleep(0.005)
 
     await asyncio.wait_for(stored(), 10)

@@ -32,7 +32,7 @@ from tests.fakes.bfl_server import API_KEY, FakeBfl
 
 
 async def _nothing_stored(engine: Engine) -> None:
-    async with aiosqlite.connect(engine.store.path) as db:
+    async with aiosqlite.connect(engine._store.path) as db:
         for table in ("jobs", "ledger", "users"):
             row = await (await db.execute(f"SELECT COUNT(*) FROM {table}")).fetchone()
             assert row == (0,), table
@@ -72,7 +72,7 @@ async def test_sql_looking_prompt_is_just_text(make_engine: EngineFactory) -> No
     prompt = 'a cat\'); DROP TABLE jobs; -- and "quotes"'
     queued = await engine.submit(user(), ImageRequest(prompt, "schnell"))
     assert isinstance(await wait_terminal(engine, queued.job_id), JobDone)
-    assert (await engine.store.get_job(queued.job_id)).request.prompt == prompt
+    assert (await engine._store.get_job(queued.job_id)).request.prompt == prompt
 
 
 async def test_policy_decisions_are_audited(make_engine: EngineFactory, make_settings: SettingsFactory) -> None:
@@ -84,7 +84,7 @@ async def test_policy_decisions_are_audited(make_engine: EngineFactory, make_set
         await engine.submit(user(), ImageRequest("a pile of weapons", "schnell"))
     queued = await engine.submit(user(), ImageRequest("concept art: weapons in a game-design brief", "schnell"))
     await wait_terminal(engine, queued.job_id)
-    actions = [(entry["action"], entry["job_id"]) for entry in await engine.store.audit_log()]
+    actions = [(entry["action"], entry["job_id"]) for entry in await engine._store.audit_log()]
     assert ("policy.block", None) in actions
     assert ("policy.allow", queued.job_id) in actions
 
@@ -158,7 +158,7 @@ async def test_real_bfl_client_through_the_engine(make_settings: SettingsFactory
             queued = await engine.submit(user(), ImageRequest("a lighthouse", "pro"))
             failed = await wait_terminal(engine, queued.job_id)
             assert isinstance(failed, JobFailed) and failed.charged_micros == 0
-            assert (await engine.store.ledger_totals())[Resource.USD_MICROS.value] == 35_000
+            assert (await engine._store.ledger_totals())[Resource.USD_MICROS.value] == 35_000
             assert await engine.admin_credits(user("root", admin=True)) == 12_345_000
         finally:
             await engine.close()
@@ -171,7 +171,7 @@ async def test_no_bfl_job_is_billed_twice_across_a_restart(make_settings: Settin
         queued = await first.submit(user(), ImageRequest("a lighthouse", "pro", mode=Mode.FAST))
 
         async def task_stored() -> None:
-            while (await first.store.get_job(queued.job_id)).task is None:
+            while (await first._store.get_job(queued.job_id)).task is None:
                 await asyncio.sleep(0.01)
 
         await asyncio.wait_for(task_stored(), 10)
@@ -185,7 +185,7 @@ async def test_no_bfl_job_is_billed_twice_across_a_restart(make_settings: Settin
             done = await wait_terminal(second, queued.job_id)
             assert isinstance(done, JobDone)
             assert bfl.count("POST") == 1  # polled again, never submitted twice
-            lines = await second.store.job_ledger(queued.job_id)
+            lines = await second._store.job_ledger(queued.job_id)
             usd = [(line["entry"], line["amount"]) for line in lines if line["resource"] == "usd_micros"]
             assert usd == [("reserve", 40_000), ("settle", 40_000)]
         finally:
@@ -219,7 +219,7 @@ async def test_guidance_is_refused_for_a_model_that_takes_none_and_stored_as_use
     for model, guidance in (("schnell", None), ("dev", None), ("dev", 4.5)):
         queued = await engine.submit(user(), ImageRequest("a cat", model, guidance=guidance))
         await wait_terminal(engine, queued.job_id)
-        used[(model, guidance)] = (await engine.store.get_job(queued.job_id)).request.guidance
+        used[(model, guidance)] = (await engine._store.get_job(queued.job_id)).request.guidance
     assert used == {("schnell", None): None, ("dev", None): 3.0, ("dev", 4.5): 4.5}
 
 

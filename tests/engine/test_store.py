@@ -248,10 +248,10 @@ async def test_the_pre_check_refuses_as_the_reserve_would(
         await wait_terminal(engine, (await engine.submit(alice, ImageRequest(f"fox {n}", "schnell"))).job_id)
     with pytest.raises(QuotaExceeded) as by_submit:
         await engine.submit(alice, ImageRequest("fox 3", "schnell"))
-    standing = await engine.quota.standing(alice)
+    standing = await engine._quota.standing(alice)
     periods = standing.periods
     with pytest.raises(QuotaExceeded) as by_reserve:
-        await engine.store.submit_job(
+        await engine._store.submit_job(
             _job("direct", alice, BackendKind.LOCAL), [_images(1, day=periods.day)], standing.checks, None
         )
     for caught in (by_submit.value, by_reserve.value):
@@ -263,4 +263,4 @@ async def test_the_pre_check_refuses_as_the_reserve_would(
     assert str(by_submit.value) == str(by_reserve.value)
     assert standing.room().images == 0
     await engine.admin_quota_grant(user("root", admin=True), alice.user_key, Resource.IMAGES, 1)
-    assert (await engine.quota.standing(alice)).room().images == 1
+    assert (await engine._quota.standing(alice)).room().images == 1

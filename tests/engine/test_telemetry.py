@@ -107,7 +107,7 @@ async def test_counters_and_histograms_move_by_exactly_the_jobs_that_ran(
         {BackendKind.LOCAL: local, BackendKind.API: api},
         make_settings(tiers=UNLIMITED, scheduler={"max_running_per_user": 4}),
     )
-    before = samples(await engine.telemetry.scrape())
+    before = samples(await engine._telemetry.scrape())
     alice = user("alice")
 
     held = await engine.submit(alice, ImageRequest("a lamp in a secret garden", "schnell"))
@@ -115,7 +115,7 @@ async def test_counters_and_histograms_move_by_exactly_the_jobs_that_ran(
     cancelled = await engine.submit(alice, ImageRequest("a kettle in a secret garden", "schnell"))
     assert await engine.cancel(alice, cancelled.job_id) == JobCancelled(cancelled.job_id, 0)
     rerouted = await engine.submit(alice, ImageRequest("oom: a teapot in a secret garden", "schnell"))
-    waiting = samples(await engine.telemetry.scrape())
+    waiting = samples(await engine._telemetry.scrape())
     assert value(waiting, "flux_bot_jobs_queued", backend="local") == 1
     assert value(waiting, "flux_bot_jobs_running", backend="local") == 1
     assert value(waiting, "flux_bot_jobs_queued", backend="api") == 0
@@ -129,7 +129,7 @@ async def test_counters_and_histograms_move_by_exactly_the_jobs_that_ran(
     local.gate.set()
     for queued in (held, rerouted):
         assert isinstance(await wait_terminal(engine, queued.job_id), JobDone)
-    after = samples(await engine.telemetry.scrape())
+    after = samples(await engine._telemetry.scrape())
 
     def moved(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
@@ -248,7 +248,7 @@ async def test_log_lines_carry_exact_durations_and_cost(
     ]
     raw = next(r.getMessage() for r in caplog.records if r.name == "flux_bot.jobs" and second.job_id in r.getMessage())
     assert f'reason="{second.route.reason}"' in raw  # a value with spaces is quoted
-    scraped = samples(await engine.telemetry.scrape())
+    scraped = samples(await engine._telemetry.scrape())
     assert value(scraped, "flux_bot_job_queue_wait_seconds_sum", backend="local") == pytest.approx(1.2)
     assert value(scraped, "flux_bot_job_generation_seconds_sum", backend="local") == pytest.approx(4.6)
     assert value(scraped, "flux_bot_job_generation_seconds_bucket", backend="local", le="2.0") == 1
@@ -275,7 +275,7 @@ async def test_a_job_recovered_after_a_restart_counts_without_durations(
     await second.start()
     try:
         assert isinstance(await wait_terminal(second, queued.job_id), JobDone)
-        scraped = samples(await second.telemetry.scrape())
+        scraped = samples(await second._telemetry.scrape())
     finally:
         await second.close()
     assert value(scraped, "flux_bot_jobs_ended_total", state="done", backend="local") == 1
@@ -336,7 +336,7 @@ async def test_worker_and_gpu_gauges_are_read_at_scrape_time(
     fake_nvml(monkeypatch)
     local = SupervisedBackend()
     engine = await make_engine({BackendKind.LOCAL: local})
-    scraped = samples(await engine.telemetry.scrape())
+    scraped = samples(await engine._telemetry.scrape())
     assert value(scraped, "flux_bot_worker_recycles_total") == 2
     assert value(scraped, "flux_bot_local_workers") == 1
     assert value(scraped, "flux_bot_local_worker_slots") == 1
@@ -344,7 +344,7 @@ async def test_worker_and_gpu_gauges_are_read_at_scrape_time(
     assert value(scraped, "flux_bot_gpu_memory_used_bytes", gpu="0") == 30 * 2**30
     assert value(scraped, "flux_bot_gpu_memory_total_bytes", gpu="0") == 80 * 2**30
     local.recycles = 3  # a worker was replaced: the next scrape says so, with no event in between
-    assert value(samples(await engine.telemetry.scrape()), "flux_bot_worker_recycles_total") == 3
+    assert value(samples(await engine._telemetry.scrape()), "flux_bot_worker_recycles_total") == 3
     health = await engine.health()
     assert health.ok and health.worker_slots == 1 and [w.pid for w in health.workers] == [4242]
 
@@ -356,7 +356,7 @@ async def test_the_real_local_backend_is_a_worker_pool(make_settings: SettingsFa
     store = await Store.open(settings.bot.database_path)
     try:
         engine = Engine(settings, Secrets(), store, {BackendKind.LOCAL: local})  # not started: no worker runs
-        scraped = samples(await engine.telemetry.scrape())
+        scraped = samples(await engine._telemetry.scrape())
     finally:
         await store.close()
     assert value(scraped, "flux_bot_local_worker_slots") == 2

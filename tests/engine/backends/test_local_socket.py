@@ -223,9 +223,9 @@ class _EngineOnUnit:
             if isinstance(event, JobProgress) and event.step == 1 and on_progress is not None:
                 await on_progress(queued.job_id)
                 on_progress = None  # once: the retry's progress is left alone
-        stored = await self.engine.store.get_job(queued.job_id)
+        stored = await self.engine._store.get_job(queued.job_id)
         self.run.attempts[name] = stored.attempts
-        ledger = await self.engine.store.job_ledger(queued.job_id)
+        ledger = await self.engine._store.job_ledger(queued.job_id)
         self.run.gpu_ledger[name] = [line["entry"] for line in ledger if line["resource"] == "gpu_ms"]
 
     async def cancel(self, job_id: str) -> None:
