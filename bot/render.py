@@ -15,7 +15,6 @@ from engine.errors import (
     BackendUnavailable,
     ConfigError,
     EngineError,
-    GenerationFailed,
     InvalidRequest,
     JobNotFound,
     NotAllowed,
@@ -38,6 +37,7 @@ from engine.models import (
     JobState,
     JobWaiting,
     Resource,
+    format_duration,
     format_usd,
 )
 from engine.service import Alert, FailureAlert, QuotaView, SpendAlert, SpendRow
@@ -69,16 +69,6 @@ def shown(text: str, safe: UserText) -> str:
     if _BIDI_CONTROLS.search(text):
         text = f"\u2068{text}\u2069"
     return safe(text)
-
-
-def duration(seconds: float) -> str:
-    if seconds < 1:
-        return "under 1 s"
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def progress_bar(step: int, total: int, width: int = 20) -> str:
@@ -187,7 +177,7 @@ def queued_text(event: JobQueued, model_display: str, moved: JobWaiting | None =
         if route.backend is BackendKind.API
         else "free (local GPU)"
     )
-    note = f"Job {event.job_id}: {model_display} on {where}, {_place(position)}, ETA {duration(eta)}, {cost}."
+    note = f"Job {event.job_id}: {model_display} on {where}, {_place(position)}, ETA {format_duration(eta)}, {cost}."
     return note if moved else f"{note} Why: {route.reason}"
 
 
@@ -201,7 +191,8 @@ def done_caption(job: Job, event: JobDone, model_display: str, safe: UserText, *
     prompt = job.request.prompt if len(job.request.prompt) <= 300 else job.request.prompt[:297] + "..."
     return (
         f'"{shown(prompt, safe)}" — {model_display}, seed {event.seed}, {job.request.width}x{job.request.height}, '
-        f"{backend_name(event.backend)}, {duration(event.seconds)}, {cost} (job {job.id}){demo_note(event, demo)}"
+        f"{backend_name(event.backend)}, {format_duration(event.seconds)}, {cost}"
+        f" (job {job.id}){demo_note(event, demo)}"
     )
 
 
@@ -216,10 +207,10 @@ def event_line(event: JobEvent, capabilities: Capabilities | None = None) -> str
         case JobQueued():
             return (
                 f"[{event.job_id}] queued on {event.route.backend.value}: position {event.position + 1}, "
-                f"ETA {duration(event.eta_s)} — {event.route.reason}"
+                f"ETA {format_duration(event.eta_s)} — {event.route.reason}"
             )
         case JobWaiting():
-            return f"[{event.job_id}] now {_place(event.position)}, ETA {duration(event.eta_s)}"
+            return f"[{event.job_id}] now {_place(event.position)}, ETA {format_duration(event.eta_s)}"
         case JobRerouted():
             return (
                 f"[{event.job_id}] rerouted to {event.route.backend.value} after {event.after.value}: "
@@ -232,7 +223,7 @@ def event_line(event: JobEvent, capabilities: Capabilities | None = None) -> str
             return f"[{event.job_id}] {progress_bar(event.step, event.total)}{preview}"
         case JobDone():
             cost = "free" if event.cost_micros <= 0 else format_usd(event.cost_micros)
-            return f"[{event.job_id}] done on {event.backend.value} in {duration(event.seconds)}, {cost}"
+            return f"[{event.job_id}] done on {event.backend.value} in {format_duration(event.seconds)}, {cost}"
         case JobFailed():
             return f"[{event.job_id}] {failed_text(event, capabilities)}"
         case JobCancelled():
@@ -287,7 +278,7 @@ def alert_text(alert: Alert) -> str:
         case FailureAlert():
             return (
                 f"flux-bot alert: {alert.failed} of the {alert.ended} jobs that ended in the last "
-                f"{'hour' if alert.window_s == 3600 else duration(alert.window_s)} failed "
+                f"{'hour' if alert.window_s == 3600 else format_duration(alert.window_s)} failed "
                 f"({100 * alert.failed / alert.ended:.0f}%, alert threshold "
                 f"{100 * alert.threshold:.0f}%). See `admin jobs`, `admin report` and the log."
             )
@@ -342,8 +333,6 @@ def error_message(exc: EngineError, capabilities: Capabilities | None = None) ->
             return f"No image backend can take this now: {exc.reason}.{charge}"
         case BackendUnavailable():  # an admin view (the BFL balance), not a job
             return f"{exc.reason[:1].upper()}{exc.reason[1:]}."
-        case GenerationFailed():
-            return f"The image could not be made: {exc.reason}. {charged_text(exc.charged_micros)}"
         case JobNotFound():
             return f"No job {exc.job_id!r} of yours was found. Use /queue to see your jobs."
         case NotAllowed():

@@ -38,7 +38,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot import render
 from bot.commands import Commands, ImagineArgs, parse_imagine_text
 from bot.delivery import ChannelDelivery, follow, forward_alerts
-from engine.errors import EngineError, InvalidRequest
+from engine.errors import ConfigError, EngineError, InvalidRequest
 from engine.models import Job, JobDone, JobEvent, JobQueued, Platform, Requester
 from engine.service import Engine
 
@@ -206,7 +206,9 @@ class SlackFrontEnd:
         admin_via_users_info: bool = False,
     ) -> None:
         if app_token is None and not signing_secret:
-            raise ValueError("Slack HTTP mode needs the signing secret (SLACK_SIGNING_SECRET) to verify requests")
+            raise ConfigError(
+                "environment", "SLACK_SIGNING_SECRET", "Slack HTTP mode needs the signing secret to verify requests"
+            )
         self.engine = engine
         self.commands = Commands(engine)
         self.edit_interval_s = edit_interval_s

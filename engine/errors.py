@@ -91,15 +91,6 @@ class BackendUnavailable(EngineError):
         self.reason = reason
 
 
-class GenerationFailed(EngineError):
-    """A generation ended in failure; `charged_micros` is what the user paid for it (0 when nothing)."""
-
-    def __init__(self, reason: str, *, charged_micros: int = 0) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.charged_micros = charged_micros
-
-
 class JobNotFound(EngineError):
     """No job has that id (or it belongs to someone else and the caller is not an admin)."""
 

@@ -6,6 +6,7 @@ milliseconds. Nothing here does I/O.
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -51,6 +52,18 @@ def format_usd(micros: int) -> str:
     text = f"{dollars:.6f}".rstrip("0")
     whole, _, fraction = text.partition(".")
     return f"{sign}${whole}.{fraction.ljust(2, '0')}"
+
+
+def format_duration(seconds: float) -> str:
+    """A wait or a run as people say it: '12 s' under 90 s, '4 min' under 90 min, else '2 h'.
+
+    Seconds round up, so a wait is never shown shorter than it is; minutes and hours round to the nearest.
+    """
+    if seconds < 90:
+        return f"{math.ceil(seconds)} s"
+    if seconds < 90 * 60:
+        return f"{math.floor(seconds / 60 + 0.5)} min"
+    return f"{math.floor(seconds / 3600 + 0.5)} h"
 
 
 def new_job_id() -> str:

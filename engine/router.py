@@ -20,6 +20,7 @@ from engine.models import (
     Mode,
     ResolvedRequest,
     RouteDecision,
+    format_duration,
     format_usd,
 )
 
@@ -233,7 +234,7 @@ def _full(api: BackendStatus) -> bool:
 
 
 def _queue(api: BackendStatus) -> str:
-    return f"the API is at its limit of {api.capacity} jobs at once (~{_duration(api.wait_s)} queue)"
+    return f"the API is at its limit of {api.capacity} jobs at once (~{format_duration(api.wait_s)} queue)"
 
 
 def _queued(api: BackendStatus) -> str:
@@ -287,7 +288,7 @@ def _usd(micros: int) -> str:
 
 
 def _wait(status: BackendStatus) -> str:
-    return f"about {_duration(status.wait_s)} wait"
+    return f"about {format_duration(status.wait_s)} wait"
 
 
 def _with_detail(text: str, detail: str) -> str:
@@ -302,12 +303,3 @@ def _seconds(seconds: float) -> str:
 
 def _limit(seconds: float) -> str:
     return f"{int(seconds)} s" if int(seconds) == seconds else f"{seconds} s"
-
-
-def _duration(seconds: float) -> str:
-    """A wait as people say it: '12 s' under 90 s, '4 min' under 90 min, else '2 h'."""
-    if seconds < 90:
-        return f"{math.ceil(seconds)} s"
-    if seconds < 90 * 60:
-        return f"{math.floor(seconds / 60 + 0.5)} min"
-    return f"{math.floor(seconds / 3600 + 0.5)} h"

@@ -29,7 +29,7 @@ import bot.slack_app
 from bot.commands import Commands, ImagineArgs
 from bot.slack_app import CommandNames, SlackFrontEnd, parse_imagine, plain_text
 from engine.config import Settings
-from engine.errors import InvalidRequest
+from engine.errors import ConfigError, InvalidRequest
 from engine.models import BackendKind, FailureReason, JobState, Platform, Requester
 from engine.service import Engine
 from tests.conftest import EngineFactory, SettingsFactory, wait_terminal
@@ -445,7 +445,7 @@ async def test_socket_mode_is_chosen_by_the_app_token(make_engine: EngineFactory
     """Only construction: connecting needs Slack's websocket endpoint, which no offline test can reach."""
     app = SlackFrontEnd(await make_engine({}), bot_token=BOT_TOKEN, app_token="xapp-test")
     assert app.socket_mode is not None and app.socket_mode.client.web_client is app.client
-    with pytest.raises(ValueError, match="signing secret"):
+    with pytest.raises(ConfigError, match="signing secret"):
         SlackFrontEnd(app.engine, bot_token=BOT_TOKEN)
     await app.close()
 
