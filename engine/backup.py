@@ -26,7 +26,7 @@ from pathlib import Path
 
 from engine.errors import InvalidRequest
 
-log = logging.getLogger("flux_bot.backup")
+log = logging.getLogger(__name__)
 
 BACKUP_DIR = "backups"
 _NAME = re.compile(r"^flux-bot-(\d{8}-\d{6})(?:-(\d+))?\.db$")

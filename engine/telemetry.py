@@ -45,7 +45,7 @@ from engine.store import Store
 if TYPE_CHECKING:
     from engine.backends.local import WorkerInfo
 
-log = logging.getLogger("flux_bot.telemetry")
+log = logging.getLogger(__name__)
 job_log = logging.getLogger("flux_bot.jobs")  # the transition lines only, so they can be routed on their own
 
 # Jobs take from half a second (an idle API) to several minutes (a long local queue); beyond 10 minutes is +Inf.
