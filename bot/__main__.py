@@ -153,10 +153,10 @@ def _pull_global_options(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None, *, system_config: Path = SYSTEM_CONFIG) -> int:
     args = parser().parse_args(argv)
     if args.command == "worker":
-        from engine.backends.worker import main as worker_main
+        from engine.backends.local.cli import main as worker_main
 
         code = worker_main(list(args.worker_args))
-        # As `python -m engine.backends.worker` does: skip the interpreter's teardown (1-2 s with torch loaded),
+        # As `python -m engine.backends.local` does: skip the interpreter's teardown (1-2 s with torch loaded),
         # since the supervisor waits for this exit before starting a successor.
         logging.shutdown()
         os._exit(code)
