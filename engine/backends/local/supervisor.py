@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import engine
+from engine.backends.base import Requeue, Resumption
 from engine.backends.gpu_probe import GpuProbe, GpuReading
 from engine.backends.local.cli import worker_args
 from engine.backends.local.process import ChildPipes, Transport, UnitSocket, WorkerGone, WorkerProcess
@@ -253,6 +254,10 @@ class LocalBackend:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(process.stop(graceful=True) for process in list(self._live)), return_exceptions=True)
+
+    def resume(self, job: BackendJob) -> Resumption:
+        """A job a restart cut off died with its worker process: nothing of it is left to continue."""
+        return Requeue("queued again after a restart")
 
     async def run(self, job: BackendJob) -> AsyncGenerator[BackendEvent, None]:
         process = await self._acquire()

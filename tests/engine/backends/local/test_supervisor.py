@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from engine.backends.base import Requeue
 from engine.backends.demo_model import MARKER, VERSION, ensure_demo_model
 from engine.backends.gpu_probe import GpuProbe
 from engine.backends.local.cli import build_parser, options_from_args, worker_args
@@ -414,6 +415,12 @@ def test_gpu_temperature_and_memory_come_from_nvml_when_installed(monkeypatch: p
     assert probe.describe(1) == "GPU1 64°C 30.0/80.0 GiB"
     assert probe.describe(1) == "GPU1 64°C 30.0/80.0 GiB"
     assert queries == [1]  # cached: the router asks at every decision
+
+
+def test_a_job_a_restart_cut_off_is_queued_again(tmp_path: Path) -> None:
+    """Its worker process ended with the old supervisor: nothing is left to continue, so it starts over."""
+    backend = LocalBackend(tiny_settings(), MODELS, tmp_path / "no-model")  # never started: no worker runs
+    assert isinstance(backend.resume(tiny_job("cut-off")), Requeue)
 
 
 def test_fault_switch_parsing() -> None:
