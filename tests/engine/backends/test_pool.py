@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,7 @@ from engine.backends.base import Backend, Requeue, Resumption, Unresumable
 from engine.backends.gpu_probe import GpuReading
 from engine.backends.local.supervisor import WorkerInfo
 from engine.backends.pool import GpuPool, Member
-from engine.config import Settings
+from engine.config import Secrets, Settings
 from engine.models import (
     BackendEvent,
     BackendJob,
@@ -154,3 +155,17 @@ def test_members_need_distinct_names() -> None:
         GpuPool([Member("a", ScriptedBackend()), Member("a", ScriptedBackend())], MODELS)
     with pytest.raises(ValueError, match="at least one"):
         GpuPool([], MODELS)
+
+
+async def test_the_factory_builds_the_gpu_lane_as_a_pool_over_the_in_host_supervisor(tmp_path: Path) -> None:
+    from engine.backends.factory import IN_HOST, build_backends
+    from engine.backends.local.supervisor import LocalBackend
+
+    settings = Settings.model_validate(
+        {"bot": {"state_dir": str(tmp_path)}, "local": {"model": str(tmp_path / "weights"), "device": "cpu"}}
+    )
+    backends, demo = await build_backends(settings, Secrets())  # built, not started: no worker process runs
+    lane = backends[BackendKind.LOCAL]
+    assert isinstance(lane, GpuPool) and not demo
+    assert [(member.name, type(member.backend)) for member in lane.members] == [(IN_HOST, LocalBackend)]
+    assert lane.capacity() == 1
