@@ -88,7 +88,7 @@ class Scheduler:
         self._wakeup = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._stopping = False
-        # API jobs that may have reached BFL but have no stored task yet: set once it is stored or the job ends.
+        # API jobs that may have reached BFL but have no stored resume token yet: set once it is or the job ends.
         self._unconfirmed: dict[str, asyncio.Event] = {}
         self._transitions = asyncio.Lock()
         self._runs: dict[str, tuple[float, float]] = {}  # running job id -> (started at, expected seconds)
@@ -535,7 +535,8 @@ def _lost(reason: FailureReason, detail: str, token: ResumeToken | None) -> Fail
     not we follow it to the end, so that is posted (also before any rescue elsewhere): the ledger matches the bill."""
     if token is None:
         return Failed(reason, detail)
-    return Failed(reason, f"{detail}; {token.billing}", charged_micros=token.billed_micros)
+    explained = f"{detail}; {token.billing}" if token.billing else detail
+    return Failed(reason, explained, charged_micros=token.billed_micros)
 
 
 def _with_open_room(room: BudgetRoom, open_: list[OpenReservation]) -> BudgetRoom:

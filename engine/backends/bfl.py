@@ -221,7 +221,9 @@ def error_body(body: object) -> ErrorBody | None:
         return ErrorBody(detail=detail)
     if isinstance(detail, list):
         problems = [
-            ValidationProblem(loc=list(item.get("loc") or []), msg=str(item.get("msg", "invalid value")))
+            ValidationProblem(
+                loc=loc if isinstance(loc := item.get("loc"), list) else [], msg=str(item.get("msg", "invalid value"))
+            )
             for item in detail
             if isinstance(item, dict)
         ]
