@@ -48,7 +48,7 @@ from bot.delivery import ChannelDelivery
 from engine.backends.base import Backend
 from engine.backends.bfl import BflBackend
 from engine.backends.demo_model import ensure_demo_model
-from engine.backends.local import LocalBackend
+from engine.backends.local.supervisor import LocalBackend
 from engine.config import Secrets, Settings, dollars
 from engine.errors import BackendUnavailable, EngineError, QuotaExceeded
 from engine.models import (

@@ -35,7 +35,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
 from engine.backends.demo_model import build_demo_pipeline
-from engine.backends.worker import COMPILE_MODE, WorkerSetupError, compile_pipeline, quantize_fp8
+from engine.backends.local.pipeline import COMPILE_MODE, WorkerSetupError, compile_pipeline, quantize_fp8
 
 MODELS = {"dev": {"steps": 28, "guidance_embeds": True}, "schnell": {"steps": 4, "guidance_embeds": False}}
 VARIANTS = ("eager", "compiled", "compiled-fp8")

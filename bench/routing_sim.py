@@ -64,6 +64,8 @@ from pathlib import Path
 from typing import Any, TypeVar, TypeVarTuple, cast
 
 from engine import service
+from engine.backends.base import Requeue, Resumption, Unresumable
+from engine.backends.bfl import RemoteTask
 from engine.config import BflSettings, ModelSettings, Secrets, Settings
 from engine.errors import BackendUnavailable, QuotaExceeded
 from engine.models import (
@@ -82,7 +84,6 @@ from engine.models import (
     JobRerouted,
     Mode,
     Platform,
-    RemoteTask,
     Requester,
     ResolvedRequest,
     Started,
@@ -314,6 +315,9 @@ class SimLocal:
     async def close(self) -> None:
         return None
 
+    def resume(self, job: BackendJob) -> Resumption:
+        return Requeue("queued again after a restart")  # a simulated day never restarts; the protocol asks for it
+
     async def run(self, job: BackendJob) -> AsyncGenerator[BackendEvent, None]:
         seconds = _scaled(self._fates[job.request.seed].local_s, job.request)
         self.in_flight += 1
@@ -395,6 +399,9 @@ class SimApi:
     async def close(self) -> None:
         return None
 
+    def resume(self, job: BackendJob) -> Resumption:
+        return Unresumable("a simulated day never restarts")
+
     async def run(self, job: BackendJob) -> AsyncGenerator[BackendEvent, None]:
         loop = asyncio.get_running_loop()
         fate = self._fates[job.request.seed]
@@ -417,9 +424,8 @@ class SimApi:
                 self._failed(FailureReason.SERVER_ERROR, loop.time())
                 yield Failed(FailureReason.SERVER_ERROR, "BFL server error (HTTP 500)", retryable=True)
                 return
-            yield Submitted(
-                RemoteTask(f"task-{job.job_id}", f"https://api.bfl.ai/v1/get_result?id={job.job_id}", price)
-            )
+            task = RemoteTask(f"task-{job.job_id}", f"https://api.bfl.ai/v1/get_result?id={job.job_id}", price)
+            yield Submitted(task.token())
             yield Started(self.kind)
             if fate.api_fate == "timeout":
                 self.counts["timeout"] += 1

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from engine.backends.demo_model import ensure_demo_model
-from engine.backends.local import LocalBackend
+from engine.backends.local.supervisor import LocalBackend
 from engine.config import LocalSettings, ModelSettings
 from engine.models import BackendJob, Failed, Finished, Mode, ResolvedRequest
 

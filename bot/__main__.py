@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None, *, system_config: Path = SYSTEM_CONF
     args = parser().parse_args(argv)
     if args.command == "worker":
         code = run_worker(list(args.worker_args))
-        # As `python -m engine.backends.worker` does: skip the interpreter's teardown (1-2 s with torch loaded),
+        # As `python -m engine.backends.local` does: skip the interpreter's teardown (1-2 s with torch loaded),
         # since the supervisor waits for this exit before starting a successor.
         logging.shutdown()
         os._exit(code)

@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.errors import ConfigError
-from engine.models import credits_to_micros, dollars_to_micros
+from engine.models import BFL_GUIDANCE_MAX, BFL_GUIDANCE_MIN, BFL_STEPS_MAX, credits_to_micros, dollars_to_micros
 
 CONFIG_ENV = "FLUX_BOT_CONFIG"
 LOCAL_CONFIG = Path("config.toml")  # in the working directory: the file next to the README, where people edit it
@@ -168,7 +168,7 @@ class BflSettings(_Section):
 
 
 class LocalSettings(_Section):
-    """The local FLUX.1 worker(s): one process per GPU, supervised by engine/backends/local.py."""
+    """The local FLUX.1 worker(s): one process per GPU, supervised by engine/backends/local/supervisor.py."""
 
     # A folder or a Hugging Face id. "demo" = the built-in tiny model (random weights); "" = none: the demo model
     # only while nothing real is configured (engine/backends/factory.py), else no local generation.
@@ -234,10 +234,10 @@ class ModelSettings(_Section):
     non_commercial: bool = False
     price_credits: Credits = Field(Decimal(0), ge=0)
     default_steps: int = Field(28, ge=1)
-    max_steps: int = Field(50, ge=1)
+    max_steps: int = Field(BFL_STEPS_MAX, ge=1)
     default_guidance: float | None = None  # None: the model takes no guidance, and a value is refused
-    min_guidance: float = 1.5
-    max_guidance: float = 5.0
+    min_guidance: float = BFL_GUIDANCE_MIN
+    max_guidance: float = BFL_GUIDANCE_MAX
     sizing: Literal["pixels", "aspect"] = "pixels"
     megapixels: float = Field(1.0, gt=0, le=4.0)
     needs_input_image: bool = False

@@ -6,20 +6,25 @@ milliseconds. Nothing here does I/O.
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
 from decimal import ROUND_HALF_UP, Decimal
 from enum import StrEnum
+from fractions import Fraction
+from typing import Literal
 
 MICROS_PER_DOLLAR = 1_000_000
 MICROS_PER_CREDIT = 10_000
 
-# Sizes come from fixed resolution buckets (one per aspect ratio, about one megapixel, multiples of 32 inside the
-# 256-1440 range that FLUX.1 [dev] accepts on the API), so a local worker warmed on those buckets never meets a new
-# shape and never recompiles in service. Front-ends read them too: a result's options are repeated as its aspect.
+MAX_SEED = 2**32 - 1  # FLUX seeds are unsigned 32-bit, on the API and on the GPU lane
+
+# The size each aspect ratio stands for: about one megapixel, inside BFL's side limits below, so a local worker
+# warmed on these buckets never meets a new shape and never recompiles in service.
 ASPECT_SIZES: dict[str, tuple[int, int]] = {
     "1:1": (1024, 1024),
     "16:9": (1344, 768),
@@ -31,7 +36,38 @@ ASPECT_SIZES: dict[str, tuple[int, int]] = {
     "21:9": (1440, 608),
     "9:21": (608, 1440),
 }
-MAX_SEED = 2**32 - 1
+
+# ---- the BFL API's limits: the one source for validation, the BFL client and the chat commands' option ranges ----
+
+BFL_SIDE_MIN = 256  # width and height in pixels on the endpoints that take them...
+BFL_SIDE_MAX = 1440
+BFL_SIDE_MULTIPLE = 32  # ...in multiples of this
+BFL_STEPS_MIN = 1  # steps, on the endpoints that take them
+BFL_STEPS_MAX = 50
+BFL_GUIDANCE_MIN = 1.5  # guidance, on the endpoints that take it
+BFL_GUIDANCE_MAX = 5.0
+BFL_WIDEST = Fraction(21, 9)  # aspect ratios, on the endpoints that take one
+BFL_TALLEST = Fraction(9, 21)
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointLimits:
+    """What one BFL endpoint takes: a width and height or an aspect ratio, and which of steps, guidance and an
+    input image (each within the limits above)."""
+
+    sizing: Literal["pixels", "aspect"]
+    steps: bool = False
+    guidance: bool = False
+    input_image: bool = False
+
+
+BFL_ENDPOINTS: Mapping[str, EndpointLimits] = {
+    "flux-dev": EndpointLimits("pixels", steps=True, guidance=True),
+    "flux-pro-1.1": EndpointLimits("pixels"),
+    "flux-pro-1.1-ultra": EndpointLimits("aspect"),
+    "flux-kontext-pro": EndpointLimits("aspect", input_image=True),
+    "flux-kontext-max": EndpointLimits("aspect", input_image=True),
+}
 
 
 def credits_to_micros(credits: float | int | str | Decimal) -> int:
@@ -270,21 +306,42 @@ class RouteDecision:
 
 
 @dataclass(frozen=True, slots=True)
-class RemoteTask:
-    """An API task that was accepted: stored before waiting so a restart polls it again instead of resubmitting."""
+class ResumeToken:
+    """How to continue a job handed to something remote (BFL: its task), stored with the job before any wait.
 
-    task_id: str
-    polling_url: str
-    cost_micros: int
+    `state` is the backend's own JSON, opaque to the store and the scheduler. `billed_micros` is what the remote
+    bills for the job whatever happens from now on, and `billing` says so for people ("BFL bills its task 1f2e"):
+    so a job whose backend is gone after a restart still ends with its charge posted and explained.
+    """
+
+    state: str
+    billed_micros: int = 0
+    billing: str = ""
+
+    def to_json(self) -> str:
+        """The stored form: the state nested as JSON, so that an operator can read it with SQLite's json_extract."""
+        stored = {"state": json.loads(self.state), "billed_micros": self.billed_micros, "billing": self.billing}
+        return json.dumps(stored, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> ResumeToken:
+        """The token stored as `text`; ValueError when it is not one."""
+        stored = json.loads(text)
+        if not isinstance(stored, dict) or "state" not in stored:
+            raise ValueError(f"not a resume token: {text[:80]!r}")
+        billed, billing = stored.get("billed_micros", 0), stored.get("billing", "")
+        if not isinstance(billed, int) or isinstance(billed, bool) or not isinstance(billing, str):
+            raise ValueError(f"not a resume token: {text[:80]!r}")
+        return cls(json.dumps(stored["state"], separators=(",", ":")), billed, billing)
 
 
 @dataclass(frozen=True, slots=True)
 class BackendJob:
-    """What a backend is handed: the job id (for logs), the resolved request and, after a restart, the task."""
+    """What a backend is handed: the job id (for logs), the resolved request and, after a restart, its token."""
 
     job_id: str
     request: ResolvedRequest
-    resume: RemoteTask | None = None
+    resume: ResumeToken | None = None
 
 
 # ---- events a backend yields while it works on a job ----
@@ -298,9 +355,9 @@ class Started:
 
 @dataclass(frozen=True, slots=True)
 class Submitted:
-    """The API accepted the task (it may now bill for it)."""
+    """Something remote accepted the job (it may now bill for it); the token continues it after a restart."""
 
-    task: RemoteTask
+    resume: ResumeToken
 
 
 @dataclass(frozen=True, slots=True)
@@ -418,7 +475,7 @@ class Job:
     local_attempts: int = 0
     estimated_cost_micros: int = 0
     estimated_gpu_ms: int = 0
-    task: RemoteTask | None = None
+    resume: ResumeToken | None = None  # set once the job's backend has handed it to something remote
     started_at: float | None = None
     finished_at: float | None = None
     failure_reason: FailureReason | None = None

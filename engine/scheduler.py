@@ -2,8 +2,9 @@
 
 The queue *is* the jobs table: a job is `queued` until the dispatcher hands it to a backend, and every transition
 is one SQLite write, so stopping the process at any point loses nothing. On start, `recover()` takes up what the
-last process left running: an API task whose polling URL was stored is polled again (never resubmitted); a local
-job is queued again once, then failed and refunded.
+last process left running by asking each job's backend (`Backend.resume`): a job handed to something remote is
+continued from its stored resume token (never submitted again), one that nothing remote held is queued again while
+its retries last, and the rest fail with what they were billed.
 """
 
 from __future__ import annotations
@@ -12,17 +13,18 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import replace
 from pathlib import Path
 
 from engine import router
-from engine.backends.base import Backend
+from engine.backends.base import Backend, Requeue, Resumption, Unresumable
 from engine.config import Settings
 from engine.errors import InvalidRequest, JobNotFound, QuotaExceeded
 from engine.forecast import Running, Slot, play_forward, remaining_s
 from engine.models import (
+    BackendEvent,
     BackendJob,
     BackendKind,
     BackendStatus,
@@ -42,9 +44,9 @@ from engine.models import (
     JobState,
     JobWaiting,
     Progress,
-    RemoteTask,
     ResolvedRequest,
     Resource,
+    ResumeToken,
     Started,
     Submitted,
 )
@@ -52,7 +54,7 @@ from engine.quota import Quota
 from engine.results import annotated
 from engine.store import AuditEntry, OpenReservation, QueuedJob, Store
 
-log = logging.getLogger("flux_bot.scheduler")
+log = logging.getLogger(__name__)
 
 _EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 # How deep into a lane's queue the ETA plays the dispatcher forward; jobs past it count at the lane's full speed.
@@ -86,7 +88,7 @@ class Scheduler:
         self._wakeup = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._stopping = False
-        # API jobs that may have reached BFL but have no stored task yet: set once it is stored or the job ends.
+        # API jobs that may have reached BFL but have no stored resume token yet: set once it is or the job ends.
         self._unconfirmed: dict[str, asyncio.Event] = {}
         self._transitions = asyncio.Lock()
         self._runs: dict[str, tuple[float, float]] = {}  # running job id -> (started at, expected seconds)
@@ -243,22 +245,28 @@ class Scheduler:
     # ---- recovery ----
 
     async def recover(self) -> None:
+        """Take up every job the last process left running, as its backend says (`Backend.resume`)."""
         for job in await self._store.jobs(states=[JobState.RUNNING]):
-            if job.backend is BackendKind.API and job.task is not None and BackendKind.API in self._backends:
-                log.info("job %s: polling API task %s again after a restart", job.id, job.task.task_id)
-                self._spawn(job, resumed=True)
-            elif job.backend is BackendKind.LOCAL and job.local_attempts <= self._settings.scheduler.local_retries:
-                log.info("job %s: queued again after a restart", job.id)
-                await self._store.requeue(job.id, "queued again after a restart")
+            backend = self._backends.get(job.backend)
+            resumption: Resumption
+            if backend is None:
+                why = f"the {job.backend.value} backend is no longer configured, so this job could not be followed"
+                resumption = Unresumable(why)
             else:
-                if job.backend is BackendKind.LOCAL:
-                    why = "flux-bot stopped during this job twice"
-                elif job.task is None:
-                    why = "flux-bot stopped before the API confirmed this job"
-                else:
-                    why = f"the BFL API is no longer configured, so its task {job.task.task_id} could not be followed"
-                log.warning("job %s: failed after a restart: %s", job.id, why)
-                await self._fail(job, _lost(FailureReason.INTERRUPTED, why, job.task))
+                resumption = backend.resume(BackendJob(job.id, job.request, resume=job.resume))
+            if isinstance(resumption, Requeue):
+                # Starting over spends one of the job's local retries, like any other lost GPU attempt.
+                if job.local_attempts <= self._settings.scheduler.local_retries:
+                    log.info("job %s: %s", job.id, resumption.reason)
+                    await self._store.requeue(job.id, resumption.reason)
+                    continue
+                resumption = Unresumable(f"flux-bot stopped during this job {job.local_attempts} times")
+            if isinstance(resumption, Unresumable):
+                log.warning("job %s: failed after a restart: %s", job.id, resumption.reason)
+                await self._fail(job, _lost(FailureReason.INTERRUPTED, resumption.reason, job.resume))
+                continue
+            log.info("job %s: resumed on %s after a restart", job.id, job.backend.value)
+            self._spawn(job, resumed=resumption)
 
     # ---- dispatch ----
 
@@ -292,7 +300,7 @@ class Scheduler:
                         running = await self._store.mark_running(job.id, self._clock())
                     except JobNotFound:
                         continue  # cancelled meanwhile
-                    self._spawn(running, resumed=False)
+                    self._spawn(running)
             if picked or kind in self._waits_due:
                 await self._publish_waits(kind, backend)
 
@@ -368,33 +376,33 @@ class Scheduler:
             self._last_dispatch[user] = self._clock() + len(picked) * 1e-6
         return picked
 
-    def _spawn(self, job: Job, *, resumed: bool) -> None:
-        if job.backend is BackendKind.API and job.task is None:
+    def _spawn(self, job: Job, *, resumed: AsyncGenerator[BackendEvent, None] | None = None) -> None:
+        """Start the job's attempt: a new run on its backend, or the `resumed` events of one a restart cut off."""
+        if job.backend is BackendKind.API and job.resume is None:
             self._unconfirmed[job.id] = asyncio.Event()
-        task = asyncio.create_task(self._execute(job, resumed=resumed), name=f"job {job.id}")
+        task = asyncio.create_task(self._execute(job, resumed), name=f"job {job.id}")
         self._running[job.id] = (job.backend, job.requester.user_key, task)
         expected = self._backends[job.backend].estimate_seconds(job.request)
         self._runs[job.id] = (job.started_at or self._clock(), expected)
 
     # ---- one attempt ----
 
-    async def _execute(self, job: Job, *, resumed: bool) -> None:
-        backend = self._backends[job.backend]
-        task: RemoteTask | None = job.task
+    async def _execute(self, job: Job, resumed: AsyncGenerator[BackendEvent, None] | None) -> None:
+        token: ResumeToken | None = job.resume
         terminal = False
         try:
-            if not resumed:
+            events = resumed
+            if events is None:
                 self._publish(JobStarted(job.id, job.backend))
-            async with aclosing(
-                backend.run(BackendJob(job.id, job.request, resume=job.task if resumed else None))
-            ) as run:
+                events = self._backends[job.backend].run(BackendJob(job.id, job.request))
+            async with aclosing(events) as run:
                 async for event in run:
                     if isinstance(event, Submitted):
-                        task = event.task
-                        await self._store.store_task(job.id, event.task)
+                        token = event.resume
+                        await self._store.store_resume_token(job.id, event.resume)
                         self._confirm(job.id)
                     elif isinstance(event, Started):
-                        if resumed:
+                        if resumed is not None:
                             self._publish(JobStarted(job.id, job.backend))
                     elif isinstance(event, Progress):
                         self._publish(JobProgress(job.id, event.step, event.total, event.preview_png))
@@ -408,17 +416,17 @@ class Scheduler:
                         break
             if not terminal:
                 log.error("job %s: backend %s ended without a result", job.id, job.backend.value)
-                await self._on_failure(job, _lost(FailureReason.INTERNAL, "the backend ended without a result", task))
+                await self._on_failure(job, _lost(FailureReason.INTERNAL, "the backend ended without a result", token))
         except asyncio.CancelledError:
             if self._stopping and job.id not in self._cancel_requested:
                 raise  # leave it `running` in the database: the next start recovers it
-            billed = task.cost_micros if task is not None else 0
+            billed = token.billed_micros if token is not None else 0
             await self._end_cancelled(job, billed)
         except Exception as exc:
             log.exception("job %s: internal error in the scheduler", job.id)
             if not terminal:
                 detail = f"internal error: {type(exc).__name__}"
-                await self._on_failure(job, _lost(FailureReason.INTERNAL, detail, task))
+                await self._on_failure(job, _lost(FailureReason.INTERNAL, detail, token))
         finally:
             self._confirm(job.id)
             self._running.pop(job.id, None)
@@ -522,12 +530,13 @@ class Scheduler:
         )
 
 
-def _lost(reason: FailureReason, detail: str, task: RemoteTask | None) -> Failed:
-    """Our own failure of an attempt. A BFL task it had submitted was accepted, and BFL bills it whether or not we
-    follow it to the end, so its cost is posted (also before any rescue elsewhere): the ledger matches BFL's bill."""
-    if task is None:
+def _lost(reason: FailureReason, detail: str, token: ResumeToken | None) -> Failed:
+    """Our own failure of an attempt. What it had handed to a remote that bills (a BFL task) is billed whether or
+    not we follow it to the end, so that is posted (also before any rescue elsewhere): the ledger matches the bill."""
+    if token is None:
         return Failed(reason, detail)
-    return Failed(reason, f"{detail}; BFL bills its task {task.task_id}", charged_micros=task.cost_micros)
+    explained = f"{detail}; {token.billing}" if token.billing else detail
+    return Failed(reason, explained, charged_micros=token.billed_micros)
 
 
 def _with_open_room(room: BudgetRoom, open_: list[OpenReservation]) -> BudgetRoom:

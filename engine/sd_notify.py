@@ -8,7 +8,7 @@ Outside systemd (NOTIFY_SOCKET unset) the notifier is a no-op, so callers never 
 logged and otherwise ignored, as libsystemd's sd_notify does: the service must not die because nobody listens.
 
 It lives in the engine because both the bot (bot/systemd_notify.py) and a worker run as its own unit
-(engine/backends/worker.py, flux-bot-worker@.service) use it, and the engine never imports the bot.
+(engine/backends/local/serving.py, flux-bot-worker@.service) use it, and the engine never imports the bot.
 """
 
 from __future__ import annotations

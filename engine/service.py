@@ -636,6 +636,6 @@ async def bfl_credits(settings: Settings, secrets: Secrets, *, timeout_s: float)
 def run_worker(args: list[str]) -> int:
     """`flux-bot worker ARGS`: one local worker process; its exit status."""
     # Imported here: the worker loads torch and diffusers, which nothing else of the bot needs.
-    from engine.backends.worker import main
+    from engine.backends.local.cli import main
 
     return main(args)

@@ -31,10 +31,10 @@ from engine.models import (
     JobState,
     Mode,
     Platform,
-    RemoteTask,
     Requester,
     ResolvedRequest,
     Resource,
+    ResumeToken,
 )
 
 log = logging.getLogger("flux_bot.store")
@@ -152,6 +152,79 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX jobs_with_result ON jobs (finished_at) WHERE result_path IS NOT NULL;
     """,
+    # 4: one opaque resume token per job in place of BFL's task columns, and a backend column whose CHECK admits any
+    # kind, so that a new kind of backend needs no migration (the code writes only BackendKind values). SQLite cannot
+    # change a CHECK, so the table is rebuilt: copied aside, dropped, created anew and filled again, in one transaction.
+    # The ledger's lines name their jobs; with foreign keys deferred, the commit checks that each still finds its
+    # job (a copy renamed into place would leave those checks failing), and any failure rolls the whole step back.
+    """
+    PRAGMA defer_foreign_keys = ON;
+    CREATE TEMP TABLE jobs_before_resume_token AS SELECT * FROM jobs;
+    DROP TABLE jobs;
+    CREATE TABLE jobs (
+        id                    TEXT PRIMARY KEY,
+        user_key              TEXT NOT NULL REFERENCES users(user_key),
+        guild_key             TEXT,
+        platform              TEXT NOT NULL,
+        user_id               TEXT NOT NULL,
+        guild_id              TEXT,
+        channel_id            TEXT,
+        display_name          TEXT,
+        roles                 TEXT NOT NULL DEFAULT '[]',
+        is_admin              INTEGER NOT NULL DEFAULT 0,
+        prompt                TEXT NOT NULL,
+        model                 TEXT NOT NULL,
+        width                 INTEGER NOT NULL,
+        height                INTEGER NOT NULL,
+        aspect_ratio          TEXT NOT NULL,
+        steps                 INTEGER NOT NULL,
+        guidance              REAL,
+        seed                  INTEGER NOT NULL,
+        mode                  TEXT NOT NULL,
+        input_image_url       TEXT,
+        state                 TEXT NOT NULL CHECK (state IN ('queued','running','done','failed','cancelled')),
+        backend               TEXT NOT NULL CHECK (backend <> ''),
+        reason                TEXT NOT NULL,
+        attempts              INTEGER NOT NULL DEFAULT 0,
+        local_attempts        INTEGER NOT NULL DEFAULT 0,
+        estimated_cost_micros INTEGER NOT NULL DEFAULT 0,
+        estimated_gpu_ms      INTEGER NOT NULL DEFAULT 0,
+        resume_token          TEXT,  -- JSON (models.ResumeToken): how the backend continues the job after a restart
+        created_at            REAL NOT NULL,
+        started_at            REAL,
+        finished_at           REAL,
+        failure_reason        TEXT,
+        error                 TEXT,
+        cost_micros           INTEGER NOT NULL DEFAULT 0,
+        result_path           TEXT,
+        delivered             INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO jobs (
+        id, user_key, guild_key, platform, user_id, guild_id, channel_id, display_name, roles, is_admin, prompt, model,
+        width, height, aspect_ratio, steps, guidance, seed, mode, input_image_url, state, backend, reason, attempts,
+        local_attempts, estimated_cost_micros, estimated_gpu_ms, resume_token, created_at, started_at, finished_at,
+        failure_reason, error, cost_micros, result_path, delivered
+    )
+    SELECT
+        id, user_key, guild_key, platform, user_id, guild_id, channel_id, display_name, roles, is_admin, prompt, model,
+        width, height, aspect_ratio, steps, guidance, seed, mode, input_image_url, state, backend, reason, attempts,
+        local_attempts, estimated_cost_micros, estimated_gpu_ms,
+        CASE WHEN task_id IS NOT NULL AND polling_url IS NOT NULL THEN json_object(
+            'state', json_object(
+                'task_id', task_id, 'polling_url', polling_url, 'cost_micros', COALESCE(task_cost_micros, 0)
+            ),
+            'billed_micros', COALESCE(task_cost_micros, 0),
+            'billing', 'BFL bills its task ' || task_id
+        ) END,
+        created_at, started_at, finished_at, failure_reason, error, cost_micros, result_path, delivered
+    FROM jobs_before_resume_token;
+    DROP TABLE jobs_before_resume_token;
+    CREATE INDEX jobs_by_state ON jobs (state, backend, created_at);
+    CREATE INDEX jobs_by_user ON jobs (user_key, state);
+    CREATE INDEX jobs_undelivered ON jobs (delivered, state);
+    CREATE INDEX jobs_by_end ON jobs (finished_at, state, backend, created_at);
+    CREATE INDEX jobs_with_result ON jobs (finished_at) WHERE result_path IS NOT NULL;
+    """,
 )
 
 
@@ -253,7 +326,7 @@ class SpendRow:
 _JOB_COLUMNS = (
     "id, user_key, guild_key, platform, user_id, guild_id, channel_id, display_name, roles, is_admin, prompt, model,"
     " width, height, aspect_ratio, steps, guidance, seed, mode, input_image_url, state, backend, reason, attempts,"
-    " local_attempts, estimated_cost_micros, estimated_gpu_ms, task_id, polling_url, task_cost_micros, created_at,"
+    " local_attempts, estimated_cost_micros, estimated_gpu_ms, resume_token, created_at,"
     " started_at, finished_at, failure_reason, error, cost_micros, result_path, delivered"
 )
 
@@ -280,9 +353,7 @@ def _job_from_row(row: sqlite3.Row) -> Job:
         mode=Mode(row["mode"]),
         input_image_url=row["input_image_url"],
     )
-    task = None
-    if row["task_id"] and row["polling_url"]:
-        task = RemoteTask(row["task_id"], row["polling_url"], row["task_cost_micros"] or 0)
+    token = row["resume_token"]
     return Job(
         id=row["id"],
         requester=requester,
@@ -295,7 +366,7 @@ def _job_from_row(row: sqlite3.Row) -> Job:
         local_attempts=row["local_attempts"],
         estimated_cost_micros=row["estimated_cost_micros"],
         estimated_gpu_ms=row["estimated_gpu_ms"],
-        task=task,
+        resume=ResumeToken.from_json(token) if token else None,
         started_at=row["started_at"],
         finished_at=row["finished_at"],
         failure_reason=FailureReason(row["failure_reason"]) if row["failure_reason"] else None,
@@ -321,7 +392,7 @@ def _user_from_row(row: sqlite3.Row) -> UserRecord:
     )
 
 
-INSERT_JOB = f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * 38)})"
+INSERT_JOB = f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES ({', '.join('?' * 36)})"
 
 
 def job_row(job: Job) -> tuple[Any, ...]:
@@ -356,8 +427,6 @@ def job_row(job: Job) -> tuple[Any, ...]:
         job.local_attempts,
         job.estimated_cost_micros,
         job.estimated_gpu_ms,
-        None,
-        None,
         None,
         job.created_at,
         None,
@@ -580,13 +649,11 @@ class Store:
 
         return _job_from_row(await self._tx(mark))
 
-    async def store_task(self, job_id: str, task: RemoteTask) -> None:
-        """Remember an accepted API task before waiting on it, so a restart polls it instead of resubmitting."""
+    async def store_resume_token(self, job_id: str, token: ResumeToken) -> None:
+        """Remember how to continue a job handed to something remote before waiting on it, so that a restart
+        resumes it instead of submitting it again."""
         await self._tx(
-            lambda db: db.execute(
-                "UPDATE jobs SET task_id = ?, polling_url = ?, task_cost_micros = ? WHERE id = ?",
-                (task.task_id, task.polling_url, task.cost_micros, job_id),
-            )
+            lambda db: db.execute("UPDATE jobs SET resume_token = ? WHERE id = ?", (token.to_json(), job_id))
         )
 
     async def open_reservations(self, job_id: str) -> list[OpenReservation]:
@@ -661,7 +728,7 @@ class Store:
             _check_limits(db, reservations, checks)
             db.execute(
                 "UPDATE jobs SET state = 'queued', backend = ?, reason = ?, estimated_cost_micros = ?,"
-                " estimated_gpu_ms = ?, task_id = NULL, polling_url = NULL, task_cost_micros = NULL"
+                " estimated_gpu_ms = ?, resume_token = NULL"
                 " WHERE id = ? AND state IN ('queued','running')",
                 (backend.value, reason, estimated_cost_micros, estimated_gpu_ms, job_id),
             )

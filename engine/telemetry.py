@@ -43,7 +43,7 @@ from engine.scheduler import Scheduler
 from engine.store import Store
 
 if TYPE_CHECKING:
-    from engine.backends.local import WorkerInfo
+    from engine.backends.local.supervisor import WorkerInfo
 
 log = logging.getLogger(__name__)
 job_log = logging.getLogger("flux_bot.jobs")  # the transition lines only, so they can be routed on their own
@@ -57,7 +57,7 @@ DETAIL_CHARS = 200
 
 @runtime_checkable
 class WorkerPool(Protocol):
-    """What a supervisor of worker processes reports to operators (engine/backends/local.py `LocalBackend`)."""
+    """What a supervisor of worker processes reports to operators (`LocalBackend`, and the GPU pool over it)."""
 
     @property
     def recycles(self) -> int: ...

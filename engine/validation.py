@@ -1,17 +1,31 @@
 """ImageRequest -> ResolvedRequest: every option filled from the model's defaults and checked against its limits.
 
-Sizes come from the fixed resolution buckets of engine.models.ASPECT_SIZES.
+Sizes come from fixed resolution buckets (engine.models.ASPECT_SIZES, one per aspect ratio), and a width and
+height given instead must lie within the BFL API's side limits (engine.models), which FLUX.1 on the GPU lane
+shares: one rule for both lanes, so a job can fail over from one to the other as it is.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 
 from engine.config import ASPECT_RATIOS, ModelSettings
 from engine.errors import InvalidRequest
-from engine.models import ASPECT_SIZES, MAX_SEED, ImageRequest, ResolvedRequest
+from engine.models import (
+    ASPECT_SIZES,
+    BFL_SIDE_MAX,
+    BFL_SIDE_MIN,
+    BFL_SIDE_MULTIPLE,
+    BFL_STEPS_MIN,
+    MAX_SEED,
+    ImageRequest,
+    ResolvedRequest,
+)
 
-MIN_SIDE, MAX_SIDE, SIDE_STEP = 256, 1440, 32
+__all__ = ["resolve"]
+
+log = logging.getLogger(__name__)
 
 
 def resolve(request: ImageRequest, model: ModelSettings, *, guided: tuple[str, ...] = ()) -> ResolvedRequest:
@@ -21,8 +35,10 @@ def resolve(request: ImageRequest, model: ModelSettings, *, guided: tuple[str, .
         raise InvalidRequest(f"aspect ratio {aspect!r} is not one of {', '.join(ASPECT_RATIOS)}", field="aspect")
     width, height = _size(request, aspect, model)
     steps = model.default_steps if request.steps is None else request.steps
-    if not 1 <= steps <= model.max_steps:
-        raise InvalidRequest(f"steps must be between 1 and {model.max_steps} for {model.display_name}", field="steps")
+    if not BFL_STEPS_MIN <= steps <= model.max_steps:
+        raise InvalidRequest(
+            f"steps must be between {BFL_STEPS_MIN} and {model.max_steps} for {model.display_name}", field="steps"
+        )
     # A model without a default guidance takes none (FLUX.1 [schnell] is distilled without it, and the API's pro
     # endpoints have no such field): a value would be silently ignored, and the image's metadata would show it.
     if request.guidance is not None and model.default_guidance is None:
@@ -62,8 +78,9 @@ def _size(request: ImageRequest, aspect: str, model: ModelSettings) -> tuple[int
     if request.width is None or request.height is None:
         raise InvalidRequest("give both width and height, or an aspect ratio", field="size")
     for name, side in (("width", request.width), ("height", request.height)):
-        if not MIN_SIDE <= side <= MAX_SIDE or side % SIDE_STEP:
+        if not BFL_SIDE_MIN <= side <= BFL_SIDE_MAX or side % BFL_SIDE_MULTIPLE:
             raise InvalidRequest(
-                f"{name} must be a multiple of {SIDE_STEP} between {MIN_SIDE} and {MAX_SIDE}", field=name
+                f"{name} must be a multiple of {BFL_SIDE_MULTIPLE} between {BFL_SIDE_MIN} and {BFL_SIDE_MAX}",
+                field=name,
             )
     return request.width, request.height

@@ -4,12 +4,17 @@ This module reports what BFL bills and nothing more: a task that BFL accepted is
 waiting for it; one it never accepted, or moderated, is not. Quotas and ledgers are the scheduler's business.
 
 A POST is never replayed after a 5xx or a read timeout (BFL may have accepted it and would bill twice); polls
-and downloads are plain GETs and are retried freely within the task's time budget.
+and downloads are plain GETs and are retried freely within the task's time budget. An accepted task is yielded as
+a resume token (its id, polling URL and cost) before the first poll, so that after a restart `resume` polls it again.
+
+BFL's answers are TypedDicts (below), each checked where its JSON is parsed; what the API accepts (sizes, steps,
+guidance, aspect ratios per endpoint) comes from engine/models.py, which validation and the chat commands share.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -20,14 +25,25 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from fractions import Fraction
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import aiohttp
 from yarl import URL
 
+from engine.backends.base import Resumption, Unresumable
 from engine.config import BflSettings, ModelSettings
 from engine.errors import BackendUnavailable, InvalidRequest
 from engine.models import (
+    BFL_ENDPOINTS,
+    BFL_GUIDANCE_MAX,
+    BFL_GUIDANCE_MIN,
+    BFL_SIDE_MAX,
+    BFL_SIDE_MIN,
+    BFL_SIDE_MULTIPLE,
+    BFL_STEPS_MAX,
+    BFL_STEPS_MIN,
+    BFL_TALLEST,
+    BFL_WIDEST,
     BackendEvent,
     BackendJob,
     BackendKind,
@@ -36,26 +52,17 @@ from engine.models import (
     FailureReason,
     Finished,
     Progress,
-    RemoteTask,
     ResolvedRequest,
+    ResumeToken,
     Started,
     Submitted,
     credits_to_micros,
     format_usd,
 )
 
-log = logging.getLogger("flux_bot.bfl")
+log = logging.getLogger(__name__)
 
-FLUX_DEV = "flux-dev"
-FLUX_PRO = "flux-pro-1.1"
-FLUX_ULTRA = "flux-pro-1.1-ultra"
-KONTEXT = ("flux-kontext-pro", "flux-kontext-max")
-ENDPOINTS = (FLUX_DEV, FLUX_PRO, FLUX_ULTRA, *KONTEXT)
-
-_MIN_SIDE, _MAX_SIDE, _SIDE_STEP = 256, 1440, 32
-_MIN_STEPS, _MAX_STEPS = 1, 50
-_MIN_GUIDANCE, _MAX_GUIDANCE = 1.5, 5.0
-_WIDEST, _TALLEST = Fraction(21, 9), Fraction(9, 21)
+FLUX_ULTRA = "flux-pro-1.1-ultra"  # the one aspect-ratio endpoint that takes `raw`
 
 _MODERATED = ("Request Moderated", "Content Moderated")
 _EMA_WEIGHT = 0.3  # how much one new measurement moves the per-endpoint estimate
@@ -83,50 +90,174 @@ def build_payload(endpoint: str, request: ResolvedRequest, settings: BflSettings
     """
     if not request.prompt.strip():
         raise InvalidRequest("the prompt is empty", field="prompt")
+    limits = BFL_ENDPOINTS.get(endpoint)
+    if limits is None:
+        raise InvalidRequest(f"unknown BFL endpoint {endpoint!r}", field="model")
     payload: dict[str, Any] = {"prompt": request.prompt}
-    if endpoint in (FLUX_DEV, FLUX_PRO):
+    if limits.sizing == "pixels":
         for name, side in (("width", request.width), ("height", request.height)):
-            if not _MIN_SIDE <= side <= _MAX_SIDE or side % _SIDE_STEP:
+            if not BFL_SIDE_MIN <= side <= BFL_SIDE_MAX or side % BFL_SIDE_MULTIPLE:
                 raise InvalidRequest(
-                    f"{name} must be a multiple of {_SIDE_STEP} from {_MIN_SIDE} to {_MAX_SIDE} on {endpoint}"
-                    f" (got {side})",
+                    f"{name} must be a multiple of {BFL_SIDE_MULTIPLE} from {BFL_SIDE_MIN} to {BFL_SIDE_MAX}"
+                    f" on {endpoint} (got {side})",
                     field=name,
                 )
         payload["width"], payload["height"] = request.width, request.height
-        if endpoint == FLUX_DEV:
-            if not _MIN_STEPS <= request.steps <= _MAX_STEPS:
-                raise InvalidRequest(
-                    f"steps must be from {_MIN_STEPS} to {_MAX_STEPS} on {endpoint} (got {request.steps})",
-                    field="steps",
-                )
-            payload["steps"] = request.steps
-            if request.guidance is not None:  # unset: BFL's own default (3)
-                if not _MIN_GUIDANCE <= request.guidance <= _MAX_GUIDANCE:
-                    raise InvalidRequest(
-                        f"guidance must be from {_MIN_GUIDANCE:g} to {_MAX_GUIDANCE:g} on {endpoint}"
-                        f" (got {request.guidance:g})",
-                        field="guidance",
-                    )
-                payload["guidance"] = request.guidance
-    elif endpoint == FLUX_ULTRA or endpoint in KONTEXT:
-        if not _TALLEST <= parse_aspect_ratio(request.aspect_ratio) <= _WIDEST:
+    else:
+        if not BFL_TALLEST <= parse_aspect_ratio(request.aspect_ratio) <= BFL_WIDEST:
             raise InvalidRequest(
                 f"aspect ratio must be between 21:9 and 9:21 on {endpoint} (got {request.aspect_ratio})",
                 field="aspect_ratio",
             )
         payload["aspect_ratio"] = request.aspect_ratio
-        if endpoint == FLUX_ULTRA:
-            payload["raw"] = False
-        else:
-            if not request.input_image_url:
-                raise InvalidRequest(f"{endpoint} edits an image: give the image to start from", field="input_image")
-            payload["input_image"] = request.input_image_url
-    else:
-        raise InvalidRequest(f"unknown BFL endpoint {endpoint!r}", field="model")
+    if limits.steps:
+        if not BFL_STEPS_MIN <= request.steps <= BFL_STEPS_MAX:
+            raise InvalidRequest(
+                f"steps must be from {BFL_STEPS_MIN} to {BFL_STEPS_MAX} on {endpoint} (got {request.steps})",
+                field="steps",
+            )
+        payload["steps"] = request.steps
+    if limits.guidance and request.guidance is not None:  # unset: BFL's own default (3)
+        if not BFL_GUIDANCE_MIN <= request.guidance <= BFL_GUIDANCE_MAX:
+            raise InvalidRequest(
+                f"guidance must be from {BFL_GUIDANCE_MIN:g} to {BFL_GUIDANCE_MAX:g} on {endpoint}"
+                f" (got {request.guidance:g})",
+                field="guidance",
+            )
+        payload["guidance"] = request.guidance
+    if endpoint == FLUX_ULTRA:
+        payload["raw"] = False
+    if limits.input_image:
+        if not request.input_image_url:
+            raise InvalidRequest(f"{endpoint} edits an image: give the image to start from", field="input_image")
+        payload["input_image"] = request.input_image_url
     payload["seed"] = request.seed
     payload["safety_tolerance"] = settings.safety_tolerance
     payload["output_format"] = settings.output_format
     return payload
+
+
+# ---- BFL's answers, as the API documents them; each is checked where its JSON is parsed ----
+
+
+class SubmitAnswer(TypedDict):
+    """`POST /v1/<endpoint>` accepted the task."""
+
+    id: str
+    polling_url: str
+    cost: NotRequired[float | int | str]  # credits; absent on older API versions
+
+
+class PollResult(TypedDict):
+    sample: str  # the signed URL of the image, valid for about ten minutes
+
+
+class PollAnswer(TypedDict):
+    """`GET <polling_url>`: the task's status ("Pending", "Ready", "Error", "Request Moderated"...)."""
+
+    status: str
+    result: NotRequired[PollResult | None]
+    progress: NotRequired[float | int | None]  # a fraction up to 1.0, or a percentage
+
+
+class CreditsAnswer(TypedDict):
+    """`GET /v1/credits`."""
+
+    credits: float | int | str
+
+
+class ValidationProblem(TypedDict):
+    loc: list[str | int]
+    msg: str
+
+
+class ErrorBody(TypedDict):
+    """A refusal's body: FastAPI's validation problems, or one sentence."""
+
+    detail: str | list[ValidationProblem]
+
+
+def submit_answer(body: object) -> SubmitAnswer | None:
+    """The submit answer in `body`, or None when it lacks a usable id and polling URL."""
+    if not isinstance(body, dict):
+        return None
+    task_id, polling_url, cost = body.get("id"), body.get("polling_url"), body.get("cost")
+    if not isinstance(task_id, str) or not isinstance(polling_url, str) or not polling_url.startswith("http"):
+        return None
+    answer = SubmitAnswer(id=task_id, polling_url=polling_url)
+    if isinstance(cost, int | float | str) and not isinstance(cost, bool) and cost != "":
+        answer["cost"] = cost
+    return answer
+
+
+def poll_answer(body: object) -> PollAnswer | None:
+    """The poll answer in `body`, or None when it has no status; fields of the wrong type are left out."""
+    if not isinstance(body, dict) or not isinstance(status := body.get("status"), str):
+        return None
+    answer = PollAnswer(status=status)
+    result = body.get("result")
+    if isinstance(result, dict) and isinstance(sample := result.get("sample"), str):
+        answer["result"] = PollResult(sample=sample)
+    progress = body.get("progress")
+    if isinstance(progress, int | float) and not isinstance(progress, bool):
+        answer["progress"] = progress
+    return answer
+
+
+def credits_answer(body: object) -> CreditsAnswer | None:
+    if not isinstance(body, dict):
+        return None
+    value = body.get("credits")
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return None
+    return CreditsAnswer(credits=value)
+
+
+def error_body(body: object) -> ErrorBody | None:
+    if not isinstance(body, dict):
+        return None
+    detail = body.get("detail")
+    if isinstance(detail, str) and detail:
+        return ErrorBody(detail=detail)
+    if isinstance(detail, list):
+        problems = [
+            ValidationProblem(
+                loc=loc if isinstance(loc := item.get("loc"), list) else [], msg=str(item.get("msg", "invalid value"))
+            )
+            for item in detail
+            if isinstance(item, dict)
+        ]
+        if problems:
+            return ErrorBody(detail=problems)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteTask:
+    """A task BFL accepted: what its resume token holds, so a restart polls it again instead of resubmitting."""
+
+    task_id: str
+    polling_url: str
+    cost_micros: int
+
+    def token(self) -> ResumeToken:
+        state = {"task_id": self.task_id, "polling_url": self.polling_url, "cost_micros": self.cost_micros}
+        return ResumeToken(json.dumps(state, separators=(",", ":")), self.cost_micros, self.billing)
+
+    @property
+    def billing(self) -> str:
+        return f"BFL bills its task {self.task_id}"
+
+    @classmethod
+    def from_token(cls, token: ResumeToken) -> RemoteTask:
+        """The task a token names; ValueError when the token is not one of this backend's."""
+        state = json.loads(token.state)
+        if not isinstance(state, dict):
+            raise ValueError("a BFL resume token holds a JSON object")
+        task_id, polling_url, cost = state.get("task_id"), state.get("polling_url"), state.get("cost_micros")
+        if not isinstance(task_id, str) or not isinstance(polling_url, str) or not isinstance(cost, int):
+            raise ValueError(f"not a BFL task: {token.state[:200]!r}")
+        return cls(task_id, polling_url, cost)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,13 +371,13 @@ class BflBackend:
             raise BackendUnavailable(f"BFL refused the API key (HTTP {answer.status})")
         if not 200 <= answer.status < 300:
             raise BackendUnavailable(f"the BFL balance check failed with HTTP {answer.status}")
-        value = answer.body.get("credits") if isinstance(answer.body, dict) else None
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
+        balance = credits_answer(answer.body)
+        if balance is None:
             raise BackendUnavailable("BFL answered the balance check without a number of credits")
         try:
-            return credits_to_micros(value)
+            return credits_to_micros(balance["credits"])
         except ArithmeticError:  # decimal.InvalidOperation: a string that is not a number
-            raise BackendUnavailable(f"BFL answered the balance check with {value!r} credits") from None
+            raise BackendUnavailable(f"BFL answered the balance check with {balance['credits']!r} credits") from None
 
     # ---- making an image ----
 
@@ -255,64 +386,89 @@ class BflBackend:
         model = self._models.get(request.model)
         endpoint = model.api_endpoint if model else None
         price = model.price_micros if model else 0
-        payload: dict[str, Any] = {}
-        if job.resume is None:
-            if endpoint is None:
-                yield self._failed(job, FailureReason.BAD_REQUEST, f"{request.model!r} is not a BFL API model")
-                return
-            try:
-                payload = build_payload(endpoint, request, self._settings)
-            except InvalidRequest as exc:
-                yield self._failed(job, FailureReason.BAD_REQUEST, exc.problem)
-                return
-        if not self._api_key:
-            yield self._failed(job, FailureReason.AUTH, "no BFL_API_KEY is set")
+        if endpoint is None:
+            yield self._failed(job, FailureReason.BAD_REQUEST, f"{request.model!r} is not a BFL API model")
             return
-        session = self._session
-        if session is None:
-            yield self._failed(job, FailureReason.INTERNAL, "the BFL backend is not started", retryable=True)
+        try:
+            payload = build_payload(endpoint, request, self._settings)
+        except InvalidRequest as exc:
+            yield self._failed(job, FailureReason.BAD_REQUEST, exc.problem)
+            return
+        session = self._ready_session(job)
+        if isinstance(session, Failed):
+            yield session
             return
 
         async with self._slots:
             self._in_flight += 1
             try:
                 submitted_at = self._clock()
-                if job.resume is not None:
-                    # Restart recovery: the task was accepted before; submitting again would bill twice.
-                    task = job.resume
-                    log.info("job %s: resuming BFL task %s", job.job_id, task.task_id)
-                else:
-                    assert endpoint is not None
-                    outcome = await self._submit(session, job, endpoint, payload, price)
-                    if isinstance(outcome, Failed):
-                        yield self._log_failure(job, outcome)
-                        return
-                    task = outcome
-                    yield Submitted(task)
-                yield Started(BackendKind.API, detail=f"BFL task {task.task_id}")
-
-                sample_url = ""
-                async with aclosing(self._poll(session, task)) as polls:
-                    async for event in polls:
-                        if isinstance(event, Failed):
-                            yield self._log_failure(job, event)
-                            return
-                        if isinstance(event, _Ready):
-                            sample_url = event.sample_url
-                        else:
-                            yield event
-
-                result = await self._download(session, sample_url, request.seed, task.cost_micros)
-                if isinstance(result, Failed):
-                    yield self._log_failure(job, result)
+                outcome = await self._submit(session, job, endpoint, payload, price)
+                if isinstance(outcome, Failed):
+                    yield self._log_failure(job, outcome)
                     return
-                if job.resume is None and endpoint is not None:
-                    self._measured(endpoint, self._clock() - submitted_at)
-                self._outcomes.append(None)
-                log.info("job %s: BFL task %s done (%d bytes)", job.job_id, task.task_id, len(result.image))
-                yield result
+                yield Submitted(outcome.token())
+                async for event in self._follow(session, job, outcome):
+                    if isinstance(event, Finished):
+                        self._measured(endpoint, self._clock() - submitted_at)
+                    yield event
             finally:
                 self._in_flight -= 1
+
+    def resume(self, job: BackendJob) -> Resumption:
+        """Poll the stored task again: it was accepted before, and submitting it again would bill twice."""
+        if job.resume is None:
+            return Unresumable("flux-bot stopped before the API confirmed this job")
+        try:
+            task = RemoteTask.from_token(job.resume)
+        except ValueError as exc:
+            return Unresumable(f"its stored BFL task cannot be read ({exc})")
+        return self._resumed(job, task)
+
+    async def _resumed(self, job: BackendJob, task: RemoteTask) -> AsyncGenerator[BackendEvent, None]:
+        session = self._ready_session(job)
+        if isinstance(session, Failed):
+            yield session
+            return
+        async with self._slots:
+            self._in_flight += 1
+            try:
+                log.info("job %s: resuming BFL task %s", job.job_id, task.task_id)
+                async for event in self._follow(session, job, task):
+                    yield event
+            finally:
+                self._in_flight -= 1
+
+    def _ready_session(self, job: BackendJob) -> aiohttp.ClientSession | Failed:
+        if not self._api_key:
+            return self._failed(job, FailureReason.AUTH, "no BFL_API_KEY is set")
+        if self._session is None:
+            return self._failed(job, FailureReason.INTERNAL, "the BFL backend is not started", retryable=True)
+        return self._session
+
+    async def _follow(
+        self, session: aiohttp.ClientSession, job: BackendJob, task: RemoteTask
+    ) -> AsyncGenerator[BackendEvent, None]:
+        """An accepted task to its end: Started, progress, then the downloaded image or one Failed."""
+        yield Started(BackendKind.API, detail=f"BFL task {task.task_id}")
+        sample_url = ""
+        async with aclosing(self._poll(session, task)) as polls:
+            async for event in polls:
+                if isinstance(event, Failed):
+                    yield self._log_failure(job, event)
+                    return
+                if isinstance(event, _Ready):
+                    sample_url = event.sample_url
+                else:
+                    yield event
+
+        result = await self._download(session, sample_url, job.request.seed, task.cost_micros)
+        if isinstance(result, Failed):
+            yield self._log_failure(job, result)
+            return
+        self._outcomes.append(None)
+        log.info("job %s: BFL task %s done (%d bytes)", job.job_id, task.task_id, len(result.image))
+        yield result
 
     async def _submit(
         self,
@@ -398,20 +554,20 @@ class BflBackend:
                     detail = f"unexpected HTTP {answer.status} while polling"
                     yield _retry(FailureReason.SERVER_ERROR, detail, charged=task.cost_micros)
                     return
-                elif not isinstance(answer.body, dict):
-                    trouble = "an answer that is not a JSON object"
-                elif answer.body.get("status") == "Task not found":
+                elif (poll := poll_answer(answer.body)) is None:
+                    trouble = "an answer without a status"
+                elif poll["status"] == "Task not found":
                     if self._clock() >= believe_not_found_at:
                         yield _retry(FailureReason.TASK_NOT_FOUND, _not_found(settings, "Task not found"))
                         return
                     trouble = "task not found yet"
                 else:
-                    final = _final(answer.body, task)
+                    final = _final(poll, task)
                     if final is not None:
                         yield final
                         return
                     trouble = ""
-                    step = _progress_step(answer.body.get("progress"))
+                    step = _progress_step(poll.get("progress"))
                     if step is not None and step != last_step:
                         last_step = step
                         yield Progress(step=step, total=100)
@@ -509,18 +665,16 @@ def _retry(reason: FailureReason, detail: str, charged: int = 0) -> Failed:
     return Failed(reason, detail, charged_micros=charged, retryable=True)
 
 
-def _accepted(body: Any, price: int) -> RemoteTask | Failed:
-    task_id = body.get("id") if isinstance(body, dict) else None
-    polling_url = body.get("polling_url") if isinstance(body, dict) else None
-    if not isinstance(task_id, str) or not isinstance(polling_url, str) or not polling_url.startswith("http"):
+def _accepted(body: object, price: int) -> RemoteTask | Failed:
+    answer = submit_answer(body)
+    if answer is None:
         detail = "BFL accepted the task but gave no usable id and polling_url; it may still bill it"
         return _retry(FailureReason.SERVER_ERROR, detail, charged=price)
-    cost = body.get("cost")
     try:
-        cost_micros = credits_to_micros(cost) if isinstance(cost, int | float | str) and cost != "" else price
-    except ArithmeticError:
+        cost_micros = credits_to_micros(answer["cost"]) if "cost" in answer else price
+    except ArithmeticError:  # a cost that is not a number: the configured price is the best guess
         cost_micros = price
-    return RemoteTask(task_id=task_id, polling_url=polling_url, cost_micros=cost_micros)
+    return RemoteTask(task_id=answer["id"], polling_url=answer["polling_url"], cost_micros=cost_micros)
 
 
 def _refused(answer: _Answer, retries: int) -> Failed:
@@ -538,14 +692,13 @@ def _refused(answer: _Answer, retries: int) -> Failed:
     return Failed(FailureReason.BAD_REQUEST, f"unexpected HTTP {status} from BFL on submit")
 
 
-def _final(body: dict[str, Any], task: RemoteTask) -> Failed | _Ready | None:
+def _final(poll: PollAnswer, task: RemoteTask) -> Failed | _Ready | None:
     """The end of a task as one poll answer tells it, or None while it is still running ("Task not found" aside)."""
-    status = body.get("status")
+    status = poll["status"]
     if status == "Ready":
-        result = body.get("result")
-        sample = result.get("sample") if isinstance(result, dict) else None
-        if isinstance(sample, str) and sample.startswith("http"):
-            return _Ready(sample)
+        result = poll.get("result")
+        if result is not None and result["sample"].startswith("http"):
+            return _Ready(result["sample"])
         return _retry(FailureReason.DOWNLOAD_FAILED, "BFL said Ready but gave no result URL", task.cost_micros)
     if status in _MODERATED:
         return Failed(FailureReason.MODERATED, f"{status} by BFL (not billed)")
@@ -559,22 +712,21 @@ def _not_found(settings: BflSettings, answer: str) -> str:
     return f"BFL does not know this task ({answer}, still after {grace:g} s of polling); BFL does not bill it"
 
 
-def _first_problem(body: Any) -> str:
-    detail = body.get("detail") if isinstance(body, dict) else None
-    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
-        first = detail[0]
-        loc = first.get("loc")
-        where = str(loc[-1]) if isinstance(loc, list) and loc else ""
-        message = str(first.get("msg", "invalid value"))
-        return f"{where}: {message}" if where else message
-    if isinstance(detail, str) and detail:
+def _first_problem(body: object) -> str:
+    error = error_body(body)
+    if error is None:
+        return "no reason given"
+    detail = error["detail"]
+    if isinstance(detail, str):
         return detail
-    return "no reason given"
+    first = detail[0]
+    where = str(first["loc"][-1]) if first["loc"] else ""
+    return f"{where}: {first['msg']}" if where else first["msg"]
 
 
-def _progress_step(value: Any) -> int | None:
+def _progress_step(value: float | None) -> int | None:
     """BFL's progress as a whole percentage: floats up to 1.0 are fractions, anything else is percent."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if value is None or not math.isfinite(value):
         return None
     percent = value * 100 if isinstance(value, float) and value <= 1.0 else value
     return int(max(0, min(100, round(percent))))

@@ -18,7 +18,9 @@ from engine.backends.base import Backend
 from engine.config import DEMO_MODEL, Secrets, Settings
 from engine.models import BackendKind
 
-log = logging.getLogger("flux_bot.backends")
+log = logging.getLogger(__name__)
+
+IN_HOST = "in-host"  # the GPU lane's member that supervises this host's worker processes
 
 # The demo model is small and built in code: warming every bucket up or compiling it would only delay the start.
 _DEMO_SWITCHES = {"warmup": False, "compile": False, "fp8": False}
@@ -96,7 +98,8 @@ async def build_backends(settings: Settings, secrets: Secrets) -> tuple[dict[Bac
     if not gpu_extra_installed():
         log.warning("local routing is on but torch/diffusers are not installed: pip install 'flux-bot[gpu]'")
         return backends, False
-    from engine.backends.local import LocalBackend
+    from engine.backends.local.supervisor import LocalBackend
+    from engine.backends.pool import GpuPool, Member
 
     local = settings.local
     model_path = Path(local.model)
@@ -105,5 +108,6 @@ async def build_backends(settings: Settings, secrets: Secrets) -> tuple[dict[Bac
 
         local = local.model_copy(update=_DEMO_SWITCHES)
         model_path = await asyncio.to_thread(ensure_demo_model, settings.bot.state_dir / "demo-model")
-    backends[BackendKind.LOCAL] = LocalBackend(local, settings.models, model_path)
+    in_host = Member(IN_HOST, LocalBackend(local, settings.models, model_path))
+    backends[BackendKind.LOCAL] = GpuPool([in_host], settings.models)
     return backends, lane.demo

@@ -5,9 +5,13 @@ header object with at least `"type"`, and an optional binary payload (PNG bytes)
 base64. The same frames travel over a worker's stdin/stdout or its Unix socket today, and as NATS JetStream message
 bodies later (one frame per message).
 
-Version 2 messages (supervisor -> worker):
+Each message is one frozen dataclass below. Its fields are the header's fields, except a `bytes` field, which is
+the payload; `encode` and `decode` are the one path between a message and a frame, checking every field against
+the dataclass's annotations, so a peer's mistake is a `ProtocolError` naming the message and the field.
+
+Version 3 messages (supervisor -> worker):
     hello    {version}                                      first frame; the worker answers `ready` once loaded
-    job      {id, prompt, width, height, steps, guidance, seed}
+    job      {id, model, prompt, width, height, steps, guidance, seed}
     cancel   {id}                                           may come while that job runs; always answered by
                                                             `cancelled`, also when no such job runs (any more)
     stats    {}                                             answered by `memory`
@@ -22,35 +26,36 @@ Worker -> supervisor:
                                          frame the worker reads is served as by a fresh worker
     memory    {rss_mb, allocated_mb, reserved_mb, max_allocated_mb}   GPU figures are null on a CPU
 
-Version 2 added cancel/cancelled: a supervisor relies on the answer, so it refuses a version 1 worker at hello.
+Version 2 added cancel/cancelled and version 3 the job's model: a supervisor relies on both, so each side refuses
+a peer of another version at hello.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
+import logging
 import struct
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, fields
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, ClassVar, TypeVar
 
-PROTOCOL_VERSION = 2
+from engine.errors import EngineError
 
-_PREFIX = struct.Struct(">II")
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 3
+
+PREFIX = struct.Struct(">II")
 # Bounds that catch a stray print() on the protocol stream long before it could make us allocate gigabytes.
 MAX_HEADER_BYTES = 1 << 20
 MAX_PAYLOAD_BYTES = 256 << 20
 
 
-class ByteSource(Protocol):
-    """A blocking binary stream: a pipe's file object, or a socket's unbuffered one (whose `read` types say None)."""
-
-    def read(self, size: int, /) -> bytes | None: ...
-
-
-class ProtocolError(Exception):
-    """The peer sent something that is not a valid frame of this protocol version."""
+class ProtocolError(EngineError):
+    """The peer sent something that is not a valid frame or message of this protocol version."""
 
 
 class MessageType(StrEnum):
@@ -72,125 +77,29 @@ class WorkerFailure(StrEnum):
     INTERNAL = "internal"
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
-    type: MessageType
-    header: Mapping[str, Any] = field(default_factory=dict)
-    payload: bytes = b""
+class Message:
+    """One protocol message: a frozen dataclass whose `TYPE` names it on the wire."""
 
-    def text(self, key: str) -> str:
-        value = self.header.get(key)
-        if not isinstance(value, str):
-            raise ProtocolError(f"{self.type}: field {key!r} must be a string, got {value!r}")
-        return value
-
-    def integer(self, key: str) -> int:
-        value = self.header.get(key)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ProtocolError(f"{self.type}: field {key!r} must be an integer, got {value!r}")
-        return value
-
-    def optional_integer(self, key: str) -> int | None:
-        return None if self.header.get(key) is None else self.integer(key)
-
-    def number(self, key: str) -> float:
-        value = self.header.get(key)
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise ProtocolError(f"{self.type}: field {key!r} must be a number, got {value!r}")
-        return float(value)
-
-    def optional_number(self, key: str) -> float | None:
-        return None if self.header.get(key) is None else self.number(key)
+    __slots__ = ()
+    TYPE: ClassVar[MessageType]
 
 
-def encode(frame: Frame) -> bytes:
-    header = json.dumps({**frame.header, "type": frame.type.value}, separators=(",", ":")).encode()
-    if len(header) > MAX_HEADER_BYTES or len(frame.payload) > MAX_PAYLOAD_BYTES:
-        raise ProtocolError(f"{frame.type}: frame too large")
-    return _PREFIX.pack(len(header), len(frame.payload)) + header + frame.payload
-
-
-def _lengths(prefix: bytes) -> tuple[int, int]:
-    header_len, payload_len = _PREFIX.unpack(prefix)
-    if not 0 < header_len <= MAX_HEADER_BYTES or payload_len > MAX_PAYLOAD_BYTES:
-        raise ProtocolError(f"bad frame prefix {prefix!r} (is something else writing to this stream?)")
-    return header_len, payload_len
-
-
-def _parse(header: bytes, payload: bytes) -> Frame:
-    try:
-        fields = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"frame header is not JSON: {exc}") from exc
-    if not isinstance(fields, dict):
-        raise ProtocolError("frame header is not a JSON object")
-    try:
-        kind = MessageType(fields.pop("type", None))
-    except ValueError as exc:
-        raise ProtocolError(f"unknown message type in {header[:80]!r}") from exc
-    return Frame(kind, fields, payload)
-
-
-def decode(data: bytes) -> Frame:
-    """One whole frame (e.g. a message body from a queue)."""
-    if len(data) < _PREFIX.size:
-        raise ProtocolError("truncated frame")
-    header_len, payload_len = _lengths(data[: _PREFIX.size])
-    if len(data) != _PREFIX.size + header_len + payload_len:
-        raise ProtocolError("frame length does not match its prefix")
-    body = data[_PREFIX.size :]
-    return _parse(body[:header_len], body[header_len:])
-
-
-async def read_frame(reader: asyncio.StreamReader) -> Frame | None:
-    """The next frame from a stream, or None at a clean end of stream (between frames)."""
-    try:
-        prefix = await reader.readexactly(_PREFIX.size)
-    except asyncio.IncompleteReadError as exc:
-        if exc.partial:
-            raise ProtocolError("stream ended inside a frame prefix") from exc
-        return None
-    header_len, payload_len = _lengths(prefix)
-    try:
-        header = await reader.readexactly(header_len)
-        payload = await reader.readexactly(payload_len) if payload_len else b""
-    except asyncio.IncompleteReadError as exc:
-        raise ProtocolError("stream ended inside a frame") from exc
-    return _parse(header, payload)
-
-
-def read_frame_blocking(stream: ByteSource) -> Frame | None:
-    """As read_frame, for a blocking binary stream (a worker's stdin or socket)."""
-    prefix = _read_exactly(stream, _PREFIX.size)
-    if not prefix:
-        return None
-    if len(prefix) < _PREFIX.size:
-        raise ProtocolError("stream ended inside a frame prefix")
-    header_len, payload_len = _lengths(prefix)
-    header = _read_exactly(stream, header_len)
-    payload = _read_exactly(stream, payload_len)
-    if len(header) < header_len or len(payload) < payload_len:
-        raise ProtocolError("stream ended inside a frame")
-    return _parse(header, payload)
-
-
-def _read_exactly(stream: ByteSource, size: int) -> bytes:
-    chunks: list[bytes] = []
-    remaining = size
-    while remaining:
-        chunk = stream.read(remaining)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
+# ---- supervisor -> worker ----
 
 
 @dataclass(frozen=True, slots=True)
-class JobSpec:
+class Hello(Message):
+    TYPE: ClassVar[MessageType] = MessageType.HELLO
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec(Message):
     """The `job` message: everything a worker needs to make one image."""
 
+    TYPE: ClassVar[MessageType] = MessageType.JOB
     id: str
+    model: str  # the configured model's name: what a worker serving several would pick by
     prompt: str
     width: int
     height: int
@@ -198,52 +107,83 @@ class JobSpec:
     guidance: float | None
     seed: int
 
-    def to_frame(self) -> Frame:
-        return Frame(
-            MessageType.JOB,
-            {
-                "id": self.id,
-                "prompt": self.prompt,
-                "width": self.width,
-                "height": self.height,
-                "steps": self.steps,
-                "guidance": self.guidance,
-                "seed": self.seed,
-            },
-        )
 
-    @classmethod
-    def from_frame(cls, frame: Frame) -> JobSpec:
-        return cls(
-            id=frame.text("id"),
-            prompt=frame.text("prompt"),
-            width=frame.integer("width"),
-            height=frame.integer("height"),
-            steps=frame.integer("steps"),
-            guidance=frame.optional_number("guidance"),
-            seed=frame.integer("seed"),
-        )
+@dataclass(frozen=True, slots=True)
+class Cancel(Message):
+    TYPE: ClassVar[MessageType] = MessageType.CANCEL
+    id: str
 
 
 @dataclass(frozen=True, slots=True)
-class CancelledJob:
+class Stats(Message):
+    TYPE: ClassVar[MessageType] = MessageType.STATS
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown(Message):
+    TYPE: ClassVar[MessageType] = MessageType.SHUTDOWN
+
+
+# ---- worker -> supervisor ----
+
+
+@dataclass(frozen=True, slots=True)
+class Ready(Message):
+    TYPE: ClassVar[MessageType] = MessageType.READY
+    version: int
+    pid: int
+    device: str
+    dtype: str
+    model: str  # what the worker loaded: a folder or a Hugging Face id
+    load_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class StepProgress(Message):
+    """The `progress` message: `step` of `total` steps made, with a small preview PNG every few steps."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PROGRESS
+    id: str
+    step: int
+    total: int
+    preview: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class ImageDone(Message):
+    """The `done` message: the job's PNG and the seconds the pipeline took."""
+
+    TYPE: ClassVar[MessageType] = MessageType.DONE
+    id: str
+    seed: int
+    seconds: float
+    image: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerFailed(Message):
+    """The `failed` message; `id` is None for a failure outside any job (at start-up, an unexpected message)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.FAILED
+    id: str | None
+    reason: WorkerFailure
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class CancelledJob(Message):
     """The `cancelled` message: the worker's answer to `cancel`, after which it is free for the next job."""
 
+    TYPE: ClassVar[MessageType] = MessageType.CANCELLED
     id: str
     step: int | None  # the steps the job made before it stopped; None when it was not running
 
-    def to_frame(self) -> Frame:
-        return Frame(MessageType.CANCELLED, {"id": self.id, "step": self.step})
-
-    @classmethod
-    def from_frame(cls, frame: Frame) -> CancelledJob:
-        return cls(id=frame.text("id"), step=frame.optional_integer("step"))
-
 
 @dataclass(frozen=True, slots=True)
-class MemoryStats:
+class MemoryStats(Message):
     """The `memory` message. GPU figures are None when the worker runs on a CPU."""
 
+    TYPE: ClassVar[MessageType] = MessageType.MEMORY
     rss_mb: float
     allocated_mb: float | None = None
     reserved_mb: float | None = None
@@ -256,22 +196,192 @@ class MemoryStats:
             return 0.0
         return self.reserved_mb - self.allocated_mb
 
-    def to_frame(self) -> Frame:
-        return Frame(
-            MessageType.MEMORY,
-            {
-                "rss_mb": self.rss_mb,
-                "allocated_mb": self.allocated_mb,
-                "reserved_mb": self.reserved_mb,
-                "max_allocated_mb": self.max_allocated_mb,
-            },
-        )
 
-    @classmethod
-    def from_frame(cls, frame: Frame) -> MemoryStats:
-        return cls(
-            rss_mb=frame.number("rss_mb"),
-            allocated_mb=frame.optional_number("allocated_mb"),
-            reserved_mb=frame.optional_number("reserved_mb"),
-            max_allocated_mb=frame.optional_number("max_allocated_mb"),
-        )
+MESSAGES: tuple[type[Message], ...] = (
+    Hello,
+    JobSpec,
+    Cancel,
+    Stats,
+    Shutdown,
+    Ready,
+    StepProgress,
+    ImageDone,
+    WorkerFailed,
+    CancelledJob,
+    MemoryStats,
+)
+
+M = TypeVar("M", bound=Message)
+
+
+def job_id_of(message: Message) -> str | None:
+    """The job a message is about, or None for one about no job (ready, memory, a failure outside a job)."""
+    value = getattr(message, "id", None)
+    return value if isinstance(value, str) else None
+
+
+def expect(message: Message, kind: type[M]) -> M:
+    """`message` as a `kind`, or ProtocolError when the peer sent something else at this point."""
+    if not isinstance(message, kind):
+        raise ProtocolError(f"expected {kind.TYPE}, got {message.TYPE}")
+    return message
+
+
+# ---- the one path between messages and frames ----
+
+# Turns a header value into the field's value, or raises ValueError saying what was expected.
+_Check = Callable[[Any], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    name: str
+    check: _Check
+    required: bool
+    default: Any
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    header: tuple[_Field, ...]
+    payload: str | None  # the name of the `bytes` field
+
+
+def _scalar(annotation: Any) -> _Check:
+    if annotation is str:
+
+        def text(value: Any) -> str:
+            if not isinstance(value, str):
+                raise ValueError("a string")
+            return value
+
+        return text
+    if annotation is int:
+
+        def integer(value: Any) -> int:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError("an integer")
+            return value
+
+        return integer
+    if annotation is float:
+
+        def number(value: Any) -> float:
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ValueError("a number")
+            return float(value)
+
+        return number
+    if isinstance(annotation, type) and issubclass(annotation, StrEnum):
+        choices = annotation
+
+        def choice(value: Any) -> StrEnum:
+            try:
+                return choices(value)
+            except ValueError:
+                raise ValueError(f"one of {', '.join(map(repr, (c.value for c in choices)))}") from None
+
+        return choice
+    raise TypeError(f"no protocol encoding for {annotation!r}")
+
+
+def _checker(annotation: Any) -> _Check:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(members) != 1 or len(typing.get_args(annotation)) != 2:
+            raise TypeError(f"no protocol encoding for {annotation!r}")
+        inner = _scalar(members[0])
+
+        def optional(value: Any) -> Any:
+            if value is None:
+                return None
+            try:
+                return inner(value)
+            except ValueError as exc:
+                raise ValueError(f"{exc} or null") from None
+
+        return optional
+    return _scalar(annotation)
+
+
+def _layout(cls: type[Message]) -> _Layout:
+    hints = typing.get_type_hints(cls)
+    header: list[_Field] = []
+    payload: str | None = None
+    for f in fields(cls):  # type: ignore[arg-type]  # every message class is a dataclass
+        annotation = hints[f.name]
+        if annotation is bytes:
+            if payload is not None:
+                raise TypeError(f"{cls.__name__} has two payload fields")
+            payload = f.name
+            continue
+        default = None if f.default is MISSING else f.default
+        header.append(_Field(f.name, _checker(annotation), f.default is MISSING, default))
+    return _Layout(tuple(header), payload)
+
+
+_LAYOUTS: dict[type[Message], _Layout] = {cls: _layout(cls) for cls in MESSAGES}
+_BY_TYPE: dict[str, type[Message]] = {cls.TYPE.value: cls for cls in MESSAGES}
+
+
+def encode(message: Message) -> bytes:
+    """The frame that carries `message`; ProtocolError when it exceeds the frame bounds."""
+    layout = _LAYOUTS[type(message)]
+    header_fields: dict[str, Any] = {"type": message.TYPE.value}
+    for f in layout.header:
+        header_fields[f.name] = getattr(message, f.name)
+    payload: bytes = getattr(message, layout.payload) if layout.payload else b""
+    header = json.dumps(header_fields, separators=(",", ":")).encode()
+    if len(header) > MAX_HEADER_BYTES or len(payload) > MAX_PAYLOAD_BYTES:
+        raise ProtocolError(f"{message.TYPE}: frame too large")
+    return PREFIX.pack(len(header), len(payload)) + header + payload
+
+
+def frame_lengths(prefix: bytes) -> tuple[int, int]:
+    """The header and payload lengths that a frame's 8-byte prefix announces, checked against the bounds."""
+    header_len, payload_len = PREFIX.unpack(prefix)
+    if not 0 < header_len <= MAX_HEADER_BYTES or payload_len > MAX_PAYLOAD_BYTES:
+        raise ProtocolError(f"bad frame prefix {prefix!r} (is something else writing to this stream?)")
+    return header_len, payload_len
+
+
+def parse(header: bytes, payload: bytes) -> Message:
+    """The message of one frame's header and payload."""
+    try:
+        values = json.loads(header)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"frame header is not JSON: {exc}") from exc
+    if not isinstance(values, dict):
+        raise ProtocolError("frame header is not a JSON object")
+    kind = values.get("type")
+    cls = _BY_TYPE.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {kind!r} in {header[:80]!r}")
+    layout = _LAYOUTS[cls]
+    arguments: dict[str, Any] = {}
+    for f in layout.header:
+        if f.name not in values:
+            if f.required:
+                raise ProtocolError(f"{kind}: field {f.name!r} is missing")
+            arguments[f.name] = f.default
+            continue
+        try:
+            arguments[f.name] = f.check(values[f.name])
+        except ValueError as exc:
+            raise ProtocolError(f"{kind}: field {f.name!r} must be {exc}, got {values[f.name]!r}") from None
+    if layout.payload is not None:
+        arguments[layout.payload] = payload
+    elif payload:
+        raise ProtocolError(f"{kind}: carries no payload, got {len(payload)} bytes")
+    return cls(**arguments)
+
+
+def decode(data: bytes) -> Message:
+    """The message of one whole frame (e.g. a message body from a queue)."""
+    if len(data) < PREFIX.size:
+        raise ProtocolError("truncated frame")
+    header_len, payload_len = frame_lengths(data[: PREFIX.size])
+    if len(data) != PREFIX.size + header_len + payload_len:
+        raise ProtocolError("frame length does not match its prefix")
+    body = data[PREFIX.size :]
+    return parse(body[:header_len], body[header_len:])

@@ -7,7 +7,9 @@ import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
-from engine.backends.base import Backend
+from engine.backends.base import Backend, Requeue, Resumption, Unresumable
+from engine.backends.bfl import RemoteTask
+from engine.backends.pool import GpuPool, Member
 from engine.config import Secrets, Settings
 from engine.models import (
     BackendEvent,
@@ -24,7 +26,6 @@ from engine.models import (
     JobState,
     JobWaiting,
     Mode,
-    RemoteTask,
     Resource,
     Submitted,
 )
@@ -154,7 +155,7 @@ async def test_restart_recovers_every_job_exactly_once(make_settings: SettingsFa
     def api_first_life(job: BackendJob, attempt: int) -> list[BackendEvent] | None:
         task = RemoteTask(f"task-{job.job_id}", f"http://127.0.0.1:1/v1/get_result?id={job.job_id}", 40_000)
         submitted_tasks[job.job_id] = task
-        return [Submitted(task)]  # accepted, then the process stops while it is waiting
+        return [Submitted(task.token())]  # accepted, then the process stops while it is waiting
 
     hold = asyncio.Event()
     local1 = ScriptedBackend(gate=hold)
@@ -177,7 +178,7 @@ async def test_restart_recovers_every_job_exactly_once(make_settings: SettingsFa
     resumed: list[RemoteTask | None] = []
 
     def api_second_life(job: BackendJob, attempt: int) -> list[BackendEvent] | None:
-        resumed.append(job.resume)
+        resumed.append(RemoteTask.from_token(job.resume) if job.resume else None)
         return [Finished(tiny_png(), "image/png", job.request.seed, cost_micros=40_000)]
 
     local2 = ScriptedBackend()
@@ -212,6 +213,86 @@ async def test_restart_recovers_every_job_exactly_once(make_settings: SettingsFa
 
 
 @dataclass
+class _Answering(ScriptedBackend):
+    """An API backend whose `resume` gives, per job, the answer a test scripts (continue, queue again, give up)."""
+
+    answers: dict[str, str] = field(default_factory=dict)  # job id -> "continue" | "requeue" | "unresumable"
+    asked: list[BackendJob] = field(default_factory=list)
+
+    def resume(self, job: BackendJob) -> Resumption:
+        self.asked.append(job)
+        match self.answers[job.job_id]:
+            case "requeue":
+                return Requeue("queued again: the remote never had it")
+            case "unresumable":
+                return Unresumable("the remote has lost it")
+        return self.run(job)
+
+
+async def test_recover_does_what_each_jobs_backend_says(make_settings: SettingsFactory) -> None:
+    """recover() asks each running job's backend through `resume` and follows the answer, whatever the backend."""
+    settings = make_settings(tiers=UNLIMITED, scheduler={"max_running_per_user": 10})
+    hold = asyncio.Event()
+    tasks: dict[str, RemoteTask] = {}
+
+    def accepted(job: BackendJob, attempt: int) -> list[BackendEvent]:
+        tasks[job.job_id] = RemoteTask(
+            f"task-{job.job_id}", f"http://127.0.0.1:1/v1/get_result?id={job.job_id}", 30_000
+        )
+        return [Submitted(tasks[job.job_id].token())]
+
+    local1 = ScriptedBackend(gate=hold)
+    api1 = ScriptedBackend(kind=BackendKind.API, slots=3, plan=accepted, gate=hold)
+    first = Engine(
+        settings,
+        Secrets(),
+        await Store.open(settings.bot.database_path),
+        {BackendKind.LOCAL: local1, BackendKind.API: api1},
+    )
+    await first.start()
+    api_jobs = [(await first.submit(user(), ImageRequest("a lamp", "pro"))).job_id for _ in range(3)]
+    local_job = (await first.submit(user(), ImageRequest("a lamp", "schnell"))).job_id
+
+    async def all_running() -> None:
+        while len(tasks) < 3 or not local1.started:
+            await asyncio.sleep(0.01)
+        while any([(await first._store.get_job(job_id)).resume is None for job_id in api_jobs]):
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(all_running(), 10)
+    await first.close()
+
+    api2 = _Answering(kind=BackendKind.API, slots=3)
+    api2.answers = dict(zip(api_jobs, ("continue", "requeue", "unresumable"), strict=True))
+    local2 = ScriptedBackend()
+    pool = GpuPool([Member("in-host", local2)], settings.models)
+    second = Engine(
+        settings,
+        Secrets(),
+        await Store.open(settings.bot.database_path),
+        {BackendKind.LOCAL: pool, BackendKind.API: api2},
+    )
+    await second.start()
+    try:
+        continued, requeued, lost = [await wait_terminal(second, job_id) for job_id in api_jobs]
+        assert isinstance(await wait_terminal(second, local_job), JobDone)
+        assert local2.started == [local_job]  # the pool had no token for it: its member ran it from the start
+        # Every API job was asked about with the token its first life stored.
+        assert [(job.job_id, job.resume) for job in api2.asked] == [(i, tasks[i].token()) for i in api_jobs]
+        assert isinstance(continued, JobDone) and continued.cost_micros == 40_000
+        # Queued again, it ran anew: no token this time, and only this run's cost.
+        assert isinstance(requeued, JobDone) and requeued.cost_micros == 40_000
+        assert sorted(api2.started) == sorted(api_jobs[:2])
+        # Given up: the remote had accepted it, so what the token says it bills is posted and explained.
+        assert isinstance(lost, JobFailed) and lost.reason is FailureReason.INTERRUPTED
+        assert lost.charged_micros == 30_000
+        assert lost.detail == f"the remote has lost it; BFL bills its task task-{api_jobs[2]}"
+        assert (await second._store.ledger_totals())[Resource.USD_MICROS.value] == 2 * 40_000 + 30_000
+    finally:
+        await second.close()
+
+
+@dataclass
 class _SubmitInFlight(ScriptedBackend):
     """An API backend stopped mid-submit: BFL has accepted the task (and bills it); its answer is on the way."""
 
@@ -221,7 +302,8 @@ class _SubmitInFlight(ScriptedBackend):
     async def run(self, job: BackendJob) -> AsyncGenerator[BackendEvent, None]:
         self.sent.set()
         await self.answer.wait()
-        yield Submitted(RemoteTask(f"task-{job.job_id}", f"http://127.0.0.1:1/v1/get_result?id={job.job_id}", 40_000))
+        task = RemoteTask(f"task-{job.job_id}", f"http://127.0.0.1:1/v1/get_result?id={job.job_id}", 40_000)
+        yield Submitted(task.token())
         await asyncio.Event().wait()  # polling, until the engine stops
 
 
@@ -241,7 +323,7 @@ async def test_a_stop_during_an_api_submit_keeps_the_task_so_its_bill_is_posted(
     resumed: list[RemoteTask | None] = []
 
     def poll_again(job: BackendJob, attempt: int) -> list[BackendEvent]:
-        resumed.append(job.resume)
+        resumed.append(RemoteTask.from_token(job.resume) if job.resume else None)
         return [Finished(tiny_png(), "image/png", job.request.seed, cost_micros=40_000)]
 
     api2 = ScriptedBackend(kind=BackendKind.API, plan=poll_again)

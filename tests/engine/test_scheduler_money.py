@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from bot import render
+from engine.backends.bfl import RemoteTask
 from engine.models import (
     BackendEvent,
     BackendJob,
@@ -25,8 +26,8 @@ from engine.models import (
     JobState,
     Mode,
     Progress,
-    RemoteTask,
     Resource,
+    ResumeToken,
     Submitted,
     format_usd,
 )
@@ -38,8 +39,8 @@ UNLIMITED = {"default": {"concurrent_jobs": 100, "images_per_day": 1000, "api_us
 TASK_COST = 25_000  # what BFL answered for the task at submit
 
 
-def _task(job: BackendJob) -> RemoteTask:
-    return RemoteTask(f"task-{job.job_id}", f"http://bfl.invalid/v1/get_result?id={job.job_id}", TASK_COST)
+def _task(job: BackendJob) -> ResumeToken:
+    return RemoteTask(f"task-{job.job_id}", f"http://bfl.invalid/v1/get_result?id={job.job_id}", TASK_COST).token()
 
 
 def _outcome(name: str, kind: BackendKind, job: BackendJob) -> list[BackendEvent] | None:
@@ -143,7 +144,7 @@ async def test_cost_equals_posted_ledger_in_every_ending(
                 job = await engine._store.get_job(queued.job_id)
                 seen = (api if backend is BackendKind.API else local).seen.get(queued.job_id, 0)
                 ready = job.state is wanted and job.backend is backend
-                if ready and (wanted is JobState.QUEUED or (seen and (backend is BackendKind.LOCAL or job.task))):
+                if ready and (wanted is JobState.QUEUED or (seen and (backend is BackendKind.LOCAL or job.resume))):
                     return
                 await asyncio.sleep(0.005)
 
@@ -212,7 +213,7 @@ async def test_a_restart_without_the_api_posts_the_accepted_task(make_settings: 
     queued = await first.submit(user(), ImageRequest("a lamp", "pro"))
 
     async def stored() -> None:
-        while (await first._store.get_job(queued.job_id)).task is None:
+        while (await first._store.get_job(queued.job_id)).resume is None:
             await asyncio.sleep(0.005)
 
     await asyncio.wait_for(stored(), 10)

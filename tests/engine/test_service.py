@@ -171,7 +171,7 @@ async def test_no_bfl_job_is_billed_twice_across_a_restart(make_settings: Settin
         queued = await first.submit(user(), ImageRequest("a lighthouse", "pro", mode=Mode.FAST))
 
         async def task_stored() -> None:
-            while (await first._store.get_job(queued.job_id)).task is None:
+            while (await first._store.get_job(queued.job_id)).resume is None:
                 await asyncio.sleep(0.01)
 
         await asyncio.wait_for(task_stored(), 10)

@@ -264,3 +264,75 @@ async def test_the_pre_check_refuses_as_the_reserve_would(
     assert standing.room().images == 0
     await engine.admin_quota_grant(user("root", admin=True), alice.user_key, Resource.IMAGES, 1)
     assert (await engine._quota.standing(alice)).room().images == 1
+
+
+async def test_the_resume_token_migration_keeps_every_job_and_ledger_line(tmp_path: Path) -> None:
+    """A database of schema 3 (BFL's task columns, a backend CHECK of two kinds) opens with one resume token per
+    stored task, a backend column that admits other kinds, and every ledger line still bound to its job."""
+    import json
+    import sqlite3
+
+    from engine.backends.bfl import RemoteTask
+    from engine.store import MIGRATIONS, _statements
+
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path, isolation_level=None)
+    old.execute("PRAGMA foreign_keys=ON")
+    old.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    for version, script in enumerate(MIGRATIONS[:3], start=1):
+        for statement in _statements(script):
+            old.execute(statement)
+        old.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+    old.execute("INSERT INTO users (user_key, created_at, updated_at) VALUES ('discord:alice', 0, 0)")
+    columns = (
+        "id, user_key, platform, user_id, prompt, model, width, height, aspect_ratio, steps, seed, mode, state,"
+        " backend, reason, task_id, polling_url, task_cost_micros, created_at"
+    )
+    for job_id, backend, state, task in (
+        ("japi", "api", "running", ("t-1", "https://api.eu.bfl.ai/v1/get_result?id=t-1", 25_000)),
+        ("jlocal", "local", "running", (None, None, None)),
+        ("jdone", "api", "done", ("t-2", "https://api.us.bfl.ai/v1/get_result?id=t-2", None)),
+    ):
+        old.execute(
+            f"INSERT INTO jobs ({columns}) VALUES (?, 'discord:alice', 'discord', 'alice', 'p', 'pro', 1024, 1024,"
+            " '1:1', 28, 1, 'auto', ?, ?, 'test', ?, ?, ?, 0)",
+            (job_id, state, backend, *task),
+        )
+        old.execute(
+            "INSERT INTO ledger (entry, job_id, user_key, resource, amount, day, month, created_at)"
+            " VALUES ('reserve', ?, 'discord:alice', 'images', 1, '2026-11-26', '2026-11', 0)",
+            (job_id,),
+        )
+    old.close()
+
+    store = await Store.open(path)
+    try:
+        api_job, local_job, done_job = [await store.get_job(job_id) for job_id in ("japi", "jlocal", "jdone")]
+        assert api_job.resume is not None and local_job.resume is None and done_job.resume is not None
+        task = RemoteTask.from_token(api_job.resume)
+        assert task == RemoteTask("t-1", "https://api.eu.bfl.ai/v1/get_result?id=t-1", 25_000)
+        assert (api_job.resume.billed_micros, api_job.resume.billing) == (25_000, "BFL bills its task t-1")
+        assert RemoteTask.from_token(done_job.resume).cost_micros == 0  # no cost stored: nothing known billed
+        assert [len(await store.job_ledger(job_id)) for job_id in ("japi", "jlocal", "jdone")] == [1, 1, 1]
+    finally:
+        await store.close()
+
+    check = sqlite3.connect(path, isolation_level=None)
+    try:
+        check.execute("PRAGMA foreign_keys=ON")
+        job_columns = {row[1] for row in check.execute("PRAGMA table_info(jobs)")}
+        assert "resume_token" in job_columns and not {"task_id", "polling_url", "task_cost_micros"} & job_columns
+        indexes = {row[0] for row in check.execute("SELECT name FROM sqlite_master WHERE tbl_name = 'jobs'")}
+        assert {"jobs_by_state", "jobs_by_user", "jobs_undelivered", "jobs_by_end", "jobs_with_result"} <= indexes
+        stored = json.loads(check.execute("SELECT resume_token FROM jobs WHERE id = 'japi'").fetchone()[0])
+        assert stored["state"]["task_id"] == "t-1"  # readable with json_extract, for an operator
+        check.execute("UPDATE jobs SET backend = 'nats' WHERE id = 'jdone'")  # a kind the old CHECK refused
+        with pytest.raises(sqlite3.IntegrityError):
+            check.execute("UPDATE jobs SET backend = '' WHERE id = 'jdone'")
+        with pytest.raises(sqlite3.IntegrityError):  # the ledger's lines are still bound to their jobs
+            check.execute(
+                "INSERT INTO ledger (entry, job_id, user_key, resource, amount, day, month, created_at)"
+                " VALUES ('reserve', 'jnone', 'discord:alice', 'images', 1, '2026-11-26', '2026-11', 0)"
+            )
+    finally:
+        check.close()

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine.backends.base import Backend
 from engine.backends.gpu_probe import GpuProbe, GpuReading
-from engine.backends.local import LocalBackend, WorkerInfo
+from engine.backends.local.supervisor import LocalBackend, WorkerInfo
 from engine.config import LocalSettings, Secrets
 from engine.models import (
     BackendEvent,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from engine.backends.base import Requeue, Resumption, Unresumable
 from engine.config import ModelSettings
 from engine.models import (
     BackendEvent,
@@ -79,6 +80,14 @@ class ScriptedBackend:
 
     async def close(self) -> None:
         return None
+
+    def resume(self, job: BackendJob) -> Resumption:
+        """As the real backends do: a GPU job starts over; an API job follows its stored task with the script."""
+        if self.kind is BackendKind.LOCAL:
+            return Requeue("queued again after a restart")
+        if job.resume is None:
+            return Unresumable("flux-bot stopped before the API confirmed this job")
+        return self.run(job)
 
     async def run(self, job: BackendJob) -> AsyncGenerator[BackendEvent, None]:
         attempt = self.seen.get(job.job_id, 0) + 1

@@ -14,7 +14,7 @@ from typing import Any
 from PIL import Image
 
 from engine.backends.demo_model import ensure_demo_model
-from engine.backends.local import LocalBackend
+from engine.backends.local.supervisor import LocalBackend
 from engine.config import LocalSettings, ModelSettings
 from engine.models import BackendEvent, BackendJob, Mode, ResolvedRequest
 

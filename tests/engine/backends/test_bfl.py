@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from engine.backends.base import Backend
-from engine.backends.bfl import BflBackend, build_payload
+from engine.backends.base import Backend, Requeue, Unresumable
+from engine.backends.bfl import BflBackend, RemoteTask, build_payload
 from engine.config import BflSettings, ModelSettings
 from engine.errors import BackendUnavailable, InvalidRequest
 from engine.models import (
@@ -32,8 +32,8 @@ from engine.models import (
     Finished,
     Mode,
     Progress,
-    RemoteTask,
     ResolvedRequest,
+    ResumeToken,
     Started,
     Submitted,
 )
@@ -87,7 +87,8 @@ def request(model: str = "pro", **changes: Any) -> ResolvedRequest:
 
 
 def job(model: str = "pro", *, resume: RemoteTask | None = None, **changes: Any) -> BackendJob:
-    return BackendJob(job_id="jtest0001", request=request(model, **changes), resume=resume)
+    token = resume.token() if resume is not None else None
+    return BackendJob(job_id="jtest0001", request=request(model, **changes), resume=token)
 
 
 @pytest.fixture
@@ -116,7 +117,14 @@ async def backend(
 
 
 async def run_job(bfl: BflBackend, backend_job: BackendJob) -> list[BackendEvent]:
-    async with aclosing(bfl.run(backend_job)) as events:
+    """The events of a new job, or of one resumed after a restart when it carries a resume token."""
+    if backend_job.resume is None:
+        job_events = bfl.run(backend_job)
+    else:
+        resumed = bfl.resume(backend_job)
+        assert not isinstance(resumed, Requeue | Unresumable), resumed
+        job_events = resumed
+    async with aclosing(job_events) as events:
         return [event async for event in events]
 
 
@@ -143,8 +151,8 @@ async def test_events_in_order_with_cost_image_and_headers(fake: FakeBfl, clock:
 
     submitted, started, finished = events[0], events[1], events[-1]
     assert isinstance(submitted, Submitted)
-    assert submitted.task.cost_micros == PRO_PRICE
-    assert submitted.task.polling_url.startswith(fake.api_url + "/v1/get_result?id=")
+    assert RemoteTask.from_token(submitted.resume).cost_micros == PRO_PRICE
+    assert RemoteTask.from_token(submitted.resume).polling_url.startswith(fake.api_url + "/v1/get_result?id=")
     assert isinstance(started, Started) and started.backend is BackendKind.API
     assert isinstance(finished, Finished)
     assert (finished.mime, finished.seed, finished.cost_micros) == ("image/png", 42, PRO_PRICE)
@@ -176,7 +184,7 @@ async def test_cost_missing_from_answer_falls_back_to_model_price(fake: FakeBfl,
     fake.cost = None
     async with backend(fake.api_url, clock) as bfl:
         events = await run_job(bfl, job("dev"))
-    assert isinstance(events[0], Submitted) and events[0].task.cost_micros == 25_000
+    assert isinstance(events[0], Submitted) and RemoteTask.from_token(events[0].resume).cost_micros == 25_000
     assert isinstance(events[-1], Finished) and events[-1].cost_micros == 25_000
 
 
@@ -497,6 +505,22 @@ async def test_resume_of_a_forgotten_task(fake: FakeBfl, clock: FakeTime) -> Non
     assert fake.count("POST") == 0
 
 
+def test_resume_without_a_stored_task_gives_up_rather_than_submitting_again(clock: FakeTime) -> None:
+    """A job cut off before BFL's answer was stored may have been accepted: a second submit could bill twice."""
+    bfl = BflBackend(BflSettings(), MODELS, API_KEY, clock=clock.clock, sleep=clock.sleep)
+    unconfirmed = bfl.resume(job())
+    assert isinstance(unconfirmed, Unresumable) and "before the API confirmed" in unconfirmed.reason
+    foreign = bfl.resume(BackendJob("jtest0001", request("pro"), resume=ResumeToken('{"sequence":7}')))
+    assert isinstance(foreign, Unresumable) and "cannot be read" in foreign.reason
+
+
+def test_a_task_survives_its_resume_token() -> None:
+    task = RemoteTask("t-1", "https://api.eu.bfl.ai/v1/get_result?id=t-1", 25_000)
+    token = ResumeToken.from_json(task.token().to_json())
+    assert RemoteTask.from_token(token) == task
+    assert (token.billed_micros, token.billing) == (25_000, "BFL bills its task t-1")
+
+
 # ---- concurrency and cancellation ----
 
 
@@ -628,7 +652,7 @@ async def test_failures_are_logged_with_job_id_and_never_the_key(
         await run_job(bfl, job())
         await run_job(bfl, job())
         await bfl.credits()
-    failures = [r for r in caplog.records if r.name == "flux_bot.bfl" and r.levelno == logging.WARNING]
+    failures = [r for r in caplog.records if r.name == "engine.backends.bfl" and r.levelno == logging.WARNING]
     assert len(failures) == 1 and "jtest0001" in failures[0].getMessage()
     assert failures[0].exc_info is None
     assert API_KEY not in caplog.text

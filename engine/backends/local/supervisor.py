@@ -1,4 +1,4 @@
-"""The local backend: supervises one FLUX.1 worker process per GPU (engine/backends/worker.py).
+"""The in-host supervisor: one FLUX.1 worker process per GPU (the worker is cli.py's `main`).
 
 Self-hosted FLUX fails in ways that only a restart cures: fragmented GPU memory, OOM with memory to spare, RSS that
 only grows, a kernel that never returns. So the supervisor treats a worker process as disposable. It restarts one
@@ -32,19 +32,27 @@ from pathlib import Path
 from typing import Any
 
 import engine
+from engine.backends.base import Requeue, Resumption
 from engine.backends.gpu_probe import GpuProbe, GpuReading
-from engine.backends.local_process import ChildPipes, Transport, UnitSocket, WorkerGone, WorkerProcess
+from engine.backends.local.cli import worker_args
+from engine.backends.local.process import ChildPipes, Transport, UnitSocket, WorkerGone, WorkerProcess
 from engine.backends.protocol import (
     PROTOCOL_VERSION,
+    Cancel,
     CancelledJob,
-    Frame,
+    Hello,
+    ImageDone,
     JobSpec,
     MemoryStats,
-    MessageType,
     ProtocolError,
+    Ready,
+    Stats,
+    StepProgress,
+    WorkerFailed,
     WorkerFailure,
+    expect,
+    job_id_of,
 )
-from engine.backends.worker import worker_args
 from engine.config import LocalSettings, ModelSettings
 from engine.models import (
     BackendEvent,
@@ -70,7 +78,7 @@ MAX_CONNECT_RETRY_S = 1.0
 EMA_WEIGHT = 0.3  # weight of the newest measurement in the moving average of seconds per job shape
 RECENT_JOBS = 50  # the window of the failure rate that the router sees
 DEFAULT_SECONDS_PER_STEP: float = ModelSettings.model_fields["local_seconds_per_step"].default
-# The folder that holds the `engine` package, so `python -m engine.backends.worker` works from any cwd.
+# The folder that holds the `engine` package, so `python -m engine.backends.local` works from any cwd.
 PACKAGE_ROOT = Path(engine.__file__).resolve().parent.parent
 
 
@@ -247,6 +255,10 @@ class LocalBackend:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(process.stop(graceful=True) for process in list(self._live)), return_exceptions=True)
 
+    def resume(self, job: BackendJob) -> Resumption:
+        """A job a restart cut off died with its worker process: nothing of it is left to continue."""
+        return Requeue("queued again after a restart")
+
     async def run(self, job: BackendJob) -> AsyncGenerator[BackendEvent, None]:
         process = await self._acquire()
         if process is None:
@@ -255,7 +267,14 @@ class LocalBackend:
             return
         request = job.request
         spec = JobSpec(
-            job.job_id, request.prompt, request.width, request.height, request.steps, request.guidance, request.seed
+            job.job_id,
+            request.model,
+            request.prompt,
+            request.width,
+            request.height,
+            request.steps,
+            request.guidance,
+            request.seed,
         )
         sent = settled = False
         try:
@@ -263,7 +282,7 @@ class LocalBackend:
             started = process.last_frame_at = time.monotonic()
             sent = True
             with contextlib.suppress(ConnectionError):  # a dead worker: the read below reports how it ended
-                await process.send(spec.to_frame())
+                await process.send(spec)
             while True:
                 event = await self._next_event(process, spec, started)
                 if isinstance(event, Progress):
@@ -305,7 +324,7 @@ class LocalBackend:
         job_deadline = started + self._settings.job_timeout_s
         step_deadline = process.last_frame_at + self._settings.step_timeout_s
         try:
-            frame = await process.receive(min(job_deadline, step_deadline) - time.monotonic())
+            message = await process.receive(min(job_deadline, step_deadline) - time.monotonic())
         except TimeoutError:
             if time.monotonic() >= job_deadline:
                 detail = f"job took longer than job_timeout_s = {self._settings.job_timeout_s:g} s"
@@ -316,18 +335,18 @@ class LocalBackend:
             reason = FailureReason.INTERRUPTED if self._closed else FailureReason.CRASH
             return self._lost(process, reason, str(exc), started)
         try:
-            if frame.header.get("id") != spec.id:
-                raise ProtocolError(f"{frame.type} for job {frame.header.get('id')!r} while running {spec.id!r}")
-            if frame.type is MessageType.PROGRESS:
-                return Progress(frame.integer("step"), frame.integer("total"), frame.payload or None)
-            if frame.type is MessageType.DONE:
-                seconds = frame.number("seconds")
-                return Finished(frame.payload, "image/png", frame.integer("seed"), gpu_ms=round(seconds * 1000))
-            if frame.type is MessageType.FAILED:
-                if frame.text("reason") == WorkerFailure.OOM:
-                    return self._lost(process, FailureReason.OOM, frame.text("detail"), started, graceful=True)
-                return Failed(FailureReason.INTERNAL, frame.text("detail"), gpu_ms=_elapsed_ms(started))
-            raise ProtocolError(f"unexpected {frame.type} message during a job")
+            if job_id_of(message) != spec.id:
+                raise ProtocolError(f"{message.TYPE} for job {job_id_of(message)!r} while running {spec.id!r}")
+            if isinstance(message, StepProgress):
+                return Progress(message.step, message.total, message.preview or None)
+            if isinstance(message, ImageDone):
+                gpu_ms = round(message.seconds * 1000)
+                return Finished(message.image, "image/png", message.seed, gpu_ms=gpu_ms)
+            if isinstance(message, WorkerFailed):
+                if message.reason is WorkerFailure.OOM:
+                    return self._lost(process, FailureReason.OOM, message.detail, started, graceful=True)
+                return Failed(FailureReason.INTERNAL, message.detail, gpu_ms=_elapsed_ms(started))
+            raise ProtocolError(f"unexpected {message.TYPE} message during a job")
         except ProtocolError as exc:
             return self._lost(process, FailureReason.INTERNAL, f"worker protocol error: {exc}", started, retry=False)
 
@@ -358,16 +377,16 @@ class LocalBackend:
     @staticmethod
     async def _cancel(process: WorkerProcess, job_id: str, deadline: float) -> tuple[CancelledJob, bool]:
         """Send `cancel` and read up to its answer; also whether the job ran out of memory before it stopped."""
-        await process.send(Frame(MessageType.CANCEL, {"id": job_id}))
+        await process.send(Cancel(job_id))
         oom = False
         while True:
-            frame = await process.receive(deadline - time.monotonic())
-            if frame.header.get("id") != job_id:
-                raise ProtocolError(f"{frame.type} for job {frame.header.get('id')!r} while cancelling {job_id!r}")
-            if frame.type is MessageType.CANCELLED:
-                return CancelledJob.from_frame(frame), oom
+            message = await process.receive(deadline - time.monotonic())
+            if job_id_of(message) != job_id:
+                raise ProtocolError(f"{message.TYPE} for job {job_id_of(message)!r} while cancelling {job_id!r}")
+            if isinstance(message, CancelledJob):
+                return message, oom
             # Progress, or the end of a job that finished before the cancel reached it: nobody takes it now.
-            oom = oom or (frame.type is MessageType.FAILED and frame.header.get("reason") == WorkerFailure.OOM)
+            oom = oom or (isinstance(message, WorkerFailed) and message.reason is WorkerFailure.OOM)
 
     def _lost(
         self,
@@ -432,11 +451,8 @@ class LocalBackend:
             self._changed.notify_all()
 
     async def _memory(self, process: WorkerProcess) -> MemoryStats:
-        await process.send(Frame(MessageType.STATS))
-        frame = await process.receive(self._settings.step_timeout_s)
-        if frame.type is not MessageType.MEMORY:
-            raise ProtocolError(f"expected memory, got {frame.type}")
-        memory = MemoryStats.from_frame(frame)
+        await process.send(Stats())
+        memory = expect(await process.receive(self._settings.step_timeout_s), MemoryStats)
         process.rss_mb = memory.rss_mb
         return memory
 
@@ -475,13 +491,13 @@ class LocalBackend:
         process = WorkerProcess(slot.index, transport, self._on_exit)
         self._live.add(process)
         try:
-            await process.send(Frame(MessageType.HELLO, {"version": PROTOCOL_VERSION}))
+            await process.send(Hello(PROTOCOL_VERSION))
             ready = await process.receive(self._settings.start_timeout_s)
-            if ready.type is MessageType.FAILED:
-                raise _StartFailed(ready.text("detail"))
-            if ready.type is not MessageType.READY or ready.header.get("version") != PROTOCOL_VERSION:
-                raise _StartFailed(f"expected ready (protocol {PROTOCOL_VERSION}), got {ready.type} {ready.header}")
-            process.device = ready.text("device")
+            if isinstance(ready, WorkerFailed):
+                raise _StartFailed(ready.detail)
+            if not isinstance(ready, Ready) or ready.version != PROTOCOL_VERSION:
+                raise _StartFailed(f"expected ready (protocol {PROTOCOL_VERSION}), got {ready}")
+            process.device = ready.device
             process.rss_start_mb = (await self._memory(process)).rss_mb
         except (TimeoutError, WorkerGone, ProtocolError, ConnectionError, _StartFailed) as exc:
             await process.stop(graceful=False)
@@ -496,7 +512,7 @@ class LocalBackend:
         return process
 
     async def _spawn_worker(self, slot: _Slot) -> ChildPipes:
-        argv = [self._python, "-m", "engine.backends.worker", *worker_args(self._settings, self._model)]
+        argv = [self._python, "-m", "engine.backends.local", *worker_args(self._settings, self._model)]
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,

@@ -26,20 +26,27 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from engine.backends import local as local_module
-from engine.backends.local import PACKAGE_ROOT, LocalBackend
+from engine.backends.local import supervisor as local_module
+from engine.backends.local.cli import build_parser, worker_args
+from engine.backends.local.frames import read_message, read_message_blocking
+from engine.backends.local.serving import bind_socket, tell_a_waiting_supervisor
+from engine.backends.local.supervisor import PACKAGE_ROOT, LocalBackend
 from engine.backends.protocol import (
     PROTOCOL_VERSION,
+    Cancel,
     CancelledJob,
-    Frame,
+    Hello,
+    ImageDone,
     JobSpec,
-    MessageType,
+    MemoryStats,
+    Message,
+    Ready,
+    Stats,
+    StepProgress,
+    WorkerFailed,
     WorkerFailure,
     encode,
-    read_frame,
-    read_frame_blocking,
 )
-from engine.backends.worker import _tell_a_waiting_supervisor, bind_socket, build_parser, worker_args
 from engine.config import LocalSettings, Secrets, Settings
 from engine.models import (
     BackendEvent,
@@ -73,7 +80,7 @@ from tests.fakes.tiny_flux import (
     tiny_settings,
 )
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[4]
 # Only guards against a hung test run; no scenario is expected to come near it.
 GUARD_S = 300
 # Each worker process's second job hangs at step 2 (after progress 1) until something kills the process.
@@ -163,11 +170,11 @@ class Run:
     jobs_served: int = 0
     failures: int = 0
     images: dict[str, bytes] = field(default_factory=dict)
-    frames: dict[str, list[Frame]] = field(default_factory=dict)  # raw protocol: what the worker answered to each
+    frames: dict[str, list[Message]] = field(default_factory=dict)  # raw protocol: what the worker answered to each
     notify: list[str] = field(default_factory=list)
     socket_mode: int = 0
-    ready: Frame | None = None
-    memory: Frame | None = None
+    ready: Message | None = None
+    memory: Message | None = None
     second_connect: str = ""
     exit_code: int | None = None
     error: BaseException | None = None
@@ -315,11 +322,11 @@ async def _notify(model: Path, folder: Path, run: Run) -> None:
         "FLUX_BOT_WORKER_FAULT": "stall_at_step=2;job=1",
     }
 
-    async def until(reader: asyncio.StreamReader, kind: MessageType) -> list[Frame]:
-        frames: list[Frame] = []
-        while not frames or frames[-1].type is not kind:
-            frame = await read_frame(reader)
-            assert frame is not None, [f.type for f in frames]
+    async def until(reader: asyncio.StreamReader, kind: type[Message]) -> list[Message]:
+        frames: list[Message] = []
+        while not frames or not isinstance(frames[-1], kind):
+            frame = await read_message(reader)
+            assert frame is not None, [f.TYPE for f in frames]
             frames.append(frame)
         return frames
 
@@ -330,29 +337,29 @@ async def _notify(model: Path, folder: Path, run: Run) -> None:
             run.socket_mode = path.stat().st_mode
             reader, writer = await asyncio.open_unix_connection(path)
 
-            def send(frame: Frame) -> None:
-                writer.write(encode(frame))
+            def send(message: Message) -> None:
+                writer.write(encode(message))
 
-            send(Frame(MessageType.HELLO, {"version": PROTOCOL_VERSION}))
-            run.ready = await read_frame(reader)
+            send(Hello(PROTOCOL_VERSION))
+            run.ready = await read_message(reader)
             try:
                 await asyncio.open_unix_connection(path)
             except OSError as exc:
                 run.second_connect = type(exc).__name__
             await listener.until("WATCHDOG=1")
-            send(Frame(MessageType.CANCEL, {"id": "never-sent"}))
-            run.frames["before_any_job"] = await until(reader, MessageType.CANCELLED)
-            send(JobSpec("stopped", "a red fox in the snow", 64, 64, 4, None, 1).to_frame())
-            run.frames["stopped_progress"] = await until(reader, MessageType.PROGRESS)
-            send(Frame(MessageType.CANCEL, {"id": "stopped"}))
-            run.frames["stopped"] = await until(reader, MessageType.CANCELLED)
-            send(Frame(MessageType.CANCEL, {"id": "stopped"}))  # again, once it has ended
-            run.frames["stopped_again"] = await until(reader, MessageType.CANCELLED)
+            send(Cancel("never-sent"))
+            run.frames["before_any_job"] = await until(reader, CancelledJob)
+            send(JobSpec("stopped", MODEL, "a red fox in the snow", 64, 64, 4, None, 1))
+            run.frames["stopped_progress"] = await until(reader, StepProgress)
+            send(Cancel("stopped"))
+            run.frames["stopped"] = await until(reader, CancelledJob)
+            send(Cancel("stopped"))  # again, once it has ended
+            run.frames["stopped_again"] = await until(reader, CancelledJob)
             # The request of the recycle scenario's r0, a fresh process's first job.
-            send(JobSpec("next", "a red fox in the snow", 64, 64, 4, None, 0).to_frame())
-            run.frames["next"] = await until(reader, MessageType.DONE)
-            send(Frame(MessageType.STATS))
-            run.memory = await read_frame(reader)
+            send(JobSpec("next", MODEL, "a red fox in the snow", 64, 64, 4, None, 0))
+            run.frames["next"] = await until(reader, ImageDone)
+            send(Stats())
+            run.memory = await read_message(reader)
             writer.close()
             run.exit_code = await proc.wait()
             await listener.until("STOPPING=1")
@@ -468,20 +475,22 @@ def test_a_unit_worker_answers_every_cancel_once_and_stops_a_running_job_at_its_
 ) -> None:
     run = runs["notify"].checked()
     frames = run.frames
-    assert run.ready is not None and run.ready.type is MessageType.READY
+    assert isinstance(run.ready, Ready)
     # A cancel for no job running (none yet, or one that has ended) is answered and changes nothing.
-    assert frames["before_any_job"] == [CancelledJob("never-sent", None).to_frame()]
-    assert frames["stopped_again"] == [CancelledJob("stopped", None).to_frame()]
+    assert frames["before_any_job"] == [CancelledJob("never-sent", None)]
+    assert frames["stopped_again"] == [CancelledJob("stopped", None)]
     # Stalled in step 2 when the cancel came: it stops there, with no further progress and no image.
-    assert [frame.header["step"] for frame in frames["stopped_progress"]] == [1]
-    assert frames["stopped"] == [CancelledJob("stopped", 2).to_frame()]
+    assert [frame.step for frame in frames["stopped_progress"] if isinstance(frame, StepProgress)] == [1]
+    assert len(frames["stopped_progress"]) == 1
+    assert frames["stopped"] == [CancelledJob("stopped", 2)]
     # The next job runs in full, as it would on a fresh process (the recycle scenario's r0, same request).
     *progress, done = frames["next"]
-    assert [frame.header["step"] for frame in progress] == [1, 2, 3, 4]
+    assert [frame.step for frame in progress if isinstance(frame, StepProgress)] == [1, 2, 3, 4]
+    assert len(progress) == 4
     fresh = runs["recycle"].checked().backend_events["r0"][-1]
     assert isinstance(fresh, Finished)
-    assert done.payload == fresh.image
-    assert run.memory is not None and run.memory.type is MessageType.MEMORY
+    assert isinstance(done, ImageDone) and done.image == fresh.image
+    assert isinstance(run.memory, MemoryStats)
     assert run.exit_code == 0
 
 
@@ -513,9 +522,9 @@ def test_a_unit_worker_serves_one_connection_with_the_frame_protocol_and_exits_w
 ) -> None:
     run = runs["notify"].checked()
     assert stat.S_ISSOCK(run.socket_mode) and stat.S_IMODE(run.socket_mode) == 0o660
-    assert run.ready is not None and run.ready.type is MessageType.READY
-    assert run.ready.header["version"] == PROTOCOL_VERSION and run.ready.header["device"] == "cpu"
-    assert run.memory is not None and run.memory.type is MessageType.MEMORY and run.memory.number("rss_mb") > 0
+    assert isinstance(run.ready, Ready)
+    assert run.ready.version == PROTOCOL_VERSION and run.ready.device == "cpu"
+    assert isinstance(run.memory, MemoryStats) and run.memory.rss_mb > 0
     assert run.second_connect == "ConnectionRefusedError"  # one supervisor per process
     assert run.exit_code == 0
 
@@ -544,15 +553,15 @@ async def test_a_socket_nobody_listens_on_fails_the_job_and_makes_the_backend_un
 
 def test_a_load_failure_reaches_a_supervisor_that_is_already_waiting(short_dir: Path) -> None:
     listener = bind_socket(short_dir / "gpu0.sock")
-    failure = Frame(MessageType.FAILED, {"id": None, "reason": WorkerFailure.INTERNAL.value, "detail": "cannot load"})
-    _tell_a_waiting_supervisor(listener, failure)  # nobody waiting: returns at once
+    failure = WorkerFailed(None, WorkerFailure.INTERNAL, "cannot load")
+    tell_a_waiting_supervisor(listener, failure)  # nobody waiting: returns at once
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as supervisor:
         supervisor.connect(str(short_dir / "gpu0.sock"))
-        supervisor.sendall(encode(Frame(MessageType.HELLO, {"version": PROTOCOL_VERSION})))
-        _tell_a_waiting_supervisor(listener, failure)
+        supervisor.sendall(encode(Hello(PROTOCOL_VERSION)))
+        tell_a_waiting_supervisor(listener, failure)
         with supervisor.makefile("rb") as stream:
-            assert read_frame_blocking(stream) == failure
-            assert read_frame_blocking(stream) is None
+            assert read_message_blocking(stream) == failure
+            assert read_message_blocking(stream) is None
     listener.close()
 
 

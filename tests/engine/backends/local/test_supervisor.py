@@ -9,7 +9,6 @@ on events (kill the worker once the first Progress arrives), never on elapsed ti
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import os
@@ -22,30 +21,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from engine.backends.base import Requeue
 from engine.backends.demo_model import MARKER, VERSION, ensure_demo_model
 from engine.backends.gpu_probe import GpuProbe
-from engine.backends.local import LocalBackend
-from engine.backends.protocol import (
-    CancelledJob,
-    Frame,
-    JobSpec,
-    MessageType,
-    ProtocolError,
-    decode,
-    encode,
-    read_frame,
-    read_frame_blocking,
-)
-from engine.backends.worker import (
-    FLUX_LATENT_RGB,
-    Fault,
-    Options,
-    build_parser,
-    parse_fault,
-    preview_png,
-    rgb_map,
-    worker_args,
-)
+from engine.backends.local.cli import build_parser, options_from_args, worker_args
+from engine.backends.local.faults import Fault, parse_fault
+from engine.backends.local.pipeline import FLUX_LATENT_RGB, Options, preview_png, rgb_map
+from engine.backends.local.supervisor import LocalBackend
 from engine.models import BackendEvent, BackendKind, BackendStatus, Failed, FailureReason, Finished, Progress, Started
 from tests.fakes.tiny_flux import (
     MODELS,
@@ -435,31 +417,10 @@ def test_gpu_temperature_and_memory_come_from_nvml_when_installed(monkeypatch: p
     assert queries == [1]  # cached: the router asks at every decision
 
 
-def test_frames_round_trip_and_garbage_is_rejected() -> None:
-    spec = JobSpec("j1", "a fox", 64, 96, 4, 3.5, 7)
-    assert JobSpec.from_frame(decode(encode(spec.to_frame()))) == spec
-    done = Frame(MessageType.DONE, {"id": "j1", "seed": 7, "seconds": 0.5}, b"\x89PNG...")
-    cancelled = CancelledJob("j1", 2)
-    assert CancelledJob.from_frame(decode(encode(cancelled.to_frame()))) == cancelled
-    assert CancelledJob.from_frame(decode(encode(CancelledJob("j1", None).to_frame()))).step is None
-    stream = io.BytesIO(encode(done) + encode(Frame(MessageType.SHUTDOWN)))
-    assert read_frame_blocking(stream) == done
-    assert read_frame_blocking(stream) == Frame(MessageType.SHUTDOWN)
-    assert read_frame_blocking(stream) is None
-    with pytest.raises(ProtocolError):  # a stray print() on the protocol stream
-        read_frame_blocking(io.BytesIO(b"Loading pipeline components...\n"))
-    with pytest.raises(ProtocolError):
-        decode(encode(done)[:-1])
-
-
-async def test_frames_are_read_from_an_asyncio_stream() -> None:
-    reader = asyncio.StreamReader()
-    frame = Frame(MessageType.PROGRESS, {"id": "j", "step": 1, "total": 4}, b"png")
-    reader.feed_data(encode(frame)[:5])
-    reader.feed_data(encode(frame)[5:])
-    reader.feed_eof()
-    assert await read_frame(reader) == frame
-    assert await read_frame(reader) is None
+def test_a_job_a_restart_cut_off_is_queued_again(tmp_path: Path) -> None:
+    """Its worker process ended with the old supervisor: nothing is left to continue, so it starts over."""
+    backend = LocalBackend(tiny_settings(), MODELS, tmp_path / "no-model")  # never started: no worker runs
+    assert isinstance(backend.resume(tiny_job("cut-off")), Requeue)
 
 
 def test_fault_switch_parsing() -> None:
@@ -477,7 +438,7 @@ def test_fault_switch_parsing() -> None:
 
 def test_worker_arguments_carry_every_switch() -> None:
     settings = tiny_settings(compile=True, fp8=True, fuse_qkv=True, vae_tiling=True, cpu_offload=True, warmup=False)
-    options = Options.from_args(build_parser().parse_args(worker_args(settings, "some/model")))
+    options = options_from_args(build_parser().parse_args(worker_args(settings, "some/model")))
     assert options == Options(
         model="some/model",
         device="cpu",

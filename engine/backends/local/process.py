@@ -1,6 +1,6 @@
 """One local worker process as the supervisor sees it: how frames reach it, the tasks that read them, how it ended.
 
-Split from local.py, which decides *when* workers start, serve, recycle and die; this module only talks to one.
+The supervisor (supervisor.py) decides *when* workers start, serve, recycle and die; this module only talks to one.
 A worker is reached through a `Transport`: the pipes of a child process the supervisor spawned (`ChildPipes`), or
 the Unix socket of a worker that systemd runs as its own unit, `flux-bot worker --listen` (`UnitSocket`). Above
 the transport, frames, timeouts, kills and graceful stops are the same for both.
@@ -21,9 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from engine.backends.protocol import Frame, MessageType, ProtocolError, encode, read_frame
+from engine.backends.local.frames import read_message
+from engine.backends.protocol import Message, ProtocolError, Shutdown, encode
 
-log = logging.getLogger("engine.backends.local")
+log = logging.getLogger(__name__)
 
 CLOSE_GRACE_S = 10.0  # how long a worker may take to exit after `shutdown` (or its end of stream) before it is killed
 STDERR_TAIL_LINES = 20
@@ -189,7 +190,7 @@ class WorkerProcess:
     def __init__(self, slot: int, transport: Transport, on_exit: Callable[[WorkerProcess], None]) -> None:
         self.slot = slot
         self.transport = transport
-        self.frames: asyncio.Queue[Frame | None] = asyncio.Queue()
+        self.inbound: asyncio.Queue[Message | None] = asyncio.Queue()
         self.last_frame_at = time.monotonic()
         self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self.protocol_error = ""
@@ -214,22 +215,22 @@ class WorkerProcess:
     def running(self) -> bool:
         return self.transport.running
 
-    async def send(self, frame: Frame) -> None:
-        await self.transport.write(encode(frame))
+    async def send(self, message: Message) -> None:
+        await self.transport.write(encode(message))
 
-    async def receive(self, wait_s: float) -> Frame:
-        """The next frame; TimeoutError when none comes within wait_s, WorkerGone once the process has ended."""
+    async def receive(self, wait_s: float) -> Message:
+        """The next message; TimeoutError when none comes within wait_s, WorkerGone once the process has ended."""
         try:
-            # Queued frames first: wait_for(timeout=0) would give up even on a frame that is already here.
-            frame = self.frames.get_nowait()
+            # Queued messages first: wait_for(timeout=0) would give up even on one that is already here.
+            message = self.inbound.get_nowait()
         except asyncio.QueueEmpty:
             if wait_s <= 0:
                 raise TimeoutError from None
-            frame = await asyncio.wait_for(self.frames.get(), wait_s)
-        if frame is None:
-            self.frames.put_nowait(None)  # the end stays visible to whoever asks next
+            message = await asyncio.wait_for(self.inbound.get(), wait_s)
+        if message is None:
+            self.inbound.put_nowait(None)  # the end stays visible to whoever asks next
             raise WorkerGone(self.exit_detail())
-        return frame
+        return message
 
     def kill(self) -> None:
         self.transport.kill()
@@ -238,7 +239,7 @@ class WorkerProcess:
         self.retired = True
         if graceful and self.running:
             with contextlib.suppress(ConnectionError):
-                await self.send(Frame(MessageType.SHUTDOWN))
+                await self.send(Shutdown())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.transport.wait(), CLOSE_GRACE_S)
         self.kill()
@@ -256,9 +257,9 @@ class WorkerProcess:
 
     async def _read_frames(self) -> None:
         try:
-            while (frame := await read_frame(self.transport.reader)) is not None:
+            while (message := await read_message(self.transport.reader)) is not None:
                 self.last_frame_at = time.monotonic()
-                self.frames.put_nowait(frame)
+                self.inbound.put_nowait(message)
         except ProtocolError as exc:
             self.protocol_error = str(exc)
             self.kill()
@@ -269,7 +270,7 @@ class WorkerProcess:
         if self.running:  # closed its end of the stream yet lives on: it can no longer be talked to
             self.kill()
             await self.transport.wait()
-        self.frames.put_nowait(None)
+        self.inbound.put_nowait(None)
         self._on_exit(self)
 
     async def _read_log(self, stream: asyncio.StreamReader) -> None:
