@@ -72,7 +72,7 @@ from engine.service import Engine
 from engine.store import Store
 from tests.fakes.bfl_server import API_KEY, FakeBfl, Faults
 
-log = logging.getLogger("flux_bot.chaos")
+log = logging.getLogger(__name__)
 
 SIZE = 256  # the smallest size the API accepts, and the one bucket the tiny local worker warms
 USERS_PER_GUILD = 10

@@ -1,6 +1,6 @@
 """GPU throughput of the local worker's FLUX.1 set-ups, with random weights (nothing to download).
 
-On a CUDA GPU it builds the real FLUX.1 [dev] and [schnell] transformer and VAE architectures (REFERENCE.md) and
+On a CUDA GPU it builds the real FLUX.1 [dev] and [schnell] transformer and VAE architectures and
 times 1024x1024 images at 28 steps ([dev]) and 4 steps ([schnell]) for eager bf16, compiled bf16 and compiled fp8
 (torchao), using the worker's own compile and fp8 code. The text encoders are skipped: random T5 (512 x 4096) and
 CLIP pooled (768) embeddings go straight in, so the timings are the transformer's steps plus the VAE decode. Between

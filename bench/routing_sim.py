@@ -672,7 +672,9 @@ def simulate(
     overrides: list[str],
 ) -> StrategyResult:
     """One strategy over one simulated day, in a fresh database (a process of its own when run in parallel)."""
-    logging.getLogger("flux_bot").setLevel(logging.ERROR)  # a day's worth of per-job INFO and WARNING lines
+    # A day's worth of per-job INFO and WARNING lines: the engine's modules and the job-transition channel.
+    for name in ("engine", "flux_bot"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     # Job ids mix the wall clock with random bits; a repeatable run wants repeatable ids (they break ties in the
     # queue's order).
     ids = itertools.count(1)

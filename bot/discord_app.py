@@ -31,6 +31,7 @@ from bot.images import fit_attachment
 from engine.config import ASPECT_RATIOS
 from engine.errors import EngineError
 from engine.models import (
+    BFL_STEPS_MIN,
     MAX_SEED,
     Capabilities,
     Job,
@@ -165,7 +166,11 @@ class DiscordFrontEnd:
 
     def _add_commands(self) -> None:
         models = self.engine.settings.models
+        # The ranges Discord enforces are the widest any configured model accepts; validation then applies the
+        # chosen model's own limits (whose defaults are BFL's, in engine.models).
         max_steps = max(model.max_steps for model in models.values())
+        min_guidance = min(model.min_guidance for model in models.values())
+        max_guidance = max(model.max_guidance for model in models.values())
         model_choices = [app_commands.Choice(name=m.display_name[:100], value=k) for k, m in models.items()][:25]
         aspect_choices = [app_commands.Choice(name=a, value=a) for a in DISCORD_ASPECTS]
 
@@ -174,8 +179,8 @@ class DiscordFrontEnd:
             prompt="What to draw",
             model="Which FLUX model (default: your /settings, else the server's)",
             aspect="Aspect ratio of the image",
-            steps=f"Denoising steps (1-{max_steps}; each model has its own maximum)",
-            guidance="How closely to follow the prompt (1.5-5)",
+            steps=f"Denoising steps ({BFL_STEPS_MIN}-{max_steps}; each model has its own maximum)",
+            guidance=f"How closely to follow the prompt ({min_guidance:g}-{max_guidance:g})",
             seed="Seed, to repeat an image (random if left out)",
             mode="auto: the bot decides; fast: the API first (costs money); relax: the free local GPU only",
         )
@@ -185,8 +190,8 @@ class DiscordFrontEnd:
             prompt: str,
             model: str | None = None,
             aspect: str | None = None,
-            steps: app_commands.Range[int, 1, max_steps] | None = None,
-            guidance: app_commands.Range[float, 1.5, 5.0] | None = None,
+            steps: app_commands.Range[int, BFL_STEPS_MIN, max_steps] | None = None,
+            guidance: app_commands.Range[float, min_guidance, max_guidance] | None = None,
             seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
             mode: Literal["auto", "fast", "relax"] | None = None,
         ) -> None:

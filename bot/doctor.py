@@ -36,7 +36,7 @@ from engine.service import (
 log = logging.getLogger(__name__)
 
 MIN_FREE_BYTES = 1 << 30  # below 1 GiB a day of images and a backup may no longer fit
-LOW_GPU_BYTES = 24 << 30  # FLUX.1 in bf16 needs about 24 GB without offloading (REFERENCE.md)
+LOW_GPU_BYTES = 24 << 30  # FLUX.1 in bf16 needs about 24 GB without offloading
 SERVICE_TIMEOUT_S = 10.0
 
 

@@ -37,6 +37,31 @@ ASPECT_SIZES: dict[str, tuple[int, int]] = {
     "9:21": (608, 1440),
 }
 
+
+@dataclass(frozen=True, slots=True)
+class ImageFormat:
+    """A format a result image comes in: its name (as BFL's `output_format` spells it), MIME type and file
+    extension."""
+
+    name: str
+    mime: str
+    extension: str
+
+
+IMAGE_FORMATS = (
+    ImageFormat("png", "image/png", "png"),
+    ImageFormat("jpeg", "image/jpeg", "jpg"),
+    ImageFormat("webp", "image/webp", "webp"),
+)
+PNG = IMAGE_FORMATS[0]
+
+
+def image_format(value: str) -> ImageFormat | None:
+    """The format that a name, a MIME type or a file extension stands for; None for any other."""
+    value = value.lower()
+    return next((f for f in IMAGE_FORMATS if value in (f.name, f.mime, f.extension)), None)
+
+
 # ---- the BFL API's limits: the one source for validation, the BFL client and the chat commands' option ranges ----
 
 BFL_SIDE_MIN = 256  # width and height in pixels on the endpoints that take them...
@@ -106,7 +131,7 @@ def new_job_id() -> str:
     """Short enough to type, time-ordered, unguessable: 'j' + 8 base-36 digits of milliseconds + 8 random hex digits.
 
     8 digits wrap only after 89 years, and 32 random bits make two ids of one millisecond collide once in about
-    4 billion pairs (the former 6 + 4 digits wrapped monthly and collided every few minutes at 1,000 jobs/s).
+    4 billion pairs (6 + 4 digits would wrap monthly and collide every few minutes at 1,000 jobs/s).
     """
     stamp = int(time.time() * 1000) % 36**8
     digits = ""

@@ -20,7 +20,7 @@ from datetime import date, datetime, time, timedelta
 from typing import TYPE_CHECKING
 
 from engine.config import Settings, dollars
-from engine.models import BackendKind, JobState, format_usd
+from engine.models import BackendKind, JobState, format_duration, format_usd
 from engine.quota import Periods
 from engine.store import EndedJob, Store
 
@@ -185,10 +185,6 @@ async def build_report(store: Store, settings: Settings, periods: Periods, days:
     )
 
 
-def _seconds(value: float) -> str:
-    return f"{value:.0f} s" if value < 90 else f"{value / 60:.1f} min"
-
-
 def summary_text(report: Report) -> str:
     """A few lines for the chat answer and the CLI, next to the chart."""
     lines = [
@@ -209,7 +205,7 @@ def summary_text(report: Report) -> str:
     )
     failed, ended = sum(report.failed), sum(report.ended)
     rate = f"{100 * failed / ended:.1f}%" if ended else "no jobs ended"
-    latency = "no images" if report.period_p95_s is None else _seconds(report.period_p95_s)
+    latency = "no images" if report.period_p95_s is None else format_duration(report.period_p95_s)
     lines.append(f"Failures: {failed:,} of {ended:,} jobs ({rate}); p95 submit-to-image time: {latency}.")
     busiest = report.busiest_day
     if busiest is not None:

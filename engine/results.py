@@ -12,11 +12,9 @@ import logging
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from engine.models import Job
+from engine.models import PNG, Job
 
 log = logging.getLogger(__name__)
-
-MIME = "image/png"
 
 
 def png_with_parameters(image: bytes, job: Job, model_display: str) -> bytes:
@@ -45,7 +43,7 @@ def annotated(image: bytes, mime: str, job: Job, model_display: str) -> tuple[by
     """What to store and its type: the PNG with parameters; the bytes as made when they cannot be decoded (logged,
     so the user still gets what the backend produced and the operator learns of it)."""
     try:
-        return png_with_parameters(image, job, model_display), MIME
+        return png_with_parameters(image, job, model_display), PNG.mime
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         log.warning("job %s: the %s result could not be decoded to add its parameters (%s)", job.id, mime, exc)
         return image, mime

@@ -19,7 +19,7 @@ from pathlib import Path
 from engine.config import BotSettings
 from engine.store import AuditEntry, Store
 
-log = logging.getLogger("flux_bot.retention")
+log = logging.getLogger(__name__)
 
 SWEEP_EVERY_S = 3600.0
 DAY_S = 86400.0

@@ -24,6 +24,7 @@ from engine.config import Settings
 from engine.errors import InvalidRequest, JobNotFound, QuotaExceeded
 from engine.forecast import Running, Slot, play_forward, remaining_s
 from engine.models import (
+    PNG,
     BackendEvent,
     BackendJob,
     BackendKind,
@@ -49,6 +50,7 @@ from engine.models import (
     ResumeToken,
     Started,
     Submitted,
+    image_format,
 )
 from engine.quota import Quota
 from engine.results import annotated
@@ -56,7 +58,6 @@ from engine.store import AuditEntry, OpenReservation, QueuedJob, Store
 
 log = logging.getLogger(__name__)
 
-_EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 # How deep into a lane's queue the ETA plays the dispatcher forward; jobs past it count at the lane's full speed.
 _FORECAST_DEPTH = 1000
 # A new job's place in a play-forward: it joins the queue last (no job id is empty).
@@ -440,7 +441,7 @@ class Scheduler:
         model = self._settings.models.get(job.request.model)
         display = model.display_name if model else job.request.model
         image, mime = await asyncio.to_thread(annotated, finished.image, finished.mime, job, display)
-        path = self._settings.bot.images_dir / f"{job.id}.{_EXTENSIONS.get(mime, 'png')}"
+        path = self._settings.bot.images_dir / f"{job.id}.{(image_format(mime) or PNG).extension}"
         await asyncio.to_thread(_write_atomically, path, image)
         closes = self._quota.closes_for_success(await self._store.open_reservations(job.id), finished)
         now = self._clock()

@@ -25,6 +25,7 @@ from engine.backup import backup, backup_dir, backup_every, integrity_problem, l
 from engine.config import ASPECT_RATIOS, Secrets, Settings
 from engine.errors import BackendUnavailable, InvalidRequest, JobNotFound, NotAllowed, PolicyBlocked, refuses_a_charge
 from engine.models import (
+    PNG,
     TERMINAL_EVENTS,
     BackendKind,
     Capabilities,
@@ -42,6 +43,7 @@ from engine.models import (
     ReportChart,
     Requester,
     Resource,
+    image_format,
     new_job_id,
 )
 from engine.policy import PromptPolicy
@@ -360,8 +362,7 @@ class Engine:
             image = await self._stored_image(job)
             if image is None or job.result_path is None:
                 return JobFailed(job.id, FailureReason.IMAGE_REMOVED, "the image is no longer stored", job.cost_micros)
-            suffix = Path(job.result_path).suffix[1:]
-            mime = "image/" + {"jpg": "jpeg"}.get(suffix, suffix)
+            mime = (image_format(Path(job.result_path).suffix[1:]) or PNG).mime
             seconds = (job.finished_at or job.created_at) - job.created_at
             return JobDone(job.id, image, mime, job.request.seed, job.backend, job.cost_micros, seconds)
         if job.state is JobState.CANCELLED:

@@ -1,4 +1,4 @@
-"""The directions of imports that DESIGN.md forbids, checked on the source with `ast`.
+"""The directions of imports that docs/ARCHITECTURE.md forbids, checked on the source with `ast`.
 
 Every import counts: at the top of a module, inside a function, under `if TYPE_CHECKING:`, relative or absolute.
 - bot/ imports nothing of the engine but engine.service, engine.models, engine.errors and engine.config;

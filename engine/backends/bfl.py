@@ -44,6 +44,7 @@ from engine.models import (
     BFL_STEPS_MIN,
     BFL_TALLEST,
     BFL_WIDEST,
+    PNG,
     BackendEvent,
     BackendJob,
     BackendKind,
@@ -58,6 +59,7 @@ from engine.models import (
     Submitted,
     credits_to_micros,
     format_usd,
+    image_format,
 )
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,6 @@ _HEALTH_COOLDOWN_S = 60.0  # ...for this long after the last one, so the router 
 _HEALTH_REASONS = (FailureReason.SERVER_ERROR, FailureReason.AUTH, FailureReason.OUT_OF_CREDITS)
 _MAX_RETRY_AFTER_S = 120.0  # a server asking for longer is treated as asking for this
 _CONNECT_TIMEOUT_S = 10.0
-_MIMES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 def parse_aspect_ratio(text: str) -> Fraction:
@@ -594,7 +595,7 @@ class BflBackend:
                         if image:
                             mime = response.content_type
                             if not mime.startswith("image/"):
-                                mime = _MIMES[self._settings.output_format]
+                                mime = (image_format(self._settings.output_format) or PNG).mime
                             return Finished(image=image, mime=mime, seed=seed, cost_micros=cost)
                         problem = "an empty body"
                     else:

@@ -105,9 +105,9 @@ def build_demo_pipeline() -> Any:
             pooled_projection_dim=32,
             axes_dims_rope=[4, 4, 8],
         )
-        # Unlike the one-block VAE of the REFERENCE.md recipe, four blocks downsample 8x with 16 latent channels
-        # like FLUX.1's VAE: a 1024x1024 demo image then has FLUX's 4,096 image tokens (about 2 s on a CPU)
-        # instead of 262,144 (which never finishes), and previews use the real FLUX latent-to-RGB map.
+        # Four blocks downsample 8x with 16 latent channels like FLUX.1's VAE: a 1024x1024 demo image then has
+        # FLUX's 4,096 image tokens (about 2 s on a CPU) instead of a one-block VAE's 262,144 (which never
+        # finishes), and previews use the real FLUX latent-to-RGB map.
         vae = AutoencoderKL(  # type: ignore[no-untyped-call]
             sample_size=32,
             in_channels=3,

@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-log = logging.getLogger("engine.backends.local")
+log = logging.getLogger(__name__)
 
 NVML_CACHE_S = 5.0
 GIB = 2**30

@@ -23,6 +23,11 @@ from bot.delivery import ThrottledEditor
 from bot.discord_app import DiscordFrontEnd
 from engine.config import Settings
 from engine.models import (
+    BFL_GUIDANCE_MAX,
+    BFL_GUIDANCE_MIN,
+    BFL_STEPS_MAX,
+    BFL_STEPS_MIN,
+    MAX_SEED,
     BackendJob,
     BackendKind,
     FailureReason,
@@ -484,7 +489,9 @@ async def test_sync_commands_guild_or_global(
     [imagine_command] = [c for c in put.json if c["name"] == "imagine"]
     options = {o["name"]: o for o in imagine_command["options"]}
     assert all(o["description"] for o in options.values())
-    assert (options["steps"]["min_value"], options["steps"]["max_value"]) == (1, 50)
+    assert (options["steps"]["min_value"], options["steps"]["max_value"]) == (BFL_STEPS_MIN, BFL_STEPS_MAX)
+    assert (options["guidance"]["min_value"], options["guidance"]["max_value"]) == (BFL_GUIDANCE_MIN, BFL_GUIDANCE_MAX)
+    assert (options["seed"]["min_value"], options["seed"]["max_value"]) == (0, MAX_SEED)
     assert [c["value"] for c in options["model"]["choices"]] == ["schnell", "dev", "pro", "ultra"]
     assert len(options["aspect"]["choices"]) == 8
 

@@ -1,4 +1,4 @@
-"""The routing rules of DESIGN.md, one test (or one parametrised group) per rule, with the reason text checked."""
+"""The routing rules, one test (or one parametrised group) per rule, with the reason text checked."""
 
 from __future__ import annotations
 

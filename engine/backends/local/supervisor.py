@@ -55,6 +55,7 @@ from engine.backends.protocol import (
 )
 from engine.config import LocalSettings, ModelSettings
 from engine.models import (
+    PNG,
     BackendEvent,
     BackendJob,
     BackendKind,
@@ -341,7 +342,7 @@ class LocalBackend:
                 return Progress(message.step, message.total, message.preview or None)
             if isinstance(message, ImageDone):
                 gpu_ms = round(message.seconds * 1000)
-                return Finished(message.image, "image/png", message.seed, gpu_ms=gpu_ms)
+                return Finished(message.image, PNG.mime, message.seed, gpu_ms=gpu_ms)
             if isinstance(message, WorkerFailed):
                 if message.reason is WorkerFailure.OOM:
                     return self._lost(process, FailureReason.OOM, message.detail, started, graceful=True)
