@@ -30,6 +30,7 @@ from engine.backends.protocol import (
     WorkerFailed,
     WorkerFailure,
 )
+from engine.errors import EngineError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ FLUX_LATENT_RGB = (
 FLUX_LATENT_RGB_BIAS = (-0.0329, -0.0718, -0.0851)
 
 
-class WorkerSetupError(Exception):
+class WorkerSetupError(EngineError):
     """The configuration cannot be served here (a missing package, fp8 without CUDA...)."""
 
 

@@ -23,6 +23,7 @@ from typing import Protocol
 
 from engine.backends.local.frames import read_message
 from engine.backends.protocol import Message, ProtocolError, Shutdown, encode
+from engine.errors import EngineError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ STDERR_TAIL_LINES = 20
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-class WorkerGone(Exception):
+class WorkerGone(EngineError):
     """The worker process ended (its end of the stream closed); the message says how."""
 
 

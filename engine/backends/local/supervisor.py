@@ -54,6 +54,7 @@ from engine.backends.protocol import (
     job_id_of,
 )
 from engine.config import LocalSettings, ModelSettings
+from engine.errors import EngineError
 from engine.models import (
     PNG,
     BackendEvent,
@@ -83,8 +84,8 @@ DEFAULT_SECONDS_PER_STEP: float = ModelSettings.model_fields["local_seconds_per_
 PACKAGE_ROOT = Path(engine.__file__).resolve().parent.parent
 
 
-class _StartFailed(Exception):
-    pass
+class _StartFailed(EngineError):
+    """A worker process ended or said `failed` before it was ready; the message is its detail."""
 
 
 @dataclass(frozen=True, slots=True)
