@@ -55,8 +55,10 @@ from aiohttp import web
 
 from bot.discord_app import DiscordFrontEnd
 from engine.config import ModelSettings, Secrets, Settings
+from engine.ledger import LimitCheck, Reservation
 from engine.models import (
     TERMINAL_EVENTS,
+    AuditEntry,
     BackendEvent,
     BackendJob,
     BackendKind,
@@ -75,7 +77,7 @@ from engine.models import (
 )
 from engine.quota import Quota
 from engine.service import Engine
-from engine.store import INSERT_JOB, AuditEntry, LimitCheck, Reservation, Store, job_row
+from engine.store import INSERT_JOB, Store, job_row
 from engine.validation import resolve
 from tests.fakes.backends import tiny_png
 from tests.fakes.discord_server import FakeDiscord, interaction_payload

@@ -90,7 +90,7 @@ from engine.models import (
     Submitted,
 )
 from engine.service import Engine
-from engine.store import Store
+from engine.store import Connection, Store
 
 DAY_START = datetime(2026, 12, 1, tzinfo=UTC).timestamp()  # the first of a month: this month's budgets are untouched
 # Demand per hour of the day (UTC) as a multiple of the local GPU's capacity; it adds up to 24, one day of capacity.
@@ -251,15 +251,15 @@ class InlineConnection:
         return self._db
 
     async def _execute(self, fn: Callable[[], Any]) -> Any:
-        return fn()  # Store hands each method's whole body over this way (Store._on_thread)
+        return fn()  # Store hands each method's whole body over this way (Connection.on_thread)
 
     async def close(self) -> None:
         self._db.close()
 
 
-async def inline_store(path: Path) -> Store:
+async def inline_store(path: Path, clock: Callable[[], float]) -> Store:
     """A Store over InlineConnection, on a file whose schema Store.open made (on a real loop, before the day)."""
-    return Store(cast(Any, InlineConnection(path)), path)
+    return Store(Connection(cast(Any, InlineConnection(path))), path, clock)
 
 
 # ---- the simulated backends ----
@@ -517,14 +517,9 @@ async def _day(
     fates = {arrival.n: arrival for arrival in day}
     local = SimLocal(settings.models, fates)
     api = SimApi(settings.bfl, settings.models, fates, behaviour)
-    store = await inline_store(settings.bot.database_path)
-    engine = Engine(
-        settings,
-        Secrets(),
-        store,
-        {BackendKind.LOCAL: local, BackendKind.API: api},
-        clock=lambda: DAY_START + loop.time(),
-    )
+    clock = lambda: DAY_START + loop.time()  # noqa: E731
+    store = await inline_store(settings.bot.database_path, clock)
+    engine = Engine(settings, Secrets(), store, {BackendKind.LOCAL: local, BackendKind.API: api}, clock=clock)
     await engine.start()
     arrived: dict[str, Arrival] = {}
     promised: dict[str, float] = {}  # job id -> the ETA shown at submit (seconds from submit to the image)

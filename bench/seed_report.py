@@ -117,7 +117,7 @@ async def seed(database: Path, settings: Settings, seed_value: int = 7) -> Engin
         BackendKind.LOCAL: ScriptedBackend(BackendKind.LOCAL, plan=plan),
         BackendKind.API: ScriptedBackend(BackendKind.API, slots=8, plan=plan),
     }
-    engine = Engine(settings, Secrets(), await Store.open(database), backends, clock=clock)
+    engine = Engine(settings, Secrets(), await Store.open(database, clock), backends, clock=clock)
     await engine.start()
     seeder = Seeder(engine, clock)
     rng = random.Random(seed_value)

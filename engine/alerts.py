@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from engine.config import Settings, dollars
-from engine.models import JobCancelled, JobDone, JobEvent, JobFailed, JobState
-from engine.quota import Quota
-from engine.store import AuditEntry, Store
+from engine.ledger import periods_at
+from engine.models import AuditEntry, JobCancelled, JobDone, JobEvent, JobFailed, JobState
+from engine.store import Store
 
-log = logging.getLogger("flux_bot.alerts")
+log = logging.getLogger(__name__)
 
 FAILURE_WINDOW_S = 3600  # the failure rate is measured over the last hour, and announced at most once an hour
 SPEND_CONTROL = "alert.spend"  # "YYYY-MM:P": the highest share of the cap announced in that month
@@ -50,8 +50,8 @@ class Alerts:
         self._store = store
         self._ops = settings.ops
         self._cap = dollars(settings.limits.global_api_usd_per_month)
-        self._periods = Quota(store, settings, clock).periods
         self._clock = clock
+        self._zone = settings.bot.zone
         self._subscribers: set[asyncio.Queue[Alert]] = set()
         self._spend_due = False
         self._failures_due = False
@@ -110,7 +110,7 @@ class Alerts:
         """Announce the highest newly crossed share of the month's cap; nothing without a cap."""
         if not self._cap or not self._ops.spend_alert_percents:
             return None
-        month = self._periods().month
+        month = periods_at(self._clock(), self._zone).month
         spent = await self._store.posted_spend(month)
         crossed = [p for p in sorted(set(self._ops.spend_alert_percents)) if spent * 100 >= p * self._cap]
         if not crossed or crossed[-1] <= _announced(await self._store.get_control(SPEND_CONTROL), month):

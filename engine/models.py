@@ -16,7 +16,7 @@ from datetime import date
 from decimal import ROUND_HALF_UP, Decimal
 from enum import StrEnum
 from fractions import Fraction
-from typing import Literal
+from typing import Any, Literal
 
 MICROS_PER_DOLLAR = 1_000_000
 MICROS_PER_CREDIT = 10_000
@@ -517,3 +517,37 @@ class ReportChart:
     summary: str
     png: bytes
     last_day: date
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    """A user as stored: their roles seen last, a ban, an admin's limit overrides and their own defaults."""
+
+    user_key: str
+    display_name: str | None
+    roles: tuple[str, ...]
+    banned: bool
+    overrides: dict[str, Any]
+    settings: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One line of the audit log: who did what, to whom or which job, with details."""
+
+    actor: str
+    action: str
+    subject: str | None = None
+    job_id: str | None = None
+    detail: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SpendRow:
+    """One user's use of one backend in a month: images made, money posted, money still pending."""
+
+    user_key: str
+    backend: str
+    images: int
+    usd_micros: int
+    pending_usd_micros: int

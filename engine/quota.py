@@ -10,14 +10,16 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from engine.config import Settings, TierSettings, dollars
 from engine.errors import InvalidRequest
+from engine.ledger import Close, LimitCheck, OpenReservation, Periods, Reservation, Scope, UsageKey, periods_at
 from engine.models import (
     MICROS_PER_DOLLAR,
+    AuditEntry,
     BackendKind,
     BudgetRoom,
     Failed,
@@ -26,18 +28,9 @@ from engine.models import (
     Requester,
     Resource,
     RouteDecision,
-)
-from engine.store import (
-    AuditEntry,
-    Close,
-    LimitCheck,
-    OpenReservation,
-    Reservation,
-    Scope,
-    Store,
-    UsageKey,
     UserRecord,
 )
+from engine.store import Store
 
 # The per-user limits an admin can override, with the unit each is set in.
 OVERRIDABLE = {
@@ -79,20 +72,6 @@ class Limits:
     gpu_ms_per_day: int | None
     api_micros_per_month: int | None
     concurrent_jobs: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class Periods:
-    day: str
-    month: str
-    day_resets_at: datetime
-    month_resets_at: datetime
-
-    def key(self, resource: Resource) -> str:
-        return self.month if resource is Resource.USD_MICROS else self.day
-
-    def resets_at(self, resource: Resource) -> datetime:
-        return self.month_resets_at if resource is Resource.USD_MICROS else self.day_resets_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,13 +148,7 @@ class Quota:
     # ---- what applies ----
 
     def periods(self, now: float | None = None) -> Periods:
-        zone = self._settings.bot.zone
-        local = datetime.fromtimestamp(self._clock() if now is None else now, zone)
-        midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
-        next_day = (midnight + timedelta(days=1, hours=2)).replace(hour=0)  # DST-safe: land inside the next day
-        first = midnight.replace(day=1)
-        next_month = (first + timedelta(days=32)).replace(day=1)
-        return Periods(local.strftime("%Y-%m-%d"), local.strftime("%Y-%m"), next_day, next_month)
+        return periods_at(self._clock() if now is None else now, self._settings.bot.zone)
 
     def tier_for(self, requester: Requester) -> tuple[str, TierSettings]:
         """The first tier (in config order) one of whose roles the requester has, else the default tier."""
@@ -209,7 +182,7 @@ class Quota:
         )
 
     def checks(self, requester: Requester, limits: Limits, periods: Periods) -> list[LimitCheck]:
-        user = Scope("user", requester.user_key)
+        user = Scope.user(requester.user_key)
         wanted: list[tuple[str, Scope, Resource, int | None]] = [
             ("your images per day", user, Resource.IMAGES, limits.images_per_day),
             ("your GPU time per day", user, Resource.GPU_MS, limits.gpu_ms_per_day),
@@ -226,7 +199,7 @@ class Quota:
         """The API budgets shared with others: the whole bot's and the requester's server's (None = unlimited)."""
         limits = self._settings.limits
         shared: list[tuple[str, Scope, Resource, int | None]] = [
-            ("the whole bot's API budget this month (shared by everyone)", Scope("global", None), Resource.USD_MICROS,
+            ("the whole bot's API budget this month (shared by everyone)", Scope.everyone(), Resource.USD_MICROS,
              dollars(limits.global_api_usd_per_month)),
         ]  # fmt: skip
         if requester.guild_key:
@@ -234,7 +207,7 @@ class Quota:
             shared.append(
                 (
                     f"this {place}'s API budget this month (shared by its members)",
-                    Scope("guild", requester.guild_key),
+                    Scope.guild(requester.guild_key),
                     Resource.USD_MICROS,
                     dollars(limits.guild_api_usd_per_month),
                 )
@@ -246,7 +219,7 @@ class Quota:
         periods = self.periods()
         # The user's limits depend on their stored overrides, which this same read fetches: so read their own use
         # of every resource, and the use of every shared budget that is set.
-        user = Scope("user", requester.user_key)
+        user = Scope.user(requester.user_key)
         keys: list[UsageKey] = [(user, resource, periods.key(resource)) for resource in Resource]
         keys += [
             (scope, resource, periods.key(resource))
@@ -329,7 +302,7 @@ class Quota:
         record = await self._store.get_user(requester.user_key)
         limits = self.limits_from(requester, record)
         periods = self.periods()
-        user = Scope("user", requester.user_key)
+        user = Scope.user(requester.user_key)
         shown = (
             ("images today", Resource.IMAGES, limits.images_per_day),
             ("GPU time today", Resource.GPU_MS, limits.gpu_ms_per_day),
@@ -397,7 +370,7 @@ class Quota:
     async def reset(self, user_key: str, actor: str) -> None:
         """Start the user's current periods afresh: a grant equal to what they have used so far."""
         periods = self.periods()
-        user = Scope("user", user_key)
+        user = Scope.user(user_key)
         used_by_resource = await self._store.usages([(user, resource, periods.key(resource)) for resource in Resource])
         for resource, used in zip(Resource, used_by_resource, strict=True):
             if used > 0:

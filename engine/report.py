@@ -20,8 +20,8 @@ from datetime import date, datetime, time, timedelta
 from typing import TYPE_CHECKING
 
 from engine.config import Settings, dollars
+from engine.ledger import Periods
 from engine.models import BackendKind, JobState, format_duration, format_usd
-from engine.quota import Periods
 from engine.store import EndedJob, Store
 
 if TYPE_CHECKING:

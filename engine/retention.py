@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config import BotSettings
-from engine.store import AuditEntry, Store
+from engine.models import AuditEntry
+from engine.store import Store
 
 log = logging.getLogger(__name__)
 

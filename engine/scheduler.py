@@ -23,8 +23,10 @@ from engine.backends.base import Backend, Requeue, Resumption, Unresumable
 from engine.config import Settings
 from engine.errors import InvalidRequest, JobNotFound, QuotaExceeded
 from engine.forecast import Running, Slot, play_forward, remaining_s
+from engine.ledger import OpenReservation
 from engine.models import (
     PNG,
+    AuditEntry,
     BackendEvent,
     BackendJob,
     BackendKind,
@@ -54,7 +56,7 @@ from engine.models import (
 )
 from engine.quota import Quota
 from engine.results import annotated
-from engine.store import AuditEntry, OpenReservation, QueuedJob, Store
+from engine.store import QueuedJob, Store
 
 log = logging.getLogger(__name__)
 
@@ -195,13 +197,12 @@ class Scheduler:
             if job.state is JobState.QUEUED:
                 closes = self._quota.closes_for_cancel(await self._store.open_reservations(job.id), 0)
                 # A job queued again after a billed API attempt (a timeout, then a failover) has already paid.
-                charged = await self._charged(job.id)
+                charged = await self._store.posted(job.id, Resource.USD_MICROS)
                 ended = await self._store.finish_job(
                     job.id,
                     JobState.CANCELLED,
                     closes,
                     now=self._clock(),
-                    cost_micros=charged,
                     audit=AuditEntry(actor, "job.cancel", job.requester.user_key, job.id),
                 )
                 if ended:
@@ -445,10 +446,8 @@ class Scheduler:
         await asyncio.to_thread(_write_atomically, path, image)
         closes = self._quota.closes_for_success(await self._store.open_reservations(job.id), finished)
         now = self._clock()
-        charged = await self._charged(job.id) + finished.cost_micros
-        ended = await self._store.finish_job(
-            job.id, JobState.DONE, closes, now=now, cost_micros=charged, result_path=str(path)
-        )
+        charged = await self._store.posted(job.id, Resource.USD_MICROS) + finished.cost_micros
+        ended = await self._store.finish_job(job.id, JobState.DONE, closes, now=now, result_path=str(path))
         if ended:
             seconds = now - job.created_at
             self._publish(JobDone(job.id, image, mime, finished.seed, job.backend, charged, seconds))
@@ -503,13 +502,12 @@ class Scheduler:
 
     async def _fail(self, job: Job, failed: Failed) -> None:
         closes = self._quota.closes_for_attempt(await self._store.open_reservations(job.id), failed, keep_image=False)
-        charged = await self._charged(job.id) + failed.charged_micros
+        charged = await self._store.posted(job.id, Resource.USD_MICROS) + failed.charged_micros
         ended = await self._store.finish_job(
             job.id,
             JobState.FAILED,
             closes,
             now=self._clock(),
-            cost_micros=charged,
             failure_reason=failed.reason,
             error=failed.detail,
         )
@@ -518,17 +516,9 @@ class Scheduler:
 
     async def _end_cancelled(self, job: Job, billed: int) -> None:
         closes = self._quota.closes_for_cancel(await self._store.open_reservations(job.id), billed)
-        charged = await self._charged(job.id) + billed
-        if await self._store.finish_job(job.id, JobState.CANCELLED, closes, now=self._clock(), cost_micros=charged):
+        charged = await self._store.posted(job.id, Resource.USD_MICROS) + billed
+        if await self._store.finish_job(job.id, JobState.CANCELLED, closes, now=self._clock()):
             self._publish(JobCancelled(job.id, charged))
-
-    async def _charged(self, job_id: str) -> int:
-        """Money already posted for earlier attempts of this job (a billed API timeout before a failover)."""
-        return sum(
-            line["amount"]
-            for line in await self._store.job_ledger(job_id)
-            if line["entry"] == "settle" and line["resource"] == Resource.USD_MICROS.value
-        )
 
 
 def _lost(reason: FailureReason, detail: str, token: ResumeToken | None) -> Failed:

@@ -27,6 +27,7 @@ from engine.errors import BackendUnavailable, InvalidRequest, JobNotFound, NotAl
 from engine.models import (
     PNG,
     TERMINAL_EVENTS,
+    AuditEntry,
     BackendKind,
     Capabilities,
     FailureReason,
@@ -43,6 +44,7 @@ from engine.models import (
     ReportChart,
     Requester,
     Resource,
+    SpendRow,
     image_format,
     new_job_id,
 )
@@ -52,7 +54,7 @@ from engine.report import build_report, render_png, summary_text
 from engine.retention import Retention, image_store
 from engine.scheduler import Scheduler
 from engine.sd_notify import Notifier, watchdog_interval_s
-from engine.store import AuditEntry, SpendRow, Store
+from engine.store import Store
 from engine.telemetry import Health, Telemetry
 from engine.validation import resolve
 
@@ -139,7 +141,7 @@ class Engine:
         """Open the database, build the configured backends (unless given) and start dispatching."""
         from engine.backends.factory import build_backends
 
-        store = await Store.open(settings.bot.database_path)
+        store = await Store.open(settings.bot.database_path, clock)
         # Whatever stops the start (an error, Ctrl-C while the demo model is built), the database's thread is
         # closed again: a process cannot exit while it still runs.
         try:

@@ -11,6 +11,7 @@ import pytest
 from bot import render
 from bot.console import Console
 from engine.errors import BackendUnavailable, EngineError, QuotaExceeded
+from engine.ledger import LimitCheck, Scope
 from engine.models import (
     BackendKind,
     FailureReason,
@@ -21,7 +22,6 @@ from engine.models import (
     Resource,
 )
 from engine.service import Engine
-from engine.store import LimitCheck, Scope
 from tests.conftest import EngineFactory, SettingsFactory, user
 from tests.fakes.backends import ScriptedBackend
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from engine.config import Settings
 from engine.errors import BackendUnavailable, InvalidRequest, QuotaExceeded
+from engine.ledger import Close, Scope
 from engine.models import (
     BackendKind,
     ImageRequest,
@@ -25,7 +26,7 @@ from engine.models import (
     RouteDecision,
 )
 from engine.quota import Quota
-from engine.store import Close, Scope, Store
+from engine.store import Store
 from tests.conftest import EngineFactory, SettingsFactory, user, wait_terminal
 from tests.fakes.backends import ScriptedBackend
 
@@ -249,7 +250,7 @@ async def test_admin_overrides_grants_and_reset(make_engine: EngineFactory, make
 
 async def test_a_cancelled_writer_never_leaves_a_transaction_open(tmp_path: Path) -> None:
     """Cancel a writer at every point of its transaction; the next write must still work."""
-    from engine.store import AuditEntry
+    from engine.models import AuditEntry
 
     store = await Store.open(tmp_path / "cancel.db")
     try:

@@ -10,7 +10,9 @@ import aiosqlite
 import pytest
 
 from engine.errors import QuotaExceeded
+from engine.ledger import Close, LimitCheck, Reservation, Scope
 from engine.models import (
+    AuditEntry,
     BackendKind,
     ImageRequest,
     Job,
@@ -21,7 +23,7 @@ from engine.models import (
     ResolvedRequest,
     Resource,
 )
-from engine.store import AuditEntry, Close, LimitCheck, Reservation, Scope, Store
+from engine.store import Store
 from tests.conftest import EngineFactory, SettingsFactory, user, wait_terminal
 from tests.fakes.backends import ScriptedBackend
 
@@ -273,7 +275,8 @@ async def test_the_resume_token_migration_keeps_every_job_and_ledger_line(tmp_pa
     import sqlite3
 
     from engine.backends.bfl import RemoteTask
-    from engine.store import MIGRATIONS, _statements
+    from engine.store.schema import MIGRATIONS
+    from engine.store.schema import statements as _statements
 
     path = tmp_path / "old.db"
     old = sqlite3.connect(path, isolation_level=None)

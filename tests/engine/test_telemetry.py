@@ -80,7 +80,7 @@ async def clocked_engine(make_settings: SettingsFactory) -> AsyncIterator[Callab
 
     async def build(backends: dict[BackendKind, Backend], clock: Clock) -> Engine:
         settings = make_settings(tiers=UNLIMITED)
-        engine = Engine(settings, Secrets(), await Store.open(settings.bot.database_path), backends, clock=clock)
+        engine = Engine(settings, Secrets(), await Store.open(settings.bot.database_path, clock), backends, clock=clock)
         await engine.start()
         engines.append(engine)
         return engine
