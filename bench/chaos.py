@@ -14,6 +14,7 @@ At the end it checks, exactly (any break is reported and makes the run fail):
 - nothing charged twice: each reservation closed exactly once, each API route submitted at most one task;
 - money: per job, the money posted equals the job's cost and what the BFL fake billed for that job's tasks
   (billed failures posted, unbilled ones not); ledger total == settled jobs' costs + billed failures' costs;
+  the running totals equal what the ledger's lines add up to (Store.verify_totals);
 - no limit exceeded: per user images and GPU time per day and API dollars per month, per guild and global API
   dollars per month, all computed from the ledger (a local job's GPU time is settled as measured, which may exceed
   its estimate: that documented overrun is added to the GPU limit explicitly; API money must fit exactly, since the
@@ -483,6 +484,7 @@ class Chaos:
             jobs = {job.id: job for job in await store.jobs(limit=10 * self.options.jobs + 100)}
             ledgers = {job_id: await store.job_ledger(job_id) for job_id in jobs}
             totals = await store.ledger_totals()
+            problems.extend(f"running total {difference}" for difference in await store.verify_totals())
         finally:
             await store.close()
         billed = self._billed_by_job(problems)

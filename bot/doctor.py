@@ -29,6 +29,7 @@ from engine.service import (
     gpu_extra_installed,
     image_store,
     integrity_problem,
+    ledger_problems,
     list_backups,
     local_lane,
 )
@@ -71,6 +72,7 @@ async def run_checks(settings: Settings, secrets: Secrets, *, slack_api_url: str
     checks = [
         Check(Status.OK, f"configuration: {len(settings.models)} models, {len(settings.tiers)} tiers"),
         database(settings),
+        *running_totals(settings),
         disk_space(settings),
         images(settings),
         backups(settings),
@@ -120,6 +122,30 @@ def database(settings: Settings) -> Check:
         else "no backup to restore from: move the file aside and start afresh, or repair it with sqlite3 .recover"
     )
     return Check(Status.FAIL, f"database {path}: {problem}", hint)
+
+
+def running_totals(settings: Settings) -> list[Check]:
+    """The limit checks read running totals: they must equal what the ledger's lines add up to."""
+    path = settings.bot.database_path
+    if not path.exists():
+        return []  # the database line already says so
+    try:
+        problems = ledger_problems(path)
+    except sqlite3.DatabaseError as exc:
+        return [
+            Check(Status.WARN, f"ledger totals: not readable ({exc})", "start the bot once to migrate the database")
+        ]
+    if not problems:
+        return [Check(Status.OK, "ledger totals: every running total matches the ledger's lines")]
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return [
+        Check(
+            Status.FAIL,
+            f"ledger totals: {len(problems)} differ from the ledger's lines, e.g. {problems[0]}{more}",
+            "the ledger's lines are the record of every charge; stop the bot and keep a copy of the database "
+            "(`flux-bot admin backup`) so the difference can be traced",
+        )
+    ]
 
 
 def disk_space(settings: Settings) -> Check:

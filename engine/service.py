@@ -54,7 +54,7 @@ from engine.report import build_report, render_png, summary_text
 from engine.retention import Retention, image_store
 from engine.scheduler import Scheduler
 from engine.sd_notify import Notifier, watchdog_interval_s
-from engine.store import Store
+from engine.store import Store, totals_differences_in
 from engine.telemetry import Health, Telemetry
 from engine.validation import resolve
 
@@ -76,6 +76,7 @@ __all__ = [
     "gpu_extra_installed",
     "image_store",
     "integrity_problem",
+    "ledger_problems",
     "list_backups",
     "local_lane",
     "local_off_line",
@@ -617,6 +618,11 @@ def _parse_user_key(user_key: str) -> Requester:
 def parse_grant(resource: str, text: str) -> tuple[Resource, int]:
     """`images 5`, `gpu-seconds 600`, `usd 2.50` -> the resource and its stored amount, or InvalidRequest."""
     return Quota.parse_grant(resource, text)
+
+
+def ledger_problems(database_path: Path) -> list[str]:
+    """Each running total that differs from what the ledger's lines add up to, read-only (doctor's check)."""
+    return [str(difference) for difference in totals_differences_in(database_path)]
 
 
 async def bfl_credits(settings: Settings, secrets: Secrets, *, timeout_s: float) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from bot.__main__ import main
 from bot.doctor import Check, Status, failed, run_checks
 from engine.backup import backup_sync
 from engine.config import Secrets, Settings
+from engine.ledger import Reservation
+from engine.models import BackendKind, Job, JobState, Mode, Platform, Requester, ResolvedRequest, Resource
 from engine.store import Store
 from tests.conftest import SettingsFactory
 from tests.fakes.bfl_server import API_KEY, FakeBfl
@@ -190,3 +193,30 @@ async def test_the_image_store_is_one_line(make_settings: SettingsFactory) -> No
         os.utime(path, (stamp, stamp))
     line = by_topic(await run_checks(settings, Secrets()), "images").line()
     assert line == f"[ok] images: 2 files, 3.5 MB in {settings.bot.images_dir}, the oldest from 2026-11-05; kept 7 days"
+
+
+def _api_job(job_id: str) -> Job:
+    who = Requester(Platform.DISCORD, "alice", guild_id="g1")
+    request = ResolvedRequest("p", "pro", 1024, 1024, "1:1", 28, None, 1, Mode.AUTO)
+    return Job(job_id, who, request, JobState.QUEUED, BackendKind.API, "test", created_at=0.0)
+
+
+def _api_reservations(usd: int) -> list[Reservation]:
+    return [Reservation(Resource.USD_MICROS, usd, BackendKind.API, "2026-11-26", "2026-11")]
+
+
+async def test_doctor_reports_totals_that_differ_from_the_ledger(make_settings: SettingsFactory) -> None:
+    settings = make_settings(routing={"api_enabled": False})
+    store = await Store.open(settings.bot.database_path)
+    try:
+        await store.submit_job(_api_job("a1"), _api_reservations(40_000), [], None)
+    finally:
+        await store.close()
+    [check] = [c for c in await run_checks(settings, Secrets()) if c.what.startswith("ledger totals")]
+    assert check.status is Status.OK
+    with sqlite3.connect(settings.bot.database_path) as db:
+        db.execute("UPDATE usage SET posted = posted + 1 WHERE scope_kind = 'global' AND resource = 'usd_micros'")
+    [check] = [c for c in await run_checks(settings, Secrets()) if c.what.startswith("ledger totals")]
+    assert check.status is Status.FAIL
+    assert "1 differ from the ledger's lines, e.g. global, usd_micros, 2026-11" in check.what
+    assert check.hint is not None and "flux-bot admin backup" in check.hint

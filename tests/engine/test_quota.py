@@ -156,6 +156,7 @@ async def _check_ledger_invariants(operations: list[tuple[str, int, float]]) -> 
                     assert used >= -granted[i]
                 everyone = await store.usage(Scope("global", None), Resource.USD_MICROS, periods.month)
                 assert everyone <= global_limit
+            assert await store.verify_totals() == []  # the running totals are what the ledger's lines add up to
             rows = await store.spend_report(periods.month)
             assert sum(row.usd_micros for row in rows) == expected_posted
             assert (await store.ledger_totals()).get(Resource.USD_MICROS.value, 0) == expected_posted
