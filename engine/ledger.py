@@ -64,7 +64,7 @@ class Periods:
     month_resets_at: datetime
 
     def key(self, resource: Resource) -> str:
-        return self.month if resource.period is Period.MONTH else self.day
+        return period_key(resource, self.day, self.month)
 
     def resets_at(self, resource: Resource) -> datetime:
         return self.month_resets_at if resource.period is Period.MONTH else self.day_resets_at

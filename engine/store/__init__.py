@@ -263,11 +263,10 @@ class Store:
         closes = list(closes)
 
         def finish(db: sqlite3.Connection) -> bool:
-            if not jobs.finish(db, job_id, state, now, 0, failure_reason, error, result_path):
+            if not jobs.is_active(db, job_id):
                 return False
             ledger.close_reservations(db, closes, now)
-            cost = ledger.posted(db, job_id, Resource.USD_MICROS)
-            db.execute("UPDATE jobs SET cost_micros = ? WHERE id = ?", (cost, job_id))
+            jobs.finish(db, job_id, state, now, failure_reason, error, result_path)
             if audit:
                 ops.audit(db, audit, now)
             return True

@@ -146,20 +146,28 @@ def count_active(db: sqlite3.Connection, user_key: str) -> int:
     return int(row[0])
 
 
+def is_active(db: sqlite3.Connection, job_id: str) -> bool:
+    """Queued or running: not yet in a terminal state."""
+    row = db.execute("SELECT 1 FROM jobs WHERE id = ? AND state IN ('queued','running')", (job_id,)).fetchone()
+    return row is not None
+
+
 def finish(
     db: sqlite3.Connection,
     job_id: str,
     state: JobState,
     now: float,
-    cost_micros: int,
     failure_reason: FailureReason | None,
     error: str | None,
     result_path: str | None,
 ) -> bool:
-    """A non-terminal job to its terminal state; False (nothing changed) when it had already ended."""
+    """A non-terminal job to its terminal state, its cost what its settle lines of money add up to (so the caller
+    closes its reservations first); False (nothing changed) when it had already ended."""
     cursor = db.execute(
-        "UPDATE jobs SET state = ?, finished_at = ?, cost_micros = ?, failure_reason = ?, error = ?,"
-        " result_path = ? WHERE id = ? AND state IN ('queued','running')",
-        (state.value, now, cost_micros, failure_reason.value if failure_reason else None, error, result_path, job_id),
+        "UPDATE jobs SET state = ?, finished_at = ?, failure_reason = ?, error = ?, result_path = ?,"
+        " cost_micros = (SELECT COALESCE(SUM(amount), 0) FROM ledger"
+        " WHERE job_id = jobs.id AND entry = 'settle' AND resource = 'usd_micros')"
+        " WHERE id = ? AND state IN ('queued','running')",
+        (state.value, now, failure_reason.value if failure_reason else None, error, result_path, job_id),
     )
     return cursor.rowcount == 1

@@ -275,15 +275,14 @@ async def test_the_resume_token_migration_keeps_every_job_and_ledger_line(tmp_pa
     import sqlite3
 
     from engine.backends.bfl import RemoteTask
-    from engine.store.schema import MIGRATIONS
-    from engine.store.schema import statements as _statements
+    from engine.store.schema import MIGRATIONS, statements
 
     path = tmp_path / "old.db"
     old = sqlite3.connect(path, isolation_level=None)
     old.execute("PRAGMA foreign_keys=ON")
     old.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
     for version, script in enumerate(MIGRATIONS[:3], start=1):
-        for statement in _statements(script):
+        for statement in statements(script):
             old.execute(statement)
         old.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
     old.execute("INSERT INTO users (user_key, created_at, updated_at) VALUES ('discord:alice', 0, 0)")
