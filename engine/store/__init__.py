@@ -395,6 +395,10 @@ class Store:
         """Recompute every running total from the ledger's lines and return each that differs (none: consistent)."""
         return await self._connection.on_thread(ledger.totals_differences)
 
+    async def rebuild_totals(self) -> None:
+        """Recompute every running total from the ledger's lines (what the migration that added them does)."""
+        await self._connection.transaction(ledger.rebuild_totals)
+
     async def spend_report(self, month: str) -> list[SpendRow]:
         """Per user and backend for one month: images made, money posted, money still pending."""
         return await self._connection.on_thread(lambda db: ledger.spend_report(db, month))
