@@ -16,6 +16,6 @@ def test_a_tiny_run_prints_each_size_and_the_ratio(
     monkeypatch.setattr(sys, "argv", ["ledger_scale", "--sizes", "0,300", "--submits", "5"])
     ledger_scale.main()
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("| API jobs this month | built in | usage read p50")
+    assert lines[0].startswith("| API jobs this month | built in | totals rebuilt in | usage read p50")
     assert [line.split("|")[1].strip() for line in lines[2:4]] == ["0", "300"]
     assert re.fullmatch(r"ledger scale: submit p50 at 300 / at 0 = \d+\.\d\d", lines[-1])
