@@ -117,6 +117,9 @@ class InstantBackend:
     async def start(self) -> None:
         return None
 
+    def detach(self) -> None:
+        return None  # nothing it runs outlives this process
+
     async def close(self) -> None:
         return None
 

@@ -312,6 +312,9 @@ class SimLocal:
     async def start(self) -> None:
         return None
 
+    def detach(self) -> None:
+        return None  # nothing it runs outlives this process
+
     async def close(self) -> None:
         return None
 
@@ -395,6 +398,9 @@ class SimApi:
 
     async def start(self) -> None:
         return None
+
+    def detach(self) -> None:
+        return None  # nothing it runs outlives this process
 
     async def close(self) -> None:
         return None

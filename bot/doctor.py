@@ -21,12 +21,13 @@ from pathlib import Path
 
 from engine.config import DEMO_MODEL, Secrets, Settings
 from engine.errors import BackendUnavailable, ConfigError
-from engine.models import format_usd
+from engine.models import GpuLaneReport, format_usd
 from engine.service import (
     LocalLane,
     backup_dir,
     bfl_credits,
     gpu_extra_installed,
+    gpu_lane_report,
     image_store,
     integrity_problem,
     ledger_problems,
@@ -80,6 +81,7 @@ async def run_checks(settings: Settings, secrets: Secrets, *, slack_api_url: str
         local_lane_check(settings, secrets),
         *local_weights(settings),
         *gpu(settings),
+        *(gpu_hosts(await gpu_lane_report(settings, secrets)) if settings.nats.url else ()),
     ]
     if not settings.routing.api_enabled and not settings.routing.local_enabled:
         checks.append(
@@ -195,7 +197,10 @@ def local_serves(settings: Settings, secrets: Secrets) -> bool:
 
     The demo model (no [local] model) serves only while nothing real is configured: no chat token and no BFL key.
     """
-    return gpu_extra_installed() and local_lane(settings, secrets) not in (LocalLane.NO_WEIGHTS, LocalLane.DISABLED)
+    lane = local_lane(settings, secrets)
+    if lane is LocalLane.HOSTS_ONLY:
+        return True
+    return gpu_extra_installed() and lane not in (LocalLane.NO_WEIGHTS, LocalLane.DISABLED)
 
 
 async def bfl_key(settings: Settings, secrets: Secrets, *, local_serves: bool = False) -> Check:
@@ -253,6 +258,10 @@ def local_lane_check(settings: Settings, secrets: Secrets) -> Check:
                     "set [local] model to a FLUX.1 folder or Hugging Face id for real images",
                 )
             return Check(Status.INFO, f"{what}; its images are noise from random weights")
+        case LocalLane.HOSTS_ONLY:
+            return Check(
+                Status.INFO, f"local worker: none on this host; the GPU lane is the GPU hosts on {settings.nats.url}"
+            )
         case LocalLane.NO_WEIGHTS:
             what = "local worker: off, API only (no [local] model is set)"
             hint = "for local images install the gpu extra and set [local] model to a FLUX.1 folder or Hugging Face id"
@@ -367,6 +376,47 @@ def gpu(settings: Settings) -> list[Check]:
 
 
 # ---- chat ----
+
+
+def gpu_hosts(report: GpuLaneReport) -> list[Check]:
+    """The NATS connection, the lane's streams and buckets, and the GPU hosts whose heartbeats are live."""
+    if report.problem is not None:
+        return [
+            Check(
+                Status.FAIL,
+                f"GPU hosts: {report.problem}",
+                "check [nats] url and the NATS_* credentials; nats-server must run with JetStream (-js)",
+            )
+        ]
+    checks = [Check(Status.OK, f"NATS: connected to {report.url}")]
+    if report.missing:
+        checks.append(
+            Check(
+                Status.WARN,
+                f"NATS: the GPU lane's {', '.join(report.missing)} are not on the server yet",
+                "`flux-bot run` creates them when it starts",
+            )
+        )
+    if not report.hosts:
+        checks.append(
+            Check(
+                Status.WARN,
+                "GPU hosts: none online",
+                "start `flux-bot worker --nats URL` on a GPU host (docs/OPERATIONS.md, Adding GPU hosts)",
+            )
+        )
+    for host in report.hosts:
+        what = (
+            f"GPU host {host.name}: {host.busy} of {host.slots} GPUs busy, serving {', '.join(host.models)}"
+            f" (flux-bot {host.version}, {host.recycles} recycles)"
+        )
+        if host.compatible:
+            checks.append(Check(Status.OK, what))
+        else:
+            checks.append(
+                Check(Status.WARN, f"{what}: another protocol version, gets no jobs", "run this bot's version there")
+            )
+    return checks
 
 
 async def chat_tokens(secrets: Secrets, slack_api_url: str | None) -> list[Check]:

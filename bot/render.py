@@ -105,6 +105,7 @@ _FAILURES = {
     FailureReason.CRASH: "the GPU worker crashed",
     FailureReason.TIMEOUT: "it took too long",
     FailureReason.HUNG: "the GPU worker stopped responding",
+    FailureReason.HOST_LOST: "the GPU host working on it went offline",
     FailureReason.MODERATED: "the image service's safety filter refused this prompt or image",
     FailureReason.RATE_LIMITED: "the image API is busy",
     FailureReason.SERVER_ERROR: "the image API had an error",

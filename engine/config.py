@@ -227,6 +227,29 @@ class LocalSettings(_Section):
         return self
 
 
+class NatsSettings(_Section):
+    """The GPU lane across hosts (engine/backends/nats.py, engine/gpu_host.py): where the NATS server is and what
+    the lane's streams and buckets are called. Credentials and TLS files come only from the environment
+    (`NatsCredentials`). An empty `url` means no remote GPU hosts."""
+
+    url: str = ""  # e.g. "nats://gpu-broker.internal:4222"; "tls://..." for TLS
+    jobs_stream: str = "FLUX_JOBS"
+    results_stream: str = "FLUX_RESULTS"
+    images_bucket: str = "flux-images"
+    hosts_bucket: str = "flux-hosts"
+    # A job a host holds stays leased this long after the host's last sign of it (progress, heartbeat); past it,
+    # the job is lost (retried or failed over, never charged). Hosts extend it on every progress event.
+    ack_wait_s: float = Field(30.0, gt=0)
+    heartbeat_interval_s: float = Field(2.0, gt=0)
+    heartbeat_ttl_s: float = Field(10.0, gt=0)  # a host silent this long is gone, and its jobs with it
+
+    @model_validator(mode="after")
+    def _ttl_covers_beats(self) -> NatsSettings:
+        if self.heartbeat_ttl_s < 2 * self.heartbeat_interval_s:
+            raise ValueError("heartbeat_ttl_s must be at least twice heartbeat_interval_s (one lost beat is normal)")
+        return self
+
+
 class ModelSettings(_Section):
     display_name: str
     local: bool = False
@@ -318,6 +341,7 @@ class Settings(_Section):
     ops: OpsSettings = OpsSettings()
     bfl: BflSettings = BflSettings()
     local: LocalSettings = LocalSettings()
+    nats: NatsSettings = NatsSettings()
     policy: PolicySettings = PolicySettings()
     limits: LimitSettings = LimitSettings()
     models: dict[str, ModelSettings] = Field(default_factory=_default_models)
@@ -333,6 +357,40 @@ class Settings(_Section):
 
 
 @dataclass(frozen=True)
+class NatsCredentials:
+    """How to authenticate to the NATS server, from the environment only: a user and password, a token, or an NKey
+    seed file; TLS files for a server that asks for (mutual) TLS. repr() never shows a secret."""
+
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+    nkey_seed_file: Path | None = None
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> NatsCredentials:
+        def get(name: str) -> str | None:
+            value = env.get(name, "").strip()
+            return value or None
+
+        def path(name: str) -> Path | None:
+            value = get(name)
+            return Path(value).expanduser() if value else None
+
+        return cls(
+            user=get("NATS_USER"),
+            password=get("NATS_PASSWORD"),
+            token=get("NATS_TOKEN"),
+            nkey_seed_file=path("NATS_NKEY_SEED_FILE"),
+            tls_ca_file=path("NATS_TLS_CA_FILE"),
+            tls_cert_file=path("NATS_TLS_CERT_FILE"),
+            tls_key_file=path("NATS_TLS_KEY_FILE"),
+        )
+
+
+@dataclass(frozen=True)
 class Secrets:
     """Tokens and keys, from the environment only. repr() never shows a value."""
 
@@ -341,6 +399,7 @@ class Secrets:
     slack_app_token: str | None = field(default=None, repr=False)
     slack_signing_secret: str | None = field(default=None, repr=False)
     bfl_api_key: str | None = field(default=None, repr=False)
+    nats: NatsCredentials = NatsCredentials()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Secrets:
@@ -354,6 +413,7 @@ class Secrets:
             slack_app_token=get("SLACK_APP_TOKEN"),
             slack_signing_secret=get("SLACK_SIGNING_SECRET"),
             bfl_api_key=get("BFL_API_KEY"),
+            nats=NatsCredentials.from_env(env),
         )
 
     def values(self) -> tuple[str, ...]:
@@ -366,6 +426,8 @@ class Secrets:
                 self.slack_app_token,
                 self.slack_signing_secret,
                 self.bfl_api_key,
+                self.nats.password,
+                self.nats.token,
             )
             if v
         )

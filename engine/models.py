@@ -192,6 +192,7 @@ class FailureReason(StrEnum):
     CRASH = "crash"
     TIMEOUT = "timeout"
     HUNG = "hung"
+    HOST_LOST = "host_lost"  # a remote GPU host stopped answering for a job it held (heartbeat or lease ended)
     MODERATED = "moderated"
     RATE_LIMITED = "rate_limited"
     SERVER_ERROR = "server_error"
@@ -367,6 +368,7 @@ class BackendJob:
     job_id: str
     request: ResolvedRequest
     resume: ResumeToken | None = None
+    attempt: int = 1  # which run of the job this is (1 for the first): a remote tells a retry from a repeat by it
 
 
 # ---- events a backend yields while it works on a job ----
@@ -411,6 +413,30 @@ class Failed:
 
 
 BackendEvent = Started | Submitted | Progress | Finished | Failed
+
+
+@dataclass(frozen=True, slots=True)
+class GpuHostView:
+    """One GPU host of the lane as its latest heartbeat tells it, for doctor and the admin views."""
+
+    name: str
+    version: str
+    models: tuple[str, ...]
+    slots: int
+    busy: int
+    recycles: int
+    compatible: bool  # speaks this bot's protocol version; an incompatible host gets no jobs
+
+
+@dataclass(frozen=True, slots=True)
+class GpuLaneReport:
+    """What the NATS server holds of the GPU lane: `problem` when it cannot be reached (then nothing else is
+    known), the lane's streams and buckets that are not there yet, and the hosts whose heartbeats are."""
+
+    url: str
+    problem: str | None = None
+    missing: tuple[str, ...] = ()
+    hosts: tuple[GpuHostView, ...] = ()
 
 
 # ---- events the engine sends to front-ends ----

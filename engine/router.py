@@ -30,6 +30,7 @@ _LOCAL_RESCUES: dict[FailureReason, str] = {
     FailureReason.CRASH: "the GPU worker crashed",
     FailureReason.TIMEOUT: "the GPU worker timed out",
     FailureReason.HUNG: "the GPU worker hung",
+    FailureReason.HOST_LOST: "its GPU host went offline",
 }
 _API_RESCUES: dict[FailureReason, str] = {
     FailureReason.SERVER_ERROR: "the API failed with a server error",
@@ -107,6 +108,8 @@ def route(
                 reason = f"local (slow lane): {_queue(api_lane)}; {_wait(local_lane)}"
                 return _local_decision(reason, local_lane, gpu_ms)
             why_not_local = f"local wait {_seconds(local_lane.wait_s)} > {_limit(limit)}"
+            if size := _lane_size(local_lane):
+                why_not_local = f"{why_not_local} ({size})"
         else:
             why_not_local = local_lane.why
         return _api_decision(f"API: {why_not_local}{_queued(api_lane)}; {_cost_note(cost, room)}", api_lane, cost)
@@ -264,7 +267,16 @@ def _join(items: list[str], conjunction: str) -> str:
 
 
 def _local_decision(reason: str, status: BackendStatus, gpu_ms: int) -> RouteDecision:
+    if size := _lane_size(status):
+        reason = f"{reason}; {size}"
     return RouteDecision(BackendKind.LOCAL, reason, estimated_gpu_ms=gpu_ms, eta_s=status.eta_s, wait_s=status.wait_s)
+
+
+def _lane_size(status: BackendStatus) -> str:
+    """How big and how busy the GPU lane is, where it has more than one GPU ("" for one: nothing to tell)."""
+    if status.capacity <= 1:
+        return ""
+    return f"GPU lane: {min(status.in_flight, status.capacity)} of {status.capacity} GPUs busy"
 
 
 def _api_decision(reason: str, status: BackendStatus, cost: int) -> RouteDecision:

@@ -119,6 +119,8 @@ class Scheduler:
             if self._dispatcher:
                 self._dispatcher.cancel()
         await self._until_submits_land()
+        for backend in self._backends.values():
+            backend.detach()
         tasks = [task for _, _, task in self._running.values()]
         if self._dispatcher:
             tasks.append(self._dispatcher)
@@ -255,7 +257,7 @@ class Scheduler:
                 why = f"the {job.backend.value} backend is no longer configured, so this job could not be followed"
                 resumption = Unresumable(why)
             else:
-                resumption = backend.resume(BackendJob(job.id, job.request, resume=job.resume))
+                resumption = backend.resume(BackendJob(job.id, job.request, resume=job.resume, attempt=job.attempts))
             if isinstance(resumption, Requeue):
                 # Starting over spends one of the job's local retries, like any other lost GPU attempt.
                 if job.local_attempts <= self._settings.scheduler.local_retries:
@@ -396,9 +398,14 @@ class Scheduler:
             events = resumed
             if events is None:
                 self._publish(JobStarted(job.id, job.backend))
-                events = self._backends[job.backend].run(BackendJob(job.id, job.request))
+                events = self._backends[job.backend].run(BackendJob(job.id, job.request, attempt=job.attempts))
+            # After the terminal event the events are read once more, to their end: a backend that must confirm a
+            # result to a remote (a GPU host's stream) does so only once the scheduler has recorded it.
             async with aclosing(events) as run:
                 async for event in run:
+                    if terminal:
+                        log.error("job %s: backend %s sent %r after the job ended", job.id, job.backend.value, event)
+                        break
                     if isinstance(event, Submitted):
                         token = event.resume
                         await self._store.store_resume_token(job.id, event.resume)
@@ -411,11 +418,9 @@ class Scheduler:
                     elif isinstance(event, Finished):
                         terminal = True
                         await self._succeed(job, event)
-                        break
                     elif isinstance(event, Failed):
                         terminal = True
                         await self._on_failure(job, event)
-                        break
             if not terminal:
                 log.error("job %s: backend %s ended without a result", job.id, job.backend.value)
                 await self._on_failure(job, _lost(FailureReason.INTERNAL, "the backend ended without a result", token))

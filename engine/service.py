@@ -31,6 +31,7 @@ from engine.models import (
     BackendKind,
     Capabilities,
     FailureReason,
+    GpuLaneReport,
     ImageRequest,
     Job,
     JobCancelled,
@@ -74,6 +75,7 @@ __all__ = [
     "backup_every",
     "bfl_credits",
     "gpu_extra_installed",
+    "gpu_lane_report",
     "image_store",
     "integrity_problem",
     "ledger_problems",
@@ -642,8 +644,20 @@ async def bfl_credits(settings: Settings, secrets: Secrets, *, timeout_s: float)
         await backend.close()
 
 
+async def gpu_lane_report(settings: Settings, secrets: Secrets) -> GpuLaneReport:
+    """The GPU hosts' lane on NATS as the server holds it (`[nats] url` must be set)."""
+    from engine.backends.nats import lane_report
+
+    return await lane_report(settings.nats, secrets.nats)
+
+
 def run_worker(args: list[str]) -> int:
-    """`flux-bot worker ARGS`: one local worker process; its exit status."""
+    """`flux-bot worker ARGS`: one local worker process, or with `--nats URL` a GPU host of the lane; its exit
+    status."""
+    if any(arg == "--nats" or arg.startswith("--nats=") for arg in args):
+        from engine.backends.gpu_host import main as serve_gpu_host
+
+        return serve_gpu_host(args)
     # Imported here: the worker loads torch and diffusers, which nothing else of the bot needs.
     from engine.backends.local.cli import main
 

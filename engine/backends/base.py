@@ -74,4 +74,9 @@ class Backend(Protocol):
 
     async def start(self) -> None: ...
 
+    def detach(self) -> None:
+        """The scheduler is stopping and abandons the jobs running here, for the next start to resume: work
+        handed to something remote is left running (not cancelled) when their event streams close from now on."""
+        ...
+
     async def close(self) -> None: ...

@@ -311,6 +311,9 @@ class BflBackend:
         if self._session is None:
             self._session = aiohttp.ClientSession()
 
+    def detach(self) -> None:
+        return None  # a task at BFL runs on whatever this process does; the next start polls it again
+
     async def close(self) -> None:
         if self._session is not None:
             session, self._session = self._session, None

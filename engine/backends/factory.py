@@ -13,14 +13,19 @@ import importlib.util
 import logging
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.backends.base import Backend
 from engine.config import DEMO_MODEL, Secrets, Settings
 from engine.models import BackendKind
 
+if TYPE_CHECKING:
+    from engine.backends.pool import Member
+
 log = logging.getLogger(__name__)
 
 IN_HOST = "in-host"  # the GPU lane's member that supervises this host's worker processes
+GPU_HOSTS = "gpu-hosts"  # the member that reaches the GPU hosts on NATS
 
 # The demo model is small and built in code: warming every bucket up or compiling it would only delay the start.
 _DEMO_SWITCHES = {"warmup": False, "compile": False, "fp8": False}
@@ -31,6 +36,7 @@ class LocalLane(StrEnum):
     DEMO_REQUESTED = "demo by request"
     DEMO_UNCONFIGURED = "demo because nothing is configured"
     NO_WEIGHTS = "no local weights"  # a chat token or a BFL key but no [local] model: the lane is off
+    HOSTS_ONLY = "GPU hosts only"  # no weights here, but GPU hosts on NATS ([nats] url)
     DISABLED = "local routing off"
 
     @property
@@ -45,6 +51,8 @@ def local_lane(settings: Settings, secrets: Secrets) -> LocalLane:
         return LocalLane.DEMO_REQUESTED
     if settings.local.model or settings.local.worker_sockets:
         return LocalLane.WEIGHTS
+    if settings.nats.url:
+        return LocalLane.HOSTS_ONLY
     if secrets.discord_token or secrets.slack_bot_token or (settings.routing.api_enabled and secrets.bfl_api_key):
         return LocalLane.NO_WEIGHTS
     return LocalLane.DEMO_UNCONFIGURED
@@ -95,11 +103,27 @@ async def build_backends(settings: Settings, secrets: Secrets) -> tuple[dict[Bac
     lane = local_lane(settings, secrets)
     if lane in (LocalLane.DISABLED, LocalLane.NO_WEIGHTS):
         return backends, False
-    if not gpu_extra_installed():
-        log.warning("local routing is on but torch/diffusers are not installed: pip install 'flux-bot[gpu]'")
-        return backends, False
-    from engine.backends.local.supervisor import LocalBackend
     from engine.backends.pool import GpuPool, Member
+
+    members: list[Member] = []
+    if lane is not LocalLane.HOSTS_ONLY:
+        if gpu_extra_installed():
+            members.append(await _in_host(settings, lane))
+        else:
+            log.warning("local routing is on but torch/diffusers are not installed: pip install 'flux-bot[gpu]'")
+    if settings.nats.url:
+        from engine.backends.nats import RemoteHosts
+
+        members.append(Member(GPU_HOSTS, RemoteHosts(settings.nats, secrets.nats, settings.models)))
+    if not members:
+        return backends, False
+    backends[BackendKind.LOCAL] = GpuPool(members, settings.models)
+    return backends, lane.demo and members[0].name == IN_HOST
+
+
+async def _in_host(settings: Settings, lane: LocalLane) -> Member:
+    from engine.backends.local.supervisor import LocalBackend
+    from engine.backends.pool import Member
 
     local = settings.local
     model_path = Path(local.model)
@@ -108,6 +132,4 @@ async def build_backends(settings: Settings, secrets: Secrets) -> tuple[dict[Bac
 
         local = local.model_copy(update=_DEMO_SWITCHES)
         model_path = await asyncio.to_thread(ensure_demo_model, settings.bot.state_dir / "demo-model")
-    in_host = Member(IN_HOST, LocalBackend(local, settings.models, model_path))
-    backends[BackendKind.LOCAL] = GpuPool([in_host], settings.models)
-    return backends, lane.demo
+    return Member(IN_HOST, LocalBackend(local, settings.models, model_path))

@@ -1,8 +1,10 @@
 """The GPU lane as one Backend: every GPU worker, whoever runs it, behind the one lane the router and scheduler see.
 
-A member is a Backend with a name: today the in-host supervisor (engine/backends/local/), next the bridge to
-remote GPU hosts. The pool's capacity is the members' slots together, its status their health and load combined,
-and a job goes to the healthy member that serves its model and has the most free slots. A member that hands a job
+A member is a Backend with a name: the in-host supervisor (engine/backends/local/) and the GPU hosts on NATS
+(engine/backends/nats.py). The pool's capacity is the members' live slots together, its status their health and
+load combined (healthy while any member has a live slot for the model), a job's expected time the members' measured
+times weighted by their slots, and a job goes to the healthy member that serves its model and has the most free
+slots. A member that hands a job
 to something remote yields a resume token; the pool wraps it with the member's name, so that after a restart
 `resume` asks that same member to continue it. A job with no token was held by an in-host worker process, which
 the restart ended with it: it is queued again.
@@ -82,8 +84,15 @@ class GpuPool:
         return sum(member.backend.capacity() for member in self.members)
 
     def estimate_seconds(self, request: ResolvedRequest) -> float:
+        """A job's time on the lane: the members' measured times weighted by their slots, since a job goes to
+        whichever member has a free slot, not to the fastest."""
         serving = self._serving(request.model) or list(self.members)
-        return min(member.backend.estimate_seconds(request) for member in serving)
+        serving = [member for member in serving if member.backend.status(0, request).healthy] or serving
+        weighted = [(member.backend.capacity(), member.backend.estimate_seconds(request)) for member in serving]
+        slots = sum(count for count, _ in weighted)
+        if slots == 0:
+            return min(seconds for _, seconds in weighted)
+        return sum(count * seconds for count, seconds in weighted) / slots
 
     def status(self, queued_ahead: int, request: ResolvedRequest | None = None) -> BackendStatus:
         if len(self.members) == 1:
@@ -91,7 +100,7 @@ class GpuPool:
         statuses = [member.backend.status(0, request) for member in self.members]
         healthy = [status for status in statuses if status.healthy]
         capacity = sum(status.capacity for status in healthy) or sum(status.capacity for status in statuses)
-        run_s = min((status.run_s for status in healthy or statuses), default=0.0)
+        run_s = self.estimate_seconds(request) if request else 0.0
         return BackendStatus(
             kind=self.kind,
             healthy=bool(healthy),
@@ -109,6 +118,10 @@ class GpuPool:
     async def start(self) -> None:
         for member in self.members:
             await member.backend.start()
+
+    def detach(self) -> None:
+        for member in self.members:
+            member.backend.detach()
 
     async def close(self) -> None:
         for member in self.members:

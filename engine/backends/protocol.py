@@ -28,6 +28,16 @@ Worker -> supervisor:
 
 Version 2 added cancel/cancelled and version 3 the job's model: a supervisor relies on both, so each side refuses
 a peer of another version at hello.
+
+Between the engine and a GPU host, over NATS (engine/backends/nats.py, engine/gpu_host.py), one frame per message:
+    lane_job     {id, attempt, model, prompt, width, height, steps, guidance, seed}   on flux.jobs.<model>
+    lane_started {id, attempt, host, worker}                                           on flux.events.<id>.<attempt>
+    progress     as above                                                              on flux.events.<id>.<attempt>
+    lane_result  {id, attempt, host, outcome, seed, seconds, reason, detail, retryable, image}  on flux.results.<id>
+    lane_cancel  {id, attempt}        stop that attempt and any older one                on flux.cancel.<id>
+    host_beat    {host, version, protocol, models, slots, busy, seconds_per_step, recycles, jobs}  in the hosts' KV
+A result's image is the name of an object in the images bucket (a message is limited to 1 MiB, an image is not).
+`protocol` in a heartbeat is `PROTOCOL_VERSION`: the engine gives jobs only to hosts that speak its own.
 """
 
 from __future__ import annotations
@@ -70,6 +80,11 @@ class MessageType(StrEnum):
     FAILED = "failed"
     CANCELLED = "cancelled"
     MEMORY = "memory"
+    LANE_JOB = "lane_job"
+    LANE_STARTED = "lane_started"
+    LANE_RESULT = "lane_result"
+    LANE_CANCEL = "lane_cancel"
+    HOST_BEAT = "host_beat"
 
 
 class WorkerFailure(StrEnum):
@@ -197,6 +212,90 @@ class MemoryStats(Message):
         return self.reserved_mb - self.allocated_mb
 
 
+# ---- between the engine and GPU hosts (over NATS) ----
+
+
+class LaneOutcome(StrEnum):
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class LaneJob(Message):
+    """A job for any GPU host serving `model`; `attempt` tells a retry from the first run (its message id is
+    `<id>:<attempt>`, so a publish repeated after a restart is dropped by JetStream's dedupe window)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.LANE_JOB
+    id: str
+    attempt: int
+    model: str
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance: float | None
+    seed: int
+
+    def spec(self) -> JobSpec:
+        return JobSpec(self.id, self.model, self.prompt, self.width, self.height, self.steps, self.guidance, self.seed)
+
+
+@dataclass(frozen=True, slots=True)
+class LaneStarted(Message):
+    """A host took the job: which host and worker (who is then answerable for it through its heartbeat)."""
+
+    TYPE: ClassVar[MessageType] = MessageType.LANE_STARTED
+    id: str
+    attempt: int
+    host: str
+    worker: str
+
+
+@dataclass(frozen=True, slots=True)
+class LaneResult(Message):
+    """How a job ended on a host. Done: `image` names the PNG in the images bucket. Failed: `reason` is a
+    FailureReason's value, `retryable` whether the scheduler may run it again."""
+
+    TYPE: ClassVar[MessageType] = MessageType.LANE_RESULT
+    id: str
+    attempt: int
+    host: str
+    outcome: LaneOutcome
+    seed: int | None = None
+    seconds: float | None = None
+    reason: str = ""
+    detail: str = ""
+    retryable: bool = False
+    image: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LaneCancel(Message):
+    """The bot gave up `attempt` of a job (cancelled, or declared it lost): a host stops it, and any older one,
+    whether it runs or has yet to be taken; a later attempt (a retry) is not touched."""
+
+    TYPE: ClassVar[MessageType] = MessageType.LANE_CANCEL
+    id: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class HostBeat(Message):
+    """A GPU host's heartbeat: what it serves and how busy it is. `jobs` are the `<id>:<attempt>` it holds."""
+
+    TYPE: ClassVar[MessageType] = MessageType.HOST_BEAT
+    host: str
+    version: str
+    protocol: int
+    models: tuple[str, ...]
+    slots: int
+    busy: int
+    seconds_per_step: float | None
+    recycles: int
+    jobs: tuple[str, ...]
+
+
 MESSAGES: tuple[type[Message], ...] = (
     Hello,
     JobSpec,
@@ -209,6 +308,11 @@ MESSAGES: tuple[type[Message], ...] = (
     WorkerFailed,
     CancelledJob,
     MemoryStats,
+    LaneJob,
+    LaneStarted,
+    LaneResult,
+    LaneCancel,
+    HostBeat,
 )
 
 M = TypeVar("M", bound=Message)
@@ -256,6 +360,14 @@ def _scalar(annotation: Any) -> _Check:
             return value
 
         return text
+    if annotation is bool:
+
+        def boolean(value: Any) -> bool:
+            if not isinstance(value, bool):
+                raise ValueError("true or false")
+            return value
+
+        return boolean
     if annotation is int:
 
         def integer(value: Any) -> int:
@@ -286,6 +398,21 @@ def _scalar(annotation: Any) -> _Check:
 
 
 def _checker(annotation: Any) -> _Check:
+    if typing.get_origin(annotation) is tuple:
+        item, ellipsis = typing.get_args(annotation)
+        if ellipsis is not Ellipsis:
+            raise TypeError(f"no protocol encoding for {annotation!r}")
+        check_item = _scalar(item)
+
+        def sequence(value: Any) -> tuple[Any, ...]:
+            if not isinstance(value, list):
+                raise ValueError("a list")
+            try:
+                return tuple(check_item(element) for element in value)
+            except ValueError as exc:
+                raise ValueError(f"a list of items each {exc}") from None
+
+        return sequence
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         members = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
         if len(members) != 1 or len(typing.get_args(annotation)) != 2:
@@ -329,7 +456,8 @@ def encode(message: Message) -> bytes:
     layout = _LAYOUTS[type(message)]
     header_fields: dict[str, Any] = {"type": message.TYPE.value}
     for f in layout.header:
-        header_fields[f.name] = getattr(message, f.name)
+        value = getattr(message, f.name)
+        header_fields[f.name] = list(value) if isinstance(value, tuple) else value
     payload: bytes = getattr(message, layout.payload) if layout.payload else b""
     header = json.dumps(header_fields, separators=(",", ":")).encode()
     if len(header) > MAX_HEADER_BYTES or len(payload) > MAX_PAYLOAD_BYTES:

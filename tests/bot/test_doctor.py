@@ -220,3 +220,47 @@ async def test_doctor_reports_totals_that_differ_from_the_ledger(make_settings: 
     assert check.status is Status.FAIL
     assert "1 differ from the ledger's lines, e.g. global, usd_micros, 2026-11" in check.what
     assert check.hint is not None and "flux-bot admin backup" in check.hint
+
+
+async def test_gpu_hosts_on_nats_the_connection_the_streams_and_the_live_hosts(
+    make_settings: SettingsFactory, tmp_path: Path
+) -> None:
+    from engine.backends.factory import build_backends
+    from tests.fakes.gpu_hosts import FAST_LANE, GpuHosts
+    from tests.fakes.nats_server import NatsServer, free_port
+
+    unreachable = make_settings(nats={"url": f"nats://127.0.0.1:{free_port()}"}, routing={"api_enabled": False})
+    lines = [check.line() for check in await run_checks(unreachable, Secrets())]
+    assert any(line.startswith("[FAIL] GPU hosts: cannot connect to NATS at nats://127.0.0.1:") for line in lines)
+    assert any(line.startswith("[info] local worker: none on this host; the GPU lane is the GPU hosts") for line in lines)
+
+    server = NatsServer(tmp_path / "nats")
+    await server.start()
+    hosts = GpuHosts(tmp_path / "hosts", server.url)
+    try:
+        settings = make_settings(nats={"url": server.url, **FAST_LANE}, routing={"api_enabled": False})
+        fresh = {check.what: check for check in await run_checks(settings, Secrets())}
+        assert fresh[f"NATS: connected to {server.url}"].status is Status.OK
+        assert any(what.startswith("NATS: the GPU lane's FLUX_JOBS, FLUX_RESULTS") for what in fresh)
+
+        backends, _ = await build_backends(settings, Secrets())
+        pool = backends[BackendKind.LOCAL]
+        await pool.start()  # the bot creates the lane's streams and buckets
+        try:
+            none_yet = {check.what: check for check in await run_checks(settings, Secrets())}
+            assert none_yet["GPU hosts: none online"].status is Status.WARN
+            host = await hosts.start("gpu-a", synthetic_s=0.1)
+            for _ in range(600):
+                if pool.capacity():
+                    break
+                await asyncio.sleep(0.05)
+            online = [check for check in await run_checks(settings, Secrets()) if check.what.startswith("GPU host ")]
+            assert [(check.status, check.what) for check in online] == [
+                (Status.OK, "GPU host gpu-a: 0 of 1 GPUs busy, serving schnell (flux-bot 0.1.0, 0 recycles)")
+            ]
+            assert await hosts.stop(host) == 0
+        finally:
+            await pool.close()
+    finally:
+        await hosts.close()
+        await server.stop()

@@ -398,6 +398,7 @@ LOCAL_FAILURES = {
     FailureReason.CRASH: "the GPU worker crashed",
     FailureReason.TIMEOUT: "the GPU worker timed out",
     FailureReason.HUNG: "the GPU worker hung",
+    FailureReason.HOST_LOST: "its GPU host went offline",
 }
 API_FAILURES = {
     FailureReason.SERVER_ERROR: "the API failed with a server error",
@@ -624,3 +625,23 @@ def test_route_and_failover_never_break_mode_capability_or_licence(
     if rescued is not None:
         check(rescued)
         event(f"rescued {rescued.backend}")
+
+
+# ---- the GPU lane's size ----
+
+
+def test_a_lane_of_several_gpus_names_its_size_in_the_reason() -> None:
+    lane = BackendStatus(BackendKind.LOCAL, healthy=True, wait_s=20.0, in_flight=3, capacity=4)
+    assert decide("dev", model=BOTH, local=lane).reason == (
+        "local: queue wait ~20 s <= 60 s; GPU lane: 3 of 4 GPUs busy"
+    )
+    full = BackendStatus(BackendKind.LOCAL, healthy=True, wait_s=140.0, in_flight=4, capacity=4)
+    assert decide("dev", model=BOTH, local=full).reason.startswith(
+        "API: local wait 140 s > 60 s (GPU lane: 4 of 4 GPUs busy)"
+    )
+
+
+def test_a_lost_gpu_host_is_rescued_like_a_crashed_worker() -> None:
+    decision = rescue("dev", BackendKind.LOCAL, FailureReason.HOST_LOST)
+    assert decision is not None and decision.backend is BackendKind.LOCAL
+    assert decision.reason.startswith("local retry after its GPU host went offline")

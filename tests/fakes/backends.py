@@ -78,6 +78,9 @@ class ScriptedBackend:
     async def start(self) -> None:
         return None
 
+    def detach(self) -> None:
+        return None  # nothing it runs outlives this process
+
     async def close(self) -> None:
         return None
 

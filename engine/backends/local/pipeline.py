@@ -209,6 +209,23 @@ class Cancels(Protocol):
 JobOutcome = ImageDone | WorkerFailed | CancelledJob
 
 
+class Runner(Protocol):
+    """What the serve loop needs of a loaded worker: a pipeline (FluxRunner) or a stand-in (synthetic.py)."""
+
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def dtype(self) -> str: ...
+
+    @property
+    def model(self) -> str: ...
+
+    def run(self, spec: JobSpec, progress: Sink, cancels: Cancels) -> JobOutcome: ...
+
+    def memory(self) -> MemoryStats: ...
+
+
 class FluxRunner:
     """One loaded pipeline on one device, running one job at a time."""
 
@@ -223,6 +240,10 @@ class FluxRunner:
     @property
     def dtype(self) -> str:
         return str(self.pipe.dtype).removeprefix("torch.")
+
+    @property
+    def model(self) -> str:
+        return self.options.model
 
     def warm_up(self) -> None:
         """Run every bucket once, so compilation and allocator growth happen before the first user waits."""

@@ -29,7 +29,8 @@ from typing import IO, Protocol
 
 from engine.backends.local.faults import Fault
 from engine.backends.local.frames import read_message_blocking
-from engine.backends.local.pipeline import FluxRunner, Options, WorkerSetupError, load_pipeline
+from engine.backends.local.pipeline import FluxRunner, Options, Runner, WorkerSetupError, load_pipeline
+from engine.backends.local.synthetic import SYNTHETIC_ENV, SyntheticRunner, synthetic_seconds
 from engine.backends.protocol import (
     PROTOCOL_VERSION,
     Cancel,
@@ -198,7 +199,7 @@ class Inbox:
             self._inbound.put(exc)
 
 
-def serve(runner: FluxRunner, channel: Channel, heartbeat: Heartbeat) -> int:
+def serve(runner: Runner, channel: Channel, heartbeat: Heartbeat) -> int:
     """Serve jobs until the supervisor says `shutdown` or goes away; the exit code."""
     inbox = Inbox(channel)
     stopped: dict[str, CancelledJob] = {}  # jobs a cancel stopped, until that cancel comes up in the queue
@@ -222,8 +223,8 @@ def serve(runner: FluxRunner, channel: Channel, heartbeat: Heartbeat) -> int:
             channel.send(WorkerFailed(None, WorkerFailure.INTERNAL, f"unexpected {message.TYPE} message"))
 
 
-def ready_message(runner: FluxRunner, load_s: float) -> Ready:
-    return Ready(PROTOCOL_VERSION, os.getpid(), runner.device, runner.dtype, runner.options.model, round(load_s, 3))
+def ready_message(runner: Runner, load_s: float) -> Ready:
+    return Ready(PROTOCOL_VERSION, os.getpid(), runner.device, runner.dtype, runner.model, round(load_s, 3))
 
 
 def bind_socket(path: Path) -> socket.socket:
@@ -322,9 +323,16 @@ def greet(channel: Channel) -> int | None:
     return None
 
 
-def load(options: Options, fault: Fault | None) -> tuple[FluxRunner, float] | WorkerFailed:
+def load(options: Options, fault: Fault | None) -> tuple[Runner, float] | WorkerFailed:
     """The loaded (and warmed) runner with its load time in seconds, or the `failed` message that says why not."""
     started = time.perf_counter()
+    try:
+        synthetic = synthetic_seconds(os.environ.get(SYNTHETIC_ENV))
+    except ValueError as exc:
+        return WorkerFailed(None, WorkerFailure.INTERNAL, str(exc))
+    if synthetic is not None:
+        log.warning("%s is set: serving synthetic images (benchmarks and tests only)", SYNTHETIC_ENV)
+        return SyntheticRunner(synthetic), time.perf_counter() - started
     try:
         pipe, device = load_pipeline(options)
         runner = FluxRunner(pipe, device, options, fault)

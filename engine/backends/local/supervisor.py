@@ -248,6 +248,9 @@ class LocalBackend:
                 lambda: self._closed or all(slot.process is not None or slot.start_failures for slot in self._slots)
             )
 
+    def detach(self) -> None:
+        return None  # its workers stop with it: an abandoned job is queued again at the next start
+
     async def close(self) -> None:
         self._closed = True
         async with self._changed:

@@ -95,9 +95,11 @@ def test_capacity_and_status_combine_the_members() -> None:
     assert pool.capacity() == 9
     status = pool.status(10, request())
     assert isinstance(status, BackendStatus) and status.healthy
-    # Only healthy members' slots serve; the new job runs as fast as the fastest member.
-    assert (status.capacity, status.run_s, status.ahead) == (5, 2.0, 10)
-    assert status.wait_s == pytest.approx(2.0 * 10 / 5)
+    # Only healthy members' slots serve; a job takes their times weighted by their slots (it goes to a free slot,
+    # not to the fastest one).
+    assert (status.capacity, status.ahead) == (5, 10)
+    assert status.run_s == pytest.approx((2 * 2.0 + 3 * 5.0) / 5)
+    assert status.wait_s == pytest.approx(status.run_s * 10 / 5)
     assert status.detail.startswith("a: ") and "; c: " in status.detail
     assert not GpuPool([Member("c", broken)], MODELS).status(0).healthy
     assert not GpuPool([Member("b", broken), Member("c", broken)], MODELS).status(0).healthy

@@ -18,8 +18,14 @@ from engine.backends.protocol import (
     Cancel,
     CancelledJob,
     Hello,
+    HostBeat,
     ImageDone,
     JobSpec,
+    LaneCancel,
+    LaneJob,
+    LaneOutcome,
+    LaneResult,
+    LaneStarted,
     MemoryStats,
     Message,
     MessageType,
@@ -56,7 +62,30 @@ EXAMPLES: list[Message] = [
     CancelledJob("j1", None),
     MemoryStats(812.5),
     MemoryStats(812.5, 30_000.0, 31_000.0, 32_000.0),
+    LaneJob("j1", 1, "schnell", "a fox", 64, 96, 4, None, 7),
+    LaneJob("j2", 2, "dev", "a fox, ünïcode ✓", 1024, 1024, 28, 3.5, 0),
+    LaneStarted("j1", 1, "gpu-a", "worker 0 (pid 42, cuda:0)"),
+    LaneResult("j1", 1, "gpu-a", LaneOutcome.DONE, seed=7, seconds=1.5, image="j1.1.png"),
+    LaneResult("j1", 2, "gpu-a", LaneOutcome.FAILED, seconds=0.2, reason="oom", detail="CUDA OOM", retryable=True),
+    LaneResult("j1", 3, "gpu-a", LaneOutcome.CANCELLED),
+    LaneCancel("j1", 2),
+    HostBeat("gpu-a", "0.1.0", PROTOCOL_VERSION, ("schnell", "dev"), 2, 1, 0.12, 3, ("j1:1",)),
+    HostBeat("gpu-b", "0.1.0", PROTOCOL_VERSION, (), 1, 0, None, 0, ()),
 ]
+
+
+BEAT = {
+    "type": "host_beat",
+    "host": "h",
+    "version": "0.1.0",
+    "protocol": PROTOCOL_VERSION,
+    "models": ["schnell"],
+    "slots": 1,
+    "busy": 0,
+    "seconds_per_step": None,
+    "recycles": 0,
+    "jobs": [],
+}
 
 
 def frame(header: dict[str, object], payload: bytes = b"") -> bytes:
@@ -175,6 +204,18 @@ def test_a_header_that_is_not_a_json_object_is_refused() -> None:
         ({"type": "cancelled", "id": "j", "step": "2"}, "cancelled: field 'step' must be an integer or null"),
         ({"type": "failed", "id": "j", "reason": "bored", "detail": ""}, "failed: field 'reason' must be one of"),
         ({"type": "memory", "rss_mb": None}, "memory: field 'rss_mb' must be a number"),
+        (
+            {"type": "lane_result", "id": "j", "attempt": 1, "host": "h", "outcome": "done", "retryable": 1},
+            "lane_result: field 'retryable' must be true or false",
+        ),
+        (
+            {**BEAT, "models": "schnell"},
+            "host_beat: field 'models' must be a list, got 'schnell'",
+        ),
+        (
+            {**BEAT, "jobs": ["j:1", 2]},
+            "host_beat: field 'jobs' must be a list of items each a string",
+        ),
     ],
 )
 def test_wrong_field_types_are_refused(header: dict[str, object], problem: str) -> None:
