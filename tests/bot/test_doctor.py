@@ -232,7 +232,9 @@ async def test_gpu_hosts_on_nats_the_connection_the_streams_and_the_live_hosts(
     unreachable = make_settings(nats={"url": f"nats://127.0.0.1:{free_port()}"}, routing={"api_enabled": False})
     lines = [check.line() for check in await run_checks(unreachable, Secrets())]
     assert any(line.startswith("[FAIL] GPU hosts: cannot connect to NATS at nats://127.0.0.1:") for line in lines)
-    assert any(line.startswith("[info] local worker: none on this host; the GPU lane is the GPU hosts") for line in lines)
+    assert any(
+        line.startswith("[info] local worker: none on this host; the GPU lane is the GPU hosts") for line in lines
+    )
 
     server = NatsServer(tmp_path / "nats")
     await server.start()
