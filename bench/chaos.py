@@ -20,7 +20,12 @@ At the end it checks, exactly (any break is reported and makes the run fail):
   its estimate: that documented overrun is added to the GPU limit explicitly; API money must fit exactly, since the
   fake bills the estimate).
 
+With `--remote N` the GPU lane is N GPU host processes (`flux-bot worker --nats URL`, one tiny-model worker each)
+on a real nats-server instead of the in-host supervisor: the SIGKILLs hit the hosts' worker processes, and the
+nats-server is restarted once mid-run, with jobs queued and running.
+
     python -m bench.chaos --jobs 2000 --users 100 --seed 1
+    python -m bench.chaos --jobs 600 --users 30 --remote 3
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import logging
 import os
 import platform
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -49,8 +55,11 @@ from bot.delivery import ChannelDelivery
 from engine.backends.base import Backend
 from engine.backends.bfl import BflBackend
 from engine.backends.demo_model import ensure_demo_model
+from engine.backends.factory import GPU_HOSTS
 from engine.backends.local.supervisor import LocalBackend
-from engine.config import Secrets, Settings, dollars
+from engine.backends.nats import RemoteHosts
+from engine.backends.pool import GpuPool, Member
+from engine.config import NatsCredentials, Secrets, Settings, dollars
 from engine.errors import BackendUnavailable, EngineError, QuotaExceeded
 from engine.models import (
     MICROS_PER_CREDIT,
@@ -72,6 +81,8 @@ from engine.models import (
 from engine.service import Engine
 from engine.store import Store
 from tests.fakes.bfl_server import API_KEY, FakeBfl, Faults
+from tests.fakes.gpu_hosts import GpuHosts, LaneObserver
+from tests.fakes.nats_server import NatsServer
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +117,8 @@ class Options:
     bfl_total_timeout_s: float = 1.5  # how long the client waits for a task (a timed-out one waits this long)
     think_s: float = 0.05  # a user's longest pause between two submits
     guard_s: float = 900.0  # only guards against a hang: jobs still open after this long count as lost
+    remote_hosts: int = 0  # GPU hosts on NATS instead of the in-host supervisor (0: in-host)
+    server_restarts: int = 1  # nats-server restarts mid-run, with remote hosts
 
 
 @dataclass(frozen=True)
@@ -135,6 +148,7 @@ class Report:
     stops: list[Stop] = field(default_factory=list)
     kills: int = 0
     kills_busy: int = 0
+    server_restarts: int = 0
     faults: Counter[str] = field(default_factory=Counter)
     bfl_tasks: int = 0
     ledger_usd: int = 0
@@ -151,7 +165,11 @@ class Report:
         return not self.problems
 
 
-def chaos_settings(state_dir: Path, api_url: str, options: Options) -> Settings:
+REMOTE_LANE = {"heartbeat_interval_s": 0.5, "heartbeat_ttl_s": 3.0, "ack_wait_s": 10.0}
+REMOTE_LOCAL = {"device": "cpu", "resolution_buckets": [f"{SIZE}x{SIZE}"], "warmup": False, "preview_every": 0}
+
+
+def chaos_settings(state_dir: Path, api_url: str, options: Options, nats_url: str = "") -> Settings:
     """Small jobs, short BFL polls, tight budgets: one user's share of jobs does not fit in them."""
     per_user = max(1, options.jobs // options.users)
     guilds = max(1, options.users // USERS_PER_GUILD)
@@ -200,6 +218,7 @@ def chaos_settings(state_dir: Path, api_url: str, options: Options) -> Settings:
             "guild_api_usd_per_month": f"{0.2 * per_user:.2f}",
             "global_api_usd_per_month": f"{0.18 * per_user * guilds:.2f}",
         },
+        "nats": {"url": nats_url, **REMOTE_LANE},
     }  # fmt: skip
     return Settings.model_validate(raw)
 
@@ -291,14 +310,35 @@ class Chaos:
         self._submitting = 0
         self._killed: set[int] = set()
         self._tick = asyncio.Event()  # set (and replaced) whenever something the waiters look at changes
+        self.server: NatsServer | None = None  # with remote hosts
+        self.hosts: GpuHosts | None = None
+        self.observer: LaneObserver | None = None
 
     # ---- the run ----
 
     async def run(self) -> Report:
+        if not self.options.remote_hosts:
+            return await self._run()
+        self.server = NatsServer(self.state_dir.parent / "nats")
+        await self.server.start()
+        self.hosts = GpuHosts(self.state_dir.parent / "hosts", self.server.url, nats=REMOTE_LANE, local=REMOTE_LOCAL)
+        try:
+            self.observer = await LaneObserver.connect(self.server.url)
+            for n in range(self.options.remote_hosts):
+                await self.hosts.start(f"gpu-{n}", model_path=self.model, models="schnell,dev")
+            return await self._run()
+        finally:
+            if self.observer is not None:
+                await self.observer.close()
+            await self.hosts.close()
+            await self.server.stop()
+
+    async def _run(self) -> Report:
         started = time.perf_counter()
         options = self.options
         async with self.fake:
-            self.settings = chaos_settings(self.state_dir, self.fake.api_url, options)
+            nats_url = self.server.url if self.server else ""
+            self.settings = chaos_settings(self.state_dir, self.fake.api_url, options, nats_url)
             prices = {m.api_endpoint: str(m.price_credits) for m in self.settings.models.values() if m.api_endpoint}
             self.fake.costs.update(prices)  # the fake bills exactly the estimate, so API money must fit exactly
             self._life = await self._open()
@@ -308,14 +348,18 @@ class Chaos:
             shares = [options.jobs // options.users + (n < options.jobs % options.users) for n in range(options.users)]
             restarter = asyncio.create_task(self._restarter(restart_at))
             killer = asyncio.create_task(self._killer(kill_at))
+            server_at = [(n + 0.5) / (options.server_restarts + 1) for n in range(options.server_restarts)]
+            server_restarter = asyncio.create_task(self._server_restarter(server_at if self.server else []))
             try:
                 await asyncio.gather(*(self._user(n, share) for n, share in enumerate(shares)))
                 await restarter
+                await server_restarter
                 await self._until_all_delivered()
             finally:
                 killer.cancel()
                 restarter.cancel()
-                await asyncio.gather(killer, restarter, return_exceptions=True)
+                server_restarter.cancel()
+                await asyncio.gather(killer, restarter, server_restarter, return_exceptions=True)
                 if self._life is not None:
                     await self._close(self._life)
             self.report.faults.update(self.fake.injected)
@@ -328,14 +372,22 @@ class Chaos:
         """What `flux-bot run` starts, with the backends the factory would build (one torch thread per worker)."""
         settings = self.settings
         assert settings is not None
+        gpu_lane: Backend
+        remote: RemoteHosts | None = None
+        if self.server is not None:
+            remote = RemoteHosts(settings.nats, NatsCredentials(), settings.models)
+            gpu_lane = GpuPool([Member(GPU_HOSTS, remote)], settings.models)
+        else:
+            # OpenMP threads that outnumber the cores spin-wait: one thread each keeps the tiny jobs fast.
+            gpu_lane = LocalBackend(settings.local, settings.models, self.model, extra_env={"OMP_NUM_THREADS": "1"})
         backends: dict[BackendKind, Backend] = {
             BackendKind.API: BflBackend(settings.bfl, settings.models, API_KEY),
-            # OpenMP threads that outnumber the cores spin-wait: one thread each keeps the tiny jobs fast.
-            BackendKind.LOCAL: LocalBackend(
-                settings.local, settings.models, self.model, extra_env={"OMP_NUM_THREADS": "1"}
-            ),
+            BackendKind.LOCAL: gpu_lane,
         }
         engine = await Engine.open(settings, Secrets(bfl_api_key=API_KEY), backends=backends)
+        if remote is not None:
+            # As a bot that starts before its GPU hosts have beaten: wait until the lane sees all of them.
+            await remote.wait_for_slots(self.options.remote_hosts)
         front = ChannelFrontEnd(engine, self._post)
         front.start()
         return _Life(engine, front)
@@ -453,7 +505,19 @@ class Chaos:
     def _more_messages_than(self, seen: int) -> bool:
         return self.report.messages > seen
 
+    async def _server_restarter(self, restart_at: list[float]) -> None:
+        for fraction in restart_at:
+            await self._until(functools.partial(self._reached, fraction))
+            assert self.server is not None
+            log.warning("chaos: restarting nats-server")
+            await self.server.stop()
+            await asyncio.sleep(1.0)
+            await self.server.start()
+            self.report.server_restarts += 1
+
     def _kill_one(self) -> bool:
+        if self.observer is not None:
+            return self._kill_remote_worker()
         local = self._life.local if self._life else None
         # A killed worker stays listed until the supervisor notices its end: never count one twice.
         workers = [w for w in (local.workers() if local else []) if w.pid not in self._killed]
@@ -470,6 +534,26 @@ class Chaos:
         self.report.kills += 1
         self.report.kills_busy += bool(busy)
         return True
+
+    def _kill_remote_worker(self) -> bool:
+        """SIGKILL the worker process of a GPU host that most recently started a job (likely busy with it)."""
+        assert self.observer is not None
+        for started in reversed(self.observer.started):
+            found = re.search(r"pid (\d+)", started.worker)
+            pid = int(found.group(1)) if found else None
+            if pid is None or pid in self._killed:
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                self._killed.add(pid)
+                continue
+            self._killed.add(pid)
+            log.warning("chaos: SIGKILL worker pid %d of GPU host %s", pid, started.host)
+            self.report.kills += 1
+            self.report.kills_busy += 1
+            return True
+        return False
 
     # ---- the checks ----
 
@@ -629,7 +713,9 @@ def summary(report: Report) -> str:
         ("refusals", ", ".join(f"{k} {v}" for k, v in report.refusals.most_common()) or "none"),
         ("engine restarts (queued / running at the stop)",
          f"{len(report.stops)} (" + "; ".join(f"{s.queued} / {s.running}" for s in report.stops) + ")"),
-        ("local worker SIGKILLs (of them mid-job)", f"{report.kills} ({report.kills_busy})"),
+        ("GPU lane", f"{o.remote_hosts} GPU hosts on NATS" if o.remote_hosts else "in-host supervisor"),
+        ("worker SIGKILLs (of them mid-job)", f"{report.kills} ({report.kills_busy})"),
+        ("nats-server restarts", str(report.server_restarts)),
         ("BFL faults injected",
          f"timeouts {faults['timeout']}, 5xx {faults['server_error']}, moderated {faults['moderated']},"
          f" 429 bursts {faults['429 burst']} ({faults['429']} answers); {report.bfl_tasks} tasks accepted"),
@@ -663,6 +749,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--kills", type=int, default=defaults.kills)
     parser.add_argument("--local-share", type=float, default=defaults.local_share)
+    parser.add_argument("--remote", type=int, default=0, help="GPU hosts on a real nats-server (0: in-host)")
     parser.add_argument("--out", type=Path, default=Path("bench/out/chaos"))
     args = parser.parse_args(argv)
     options = Options(
@@ -671,6 +758,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         kills=args.kills,
         local_share=args.local_share,
+        remote_hosts=args.remote,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(

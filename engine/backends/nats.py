@@ -85,7 +85,9 @@ EMA_WEIGHT = 0.3  # weight of the newest measurement in the moving average of se
 # a restarting bot resumes its jobs within seconds of connecting.
 UNCLAIMED_DELIVERIES = 30
 RECENTLY_ENDED = 10_000  # jobs remembered as ended, whose late results are dropped at once
-RESULTS_BATCH = 16
+# One result per pull: a larger batch leaves a pull request behind that can hold the next result until it expires
+# (measured here: a second's stall; nats.py #986), and one pull per result costs a round trip on loopback.
+RESULTS_BATCH = 1
 RETRY_S = 1.0
 _NATS_ERRORS = (nats.errors.Error, OSError, TimeoutError)
 
@@ -275,6 +277,11 @@ class RemoteHosts:
         slots = sum(host.beat.slots for host in live)
         busy = sum(host.beat.busy for host in live)
         return f"{len(live)} GPU host{'s' if len(live) != 1 else ''} online, {busy} of {slots} GPUs busy"
+
+    async def wait_for_slots(self, slots: int) -> None:
+        """Return once the live hosts have `slots` slots together (or this closes): for a start that waits."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._closed or self.capacity() >= slots)
 
     def hosts(self) -> list[HostBeat]:
         """The latest heartbeat of every live host."""

@@ -29,9 +29,27 @@ ROOT = Path(__file__).resolve().parents[2]
 FAST_LANE = {"heartbeat_interval_s": 0.2, "heartbeat_ttl_s": 1.0, "ack_wait_s": 3.0}
 
 
-def host_config(state_dir: Path, nats: Mapping[str, float] = FAST_LANE) -> str:
+# The tiny model on a CPU: nothing to warm up or compile, previews every other step, one OpenMP thread per worker.
+QUICK_LOCAL: dict[str, object] = {"device": "cpu", "warmup": False, "preview_every": 2}
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    return str(value)
+
+
+def host_config(
+    state_dir: Path, nats: Mapping[str, object] = FAST_LANE, local: Mapping[str, object] = QUICK_LOCAL
+) -> str:
     lines = ["[bot]", f'state_dir = "{state_dir}"', "", "[nats]"]
-    lines += [f"{key} = {value}" for key, value in nats.items()]
+    lines += [f"{key} = {_toml(value)}" for key, value in nats.items()]
+    lines += ["", "[local]"]
+    lines += [f"{key} = {_toml(value)}" for key, value in local.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -49,7 +67,8 @@ class GpuHost:
 class GpuHosts:
     folder: Path
     url: str
-    nats: Mapping[str, float] = field(default_factory=lambda: dict(FAST_LANE))
+    nats: Mapping[str, object] = field(default_factory=lambda: dict(FAST_LANE))
+    local: Mapping[str, object] = field(default_factory=lambda: dict(QUICK_LOCAL))
     started: list[GpuHost] = field(default_factory=list)
 
     async def start(
@@ -59,13 +78,14 @@ class GpuHosts:
         synthetic_s: float | None = None,
         model_path: Path | None = None,
         gpus: str = "",
+        models: str = "schnell",
         env: Mapping[str, str] | None = None,
         extra: tuple[str, ...] = (),
     ) -> GpuHost:
         folder = self.folder / name
         folder.mkdir(parents=True, exist_ok=True)
         config = folder / "config.toml"
-        config.write_text(host_config(folder / "state", self.nats))
+        config.write_text(host_config(folder / "state", self.nats, self.local))
         argv = [sys.executable, "-m", "bot", "worker", "--nats", self.url, "--config", str(config), "--name", name]
         if synthetic_s is not None:
             argv += ["--synthetic-for-bench", str(synthetic_s)]
@@ -73,10 +93,11 @@ class GpuHosts:
             argv += ["--model-path", str(model_path)]
         if gpus:
             argv += ["--gpus", gpus]
-        argv += ["--models", "schnell", *extra]
+        argv += ["--models", models, *extra]
         log = folder / "host.log"
         environment = {k: v for k, v in os.environ.items() if not k.startswith("NATS_")}
         environment["PYTHONPATH"] = str(ROOT)
+        environment["OMP_NUM_THREADS"] = "1"  # threads that outnumber the cores spin-wait
         with log.open("ab") as out:
             process = await asyncio.create_subprocess_exec(
                 *argv, stdout=out, stderr=out, env={**environment, **(env or {})}, cwd=folder

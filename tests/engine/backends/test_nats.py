@@ -117,7 +117,7 @@ class Bot:
         return member.backend
 
     async def until_slots(self, slots: int) -> None:
-        await until(lambda: self.remote.capacity() >= slots, what=f"{slots} live GPU slots")
+        await asyncio.wait_for(self.remote.wait_for_slots(slots), 60)
 
     async def close(self) -> None:
         await self.engine.close()
