@@ -243,6 +243,18 @@ class NatsSettings(_Section):
     heartbeat_interval_s: float = Field(2.0, gt=0)
     heartbeat_ttl_s: float = Field(10.0, gt=0)  # a host silent this long is gone, and its jobs with it
 
+    @field_validator("url")
+    @classmethod
+    def _no_credentials_in_url(cls, value: str) -> str:
+        if value and not value.startswith(("nats://", "tls://", "ws://", "wss://")):
+            raise ValueError(f"expected a URL such as nats://broker:4222, got {value!r}")
+        if "@" in value.partition("://")[2].partition("/")[0]:
+            raise ValueError(
+                "credentials in the URL would be a secret in config.toml: set NATS_USER and NATS_PASSWORD "
+                "(or NATS_TOKEN) in the environment instead"
+            )
+        return value
+
     @model_validator(mode="after")
     def _ttl_covers_beats(self) -> NatsSettings:
         if self.heartbeat_ttl_s < 2 * self.heartbeat_interval_s:

@@ -166,3 +166,32 @@ def test_every_aspect_ratio_size_is_a_warmed_bucket() -> None:
 
     buckets = set(LocalSettings().resolution_buckets)
     assert {f"{width}x{height}" for width, height in ASPECT_SIZES.values()} == buckets
+
+
+def test_nats_credentials_come_from_the_environment_only(tmp_path: Path) -> None:
+    env = {
+        "NATS_USER": "gpu",
+        "NATS_PASSWORD": "nats-secret-9",
+        "NATS_NKEY_SEED_FILE": "/etc/flux-bot/host.nk",
+        "NATS_TLS_CA_FILE": "/etc/flux-bot/ca.pem",
+    }
+    _, secrets = load_settings(None, env)
+    nats = secrets.nats
+    assert (nats.user, nats.password, nats.token) == ("gpu", "nats-secret-9", None)
+    assert nats.nkey_seed_file == Path("/etc/flux-bot/host.nk") and nats.tls_ca_file == Path("/etc/flux-bot/ca.pem")
+    assert "nats-secret-9" not in repr(secrets) and "nats-secret-9" in secrets.values()
+
+    in_url = tmp_path / "config.toml"
+    in_url.write_text('[nats]\nurl = "nats://gpu:nats-secret-9@broker:4222"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(in_url, {})
+    assert caught.value.field == "nats.url" and "NATS_USER" in caught.value.problem
+    assert "nats-secret-9" not in str(caught.value)
+    in_file = tmp_path / "password.toml"
+    in_file.write_text('[nats]\npassword = "nats-secret-9"\n')
+    with pytest.raises(ConfigError, match="secrets are read only from the environment"):
+        load_settings(in_file, {})
+    beats = tmp_path / "beats.toml"
+    beats.write_text("[nats]\nheartbeat_interval_s = 5.0\nheartbeat_ttl_s = 6.0\n")
+    with pytest.raises(ConfigError, match="at least twice heartbeat_interval_s"):
+        load_settings(beats, {})
