@@ -33,7 +33,6 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from engine.backends.base import Backend
 from engine.backends.jetstream import (
     CANCEL_ALL,
     Lane,
@@ -47,6 +46,7 @@ from engine.backends.jetstream import (
     results_subject,
     token,
 )
+from engine.backends.local.supervisor import LocalBackend
 from engine.backends.protocol import (
     PROTOCOL_VERSION,
     HostBeat,
@@ -95,7 +95,7 @@ class GpuHost:
         self,
         settings: NatsSettings,
         credentials: NatsCredentials,
-        backend: Backend,
+        backend: LocalBackend,
         models: Sequence[str],
         name: str,
     ) -> None:
@@ -164,6 +164,9 @@ class GpuHost:
                 await asyncio.wait_for(stop.wait(), RETRY_S * 2)
         return None
 
+    def _serving(self) -> bool:
+        return self._backend.status(0).healthy
+
     # ---- heartbeat ----
 
     def heartbeat(self) -> HostBeat:
@@ -172,10 +175,10 @@ class GpuHost:
             version=version(),
             protocol=PROTOCOL_VERSION,
             models=self._models,
-            slots=self._backend.capacity(),
+            slots=self._backend.capacity() if self._serving() else 0,
             busy=len(self._held),
             seconds_per_step=self._seconds_per_step,
-            recycles=getattr(self._backend, "recycles", 0),
+            recycles=self._backend.recycles,
             jobs=tuple(f"{held.job.id}:{held.job.attempt}" for held in self._held.values()),
         )
 
@@ -193,6 +196,10 @@ class GpuHost:
         subscriptions: dict[str, JetStreamContext.PullSubscription] = {}
         turn = slot  # hosts serving several models start their slots on different ones
         while True:
+            if not self._serving():
+                # Workers that cannot start would fail every job taken: take none, and say 0 slots in the heartbeat.
+                await asyncio.sleep(RETRY_S)
+                continue
             model = self._models[turn % len(self._models)]
             turn += 1
             try:
@@ -411,7 +418,6 @@ def _one_line(exc: Exception) -> str:
 
 
 async def _serve(args: argparse.Namespace, settings: Settings, secrets: Secrets) -> int:
-    from engine.backends.local.supervisor import LocalBackend
     from engine.backends.local.synthetic import SYNTHETIC_ENV
 
     nats_settings = settings.nats.model_copy(update={"url": args.nats})

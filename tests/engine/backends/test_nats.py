@@ -423,3 +423,17 @@ async def test_a_host_with_wrong_credentials_is_refused_and_one_with_host_rights
     finally:
         await hosts.close()
         await secured.stop()
+
+
+async def test_a_host_whose_workers_cannot_start_offers_no_slot(
+    make_settings: SettingsFactory,
+    server: NatsServer,
+    hosts: GpuHosts,
+    open_bot: Callable[[Settings], Awaitable[Bot]],
+    tmp_path: Path,
+) -> None:
+    bot = await open_bot(lane_settings(make_settings, server))
+    broken = await hosts.start("gpu-broken", model_path=tmp_path / "no-such-weights")
+    await until(lambda: [(beat.host, beat.slots) for beat in bot.remote.hosts()] == [("gpu-broken", 0)], 120)
+    assert bot.remote.capacity() == 0 and not bot.pool.status(0).healthy
+    assert "failed to start" in broken.output()
