@@ -431,7 +431,7 @@ async def test_a_users_own_held_back_jobs_count_in_place_and_eta(make_settings: 
         await _until_started(local, jobs[0].job_id)
         fourth = await engine.submit(alice, ImageRequest("cat 3", "schnell", mode=Mode.RELAX))
         assert (fourth.position, fourth.wait_s, fourth.eta_s) == (2, 30.0, 40.0)
-        assert fourth.route.reason == "local (relax mode): about 30 s wait"
+        assert fourth.route.reason == "local (relax mode): about 30 s wait; GPU lane: 1 of 2 GPUs busy"
         bobs = await engine.submit(user("bob"), ImageRequest("a dog", "schnell"))
         assert (bobs.position, bobs.wait_s, bobs.eta_s) == (0, 0.0, 10.0)
         await _until_started(local, bobs.job_id)
