@@ -11,12 +11,12 @@ import logging
 import re
 import shlex
 from dataclasses import dataclass
+from enum import StrEnum
 
 from bot import render
 from engine.errors import InvalidRequest, refuses_a_charge
 from engine.models import (
     ASPECT_SIZES,
-    MAX_SEED,
     BackendKind,
     ImageRequest,
     Job,
@@ -24,6 +24,7 @@ from engine.models import (
     JobQueued,
     Mode,
     Requester,
+    Task,
     format_usd,
 )
 from engine.service import Engine, parse_grant
@@ -71,9 +72,11 @@ def same_options(job: Job, seed: int | None) -> dict[str, str]:
     return options
 
 
-def next_seed(seed: int) -> int:
-    """Vary's seed: the one after the job's, wrapping to 0 past the largest seed."""
-    return (seed + 1) % (MAX_SEED + 1)
+class Variation(StrEnum):
+    """The result buttons' two variations of an image: how far the new one may move from it."""
+
+    SUBTLE = "subtle"
+    STRONG = "strong"
 
 
 def parse_int(name: str, value: str) -> int:
@@ -202,8 +205,11 @@ class Commands:
         return model.display_name if model else name
 
     @refuses_a_charge
-    async def imagine(self, requester: Requester, prompt: str, options: dict[str, str]) -> JobQueued:
-        """Submit, filling unset options from the user's /settings, then the server's defaults."""
+    async def imagine(
+        self, requester: Requester, prompt: str, options: dict[str, str], *, image: bytes | None = None
+    ) -> JobQueued:
+        """Submit, filling unset options from the user's /settings, then the server's defaults; with `image`, a new
+        image guided by it (with an edit model: that image edited as the prompt says)."""
         defaults = await self.engine.user_settings(requester)
         model = options.get("model") or defaults.get("model") or self.engine.settings.routing.default_model
         mode_text = options.get("mode") or defaults.get("mode") or Mode.AUTO.value
@@ -223,6 +229,36 @@ class Commands:
             guidance=parse_float("guidance", options["guidance"]) if "guidance" in options else None,
             seed=parse_int("seed", options["seed"]) if "seed" in options else None,
             mode=mode,
+            input_image=image,
+        )
+        return await self.engine.submit(requester, request)
+
+    @refuses_a_charge
+    async def edit(
+        self, requester: Requester, image: bytes, instruction: str, options: dict[str, str] | None = None
+    ) -> JobQueued:
+        """Edit `image` as the instruction says, on the server's edit model unless the options name another."""
+        options = dict(options or {})
+        model = (options.get("model") or self.engine.settings.images.edit_model).lower()
+        if model not in self.engine.settings.models:
+            raise InvalidRequest(
+                "image edits are not set up on this bot (no edit model among its models): ask an admin", field="model"
+            )
+        mode_text = options.get("mode") or Mode.AUTO.value
+        try:
+            mode = Mode(mode_text.lower())
+        except ValueError as exc:
+            raise InvalidRequest(f"mode must be auto, fast or relax, not {mode_text!r}", field="mode") from exc
+        request = ImageRequest(
+            prompt=instruction,
+            model=model,
+            aspect_ratio=options.get("aspect"),
+            steps=parse_int("steps", options["steps"]) if "steps" in options else None,
+            guidance=parse_float("guidance", options["guidance"]) if "guidance" in options else None,
+            seed=parse_int("seed", options["seed"]) if "seed" in options else None,
+            mode=mode,
+            task=Task.EDIT,
+            input_image=image,
         )
         return await self.engine.submit(requester, request)
 
@@ -235,10 +271,33 @@ class Commands:
         job = await self.engine.get_job(job_id)
         return ImagineArgs(job.request.prompt, same_options(job, None))
 
-    async def vary(self, job_id: str) -> ImagineArgs:
-        """The job's prompt and options with the next seed."""
+    @refuses_a_charge
+    async def vary(self, requester: Requester, job_id: str, variation: Variation) -> JobQueued:
+        """A variation of this job's image: image to image from it (the GPU lane) or an image-prompt request (the
+        API), with the same prompt and model and a new seed, as near to it as the variation says."""
         job = await self.engine.get_job(job_id)
-        return ImagineArgs(job.request.prompt, same_options(job, next_seed(job.request.seed)))
+        image = await self.engine.result_image(job_id)
+        images = self.engine.settings.images
+        strength = images.vary_subtle_strength if variation is Variation.SUBTLE else images.vary_strong_strength
+        options = same_options(job, None)
+        request = ImageRequest(
+            prompt=job.request.prompt,
+            model=job.request.model,
+            aspect_ratio=options.get("aspect"),
+            steps=job.request.steps,
+            guidance=job.request.guidance,
+            mode=job.request.mode,
+            task=Task.VARY,
+            input_image=image,
+            strength=strength,
+        )
+        return await self.engine.submit(requester, request)
+
+    @refuses_a_charge
+    async def edit_result(self, requester: Requester, job_id: str, instruction: str) -> JobQueued:
+        """The Edit button: this job's image, edited as the instruction says."""
+        image = await self.engine.result_image(job_id)
+        return await self.edit(requester, image, instruction)
 
     async def edited_prompt(self, job_id: str, prompt: str) -> ImagineArgs:
         """A new prompt with the job's own seed and options."""

@@ -20,6 +20,7 @@ import errno
 import logging
 import os
 import queue
+import re
 import shutil
 import signal
 import sys
@@ -41,7 +42,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HELP = """commands:
-  /imagine PROMPT [model=..] [aspect=16:9] [steps=N] [guidance=X] [seed=N] [mode=auto|fast|relax]
+  /imagine PROMPT [model=..] [aspect=16:9] [steps=N] [guidance=X] [seed=N] [mode=auto|fast|relax] [image=PATH]
+  /edit PATH INSTRUCTION   (e.g. /edit ~/cat.png make the cat wear a hat)
   /quota   /queue   /cancel JOB   /job JOB   /settings [NAME VALUE]   /admin ...   /help   /quit"""
 
 INTERRUPTED = 130  # the exit status of a program ended by SIGINT, as shells report it
@@ -162,6 +164,33 @@ class _LineReader:
         except RuntimeError:  # the loop has closed: the console is gone
             return False
         return True
+
+
+_IMAGE_OPTION = re.compile(r"(?:^|\s)(?:--image[= ]|image=)(?P<path>\S+)")
+
+
+def _image_option(text: str) -> tuple[str | None, str]:
+    """The console's own `image=PATH` (or `--image PATH`) taken out of an /imagine line, and the rest as typed."""
+    found = _IMAGE_OPTION.search(text)
+    if found is None:
+        return None, text
+    return found["path"], (text[: found.start()] + text[found.end() :]).strip()
+
+
+def _first_word(text: str) -> tuple[str, str]:
+    """'PATH the rest' -> (PATH, 'the rest'); a path with spaces goes in quotes."""
+    text = text.strip()
+    if text[:1] in ('"', "'") and (end := text.find(text[0], 1)) > 0:
+        return text[1:end], text[end + 1 :].strip()
+    word, _, rest = text.partition(" ")
+    return word, rest.strip()
+
+
+async def _read_image(path: str) -> bytes:
+    try:
+        return await asyncio.to_thread(lambda: Path(path).expanduser().read_bytes())
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read {path}: {exc.strerror or exc}", field="image") from exc
 
 
 def place_result(stored: Path, target: Path) -> str:
@@ -343,9 +372,16 @@ class Console:
         c = self.commands
         match command:
             case "/imagine":
+                image_path, rest = _image_option(rest)
                 args = parse_imagine_text(rest)
-                queued = await c.imagine(self.requester, args.prompt, args.options)
+                image = await _read_image(image_path) if image_path else None
+                queued = await c.imagine(self.requester, args.prompt, args.options, image=image)
                 self._track(queued)
+            case "/edit":
+                image_path, instruction = _first_word(rest)
+                if not image_path or not instruction:
+                    raise InvalidRequest("say which image and what to change: /edit PATH INSTRUCTION", field="image")
+                self._track(await c.edit(self.requester, await _read_image(image_path), instruction))
             case "/quota":
                 self.write(await c.quota(self.requester))
             case "/queue":

@@ -3,6 +3,10 @@
 It only translates: an interaction becomes a Requester and a bot.commands call, engine events become message edits
 and followups with texts from bot.render. It decides nothing; admin rights, bounds and quotas are the engine's.
 
+Images to work from (/imagine's `image`, /edit, the "Edit with FLUX" message menu) are downloaded as soon as the
+request is made and only their bytes go on: Discord's CDN URLs are signed and expire, so none is stored or passed
+to the engine, and a modal that is submitted later fetches its message again for a fresh URL.
+
 Text out: the client's default `allowed_mentions` is none, so no message on any path (edits, followups, channel
 posts, modals' answers) can notify anyone; where the bot mentions the requester itself, that message allows exactly
 that user. User text inside the bot's texts (prompts in captions, /job and /queue, values echoed by error messages)
@@ -24,12 +28,12 @@ import discord
 from discord import app_commands
 
 from bot import render
-from bot.commands import ChartReply, Commands, ImagineArgs
+from bot.commands import ChartReply, Commands, ImagineArgs, Variation
 from bot.delivery import ChannelDelivery, follow, forward_alerts
-from bot.discord_views import BUTTONS, EditPromptModal, FluxClient, result_view
+from bot.discord_views import BUTTONS, EditInstructionModal, EditPromptModal, FluxClient, result_view
 from bot.images import fit_attachment
 from engine.config import ASPECT_RATIOS
-from engine.errors import EngineError
+from engine.errors import EngineError, InvalidRequest
 from engine.models import (
     BFL_STEPS_MIN,
     MAX_SEED,
@@ -51,6 +55,11 @@ TOKEN_LIFETIME = timedelta(minutes=14)
 MAX_CHARS = 2000
 DEFAULT_FILESIZE_LIMIT = 10 * 1024 * 1024
 DISCORD_ASPECTS = tuple(a for a in ASPECT_RATIOS if a != "9:21")  # the issue's eight; 9:21 stays in config only
+# A text input in a modal takes at most 4,000 characters.
+MODAL_MAX_CHARS = 4000
+EDIT_MENU = "Edit with FLUX"  # the message context menu's name, as Discord shows it
+# The commands whose refusals say whether anything was charged (the ones that make images).
+IMAGE_COMMANDS = frozenset({"imagine", "edit", EDIT_MENU})
 
 
 def user_text(text: str) -> str:
@@ -183,6 +192,7 @@ class DiscordFrontEnd:
             guidance=f"How closely to follow the prompt ({min_guidance:g}-{max_guidance:g})",
             seed="Seed, to repeat an image (random if left out)",
             mode="auto: the bot decides; fast: the API first (costs money); relax: the free local GPU only",
+            image="An image to start from (PNG, JPEG or WebP)",
         )
         @app_commands.choices(model=model_choices, aspect=aspect_choices)
         async def imagine(
@@ -194,12 +204,38 @@ class DiscordFrontEnd:
             guidance: app_commands.Range[float, min_guidance, max_guidance] | None = None,
             seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
             mode: Literal["auto", "fast", "relax"] | None = None,
+            image: discord.Attachment | None = None,
         ) -> None:
             # Acknowledge first: Discord drops an interaction not answered within 3 seconds.
             await interaction.response.defer(thinking=True)
             chosen = {"model": model, "aspect": aspect, "steps": steps, "guidance": guidance, "seed": seed}
             options = {k: str(v) for k, v in (chosen | {"mode": mode}).items() if v is not None}
-            await self._imagine(interaction, prompt, options)
+
+            async def submit(requester: Requester) -> JobQueued:
+                data = None if image is None else await self._download(image)
+                return await self.commands.imagine(requester, prompt, options, image=data)
+
+            await self._submit(interaction, submit)
+
+        @self.tree.command(name="edit", description="Edit an image with FLUX.1 Kontext, as you describe")
+        @app_commands.describe(
+            image="The image to edit (PNG, JPEG or WebP)", instruction="What to change, e.g. 'make it night time'"
+        )
+        async def edit(
+            interaction: discord.Interaction,
+            image: discord.Attachment,
+            instruction: str,
+        ) -> None:
+            await interaction.response.defer(thinking=True)
+
+            async def submit(requester: Requester) -> JobQueued:
+                return await self.commands.edit(requester, await self._download(image), instruction)
+
+            await self._submit(interaction, submit)
+
+        @self.tree.context_menu(name=EDIT_MENU)
+        async def edit_message_image(interaction: discord.Interaction, message: discord.Message) -> None:
+            await self._edit_message_image(interaction, message)
 
         @self.tree.command(name="quota", description="Your usage, limits and when they reset")
         async def quota(interaction: discord.Interaction) -> None:
@@ -350,8 +386,8 @@ class DiscordFrontEnd:
         log.error("discord command failed", exc_info=error)
         text = render.INTERNAL_ERROR
         if isinstance(error, app_commands.TransformerError):
-            # Only a refused /imagine could have cost anything: elsewhere a word about charges would be noise.
-            makes_images = interaction.command is not None and interaction.command.name == "imagine"
+            # Only a refused image command could have cost anything: elsewhere a word about charges would be noise.
+            makes_images = interaction.command is not None and interaction.command.name in IMAGE_COMMANDS
             charge = f" {render.NOT_CHARGED}" if makes_images else ""
             text = f"That option can't be used: {user_text(repr(error.value))}.{charge}"
         await self._refuse(interaction, text)
@@ -367,21 +403,109 @@ class DiscordFrontEnd:
             log.debug("no original response to remove for interaction %s", interaction.id)
         await interaction.followup.send(clip(text), ephemeral=True)
 
-    # ---- /imagine: submit, follow, deliver ----
+    # ---- making an image: submit, follow, deliver ----
 
     async def _imagine(self, interaction: discord.Interaction, prompt: str, options: dict[str, str]) -> None:
+        await self._submit(interaction, lambda requester: self.commands.imagine(requester, prompt, options))
+
+    async def _submit(
+        self, interaction: discord.Interaction, submission: Callable[[Requester], Awaitable[JobQueued]]
+    ) -> None:
         """Submit for an interaction that is already deferred (publicly), then follow the job to its end."""
         try:
-            queued = await self.commands.imagine(requester_of(interaction), prompt, options)
+            queued = await submission(requester_of(interaction))
         except EngineError as exc:
             await self._refuse(interaction, error_text(exc, self.engine.capabilities()))
             return
         except Exception:
-            log.exception("discord /imagine could not be submitted for %s", interaction.user.id)
+            log.exception("discord: a job could not be submitted for %s", interaction.user.id)
             await self._refuse(interaction, render.INTERNAL_ERROR)
             return
         self._orphans.follow(queued.job_id)
         self._spawn(self._follow(interaction, queued), f"discord: follow {queued.job_id}")
+
+    # ---- images to work from ----
+
+    async def _download(self, attachment: discord.Attachment) -> bytes:
+        """The attachment's bytes, fetched now (its URL expires); InvalidRequest when it can't be had.
+
+        An attachment past the engine's size limit is refused from the size Discord reports, before anything is
+        downloaded; everything else about the bytes (their kind, pixels, damage) is the engine's to judge.
+        """
+        self._ensure_small_enough(attachment)
+        try:
+            return await attachment.read()
+        except discord.HTTPException as exc:
+            log.info("attachment %s could not be downloaded (%s %s)", attachment.id, exc.status, exc.code)
+            raise _refused_image("the image could not be downloaded from Discord: attach it again") from exc
+
+    def _ensure_small_enough(self, attachment: discord.Attachment) -> None:
+        limit_mb = self.engine.settings.images.max_input_mb
+        if attachment.size > limit_mb * 1_000_000:
+            # Worded as the engine words its own size refusal (engine/inputs.py), which the bytes would meet.
+            raise _refused_image(
+                f"the image is {attachment.size / 1_000_000:.1f} MB; at most {limit_mb:g} MB are accepted"
+            )
+
+    async def _edit_message_image(self, interaction: discord.Interaction, message: discord.Message) -> None:
+        """The "Edit with FLUX" message menu: ask for the instruction about the message's first image."""
+        image = first_image(message)
+        try:
+            if image is None:
+                raise InvalidRequest(
+                    "that message has no image attached (Edit with FLUX works on a message with a PNG, JPEG or WebP"
+                    " image)",
+                    field="image",
+                )
+            self._ensure_small_enough(image)  # refused now, rather than after the user has typed an instruction
+        except EngineError as exc:
+            await self._refuse(interaction, error_text(exc))
+            return
+        modal = EditInstructionModal.for_message(message.channel.id, message.id, image.id, self._modal_chars())
+        await interaction.response.send_modal(modal)
+
+    async def edited_message_image(
+        self, interaction: discord.Interaction, channel_id: int, message_id: int, attachment_id: int, instruction: str
+    ) -> None:
+        """The submit of the "Edit with FLUX" modal: fetch the message again (the URL Discord gave when the menu was
+        opened may have expired since, or belong to a process that has restarted), then edit its image."""
+        if channel_id != interaction.channel_id:
+            # The menu is used on a message in the channel it is used in, so a genuine submit comes from there; one
+            # naming another channel is forged, and would have the bot read a message its sender may not see.
+            log.warning("edit-with-flux submit from channel %s names channel %s", interaction.channel_id, channel_id)
+            await self._refuse(interaction, error_text(InvalidRequest("that image is not in this channel")))
+            return
+        await interaction.response.defer(thinking=True)
+
+        async def submit(requester: Requester) -> JobQueued:
+            attachment = await self._attachment_of(channel_id, message_id, attachment_id)
+            return await self.commands.edit(requester, await self._download(attachment), instruction)
+
+        await self._submit(interaction, submit)
+
+    async def _attachment_of(self, channel_id: int, message_id: int, attachment_id: int) -> discord.Attachment:
+        channel = self.client.get_partial_messageable(channel_id)
+        try:
+            message = await channel.fetch_message(message_id)
+        except discord.NotFound as exc:
+            raise _refused_image("that message was deleted, so its image can't be edited") from exc
+        except discord.Forbidden as exc:
+            # Reading a message again needs Read Message History in its channel.
+            raise _refused_image(
+                "flux-bot may not read that message again (it needs Read Message History in this channel): use /edit"
+                " with the image attached"
+            ) from exc
+        except discord.HTTPException as exc:
+            log.info("message %s in %s could not be fetched (%s %s)", message_id, channel_id, exc.status, exc.code)
+            raise _refused_image("Discord did not give flux-bot that message just now: try again") from exc
+        for attachment in message.attachments:
+            if attachment.id == attachment_id:
+                return attachment
+        raise _refused_image("that message no longer has the image (it was edited away)")
+
+    def _modal_chars(self) -> int:
+        """The longest text a modal here asks for: Discord's limit for a text input, or the prompt policy's."""
+        return min(MODAL_MAX_CHARS, self.engine.settings.policy.max_prompt_chars)
 
     async def _follow(self, interaction: discord.Interaction, queued: JobQueued) -> None:
         try:
@@ -471,11 +595,29 @@ class DiscordFrontEnd:
 
     # ---- result buttons (bot.discord_views routes clicks here) ----
 
-    async def reroll(self, interaction: discord.Interaction, job_id: str, *, vary: bool) -> None:
+    async def reroll(self, interaction: discord.Interaction, job_id: str) -> None:
         await interaction.response.defer(thinking=True)
-        args = await self._remake(interaction, self.commands.vary(job_id) if vary else self.commands.reroll(job_id))
+        args = await self._remake(interaction, self.commands.reroll(job_id))
         if args is not None:
             await self._imagine(interaction, args.prompt, args.options)
+
+    async def vary(self, interaction: discord.Interaction, job_id: str, variation: Variation) -> None:
+        await interaction.response.defer(thinking=True)
+        await self._submit(interaction, lambda requester: self.commands.vary(requester, job_id, variation))
+
+    async def edit_result(self, interaction: discord.Interaction, job_id: str) -> None:
+        """The Edit button: ask for the instruction, unless the result's image is gone (then say so at once, before
+        the user types anything)."""
+        try:
+            await self.engine.result_image(job_id)
+        except EngineError as exc:
+            await self._refuse(interaction, error_text(exc))
+            return
+        await interaction.response.send_modal(EditInstructionModal.for_result(job_id, self._modal_chars()))
+
+    async def edited_result(self, interaction: discord.Interaction, job_id: str, instruction: str) -> None:
+        await interaction.response.defer(thinking=True)
+        await self._submit(interaction, lambda requester: self.commands.edit_result(requester, job_id, instruction))
 
     async def edit_prompt(self, interaction: discord.Interaction, job_id: str) -> None:
         try:
@@ -483,8 +625,7 @@ class DiscordFrontEnd:
         except EngineError as exc:
             await self._refuse(interaction, error_text(exc))
             return
-        limit = min(4000, self.engine.settings.policy.max_prompt_chars)
-        await interaction.response.send_modal(EditPromptModal(job_id, job.request.prompt, limit))
+        await interaction.response.send_modal(EditPromptModal(job_id, job.request.prompt, self._modal_chars()))
 
     async def edited_prompt(self, interaction: discord.Interaction, job_id: str, prompt: str) -> None:
         await interaction.response.defer(thinking=True)
@@ -512,3 +653,15 @@ class DiscordFrontEnd:
         except EngineError as exc:
             await self._refuse(interaction, error_text(exc))
             return None
+
+
+def first_image(message: discord.Message) -> discord.Attachment | None:
+    """The message's first attachment that Discord says is an image (the engine checks what it really is)."""
+    return next((a for a in message.attachments if (a.content_type or "").startswith("image/")), None)
+
+
+def _refused_image(problem: str) -> InvalidRequest:
+    """Why an image to work from can't be used, as the engine's own refusals of an image are worded and marked."""
+    refusal = InvalidRequest(problem, field="image")
+    refusal.charge_possible = True  # a refused image request: the user wants to know that it cost nothing
+    return refusal

@@ -1,10 +1,16 @@
-"""The buttons under a Discord result and the edit-prompt modal.
+"""The buttons under a Discord result and the modals that ask for a new prompt or an edit instruction.
 
 The buttons are DynamicItems whose custom ids carry the job id ("flux:reroll:<job_id>"), so they keep working after a
-restart with no view stored anywhere: the id alone says which job a click is about. The edit-prompt modal works the
-same way: its custom id ("flux:editprompt:<job_id>") routes the submit, so a modal opened before a restart is still
-handled after it. Both only route to the front-end's `ResultActions`; what they do is decided there (and in the
-engine).
+restart with no view stored anywhere: the id alone says which job a click is about. The modals work the same way:
+each one's custom id says what its submit is about, so a modal opened before a restart is still handled after it:
+
+- "flux:editprompt:<job_id>": Edit prompt, a new prompt for that job's settings and seed;
+- "flux:editresult:<job_id>": Edit, an instruction to edit that job's image;
+- "flux:editmessage:<channel_id>:<message_id>:<attachment_id>": the "Edit with FLUX" message menu, an instruction to
+  edit that attachment. Only ids travel, never the attachment's URL: Discord's CDN URLs are signed and expire, so the
+  submit fetches the message again for a fresh one.
+
+All of them only route to the front-end's `ResultActions`; what they do is decided there (and in the engine).
 """
 
 from __future__ import annotations
@@ -15,17 +21,35 @@ from typing import Any, Protocol
 import discord
 from discord import ui
 
+from bot.commands import Variation
+
 JOB_ID = r"(?P<job_id>j[0-9a-z]{1,40})"
+_SNOWFLAKE = r"[0-9]{1,20}"
 EDIT_PROMPT = re.compile(r"flux:editprompt:" + JOB_ID)
+EDIT_RESULT = re.compile(r"flux:editresult:" + JOB_ID)
+EDIT_MESSAGE = re.compile(
+    rf"flux:editmessage:(?P<channel_id>{_SNOWFLAKE}):(?P<message_id>{_SNOWFLAKE}):(?P<attachment_id>{_SNOWFLAKE})"
+)
 PROMPT_INPUT = "prompt"  # the text input's custom id in the edit-prompt modal
+INSTRUCTION_INPUT = "instruction"  # the text input's custom id in both edit modals
 
 
 class ResultActions(Protocol):
-    async def reroll(self, interaction: discord.Interaction, job_id: str, *, vary: bool) -> None: ...
+    async def reroll(self, interaction: discord.Interaction, job_id: str) -> None: ...
+
+    async def vary(self, interaction: discord.Interaction, job_id: str, variation: Variation) -> None: ...
 
     async def edit_prompt(self, interaction: discord.Interaction, job_id: str) -> None: ...
 
     async def edited_prompt(self, interaction: discord.Interaction, job_id: str, prompt: str) -> None: ...
+
+    async def edit_result(self, interaction: discord.Interaction, job_id: str) -> None: ...
+
+    async def edited_result(self, interaction: discord.Interaction, job_id: str, instruction: str) -> None: ...
+
+    async def edited_message_image(
+        self, interaction: discord.Interaction, channel_id: int, message_id: int, attachment_id: int, instruction: str
+    ) -> None: ...
 
     async def delete(self, interaction: discord.Interaction, job_id: str) -> None: ...
 
@@ -38,14 +62,22 @@ class FluxClient(discord.Client):
         self.actions = actions
 
     async def on_interaction(self, interaction: discord.Interaction) -> None:
-        """Route edit-prompt submits by custom id (discord.py's modal store is in memory and empty after a restart)."""
+        """Route modal submits by custom id (discord.py's modal store is in memory and empty after a restart)."""
         if interaction.type is not discord.InteractionType.modal_submit:
             return
         data: dict[str, Any] = dict(interaction.data or {})
-        match = EDIT_PROMPT.fullmatch(str(data.get("custom_id", "")))
-        if match is not None:
-            prompt = submitted_value(data.get("components", []), PROMPT_INPUT)
+        custom_id = str(data.get("custom_id", ""))
+        components = data.get("components", [])
+        if match := EDIT_PROMPT.fullmatch(custom_id):
+            prompt = submitted_value(components, PROMPT_INPUT)
             await self.actions.edited_prompt(interaction, match["job_id"], prompt)
+        elif match := EDIT_RESULT.fullmatch(custom_id):
+            instruction = submitted_value(components, INSTRUCTION_INPUT)
+            await self.actions.edited_result(interaction, match["job_id"], instruction)
+        elif match := EDIT_MESSAGE.fullmatch(custom_id):
+            instruction = submitted_value(components, INSTRUCTION_INPUT)
+            ids = int(match["channel_id"]), int(match["message_id"]), int(match["attachment_id"])
+            await self.actions.edited_message_image(interaction, *ids, instruction)
 
 
 def _actions(interaction: discord.Interaction) -> ResultActions:
@@ -54,15 +86,18 @@ def _actions(interaction: discord.Interaction) -> ResultActions:
     return client.actions
 
 
-class _JobButton(ui.DynamicItem[ui.Button[ui.View]], template=r"flux:(?P<action>\w+):" + JOB_ID):
+class _JobButton(ui.DynamicItem[ui.Button[ui.View]], template=r"flux:(?P<action>[\w-]+):" + JOB_ID):
     """Base of the result buttons: the action and job id both come from the custom id."""
 
     action = ""
     label = ""
     style = discord.ButtonStyle.secondary
 
-    def __init__(self, job_id: str) -> None:
-        super().__init__(ui.Button(label=self.label, style=self.style, custom_id=f"flux:{self.action}:{job_id}"))
+    def __init__(self, job_id: str, row: int | None = None) -> None:
+        button: ui.Button[ui.View] = ui.Button(
+            label=self.label, style=self.style, custom_id=f"flux:{self.action}:{job_id}", row=row
+        )
+        super().__init__(button)
         self.job_id = job_id
 
     @classmethod
@@ -76,14 +111,40 @@ class RerollButton(_JobButton, template=r"flux:reroll:" + JOB_ID):
     action, label, style = "reroll", "Reroll", discord.ButtonStyle.primary
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await _actions(interaction).reroll(interaction, self.job_id, vary=False)
+        await _actions(interaction).reroll(interaction, self.job_id)
 
 
-class VaryButton(_JobButton, template=r"flux:vary:" + JOB_ID):
+class VarySubtleButton(_JobButton, template=r"flux:vary-subtle:" + JOB_ID):
+    action, label = "vary-subtle", "Vary (subtle)"
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _actions(interaction).vary(interaction, self.job_id, Variation.SUBTLE)
+
+
+class VaryStrongButton(_JobButton, template=r"flux:vary-strong:" + JOB_ID):
+    action, label = "vary-strong", "Vary (strong)"
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _actions(interaction).vary(interaction, self.job_id, Variation.STRONG)
+
+
+class LegacyVaryButton(_JobButton, template=r"flux:vary:" + JOB_ID):
+    """The single Vary button of results posted before there were two: still answered, as the subtle variation.
+
+    Never put under new results (result_view leaves it out); registered only so old messages keep working.
+    """
+
     action, label = "vary", "Vary"
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await _actions(interaction).reroll(interaction, self.job_id, vary=True)
+        await _actions(interaction).vary(interaction, self.job_id, Variation.SUBTLE)
+
+
+class EditResultButton(_JobButton, template=r"flux:edit-image:" + JOB_ID):
+    action, label = "edit-image", "Edit"
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _actions(interaction).edit_result(interaction, self.job_id)
 
 
 class EditPromptButton(_JobButton, template=r"flux:edit:" + JOB_ID):
@@ -100,13 +161,21 @@ class DeleteButton(_JobButton, template=r"flux:delete:" + JOB_ID):
         await _actions(interaction).delete(interaction, self.job_id)
 
 
-BUTTONS: tuple[type[_JobButton], ...] = (RerollButton, VaryButton, EditPromptButton, DeleteButton)
+# Under each result, one row per kind of button (Discord allows five a row): new images from this one, then the
+# ones that change or remove it.
+RESULT_ROWS: tuple[tuple[type[_JobButton], ...], ...] = (
+    (RerollButton, VarySubtleButton, VaryStrongButton),
+    (EditResultButton, EditPromptButton, DeleteButton),
+)
+# Every button a click can arrive from, the old messages' too.
+BUTTONS: tuple[type[_JobButton], ...] = (*(button for row in RESULT_ROWS for button in row), LegacyVaryButton)
 
 
 def result_view(job_id: str) -> ui.View:
     view = ui.View(timeout=None)
-    for button in BUTTONS:
-        view.add_item(button(job_id))
+    for row, buttons in enumerate(RESULT_ROWS):
+        for button in buttons:
+            view.add_item(button(job_id, row=row))
     return view
 
 
@@ -129,6 +198,32 @@ class EditPromptModal(ui.Modal):
             )
         )
         self.stop()
+
+
+class EditInstructionModal(ui.Modal):
+    """Asks how to change an image. Sent finished and routed by its custom id, as EditPromptModal; build it with
+    `for_result` (the Edit button) or `for_message` (the "Edit with FLUX" message menu)."""
+
+    def __init__(self, title: str, custom_id: str, max_chars: int) -> None:
+        super().__init__(title=title, custom_id=custom_id)
+        self.add_item(
+            ui.TextInput(
+                label="What should change?",
+                custom_id=INSTRUCTION_INPUT,
+                style=discord.TextStyle.paragraph,
+                placeholder="e.g. make it night time, add a red scarf",
+                max_length=max_chars,
+            )
+        )
+        self.stop()
+
+    @classmethod
+    def for_result(cls, job_id: str, max_chars: int) -> EditInstructionModal:
+        return cls("Edit this image", f"flux:editresult:{job_id}", max_chars)
+
+    @classmethod
+    def for_message(cls, channel_id: int, message_id: int, attachment_id: int, max_chars: int) -> EditInstructionModal:
+        return cls("Edit with FLUX", f"flux:editmessage:{channel_id}:{message_id}:{attachment_id}", max_chars)
 
 
 def submitted_value(components: list[dict[str, Any]], custom_id: str) -> str:

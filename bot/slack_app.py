@@ -14,6 +14,12 @@ plain (bot.render's texts and the user's words in them alike) and `markup` escap
 `<!channel>` shows those characters and pings nobody; the only live markup is what the bot adds itself (the
 requester's mention, a channel link). Every post goes through the `_post`, `_chat_update`, `_ephemeral`, `_upload` and
 `_ack` helpers, which do that; tests/bot/test_slack.py fails if a Slack send method is called anywhere else.
+
+Images in: slash commands cannot carry files, so an edit starts from the "Edit with FLUX" message shortcut on a message
+with an image (or the Edit button under a result). Its modal keeps only the channel and the file's id; on submit the
+file is looked up with files.info and downloaded with the bot token, and only the bytes go to the engine, which
+checks them. Slack's file addresses need the token and are never stored or passed on. Without the files:read scope
+Slack answers a download with its HTML login page, not an error: that is told to the user as a missing scope.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from aiohttp import web
@@ -36,8 +43,9 @@ from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetry
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import render
-from bot.commands import Commands, ImagineArgs, parse_imagine_text
+from bot.commands import Commands, ImagineArgs, Variation, parse_imagine_text
 from bot.delivery import ChannelDelivery, follow, forward_alerts
+from bot.slack_files import SlackFileError, SlackFiles, first_image_file
 from engine.errors import ConfigError, EngineError, InvalidRequest
 from engine.models import Job, JobDone, JobEvent, JobQueued, Platform, Requester
 from engine.service import Engine
@@ -45,11 +53,50 @@ from engine.service import Engine
 log = logging.getLogger(__name__)
 
 MAX_CHARS = 3000  # a section block's text limit; plain message text allows more, one limit keeps it simple
-ACTIONS = ("reroll", "vary", "edit", "delete")
-LABELS = {"edit": "Edit prompt"}  # the others are the action's name, capitalised
+
+
+class ResultAction(StrEnum):
+    """The action_ids of the result message's buttons. Posted messages keep their buttons, so each id stays answered
+    for good: a button is never renamed, only added."""
+
+    REROLL = "flux_reroll"
+    VARY_SUBTLE = "flux_vary_subtle"
+    VARY_STRONG = "flux_vary_strong"
+    EDIT_IMAGE = "flux_edit_image"
+    EDIT_PROMPT = "flux_edit"
+    DELETE = "flux_delete"
+    OLD_VARY = "flux_vary"  # the one Vary button of results posted before there were two: a subtle variation now
+
+
+RESULT_BUTTONS = (  # in the order shown
+    (ResultAction.REROLL, "Reroll"),
+    (ResultAction.VARY_SUBTLE, "Vary (subtle)"),
+    (ResultAction.VARY_STRONG, "Vary (strong)"),
+    (ResultAction.EDIT_IMAGE, "Edit"),
+    (ResultAction.EDIT_PROMPT, "Edit prompt"),
+    (ResultAction.DELETE, "Delete"),
+)
+VARIATIONS = {
+    ResultAction.VARY_SUBTLE: Variation.SUBTLE,
+    ResultAction.VARY_STRONG: Variation.STRONG,
+    ResultAction.OLD_VARY: Variation.SUBTLE,
+}
+
 EDIT_VIEW = "flux_editprompt"  # the edit-prompt modal's callback_id; its private_metadata says which job and channel
 EDIT_BLOCK, EDIT_INPUT = "prompt", "prompt"
 MAX_INPUT_CHARS = 3000  # a plain_text_input's max_length limit
+
+# The message shortcut's callback_id, as registered in the Slack app's configuration ("Edit with FLUX"). It is the
+# result's Edit button's action_id too: both mean "edit this image", and bolt keeps shortcuts and actions apart.
+EDIT_IMAGE_SHORTCUT = ResultAction.EDIT_IMAGE.value
+# The edit-image modal's callback_id. Its private_metadata holds the channel and either the shared file's id (and the
+# message's ts, for the log) or the result's job id: never a file's address, which only works with the bot token.
+EDIT_IMAGE_VIEW = "flux_edit_image_view"
+INSTRUCTION_BLOCK, INSTRUCTION_INPUT = "instruction", "instruction"
+NO_IMAGE_IN_MESSAGE = (
+    "That message has no image to edit. Use Edit with FLUX on a message with an image file (PNG, JPEG or WebP)"
+    " attached."
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,20 +174,20 @@ class Markup:
 
 
 def result_blocks(text: str, job_id: str, file_id: str) -> list[dict[str, Any]]:
-    """The caption (already markup) with Reroll, Vary and Delete; each button's value is the job id, its action_id
-    the action.
+    """The caption (already markup) with the RESULT_BUTTONS; each button's value is the job id, its action_id the
+    action.
 
     Delete's value also names the uploaded image, which lives in the thread and would outlive its parent message.
     """
     buttons = [
         {
             "type": "button",
-            "action_id": f"flux_{action}",
-            "text": {"type": "plain_text", "text": LABELS.get(action, action.capitalize())},
-            "value": f"{job_id}:{file_id}" if action == "delete" else job_id,
-            **({"style": "danger"} if action == "delete" else {}),
+            "action_id": action_id.value,
+            "text": {"type": "plain_text", "text": label},
+            "value": f"{job_id}:{file_id}" if action_id is ResultAction.DELETE else job_id,
+            **({"style": "danger"} if action_id is ResultAction.DELETE else {}),
         }
-        for action in ACTIONS
+        for action_id, label in RESULT_BUTTONS
     ]
     return [
         {"type": "section", "text": {"type": "mrkdwn", "text": text}},
@@ -170,6 +217,34 @@ def edit_prompt_view(job: Job, channel: str, max_chars: int) -> dict[str, Any]:
                     "multiline": True,
                     "initial_value": job.request.prompt[:max_chars],
                     "max_length": max_chars,
+                },
+            }
+        ],
+    }
+
+
+def edit_image_view(source: dict[str, str], max_chars: int) -> dict[str, Any]:
+    """The edit-image modal, asking for the instruction. `source` (its private_metadata) says which image: the channel
+    with a shared file's id ("file", "ts") or a result's job id ("job"), so any process can act on the submit."""
+    return {
+        "type": "modal",
+        "callback_id": EDIT_IMAGE_VIEW,
+        "private_metadata": json.dumps(source),
+        "title": {"type": "plain_text", "text": "Edit with FLUX"},
+        "submit": {"type": "plain_text", "text": "Edit it"},
+        "close": {"type": "plain_text", "text": "Cancel"},
+        "blocks": [
+            {
+                "type": "input",
+                "block_id": INSTRUCTION_BLOCK,
+                "label": {"type": "plain_text", "text": "What should change?"},
+                "hint": {"type": "plain_text", "text": "The new image is posted in the channel, as /imagine's are."},
+                "element": {
+                    "type": "plain_text_input",
+                    "action_id": INSTRUCTION_INPUT,
+                    "multiline": True,
+                    "max_length": max_chars,
+                    "placeholder": {"type": "plain_text", "text": "make the sky stormy, keep everything else"},
                 },
             }
         ],
@@ -229,6 +304,7 @@ class SlackFrontEnd:
             logger=log,
         )
         self.pacer = ChannelPacer(edit_interval_s)
+        self.files = SlackFiles(self.client, max_bytes=round(engine.settings.images.max_input_mb * 1_000_000))
         self._tasks: set[asyncio.Task[None]] = set()
         # Jobs a command follows are delivered by it; the rest (a restart's) go to their channel.
         self._orphans = ChannelDelivery(engine, Platform.SLACK, lambda job, event: self._deliver(job, event, None))
@@ -293,9 +369,11 @@ class SlackFrontEnd:
         self.app.command(names.queue)(self._on_queue)
         self.app.command(names.job)(self._on_job)
         self.app.command(names.settings)(self._on_settings)
-        for action in ACTIONS:
-            self.app.action(f"flux_{action}")(self._on_action)
+        for action in ResultAction:
+            self.app.action(action.value)(self._on_action)
         self.app.view(EDIT_VIEW)(self._on_edited_prompt)
+        self.app.shortcut(EDIT_IMAGE_SHORTCUT)(self._on_edit_image_shortcut)
+        self.app.view(EDIT_IMAGE_VIEW)(self._on_edit_image_submitted)
 
     async def _requester(
         self, context: AsyncBoltContext, name: object, *, check_admin: bool = False, channel: str | None = None
@@ -417,7 +495,10 @@ class SlackFrontEnd:
 
     async def _imagine(self, requester: Requester, prompt: str, options: dict[str, str]) -> str:
         """Submit and start following; the queued note for the user."""
-        queued = await self.commands.imagine(requester, prompt, options)
+        return await self._following(await self.commands.imagine(requester, prompt, options))
+
+    async def _following(self, queued: JobQueued) -> str:
+        """Follow a submitted job into its channel as /imagine's are; the queued note for the user."""
         self._orphans.follow(queued.job_id)
         self._spawn(self._follow(queued), f"slack: follow {queued.job_id}")
         job = await self.engine.get_job(queued.job_id)
@@ -513,21 +594,25 @@ class SlackFrontEnd:
     ) -> None:
         await ack()
         job_id, _, file_id = str(action.get("value", "")).partition(":")
-        action_id = action.get("action_id")
-        requester = await self._requester(context, _user_name(body), check_admin=action_id == "flux_delete")
+        action_id = str(action.get("action_id"))
+        requester = await self._requester(context, _user_name(body), check_admin=action_id == ResultAction.DELETE)
         try:
             match action_id:
-                case "flux_delete":
+                case ResultAction.DELETE:
                     await self._delete(body, requester, job_id, file_id)
                     return
-                case "flux_edit":
+                case ResultAction.EDIT_PROMPT:
                     await self._open_edit_prompt(body, requester, job_id)
                     return
-                case "flux_vary":
-                    args = await self.commands.vary(job_id)
+                case ResultAction.EDIT_IMAGE:
+                    await self._open_edit_result(body, requester, job_id)
+                    return
+                case ResultAction.VARY_SUBTLE | ResultAction.VARY_STRONG | ResultAction.OLD_VARY:
+                    queued = await self.commands.vary(requester, job_id, VARIATIONS[ResultAction(action_id)])
                 case _:
                     args = await self.commands.reroll(job_id)
-            note = await self._imagine(requester, args.prompt, args.options)
+                    queued = await self.commands.imagine(requester, args.prompt, args.options)
+            note = await self._following(queued)
         except EngineError as exc:
             note = render.error_message(exc, self.engine.capabilities())
         except Exception:
@@ -568,6 +653,79 @@ class SlackFrontEnd:
             await ack(response_action="errors", errors={EDIT_BLOCK: render.INTERNAL_ERROR})
             return
         await ack()
+        await self._ephemeral(requester, note)
+
+    # ---- editing an image: the message shortcut on a shared image, the Edit button on a result ----
+
+    def _instruction_chars(self) -> int:
+        return min(MAX_INPUT_CHARS, self.engine.settings.policy.max_prompt_chars)
+
+    async def _on_edit_image_shortcut(self, ack: AsyncAck, body: dict[str, Any], context: AsyncBoltContext) -> None:
+        """The "Edit with FLUX" shortcut on a message: a modal for the instruction when the message has an image file,
+        else one ephemeral refusal. The file is fetched on submit: the trigger_id that opens the modal lasts 3 s."""
+        await ack()
+        requester = await self._requester(context, _user_name(body))
+        message = body.get("message") or {}
+        image = first_image_file(message)
+        try:
+            if requester.channel_id is None:
+                raise InvalidRequest("this shortcut needs the channel of the message it was used on")
+            if image is None:
+                await self._ephemeral(requester, NO_IMAGE_IN_MESSAGE)
+                return
+            source = {"channel": requester.channel_id, "file": str(image["id"]), "ts": str(message.get("ts", ""))}
+            view = edit_image_view(source, self._instruction_chars())
+            await self.client.views_open(trigger_id=str(body.get("trigger_id", "")), view=view)
+        except EngineError as exc:
+            await self._ephemeral(requester, render.error_message(exc, self.engine.capabilities()))
+        except Exception:
+            log.exception("slack: Edit with FLUX on a message in %s failed", requester.channel_id)
+            await self._ephemeral(requester, render.INTERNAL_ERROR)
+
+    async def _open_edit_result(self, body: dict[str, Any], requester: Requester, job_id: str) -> None:
+        if requester.channel_id is None:
+            raise InvalidRequest("this button needs the channel it was pressed in")
+        # Asked before the modal opens, so nobody types an instruction for an image that is gone.
+        await self.engine.result_image(job_id)
+        view = edit_image_view({"channel": requester.channel_id, "job": job_id}, self._instruction_chars())
+        await self.client.views_open(trigger_id=str(body.get("trigger_id", "")), view=view)
+
+    async def _on_edit_image_submitted(
+        self, ack: AsyncAck, body: dict[str, Any], view: dict[str, Any], context: AsyncBoltContext
+    ) -> None:
+        """The edit-image modal's submit. The modal closes at once and the answer comes ephemerally in the channel:
+        fetching a large image from Slack and checking it can take longer than the 3 seconds a submit's ack has."""
+        try:
+            source = json.loads(str(view.get("private_metadata") or "{}"))
+            channel = str(source["channel"])
+            instruction = str(view["state"]["values"][INSTRUCTION_BLOCK][INSTRUCTION_INPUT].get("value") or "")
+            if "job" not in source and "file" not in source:
+                raise KeyError("job or file")
+        except (ValueError, KeyError, TypeError):
+            log.warning("slack: an edit-image submit without its channel, image or instruction: %r", view.get("id"))
+            await ack(response_action="errors", errors={INSTRUCTION_BLOCK: render.INTERNAL_ERROR})
+            return
+        await ack()
+        requester = await self._requester(context, _user_name(body), channel=channel)
+        self._spawn(self._edit_image(requester, source, instruction), "slack: edit an image")
+
+    async def _edit_image(self, requester: Requester, source: dict[str, Any], instruction: str) -> None:
+        try:
+            if "job" in source:
+                queued = await self.commands.edit_result(requester, str(source["job"]), instruction)
+            else:
+                image = await self.files.download(str(source["file"]))
+                queued = await self.commands.edit(requester, image, instruction)
+                log.info("job %s edits file %s of message %s", queued.job_id, source["file"], source.get("ts"))
+            note = await self._following(queued)
+        except SlackFileError as exc:
+            log.info("slack: file %s could not be fetched for %s: %s", source.get("file"), requester.user_key, exc)
+            note = f"{exc.text} {render.NOT_CHARGED}"
+        except EngineError as exc:
+            note = render.error_message(exc, self.engine.capabilities())
+        except Exception:
+            log.exception("slack: editing %s for %s failed", source, requester.user_key)
+            note = render.INTERNAL_ERROR
         await self._ephemeral(requester, note)
 
     async def _delete(self, body: dict[str, Any], requester: Requester, job_id: str, file_id: str) -> None:

@@ -104,6 +104,11 @@ class BotSettings(_Section):
         # Results are kept on disk so an image can still be delivered after a restart.
         return self.state_dir / "images"
 
+    @property
+    def inputs_dir(self) -> Path:
+        """Input images (edits, variations), stored by their sha256 (engine/inputs.py)."""
+        return self.state_dir / "inputs"
+
 
 class AdminSettings(_Section):
     user_ids: Strings = ()
@@ -203,6 +208,10 @@ class LocalSettings(_Section):
     # here), else it is killed and restarted, which reloads the model.
     cancel_timeout_s: float = Field(10.0, gt=0)
     preview_every: int = Field(4, ge=0)
+    # FLUX.1 Kontext [dev] weights (a folder or a Hugging Face id) for edits on the GPU lane: the workers load its
+    # transformer beside the model's and share the rest (text encoders, VAE). "" = no local edits (kontext-dev
+    # off here); the demo model edits with its own tiny weights.
+    kontext_model: str = ""
     # Workers run as their own systemd units (flux-bot-worker@N, `flux-bot worker --listen PATH`): the supervisor
     # attaches to these sockets instead of spawning workers, and the units' own flags choose model and switches.
     worker_sockets: FilePaths = ()
@@ -225,6 +234,17 @@ class LocalSettings(_Section):
         if self.worker_sockets and self.gpus and len(self.gpus) != len(self.worker_sockets):
             raise ValueError("gpus must name one GPU per worker socket (or be empty)")
         return self
+
+
+class ImageSettings(_Section):
+    """Input images (engine/inputs.py) and what the result buttons make of a result."""
+
+    max_input_mb: float = Field(20.0, gt=0, le=100)
+    max_input_megapixels: float = Field(40.0, gt=0, le=200)
+    edit_model: str = "kontext-pro"  # what /edit and the Edit buttons use unless the user names another edit model
+    # Vary (subtle / strong): image-to-image from the result at this strength (0 = the same image, 1 = unrelated).
+    vary_subtle_strength: float = Field(0.35, gt=0, le=1)
+    vary_strong_strength: float = Field(0.7, gt=0, le=1)
 
 
 class NatsSettings(_Section):
@@ -336,6 +356,28 @@ def _default_models() -> dict[str, ModelSettings]:
             sizing="aspect",
             megapixels=4.0,
         ),
+        "kontext-pro": ModelSettings(
+            display_name="FLUX.1 Kontext [pro]",
+            api_endpoint="flux-kontext-pro",
+            price_credits=Decimal(4),
+            sizing="aspect",
+            needs_input_image=True,
+        ),
+        "kontext-max": ModelSettings(
+            display_name="FLUX.1 Kontext [max]",
+            api_endpoint="flux-kontext-max",
+            price_credits=Decimal(8),
+            sizing="aspect",
+            needs_input_image=True,
+        ),
+        # Its own weights ([local] kontext_model); a non-commercial licence, as [dev].
+        "kontext-dev": ModelSettings(
+            display_name="FLUX.1 Kontext [dev]",
+            local=True,
+            non_commercial=True,
+            needs_input_image=True,
+            default_guidance=2.5,
+        ),
     }
 
 
@@ -353,6 +395,7 @@ class Settings(_Section):
     ops: OpsSettings = OpsSettings()
     bfl: BflSettings = BflSettings()
     local: LocalSettings = LocalSettings()
+    images: ImageSettings = ImageSettings()
     nats: NatsSettings = NatsSettings()
     policy: PolicySettings = PolicySettings()
     limits: LimitSettings = LimitSettings()
@@ -363,6 +406,12 @@ class Settings(_Section):
     def _consistent(self) -> Settings:
         if self.routing.default_model not in self.models:
             raise ValueError(f"routing.default_model {self.routing.default_model!r} is not one of [models.*]")
+        # A [models.*] table without the edit model means no edits on this bot (/edit then says so).
+        edit = self.models.get(self.images.edit_model)
+        if edit is not None and not edit.needs_input_image:
+            raise ValueError(
+                f"images.edit_model {self.images.edit_model!r} does not edit images (needs_input_image = false)"
+            )
         if "default" not in self.tiers:
             raise ValueError("[tiers.default] is required: it holds the limits of users with no other tier")
         return self
@@ -580,11 +629,12 @@ def _relative_to(settings: Settings, base_dir: Path) -> Settings:
     local = settings.local
     # `[local] model` is a folder or a Hugging Face id ("org/name"): a folder that exists (or an explicit ./ or
     # ../ path) is one, as diffusers decides; an id is left as it is.
-    model = local.model
-    if model and model != DEMO_MODEL:
-        folder = base_dir / Path(model).expanduser()
-        if model.startswith(("./", "../")) or folder.is_dir():
-            local = local.model_copy(update={"model": str(folder)})
+    for key in ("model", "kontext_model"):
+        weights = getattr(local, key)
+        if weights and weights != DEMO_MODEL:
+            folder = base_dir / Path(weights).expanduser()
+            if weights.startswith(("./", "../")) or folder.is_dir():
+                local = local.model_copy(update={key: str(folder)})
     return settings.model_copy(update={"bot": bot, "local": local})
 
 

@@ -83,13 +83,14 @@ class EndpointLimits:
     sizing: Literal["pixels", "aspect"]
     steps: bool = False
     guidance: bool = False
-    input_image: bool = False
+    input_image: bool = False  # edits it by instruction (Kontext): the image is required
+    image_prompt: bool = False  # takes an image to guide a new one (image-guided generation, variations)
 
 
 BFL_ENDPOINTS: Mapping[str, EndpointLimits] = {
     "flux-dev": EndpointLimits("pixels", steps=True, guidance=True),
-    "flux-pro-1.1": EndpointLimits("pixels"),
-    "flux-pro-1.1-ultra": EndpointLimits("aspect"),
+    "flux-pro-1.1": EndpointLimits("pixels", image_prompt=True),
+    "flux-pro-1.1-ultra": EndpointLimits("aspect", image_prompt=True),
     "flux-kontext-pro": EndpointLimits("aspect", input_image=True),
     "flux-kontext-max": EndpointLimits("aspect", input_image=True),
 }
@@ -139,6 +140,14 @@ def new_job_id() -> str:
         stamp, rest = divmod(stamp, 36)
         digits = "0123456789abcdefghijklmnopqrstuvwxyz"[rest] + digits
     return f"j{digits}{secrets.token_hex(4)}"
+
+
+class Task(StrEnum):
+    """What a job makes of its input image, if it has one."""
+
+    GENERATE = "generate"  # a new image from the prompt (guided by the input image, where one is given)
+    EDIT = "edit"  # the input image changed as the prompt (an instruction) says: Kontext
+    VARY = "vary"  # a variation of the input image (a result), `strength` from 0 (the same) to 1 (unrelated)
 
 
 class Mode(StrEnum):
@@ -219,7 +228,9 @@ class ImageRequest:
     guidance: float | None = None
     seed: int | None = None
     mode: Mode = Mode.AUTO
-    input_image_url: str | None = None  # Kontext edits
+    task: Task = Task.GENERATE
+    input_image: bytes | None = None  # as downloaded by the adapter: the engine checks it before anything else
+    strength: float | None = None  # VARY: how far from the input (config's subtle or strong when unset)
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +270,9 @@ class ResolvedRequest:
     guidance: float | None
     seed: int
     mode: Mode
-    input_image_url: str | None = None
+    task: Task = Task.GENERATE
+    input_image: str | None = None  # the sha256 of the stored input (engine/inputs.py)
+    strength: float | None = None
 
     @property
     def megapixels(self) -> float:
@@ -283,6 +296,7 @@ class BackendStatus:
     detail: str = ""
     run_s: float = 0.0
     ahead: int = 0  # queued jobs that would start before it
+    serves_model: bool = True  # False: no worker of this lane runs the job's model (an edit model without weights)
 
     @property
     def eta_s(self) -> float:
@@ -369,6 +383,7 @@ class BackendJob:
     request: ResolvedRequest
     resume: ResumeToken | None = None
     attempt: int = 1  # which run of the job this is (1 for the first): a remote tells a retry from a repeat by it
+    input_image: bytes | None = None  # the stored input (request.input_image names it), read for the backend
 
 
 # ---- events a backend yields while it works on a job ----

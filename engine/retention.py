@@ -1,4 +1,5 @@
-"""Stored results have a retention: `[bot] keep_images_days` after a job ended, its image is deleted from disk.
+"""Stored results have a retention: `[bot] keep_images_days` after a job ended, its image is deleted from disk;
+input images go as long after they were last used, unless a queued or running job still needs them.
 
 The running bot sweeps once at start and then every hour (`SWEEP_EVERY_S`), on the engine's clock. A job's image is
 judged by the job's `finished_at`; a file in the images folder that no job points at any more (a crash between
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config import BotSettings
+from engine.inputs import InputImages
 from engine.models import AuditEntry
 from engine.store import Store
 
@@ -29,10 +31,11 @@ ACTOR = "flux-bot"
 
 @dataclass(frozen=True, slots=True)
 class Swept:
-    """What one sweep removed: images of ended jobs, and files no job points at."""
+    """What one sweep removed: images of ended jobs, files no job points at, and how many input images."""
 
     jobs: tuple[str, ...] = ()
     orphans: tuple[Path, ...] = ()
+    inputs: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +54,12 @@ class Retention:
         settings: BotSettings,
         clock: Callable[[], float],
         *,
+        inputs: InputImages | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self._store = store
         self._settings = settings
+        self._inputs = inputs
         self._clock = clock
         self._sleep = sleep
 
@@ -88,9 +93,18 @@ class Retention:
         orphans = await asyncio.to_thread(_remove_orphans, self._settings.images_dir, known, cutoff)
         for path in orphans:
             log.info("image retention: removed %s (no job points at it; older than %d days)", path, self.keep_days)
-        if removed or orphans:
-            log.info("image retention: removed %d images of ended jobs and %d other files", len(removed), len(orphans))
-        return Swept(tuple(removed), tuple(orphans))
+        inputs = 0
+        if self._inputs is not None:
+            in_use = await self._store.input_images_in_use()
+            inputs = await asyncio.to_thread(self._inputs.remove_older_than, self.keep_days * DAY_S, in_use)
+        if removed or orphans or inputs:
+            log.info(
+                "image retention: removed %d images of ended jobs, %d other files and %d input images",
+                len(removed),
+                len(orphans),
+                inputs,
+            )
+        return Swept(tuple(removed), tuple(orphans), inputs)
 
     async def remove(self, job_id: str, path: str | None, *, why: str, actor: str) -> bool:
         """Delete one job's stored image and record it; False when it had none or the file could not be deleted."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from engine.config import ModelSettings, RoutingSettings
 from engine.errors import BackendUnavailable
 from engine.models import (
+    BFL_ENDPOINTS,
     BackendKind,
     BackendStatus,
     BudgetRoom,
@@ -20,6 +21,7 @@ from engine.models import (
     Mode,
     ResolvedRequest,
     RouteDecision,
+    Task,
     format_duration,
     format_usd,
 )
@@ -76,7 +78,7 @@ def route(
     gpu_ms = _gpu_ms(request, model)
     cost = model.price_micros
     local_lane = _local_lane(model, routing, local, room, gpu_ms)
-    api_lane = _api_lane(model, routing, api, room, cost)
+    api_lane = _api_lane(request, model, routing, api, room, cost)
 
     if request.mode is Mode.RELAX:
         if isinstance(local_lane, BackendStatus):
@@ -151,7 +153,7 @@ def failover(
         # The user asked for free images: a paid rescue would break that promise.
         if request.mode is Mode.RELAX:
             return None
-        api_lane = _api_lane(model, routing, api, room, cost)
+        api_lane = _api_lane(request, model, routing, api, room, cost)
         if not isinstance(api_lane, BackendStatus):
             return None
         why_not_local = local_lane.why if isinstance(local_lane, _Blocker) else "no local retries left"
@@ -187,6 +189,8 @@ def _local_lane(
         return _Blocker("local generation is turned off on this bot", (_ASK_ADMIN,))
     if local is None:
         return _Blocker("no local GPU worker is set up", (_ASK_ADMIN,))
+    if not local.serves_model:
+        return _Blocker(_with_detail(f"no GPU worker here runs {model.display_name}", local.detail), (_ASK_ADMIN,))
     if not local.healthy:
         return _Blocker(_with_detail("the local GPU is down", local.detail), (_TRY_LATER,))
     if local.paused:
@@ -202,7 +206,12 @@ def _local_lane(
 
 
 def _api_lane(
-    model: ModelSettings, routing: RoutingSettings, api: BackendStatus | None, room: BudgetRoom, cost: int
+    request: ResolvedRequest,
+    model: ModelSettings,
+    routing: RoutingSettings,
+    api: BackendStatus | None,
+    room: BudgetRoom,
+    cost: int,
 ) -> BackendStatus | _Blocker:
     """The API status when the API can take the job, else what blocks it."""
     if (images := _images_blocker(room)) is not None:
@@ -210,6 +219,10 @@ def _api_lane(
     if model.api_endpoint is None:
         other = ("choose a model that the API offers",) if api is not None and routing.api_enabled else ()
         return _Blocker(f"{model.display_name} runs only on the local GPU", other)
+    limits = BFL_ENDPOINTS.get(model.api_endpoint)
+    if request.input_image is not None and limits is not None and not (limits.input_image or limits.image_prompt):
+        what = "varies no image" if request.task is Task.VARY else "takes no image to start from"
+        return _Blocker(f"{model.display_name} on the API {what}", ("choose FLUX1.1 [pro], or Kontext to edit",))
     if not routing.api_enabled:
         return _Blocker("the API is turned off on this bot", (_ASK_ADMIN,))
     if api is None:

@@ -23,6 +23,7 @@ from engine.backends.base import Backend, Requeue, Resumption, Unresumable
 from engine.config import Settings
 from engine.errors import InvalidRequest, JobNotFound, QuotaExceeded
 from engine.forecast import Running, Slot, play_forward, remaining_s
+from engine.inputs import InputImages
 from engine.ledger import OpenReservation
 from engine.models import (
     PNG,
@@ -77,8 +78,10 @@ class Scheduler:
         backends: Mapping[BackendKind, Backend],
         publish: Callable[[JobEvent], None],
         clock: Callable[[], float],
+        inputs: InputImages,
     ) -> None:
         self._store = store
+        self._inputs = inputs
         self._quota = quota
         self._settings = settings
         self._backends = dict(backends)
@@ -398,7 +401,10 @@ class Scheduler:
             events = resumed
             if events is None:
                 self._publish(JobStarted(job.id, job.backend))
-                events = self._backends[job.backend].run(BackendJob(job.id, job.request, attempt=job.attempts))
+                backend_job = await self._backend_job(job)
+                if backend_job is None:
+                    return
+                events = self._backends[job.backend].run(backend_job)
             # After the terminal event the events are read once more, to their end: a backend that must confirm a
             # result to a remote (a GPU host's stream) does so only once the scheduler has recorded it.
             async with aclosing(events) as run:
@@ -441,6 +447,19 @@ class Scheduler:
             self._cancel_requested.discard(job.id)
             if not self._stopping:
                 self.wake()
+
+    async def _backend_job(self, job: Job) -> BackendJob | None:
+        """What the backend is handed, with the job's input image read; None when that image is gone (the job
+        then fails, uncharged)."""
+        image = None
+        if job.request.input_image is not None:
+            try:
+                image = await asyncio.to_thread(self._inputs.read, job.request.input_image)
+            except FileNotFoundError:
+                detail = "its input image is no longer stored (past this server's retention)"
+                await self._fail(job, Failed(FailureReason.BAD_REQUEST, detail))
+                return None
+        return BackendJob(job.id, job.request, attempt=job.attempts, input_image=image)
 
     async def _succeed(self, job: Job, finished: Finished) -> None:
         # The parameters go into the one stored copy, which every front-end posts or links as it is.

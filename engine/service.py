@@ -24,6 +24,7 @@ from engine.backends.factory import LocalLane, gpu_extra_installed, local_lane, 
 from engine.backup import backup, backup_dir, backup_every, integrity_problem, list_backups, restore
 from engine.config import ASPECT_RATIOS, Secrets, Settings
 from engine.errors import BackendUnavailable, InvalidRequest, JobNotFound, NotAllowed, PolicyBlocked, refuses_a_charge
+from engine.inputs import InputImages
 from engine.models import (
     PNG,
     TERMINAL_EVENTS,
@@ -46,6 +47,7 @@ from engine.models import (
     Requester,
     Resource,
     SpendRow,
+    Task,
     image_format,
     new_job_id,
 )
@@ -120,13 +122,23 @@ class Engine:
         self._clock = clock
         self._quota = Quota(store, settings, clock)
         self._policy = PromptPolicy(settings.policy)
-        self._scheduler = Scheduler(store, self._quota, settings, backends, self._publish, clock)
+        self._inputs = InputImages(
+            settings.bot.inputs_dir,
+            max_bytes=round(settings.images.max_input_mb * 1_000_000),
+            max_pixels=round(settings.images.max_input_megapixels * 1_000_000),
+        )
+        self._scheduler = Scheduler(store, self._quota, settings, backends, self._publish, clock, self._inputs)
         self._telemetry = Telemetry(store, self._scheduler, backends, clock)
         self._alerts = Alerts(store, settings, clock)
-        self._retention = Retention(store, settings.bot, clock)
+        self._retention = Retention(store, settings.bot, clock, inputs=self._inputs)
         self._retention_task: asyncio.Task[None] | None = None
         # The models that take a guidance value, for the advice when one is given to a model that takes none.
-        self._guided = tuple(name for name, model in settings.models.items() if model.default_guidance is not None)
+        self._guided = tuple(
+            name
+            for name, model in settings.models.items()
+            if model.default_guidance is not None and not model.needs_input_image
+        )
+        self.edit_models = tuple(name for name, model in settings.models.items() if model.needs_input_image)
         self._watchers: dict[str, set[asyncio.Queue[JobEvent]]] = {}
         self._latest: dict[str, JobEvent] = {}
         self._everything: set[asyncio.Queue[JobEvent]] = set()
@@ -250,7 +262,19 @@ class Engine:
         if not decision_of_policy.allowed:
             await self._store.audit(policy_audit)
             raise PolicyBlocked(decision_of_policy.rule, decision_of_policy.detail)
-        resolved = resolve(replace(request, prompt=self._policy.for_model(request.prompt)), model, guided=self._guided)
+        # The image is checked (and stored) before anything is reserved: a bad one is refused with nothing kept.
+        stored = None
+        if request.input_image is not None:
+            stored = await asyncio.to_thread(self._inputs.accept, request.input_image)
+        if request.task is Task.VARY and request.strength is None:
+            request = replace(request, strength=self.settings.images.vary_subtle_strength)
+        resolved = resolve(
+            replace(request, prompt=self._policy.for_model(request.prompt)),
+            model,
+            guided=self._guided,
+            edit_models=self.edit_models,
+            input_image=stored,
+        )
         # The image allowance does not depend on the route: say so plainly, with its reset time, before routing.
         standing.ensure_room(Resource.IMAGES, 1)
         # One snapshot of each lane for the route, its reason and the queued note, so they all quote the same wait.
@@ -307,6 +331,22 @@ class Engine:
         if job.requester.user_key != requester.user_key and not self.is_admin(requester):
             raise JobNotFound(job_id)
         return job
+
+    async def result_image(self, job_id: str) -> bytes:
+        """A done job's stored image, to edit or vary it; InvalidRequest when it is no longer stored."""
+        job = await self._store.get_job(job_id)
+        if job.state is not JobState.DONE or job.result_path is None:
+            raise InvalidRequest(
+                f"job {job_id} has no stored image (it did not finish, or its image was deleted or is past this"
+                " server's retention): make a new one with /imagine",
+                field="job",
+            )
+        try:
+            return await asyncio.to_thread(Path(job.result_path).read_bytes)
+        except FileNotFoundError:
+            raise InvalidRequest(
+                f"job {job_id}'s image is no longer stored here: make a new one with /imagine", field="job"
+            ) from None
 
     async def get_job(self, job_id: str) -> Job:
         """Any job by id, for a front-end delivering it or acting on its result message (whose parameters are public

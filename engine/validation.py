@@ -8,10 +8,12 @@ shares: one rule for both lanes, so a job can fail over from one to the other as
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 
 from engine.config import ASPECT_RATIOS, ModelSettings
 from engine.errors import InvalidRequest
+from engine.inputs import StoredInput
 from engine.models import (
     ASPECT_SIZES,
     BFL_SIDE_MAX,
@@ -21,6 +23,7 @@ from engine.models import (
     MAX_SEED,
     ImageRequest,
     ResolvedRequest,
+    Task,
 )
 
 __all__ = ["resolve"]
@@ -28,9 +31,30 @@ __all__ = ["resolve"]
 log = logging.getLogger(__name__)
 
 
-def resolve(request: ImageRequest, model: ModelSettings, *, guided: tuple[str, ...] = ()) -> ResolvedRequest:
-    """Fill and check every option; `guided` names the configured models that take guidance, for the advice."""
-    aspect = request.aspect_ratio or "1:1"
+def resolve(
+    request: ImageRequest,
+    model: ModelSettings,
+    *,
+    guided: tuple[str, ...] = (),
+    edit_models: tuple[str, ...] = (),
+    input_image: StoredInput | None = None,
+) -> ResolvedRequest:
+    """Fill and check every option; `guided` and `edit_models` name the configured models that take guidance and
+    that edit images, for the advice; `input_image` is the request's image, checked and stored already."""
+    task = Task.EDIT if model.needs_input_image else request.task
+    if task is Task.EDIT and not model.needs_input_image:
+        other = f": use {', '.join(edit_models)}" if edit_models else ", and none is configured here"
+        raise InvalidRequest(f"{model.display_name} does not edit images{other}", field="model")
+    if task in (Task.EDIT, Task.VARY) and input_image is None:
+        what = "edits" if task is Task.EDIT else "varies"
+        raise InvalidRequest(f"{model.display_name} {what} an image: attach one", field="image")
+    strength = request.strength if task is Task.VARY else None
+    if task is Task.VARY and (strength is None or not 0 < strength <= 1):
+        raise InvalidRequest("a variation's strength must be above 0 and at most 1", field="strength")
+    # An edit or a variation keeps its input's shape: the nearest of the standard aspect ratios, unless one is asked.
+    aspect = request.aspect_ratio or (
+        nearest_aspect(input_image) if input_image and task is not Task.GENERATE else "1:1"
+    )
     if aspect not in ASPECT_RATIOS:
         raise InvalidRequest(f"aspect ratio {aspect!r} is not one of {', '.join(ASPECT_RATIOS)}", field="aspect")
     width, height = _size(request, aspect, model)
@@ -54,8 +78,6 @@ def resolve(request: ImageRequest, model: ModelSettings, *, guided: tuple[str, .
     seed = secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed
     if not 0 <= seed <= MAX_SEED:
         raise InvalidRequest(f"seed must be between 0 and {MAX_SEED}", field="seed")
-    if model.needs_input_image and not request.input_image_url:
-        raise InvalidRequest(f"{model.display_name} edits an image: attach one", field="image")
     return ResolvedRequest(
         prompt=request.prompt,
         model=request.model,
@@ -66,8 +88,20 @@ def resolve(request: ImageRequest, model: ModelSettings, *, guided: tuple[str, .
         guidance=guidance,
         seed=seed,
         mode=request.mode,
-        input_image_url=request.input_image_url,
+        task=task,
+        input_image=input_image.sha256 if input_image else None,
+        strength=strength,
     )
+
+
+def nearest_aspect(image: StoredInput) -> str:
+    """The standard aspect ratio closest to the image's own (compared in log space: 2:1 is as far from 1:1 as 1:2)."""
+
+    def distance(ratio: str) -> float:
+        width, height = (int(part) for part in ratio.split(":"))
+        return abs(math.log((image.width / image.height) / (width / height)))
+
+    return min(ASPECT_RATIOS, key=distance)
 
 
 def _size(request: ImageRequest, aspect: str, model: ModelSettings) -> tuple[int, int]:

@@ -14,6 +14,7 @@ guidance, aspect ratios per endpoint) comes from engine/models.py, which validat
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import math
@@ -57,6 +58,7 @@ from engine.models import (
     ResumeToken,
     Started,
     Submitted,
+    Task,
     credits_to_micros,
     format_usd,
     image_format,
@@ -83,7 +85,9 @@ def parse_aspect_ratio(text: str) -> Fraction:
     return Fraction(int(width), int(height))
 
 
-def build_payload(endpoint: str, request: ResolvedRequest, settings: BflSettings) -> dict[str, Any]:
+def build_payload(
+    endpoint: str, request: ResolvedRequest, settings: BflSettings, input_image: bytes | None = None
+) -> dict[str, Any]:
     """The JSON body of `POST /v1/<endpoint>`, or InvalidRequest naming the first option BFL would refuse.
 
     Checking here, before anything is sent, turns a would-be 422 (or a billed request we cannot use) into a
@@ -129,9 +133,16 @@ def build_payload(endpoint: str, request: ResolvedRequest, settings: BflSettings
     if endpoint == FLUX_ULTRA:
         payload["raw"] = False
     if limits.input_image:
-        if not request.input_image_url:
+        if not input_image:
             raise InvalidRequest(f"{endpoint} edits an image: give the image to start from", field="input_image")
-        payload["input_image"] = request.input_image_url
+        payload["input_image"] = base64.b64encode(input_image).decode()  # never a chat URL: those expire
+    elif input_image:
+        if not limits.image_prompt:
+            raise InvalidRequest(f"{endpoint} takes no input image", field="image")
+        payload["image_prompt"] = base64.b64encode(input_image).decode()
+        if endpoint == FLUX_ULTRA and request.task is Task.VARY and request.strength is not None:
+            # How much the image guides the new one: the opposite of how far a variation may move from it.
+            payload["image_prompt_strength"] = round(1 - request.strength, 3)
     payload["seed"] = request.seed
     payload["safety_tolerance"] = settings.safety_tolerance
     payload["output_format"] = settings.output_format
@@ -394,7 +405,7 @@ class BflBackend:
             yield self._failed(job, FailureReason.BAD_REQUEST, f"{request.model!r} is not a BFL API model")
             return
         try:
-            payload = build_payload(endpoint, request, self._settings)
+            payload = build_payload(endpoint, request, self._settings, job.input_image)
         except InvalidRequest as exc:
             yield self._failed(job, FailureReason.BAD_REQUEST, exc.problem)
             return

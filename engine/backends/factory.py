@@ -130,6 +130,7 @@ async def _in_host(settings: Settings, lane: LocalLane) -> Member:
     if lane.demo:
         from engine.backends.demo_model import ensure_demo_model
 
-        local = local.model_copy(update=_DEMO_SWITCHES)
         model_path = await asyncio.to_thread(ensure_demo_model, settings.bot.state_dir / "demo-model")
+        # The demo model edits with its own tiny transformer, as Kontext [dev] would with its weights.
+        local = local.model_copy(update={**_DEMO_SWITCHES, "kontext_model": str(model_path)})
     return Member(IN_HOST, LocalBackend(local, settings.models, model_path))

@@ -26,6 +26,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -65,6 +66,8 @@ from engine.errors import ConfigError
 from engine.models import BackendJob, Failed, FailureReason, Finished, Mode, Progress, ResolvedRequest, Started
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 EMA_WEIGHT = 0.3
 RETRY_S = 1.0
@@ -268,11 +271,26 @@ class GpuHost:
 
     async def _work(self, lane: Lane, held: _Held) -> LaneResult:
         job = held.job
+        image = None
+        if job.input_image is not None:
+            stored = await self._until_done_with(partial(lane.images.get, job.input_image), f"job {job.id}: input")
+            image = stored.data
         request = ResolvedRequest(
-            job.prompt, job.model, job.width, job.height, "", job.steps, job.guidance, job.seed, Mode.RELAX
+            job.prompt,
+            job.model,
+            job.width,
+            job.height,
+            "",
+            job.steps,
+            job.guidance,
+            job.seed,
+            Mode.RELAX,
+            task=job.task,
+            strength=job.strength,
         )
         events_at = events_subject(job.id, job.attempt)
-        async with aclosing(self._backend.run(BackendJob(job.id, request, attempt=job.attempt))) as events:
+        backend_job = BackendJob(job.id, request, attempt=job.attempt, input_image=image)
+        async with aclosing(self._backend.run(backend_job)) as events:
             async for event in events:
                 if isinstance(event, Started):
                     started = LaneStarted(job.id, job.attempt, self.name, event.detail)
@@ -325,10 +343,12 @@ class GpuHost:
             await message.ack()
 
     async def _until_done(self, action: Callable[[], Awaitable[object]], what: str) -> None:
+        await self._until_done_with(action, what)
+
+    async def _until_done_with(self, action: Callable[[], Awaitable[T]], what: str) -> T:
         while True:
             try:
-                await action()
-                return
+                return await action()
             except _NATS_ERRORS as exc:
                 log.warning("%s failed (%s); retrying", what, exc)
                 await asyncio.sleep(RETRY_S)
@@ -428,10 +448,8 @@ async def _serve(args: argparse.Namespace, settings: Settings, secrets: Secrets)
         except ValueError as exc:
             raise ConfigError("(command line)", "--gpus", f"expected indexes such as 0,1, got {args.gpus!r}") from exc
         local = local.model_copy(update={"gpus": gpus, "worker_sockets": ()})
-    models = [part.strip() for part in args.models.split(",") if part.strip()] or [
-        name for name, model in settings.models.items() if model.local
-    ]
-    unknown = [name for name in models if name not in settings.models]
+    asked = [part.strip() for part in args.models.split(",") if part.strip()]
+    unknown = [name for name in asked if name not in settings.models]
     if unknown:
         raise ConfigError("(command line)", "--models", f"not among [models.*]: {', '.join(unknown)}")
     extra_env: dict[str, str] = {}
@@ -444,8 +462,8 @@ async def _serve(args: argparse.Namespace, settings: Settings, secrets: Secrets)
     elif args.demo or weights == DEMO_MODEL:
         from engine.backends.demo_model import ensure_demo_model
 
-        local = local.model_copy(update=quick)
         model_path = await asyncio.to_thread(ensure_demo_model, settings.bot.state_dir / "demo-model")
+        local = local.model_copy(update={**quick, "kontext_model": str(model_path)})
     elif weights:
         model_path = Path(weights)
     else:
@@ -453,6 +471,8 @@ async def _serve(args: argparse.Namespace, settings: Settings, secrets: Secrets)
             "(command line)", "--model-path", "no weights: set [local] model, pass --model-path or --demo"
         )
     backend = LocalBackend(local, settings.models, model_path, extra_env=extra_env)
+    # By default every local model these workers can run: an edit model only with Kontext weights.
+    models = asked or [name for name, model in settings.models.items() if backend.supports(name, model)]
     host = GpuHost(nats_settings, secrets.nats, backend, models, args.name or socket.gethostname())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

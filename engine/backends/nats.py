@@ -237,6 +237,11 @@ class RemoteHosts:
         try:
             await self._listen(lane, flight)
             request = job.request
+            input_name = None
+            if job.input_image and request.input_image:
+                # Over a message's 1 MiB: through the images bucket, by content (its TTL drops it later).
+                input_name = f"input.{request.input_image}.png"
+                await self._until_stored(lane, input_name, job.input_image)
             lane_job = LaneJob(
                 job.job_id,
                 job.attempt,
@@ -247,6 +252,9 @@ class RemoteHosts:
                 request.steps,
                 request.guidance,
                 request.seed,
+                request.task,
+                request.strength,
+                input_name,
             )
             flight.seq = await self._publish_job(lane_job)
             state = {"seq": flight.seq, "attempt": job.attempt, "model": model}
@@ -448,6 +456,15 @@ class RemoteHosts:
         subscription = await lane.client.subscribe(events_subject(flight.job_id, flight.attempt), cb=on_event)
         self._subscriptions[flight.job_id] = subscription
 
+    async def _until_stored(self, lane: Lane, name: str, data: bytes) -> None:
+        while True:
+            try:
+                await lane.images.put(name, data)
+                return
+            except (*_NATS_ERRORS, nats.js.errors.Error) as exc:
+                log.warning("storing input image %s for the GPU hosts failed (%s); retrying", name, exc)
+            await asyncio.sleep(RETRY_S)
+
     async def _publish_job(self, job: LaneJob) -> int:
         """Publish until JetStream confirms it (a repeat after a lost confirmation is deduped by the message id)."""
         headers = {"Nats-Msg-Id": message_id(job.id, job.attempt)}
@@ -556,6 +573,10 @@ class RemoteHosts:
 
     def _close_flight(self, flight: _Flight) -> None:
         self._flights.pop(flight.job_id, None)
+        # Results nobody will read now (a repeat of the one recorded, one that came as the job was cancelled).
+        while not flight.inbox.empty():
+            if isinstance(left := flight.inbox.get_nowait(), _Delivery):
+                self._spawn(self._collect(left))
         subscription = self._subscriptions.pop(flight.job_id, None)
         if subscription is not None:
             self._spawn(_unsubscribe(subscription))
@@ -632,7 +653,7 @@ class RemoteHosts:
                 await message.term()
             return
         flight = self._flights.get(result.id)
-        if flight is not None and flight.attempt == result.attempt:
+        if flight is not None and flight.attempt == result.attempt and not flight.ended:
             flight.last_sign = self._clock()
             flight.inbox.put_nowait(_Delivery(result, message))
             return

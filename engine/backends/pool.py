@@ -95,6 +95,13 @@ class GpuPool:
         return sum(count * seconds for count, seconds in weighted) / slots
 
     def status(self, queued_ahead: int, request: ResolvedRequest | None = None) -> BackendStatus:
+        if request is not None and not self._serving(request.model):
+            model = self._models.get(request.model)
+            name = model.display_name if model else request.model
+            detail = f"nothing serves {name}"
+            if model is not None and model.needs_input_image:
+                detail = "its Kontext weights are not set up ([local] kontext_model)"
+            return BackendStatus(kind=self.kind, healthy=False, ahead=queued_ahead, serves_model=False, detail=detail)
         if len(self.members) == 1:
             return self.members[0].backend.status(queued_ahead, request)
         statuses = [member.backend.status(0, request) for member in self.members]

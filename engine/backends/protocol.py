@@ -11,7 +11,8 @@ the dataclass's annotations, so a peer's mistake is a `ProtocolError` naming the
 
 Version 3 messages (supervisor -> worker):
     hello    {version}                                      first frame; the worker answers `ready` once loaded
-    job      {id, model, prompt, width, height, steps, guidance, seed}
+    job      {id, model, prompt, width, height, steps, guidance, seed, task, strength}  + input image payload
+                                                            (PNG; none for text to image)
     cancel   {id}                                           may come while that job runs; always answered by
                                                             `cancelled`, also when no such job runs (any more)
     stats    {}                                             answered by `memory`
@@ -26,17 +27,19 @@ Worker -> supervisor:
                                          frame the worker reads is served as by a fresh worker
     memory    {rss_mb, allocated_mb, reserved_mb, max_allocated_mb}   GPU figures are null on a CPU
 
-Version 2 added cancel/cancelled and version 3 the job's model: a supervisor relies on both, so each side refuses
-a peer of another version at hello.
+Version 2 added cancel/cancelled, version 3 the job's model and version 4 its task, strength and input image: a
+supervisor relies on all of them, so each side refuses a peer of another version at hello.
 
 Between the engine and a GPU host, over NATS (engine/backends/nats.py, engine/gpu_host.py), one frame per message:
-    lane_job     {id, attempt, model, prompt, width, height, steps, guidance, seed}   on flux.jobs.<model>
+    lane_job     {id, attempt, model, prompt, width, height, steps, guidance, seed, task, strength, input_image}
+                                                                                       on flux.jobs.<model>
     lane_started {id, attempt, host, worker}                                           on flux.events.<id>.<attempt>
     progress     as above                                                              on flux.events.<id>.<attempt>
     lane_result  {id, attempt, host, outcome, seed, seconds, reason, detail, retryable, image}  on flux.results.<id>
     lane_cancel  {id, attempt}        stop that attempt and any older one                on flux.cancel.<id>
     host_beat    {host, version, protocol, models, slots, busy, seconds_per_step, recycles, jobs}  in the hosts' KV
-A result's image is the name of an object in the images bucket (a message is limited to 1 MiB, an image is not).
+A result's image, and a job's input image, are names of objects in the images bucket (a message is limited to
+1 MiB, an image is not).
 `protocol` in a heartbeat is `PROTOCOL_VERSION`: the engine gives jobs only to hosts that speak its own.
 """
 
@@ -53,10 +56,11 @@ from enum import StrEnum
 from typing import Any, ClassVar, TypeVar
 
 from engine.errors import EngineError
+from engine.models import Task
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 PREFIX = struct.Struct(">II")
 # Bounds that catch a stray print() on the protocol stream long before it could make us allocate gigabytes.
@@ -121,6 +125,9 @@ class JobSpec(Message):
     steps: int
     guidance: float | None
     seed: int
+    task: Task = Task.GENERATE
+    strength: float | None = None  # image to image: how far from the input (0 = the same, 1 = unrelated)
+    image: bytes = b""  # the input image (PNG), for an edit or image to image
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,9 +243,24 @@ class LaneJob(Message):
     steps: int
     guidance: float | None
     seed: int
+    task: Task = Task.GENERATE
+    strength: float | None = None
+    input_image: str | None = None  # its object in the images bucket
 
-    def spec(self) -> JobSpec:
-        return JobSpec(self.id, self.model, self.prompt, self.width, self.height, self.steps, self.guidance, self.seed)
+    def spec(self, image: bytes = b"") -> JobSpec:
+        return JobSpec(
+            self.id,
+            self.model,
+            self.prompt,
+            self.width,
+            self.height,
+            self.steps,
+            self.guidance,
+            self.seed,
+            self.task,
+            self.strength,
+            image,
+        )
 
 
 @dataclass(frozen=True, slots=True)

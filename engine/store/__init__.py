@@ -163,6 +163,13 @@ class Store:
 
         await self._connection.transaction(add)
 
+    async def input_images_in_use(self) -> set[str]:
+        """The input images of jobs still queued or running: retention must leave these."""
+        rows = await self._read(
+            "SELECT DISTINCT input_image FROM jobs WHERE state IN ('queued','running') AND input_image IS NOT NULL"
+        )
+        return {row[0] for row in rows}
+
     async def get_job(self, job_id: str) -> Job:
         rows = await self._read(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
         if not rows:

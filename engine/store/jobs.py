@@ -20,13 +20,14 @@ from engine.models import (
     Requester,
     ResolvedRequest,
     ResumeToken,
+    Task,
 )
 
 JOB_COLUMNS = (
     "id, user_key, guild_key, platform, user_id, guild_id, channel_id, display_name, roles, is_admin, prompt, model,"
-    " width, height, aspect_ratio, steps, guidance, seed, mode, input_image_url, state, backend, reason, attempts,"
+    " width, height, aspect_ratio, steps, guidance, seed, mode, input_image, state, backend, reason, attempts,"
     " local_attempts, estimated_cost_micros, estimated_gpu_ms, resume_token, created_at,"
-    " started_at, finished_at, failure_reason, error, cost_micros, result_path, delivered"
+    " started_at, finished_at, failure_reason, error, cost_micros, result_path, delivered, task, strength"
 )
 
 
@@ -50,7 +51,9 @@ def job_from_row(row: sqlite3.Row) -> Job:
         guidance=row["guidance"],
         seed=row["seed"],
         mode=Mode(row["mode"]),
-        input_image_url=row["input_image_url"],
+        task=Task(row["task"]),
+        input_image=row["input_image"],
+        strength=row["strength"],
     )
     token = row["resume_token"]
     return Job(
@@ -76,7 +79,7 @@ def job_from_row(row: sqlite3.Row) -> Job:
     )
 
 
-INSERT_JOB = f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join('?' * 36)})"
+INSERT_JOB = f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join('?' * 38)})"
 
 
 def job_row(job: Job) -> tuple[Any, ...]:
@@ -103,7 +106,7 @@ def job_row(job: Job) -> tuple[Any, ...]:
         r.guidance,
         r.seed,
         r.mode.value,
-        r.input_image_url,
+        r.input_image,
         job.state.value,
         job.backend.value,
         job.reason,
@@ -120,6 +123,8 @@ def job_row(job: Job) -> tuple[Any, ...]:
         0,
         None,
         0,
+        r.task.value,
+        r.strength,
     )
 
 

@@ -225,6 +225,14 @@ MIGRATIONS: tuple[Migration, ...] = (
     CREATE INDEX jobs_with_result ON jobs (finished_at) WHERE result_path IS NOT NULL;
     """,
     _running_totals,
+    # 6: image input: what the job makes of its input (generate, edit, vary), the input by its sha256 (a chat URL
+    # expires and was never filled), and a variation's strength
+    """
+    ALTER TABLE jobs RENAME COLUMN input_image_url TO input_image;
+    ALTER TABLE jobs ADD COLUMN task TEXT NOT NULL DEFAULT 'generate' CHECK (task IN ('generate','edit','vary'));
+    ALTER TABLE jobs ADD COLUMN strength REAL;
+    UPDATE jobs SET input_image = NULL;
+    """,
 )
 
 

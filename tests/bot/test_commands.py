@@ -3,11 +3,13 @@ else is the user's own words, kept as typed."""
 
 from __future__ import annotations
 
+import io
 import re
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from PIL import Image
 
 from bot import render
 from bot.commands import (
@@ -15,11 +17,11 @@ from bot.commands import (
     OPTION_ALIASES,
     Commands,
     ImagineArgs,
-    next_seed,
+    Variation,
     parse_imagine_text,
 )
 from engine.errors import InvalidRequest, JobNotFound, NotAllowed
-from engine.models import MAX_SEED, BackendKind, JobDone, JobState
+from engine.models import BackendKind, JobDone, JobState, Task
 from tests.conftest import EngineFactory, user, wait_terminal
 from tests.fakes.backends import ScriptedBackend
 
@@ -141,17 +143,10 @@ async def test_direction_controls_in_a_prompt_cannot_reorder_the_bots_own_words(
 # ---- the buttons under a result: Reroll, Vary, Edit prompt and Delete ----
 
 
-def test_vary_takes_the_next_seed_and_wraps_past_the_largest() -> None:
-    assert next_seed(0) == 1
-    assert next_seed(41) == 42
-    assert next_seed(MAX_SEED - 1) == MAX_SEED
-    assert next_seed(MAX_SEED) == 0
-
-
-async def test_reroll_vary_and_edit_prompt_repeat_the_jobs_options(make_engine: EngineFactory) -> None:
+async def test_reroll_and_edit_prompt_repeat_the_jobs_options(make_engine: EngineFactory) -> None:
     engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()})
     commands = Commands(engine)
-    alice, bob = user("alice"), user("bob")
+    alice = user("alice")
     asked = {"model": "dev", "aspect": "16:9", "steps": "7", "guidance": "3", "seed": "41", "mode": "relax"}
     queued = await commands.imagine(alice, "a red cat", asked)
     await wait_terminal(engine, queued.job_id)
@@ -159,16 +154,38 @@ async def test_reroll_vary_and_edit_prompt_repeat_the_jobs_options(make_engine: 
 
     # Anyone who sees the result may make it again: its parameters are public in the message.
     assert await commands.reroll(queued.job_id) == ImagineArgs("a red cat", same)  # no seed: a random one
-    assert await commands.vary(queued.job_id) == ImagineArgs("a red cat", same | {"seed": "42"})
     assert await commands.edited_prompt(queued.job_id, "a blue cat") == ImagineArgs("a blue cat", same | {"seed": "41"})
 
-    # The repeat is a job like any other: Bob's vary is Bob's job, on the next seed.
-    args = await commands.vary(queued.job_id)
-    varied = await commands.imagine(bob, args.prompt, args.options)
-    done = await wait_terminal(engine, varied.job_id)
-    assert isinstance(done, JobDone) and done.seed == 42
-    job = await engine.get_job(varied.job_id)
-    assert (job.requester.user_key, job.request.aspect_ratio, job.request.guidance) == ("discord:bob", "16:9", 3.0)
+
+async def test_vary_starts_from_the_result_itself_at_the_configured_strength(make_engine: EngineFactory) -> None:
+    api = ScriptedBackend(kind=BackendKind.API)
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend(), BackendKind.API: api})
+    commands = Commands(engine)
+    alice, bob = user("alice"), user("bob")
+    queued = await commands.imagine(alice, "a red cat", {"model": "dev", "aspect": "16:9", "mode": "relax"})
+    await wait_terminal(engine, queued.job_id)
+    images = engine.settings.images
+
+    # The repeat is a job like any other: Bob's variation is Bob's job, of Alice's image.
+    for variation, strength in (
+        (Variation.SUBTLE, images.vary_subtle_strength),
+        (Variation.STRONG, images.vary_strong_strength),
+    ):
+        varied = await commands.vary(bob, queued.job_id, variation)
+        assert isinstance(await wait_terminal(engine, varied.job_id), JobDone)
+        job = await engine.get_job(varied.job_id)
+        assert job.requester.user_key == "discord:bob"
+        assert (job.request.task, job.request.strength, job.request.prompt) == (Task.VARY, strength, "a red cat")
+        assert (job.request.model, job.request.aspect_ratio) == ("dev", "16:9")
+        stored = engine.settings.bot.inputs_dir / f"{job.request.input_image}.png"
+        with Image.open(stored) as source, Image.open(io.BytesIO(await engine.result_image(queued.job_id))) as result:
+            assert source.size == result.size and source.tobytes() == result.convert(source.mode).tobytes()
+
+    edited = await commands.edit_result(bob, queued.job_id, "make the cat blue")
+    assert isinstance(await wait_terminal(engine, edited.job_id), JobDone)
+    job = await engine.get_job(edited.job_id)
+    assert (job.request.task, job.request.model, job.request.prompt) == (Task.EDIT, "kontext-pro", "make the cat blue")
+    assert job.backend is BackendKind.API and job.request.input_image is not None
 
 
 async def test_a_width_and_height_are_repeated_as_asked(make_engine: EngineFactory) -> None:
@@ -203,7 +220,7 @@ async def test_a_button_on_a_job_that_is_gone_says_so(make_engine: EngineFactory
     commands = Commands(engine)
     for press in (
         commands.reroll("j0000000000000000"),
-        commands.vary("j0000000000000000"),
+        commands.vary(user(), "j0000000000000000", Variation.SUBTLE),
         commands.edited_prompt("j0000000000000000", "a cat"),
         commands.deletable(user(), "j0000000000000000"),
     ):

@@ -56,6 +56,39 @@ async def test_console_runs_jobs_and_saves_pngs_with_parameters(make_engine: Eng
     assert [line for line in written if "] done" in line] == [line for line in written if png.name in line]
 
 
+async def test_console_edits_and_guides_from_image_files(make_engine: EngineFactory, tmp_path: Path) -> None:
+    picture, plain_name = tmp_path / "my cat.png", tmp_path / "cat.png"
+    Image.new("RGB", (96, 64), (200, 40, 40)).save(picture)
+    Image.new("RGB", (64, 64), (20, 40, 200)).save(plain_name)
+    api = ScriptedBackend(kind=BackendKind.API)
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend(), BackendKind.API: api})
+    written: list[str] = []
+    lines = iter(
+        [
+            f'/edit "{picture}" make the cat wear a hat\n',
+            f"/imagine a cat in the style of this image image={plain_name}\n",
+            f"/imagine a cat in the style of this image image={tmp_path / 'my'}\n",
+            f"/imagine a red cat like this --image {tmp_path}/missing.png\n",
+            "/edit\n",
+        ]
+    )
+    console = Console(engine, Requester(Platform.CONSOLE, "alice"), tmp_path / "out", write=written.append)
+    assert await asyncio.wait_for(console.run(lambda: next(lines, "")), 30) == 0
+    text = "\n".join(written)
+    assert "queued on api" in text and "done on api" in text  # the edit: Kontext [pro], on the API
+    assert f"cannot read {tmp_path / 'my'}" in text and f"cannot read {tmp_path}/missing.png" in text
+    assert "say which image and what to change: /edit PATH INSTRUCTION" in text
+    store = await Store.open(engine.database_path)
+    try:
+        edit, guided = await store.jobs()
+    finally:
+        await store.close()
+    assert (edit.request.task.value, edit.request.model) == ("edit", "kontext-pro")
+    assert edit.request.prompt == "make the cat wear a hat"
+    assert (guided.request.task.value, guided.request.prompt) == ("generate", "a cat in the style of this image")
+    assert guided.request.input_image is not None and guided.backend is BackendKind.LOCAL
+
+
 async def test_console_bad_input_gets_one_clear_line_each(make_engine: EngineFactory, tmp_path: Path) -> None:
     written = await run_console(
         make_engine,

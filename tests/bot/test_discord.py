@@ -39,6 +39,7 @@ from engine.models import (
     Platform,
     Progress,
     Requester,
+    Task,
 )
 from engine.service import Engine
 from tests.conftest import EngineFactory, SettingsFactory, user, wait_terminal
@@ -166,9 +167,13 @@ async def test_imagine_defers_then_edits_then_posts_the_image(
     [file] = result.files
     with Image.open(io.BytesIO(file.data)) as image:
         assert isinstance(image, PngImageFile) and image.text["prompt"] == "a red cat" and image.text["seed"] == "7"
-    custom_ids = [c["custom_id"] for row in result.payload["components"] for c in row["components"]]
-    job_id = custom_ids[0].split(":")[2]
-    assert custom_ids == [f"flux:{a}:{job_id}" for a in ("reroll", "vary", "edit", "delete")]
+    rows = [[c["custom_id"] for c in row["components"]] for row in result.payload["components"]]
+    job_id = rows[0][0].split(":")[2]
+    # New images from this one, then the buttons that change or remove it (Discord allows five a row).
+    assert rows == [
+        [f"flux:{a}:{job_id}" for a in ("reroll", "vary-subtle", "vary-strong")],
+        [f"flux:{a}:{job_id}" for a in ("edit-image", "edit", "delete")],
+    ]
     job = await engine.get_job(job_id)
     assert (job.request.width, job.request.height) == (1344, 768)
     await wait_delivered(engine)
@@ -391,12 +396,16 @@ async def test_buttons_reroll_vary_and_delete(
     first = await engine.get_job(job_id)
 
     reroll = await wait_followup(fake, feed(app, click(f"flux:reroll:{job_id}", message_id, user_id=BOB)))
-    vary = await wait_followup(fake, feed(app, click(f"flux:vary:{job_id}", message_id)))
+    vary = await wait_followup(fake, feed(app, click(f"flux:vary-subtle:{job_id}", message_id)))
     jobs = {job.id: job for job in await engine._store.jobs(states=[JobState.DONE])}
     assert len(jobs) == 3 and {j.request.prompt for j in jobs.values()} == {"a red fox"}
     rerolled = next(j for j in jobs.values() if j.requester.user_id == BOB)
     assert f"<@{BOB}>" in content(reroll) and rerolled.request.steps == first.request.steps
-    assert f"seed {first.request.seed + 1}" in content(vary)
+    assert rerolled.request.task is Task.GENERATE and rerolled.request.input_image is None
+    # Vary starts from the result's own image (tests/bot/test_discord_images.py follows that image).
+    varied = next(j for j in jobs.values() if j.id not in (job_id, rerolled.id))
+    assert varied.request.task is Task.VARY and varied.request.input_image is not None
+    assert f"(job {varied.id})" in content(vary)
 
     refused = feed(app, click(f"flux:delete:{job_id}", message_id, user_id=BOB))
     await fake.wait_for(lambda _: bool(fake.matching("POST", f"{refused}/callback")), "the refusal")
@@ -464,8 +473,11 @@ async def test_buttons_and_results_survive_a_restart(
     seed = (await engine.get_job(job_id)).request.seed
     reroll = await wait_followup(fake, feed(app, click(f"flux:reroll:{job_id}", message_id)))
     assert '"a red fox"' in content(reroll)
+    # The single Vary button of results posted before there were two: the subtle variation.
     vary = await wait_followup(fake, feed(app, click(f"flux:vary:{job_id}", message_id)))
-    assert '"a red fox"' in content(vary) and f"seed {seed + 1}," in content(vary)
+    assert '"a red fox"' in content(vary)
+    [varied] = [job for job in await engine._store.jobs(states=list(JobState)) if job.request.task is Task.VARY]
+    assert varied.request.strength == settings.images.vary_subtle_strength
     edited = await _edit_prompt(fake, app, job_id, message_id, "a red fox", "a red wolf")
     assert '"a red wolf"' in content(edited) and f"seed {seed}," in content(edited)
     refused = feed(app, click(f"flux:delete:{job_id}", message_id, user_id=BOB))
@@ -485,14 +497,38 @@ async def test_sync_commands_guild_or_global(
     path = f"/applications/{APP_ID}/guilds/{GUILD_ID}/commands" if guild else f"/applications/{APP_ID}/commands"
     [put] = [r for r in fake.requests if r.method == "PUT"]
     assert put.path.endswith(path)
-    assert {c.name for c in synced} == {"imagine", "quota", "queue", "cancel", "job", "settings", "admin"}
-    [imagine_command] = [c for c in put.json if c["name"] == "imagine"]
-    options = {o["name"]: o for o in imagine_command["options"]}
+    assert {c.name for c in synced} == {
+        "imagine",
+        "edit",
+        "Edit with FLUX",
+        "quota",
+        "queue",
+        "cancel",
+        "job",
+        "settings",
+        "admin",
+    }
+    commands = {c["name"]: c for c in put.json}
+    assert commands["Edit with FLUX"]["type"] == 3  # a message context menu: no description, no options
+    edit_options = {o["name"]: o for o in commands["edit"]["options"]}
+    assert (edit_options["image"]["type"], edit_options["image"]["required"]) == (11, True)
+    assert (edit_options["instruction"]["type"], edit_options["instruction"]["required"]) == (3, True)
+    options = {o["name"]: o for o in commands["imagine"]["options"]}
     assert all(o["description"] for o in options.values())
+    assert options["image"]["type"] == 11 and not options["image"].get("required")
     assert (options["steps"]["min_value"], options["steps"]["max_value"]) == (BFL_STEPS_MIN, BFL_STEPS_MAX)
     assert (options["guidance"]["min_value"], options["guidance"]["max_value"]) == (BFL_GUIDANCE_MIN, BFL_GUIDANCE_MAX)
     assert (options["seed"]["min_value"], options["seed"]["max_value"]) == (0, MAX_SEED)
-    assert [c["value"] for c in options["model"]["choices"]] == ["schnell", "dev", "pro", "ultra"]
+    # The edit models too: /imagine with an image and an edit model edits that image.
+    assert [c["value"] for c in options["model"]["choices"]] == [
+        "schnell",
+        "dev",
+        "pro",
+        "ultra",
+        "kontext-pro",
+        "kontext-max",
+        "kontext-dev",
+    ]
     assert len(options["aspect"]["choices"]) == 8
 
 

@@ -57,7 +57,9 @@ async def test_a_missing_bfl_key_fails_with_what_to_set(make_settings: SettingsF
     demo = await run_checks(demo_settings, Secrets())
     line = by_topic(demo, "BFL API").line()
     assert line.startswith("[warn] BFL API: BFL_API_KEY is not set; jobs run on the local lane")
-    assert "API-only models (pro, ultra) are refused" in line and "api_enabled = false" in line
+    assert (
+        "API-only models (pro, ultra, kontext-pro, kontext-max) are refused" in line and "api_enabled = false" in line
+    )
     assert not failed(demo)
     # A chat token with no weights: the demo model does not serve chat users, so nothing can.
     chat = await run_checks(make_settings(), Secrets(discord_token=DISCORD_TOKEN))

@@ -1,7 +1,7 @@
 """The Slack front-end: the real AsyncApp and AsyncWebClient against the fake Slack Web API, the real engine behind it.
 
-Slash commands and button clicks are POSTed, signed as Slack signs them, to the front-end's HTTP mode server on
-loopback; what the bot did is read from the fake's call log.
+Slash commands, button clicks, message shortcuts and modal submits are POSTed, signed as Slack signs them, to the
+front-end's HTTP mode server on loopback; what the bot did is read from the fake's call log.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from bot.commands import Commands, ImagineArgs
 from bot.slack_app import CommandNames, SlackFrontEnd, parse_imagine, plain_text
 from engine.config import Settings
 from engine.errors import ConfigError, InvalidRequest
-from engine.models import BackendKind, FailureReason, JobState, Platform, Requester
+from engine.models import BackendKind, FailureReason, JobState, Platform, Requester, Task
 from engine.service import Engine
 from tests.conftest import EngineFactory, SettingsFactory, wait_terminal
-from tests.fakes.backends import ScriptedBackend, fail
+from tests.fakes.backends import ScriptedBackend, fail, tiny_png
 from tests.fakes.slack_server import BOT_TOKEN, TEAM_ID, Call, FakeSlack
 
 SECRET = "test-signing-secret"
@@ -118,9 +118,13 @@ async def slash(app: SlackFrontEnd, command: str, text: str = "", **who: str) ->
     return str(reply["text"])
 
 
-async def click(app: SlackFrontEnd, result: Call, action: str, *, user: str = ALICE) -> None:
-    """Click a button of the result message, sending back its action_id and value as Slack does."""
+async def click(app: SlackFrontEnd, result: Call, action: str, *, user: str = ALICE, old_action_id: str = "") -> None:
+    """Click a button of the result message, sending back its action_id and value as Slack does.
+
+    old_action_id: the click comes from a message posted by an earlier version, whose button had that action_id.
+    """
     button = next(b for b in result.blocks[1]["elements"] if b["action_id"] == f"flux_{action}")
+    button = {**button, "action_id": old_action_id} if old_action_id else button
     message_ts = result.fields["ts"]
     payload = {
         "type": "block_actions",
@@ -191,11 +195,13 @@ async def test_imagine_end_to_end(make_engine: EngineFactory, slack: FakeSlack, 
     progress = " ".join(call.fields["text"] for call in updates[:-1])
     assert "started on the local GPU" in progress or "/3" in progress, progress
     assert result is updates[-1] and f"<@{ALICE}>" in result.fields["text"] and "seed 7" in result.fields["text"]
-    assert [b["action_id"] for b in result.blocks[1]["elements"]] == [
-        "flux_reroll",
-        "flux_vary",
-        "flux_edit",
-        "flux_delete",
+    assert [(b["action_id"], b["text"]["text"]) for b in result.blocks[1]["elements"]] == [
+        ("flux_reroll", "Reroll"),
+        ("flux_vary_subtle", "Vary (subtle)"),
+        ("flux_vary_strong", "Vary (strong)"),
+        ("flux_edit_image", "Edit"),
+        ("flux_edit", "Edit prompt"),
+        ("flux_delete", "Delete"),
     ]
 
     # The three steps of files_upload_v2, in order, landing in the progress message's thread.
@@ -362,24 +368,20 @@ def test_every_slack_send_goes_through_the_escaping_helpers() -> None:
     assert not offenders, f"send through _post/_chat_update/_upload/_ephemeral/_ack instead: {offenders}"
 
 
-async def test_reroll_and_vary_make_new_jobs(
+async def test_reroll_makes_a_new_job_with_the_same_prompt(
     make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory
 ) -> None:
     app = await front_end(await make_engine({BackendKind.LOCAL: ScriptedBackend()}))
     job_id = job_id_of(await slash(app, "/imagine", "a red cat --seed 41"))
     result = await finished(app, slack, job_id)
 
-    await click(app, result, "vary", user=BOB)
-    await until(lambda: len(slack.named("chat.postEphemeral")) == 1)
-    varied = job_id_of(slack.named("chat.postEphemeral")[0].fields["text"])
     await click(app, result, "reroll", user=BOB)
-    await until(lambda: len(slack.named("chat.postEphemeral")) == 2)
-    rerolled = job_id_of(slack.named("chat.postEphemeral")[1].fields["text"])
+    await until(lambda: len(slack.named("chat.postEphemeral")) == 1)
+    rerolled = job_id_of(slack.named("chat.postEphemeral")[0].fields["text"])
 
     store = app.engine._store
-    original, vary_job, reroll_job = [await store.get_job(j) for j in (job_id, varied, rerolled)]
-    assert len({job_id, varied, rerolled}) == 3
-    assert vary_job.request.seed == 42 and vary_job.request.prompt == original.request.prompt
+    original, reroll_job = [await store.get_job(j) for j in (job_id, rerolled)]
+    assert rerolled != job_id and reroll_job.request.task is Task.GENERATE
     assert reroll_job.request.prompt == original.request.prompt and reroll_job.requester.user_id == BOB
     await finished(app, slack, rerolled)
 
@@ -581,9 +583,12 @@ async def test_queue_job_and_settings_under_configurable_names(
     await finished(app, slack, job_id)
 
 
-async def submit_view(app: SlackFrontEnd, view: dict[str, Any], prompt: str, *, user: str = ALICE) -> dict[str, Any]:
-    """Submit a modal as Slack does (the view with the typed values in its state); returns the ack's body."""
-    state = {"values": {"prompt": {"prompt": {"type": "plain_text_input", "value": prompt}}}}
+async def submit_view(
+    app: SlackFrontEnd, view: dict[str, Any], typed: str, *, user: str = ALICE, field: str = "prompt"
+) -> dict[str, Any]:
+    """Submit a modal as Slack does (the view with the text typed into its `field` input in its state); returns the
+    ack's body."""
+    state = {"values": {field: {field: {"type": "plain_text_input", "value": typed}}}}
     payload = {
         "type": "view_submission",
         "team": {"id": TEAM_ID, "domain": "test"},
@@ -693,3 +698,283 @@ async def test_guidance_is_refused_for_schnell_and_shown_as_used_for_dev(
     await finished(app, slack, job_id)
     with Image.open(io.BytesIO(slack.named("upload")[0].data)) as image:
         assert isinstance(image, PngImageFile) and image.text["guidance"] == "3.0"  # dev's default, as used
+
+
+# ---- images in: the "Edit with FLUX" message shortcut, and the Vary and Edit buttons under a result ----
+
+
+async def edit_engine(make_engine: EngineFactory, settings: Settings | None = None) -> Engine:
+    """The GPU lane for /imagine and variations, the API for the default edit model (Kontext [pro])."""
+    backends = {BackendKind.LOCAL: ScriptedBackend(), BackendKind.API: ScriptedBackend(BackendKind.API)}
+    return await make_engine(backends, settings)
+
+
+async def message_shortcut(app: SlackFrontEnd, message: dict[str, Any], *, user: str = ALICE) -> None:
+    """Use "Edit with FLUX" on a message, sending the message_action payload as Slack does."""
+    payload = {
+        "type": "message_action",
+        "token": "legacy",
+        "action_ts": "1700000002.000001",
+        "team": {"id": TEAM_ID, "domain": "test"},
+        "user": {"id": user, "name": user.lower(), "team_id": TEAM_ID},
+        "channel": {"id": CHANNEL, "name": "art"},
+        "is_enterprise_install": False,
+        "callback_id": "flux_edit_image",
+        "trigger_id": "1.2.5",
+        "response_url": "https://hooks.invalid/response",
+        "message_ts": message["ts"],
+        "message": message,
+    }
+    body = urlencode({"payload": json.dumps(payload)})
+    status, answer = await post(app, body, signed(body))
+    assert status == 200, answer
+
+
+def shared_message(*files: dict[str, Any], text: str = "look at this") -> dict[str, Any]:
+    """A message Bob posted with these files (objects from FakeSlack.add_file)."""
+    return {"type": "message", "user": BOB, "ts": "1699999999.000100", "text": text, "files": list(files)}
+
+
+def stored_inputs(engine: Engine) -> list[Path]:
+    folder = engine.settings.bot.inputs_dir
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+async def test_edit_with_flux_on_a_shared_image_edits_it(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    app = await front_end(await edit_engine(make_engine))
+    photo = tiny_png((20, 90, 200), size=(96, 64))
+    shared = slack.add_file("sky.png", photo)
+    await message_shortcut(app, shared_message(shared))
+    await until(lambda: bool(slack.opened_views))
+    [opened] = slack.named("views.open")
+    assert opened.fields["trigger_id"] == "1.2.5"
+    [view] = slack.opened_views
+    # The modal remembers which file, never where it lives: that address only works with the bot token.
+    assert json.loads(view["private_metadata"]) == {"channel": CHANNEL, "file": shared["id"], "ts": "1699999999.000100"}
+    [block] = view["blocks"]
+    assert block["element"]["type"] == "plain_text_input" and "initial_value" not in block["element"]
+
+    # A modal's input comes as typed, unescaped: the words reach the model, the posts show them as text.
+    instruction = "make the sky stormy <!channel>"
+    assert await submit_view(app, view, instruction, field="instruction") == {}
+    await until(lambda: bool(slack.named("chat.postEphemeral")))
+    [note] = slack.named("chat.postEphemeral")
+    assert note.fields["user"] == ALICE and note.fields["channel"] == CHANNEL and not live_markup(note.fields["text"])
+    [download] = slack.named("download")
+    assert download.fields == {"file_id": shared["id"], "authorized": True}
+
+    job = await app.engine.get_job(job_id_of(note.fields["text"]))
+    assert (job.request.task, job.request.model, job.request.prompt) == (Task.EDIT, "kontext-pro", instruction)
+    assert job.request.input_image is not None and job.request.aspect_ratio == "3:2"  # the photo's own shape
+    [stored] = stored_inputs(app.engine)
+    assert stored.name == f"{job.request.input_image}.png"
+    with Image.open(stored) as kept, Image.open(io.BytesIO(photo)) as sent:
+        assert kept.size == sent.size and kept.tobytes() == sent.convert(kept.mode).tobytes()
+
+    # Posted as /imagine's results are: a progress message, then the image in its thread with the buttons.
+    result = await finished(app, slack, job.id)
+    assert result.fields["channel"] == CHANNEL and live_markup(result.fields["text"]) == [f"<@{ALICE}>"]
+    [complete] = slack.named("files.completeUploadExternal")
+    assert complete.fields["thread_ts"] == result.fields["ts"]
+    assert "make the sky stormy &lt;!channel&gt;" in complete.fields["initial_comment"]
+
+
+@pytest.mark.parametrize(
+    "files",
+    [
+        pytest.param([], id="no-file"),
+        pytest.param([("notes.pdf", b"%PDF-1.7", "application/pdf")], id="a-pdf"),
+    ],
+)
+async def test_edit_with_flux_on_a_message_without_an_image_is_refused_once(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory, files: list[tuple[str, bytes, str]]
+) -> None:
+    app = await front_end(await edit_engine(make_engine))
+    message = shared_message(*(slack.add_file(name, data, kind) for name, data, kind in files))
+    await message_shortcut(app, message)
+    await until(lambda: bool(slack.named("chat.postEphemeral")))
+    [refusal] = slack.named("chat.postEphemeral")
+    assert refusal.fields["user"] == ALICE and refusal.fields["text"].startswith("That message has no image to edit.")
+    assert slack.named("views.open") == [] and slack.named("files.info") == []
+
+
+async def open_and_submit_an_edit(app: SlackFrontEnd, slack: FakeSlack, shared: dict[str, Any]) -> str:
+    """The shortcut on a message with this file, the modal submitted; the one ephemeral answer."""
+    await message_shortcut(app, shared_message(shared))
+    await until(lambda: bool(slack.opened_views))
+    await submit_view(app, slack.opened_views[-1], "make it blue", field="instruction")
+    await until(lambda: bool(slack.named("chat.postEphemeral")))
+    [answer] = slack.named("chat.postEphemeral")
+    return str(answer.fields["text"])
+
+
+@pytest.mark.parametrize(
+    ("refusal", "expected"),
+    [
+        # Slack's answer to an app installed without files:read: files.info says so, downloads get the login page.
+        pytest.param({"files_read_scope": False}, "the app lacks the files:read scope", id="missing-scope"),
+        # The download does not take the token: Slack answers a 200 with its login page, not an error.
+        pytest.param(
+            {"download_token": "xoxb-another"}, "Slack answered with a login page, which means", id="login-page"
+        ),
+        pytest.param({"download_status": 403}, "Slack refused the bot (HTTP 403)", id="http-403"),
+    ],
+)
+async def test_a_download_slack_refuses_names_files_read_and_keeps_nothing(
+    make_engine: EngineFactory,
+    slack: FakeSlack,
+    front_end: FrontEndFactory,
+    refusal: dict[str, Any],
+    expected: str,
+) -> None:
+    engine = await edit_engine(make_engine)
+    app = await front_end(engine)
+    shared = slack.add_file("sky.png", tiny_png())
+    for name, value in refusal.items():
+        setattr(slack, name, value)
+    answer = await open_and_submit_an_edit(app, slack, shared)
+    assert expected in answer and "files:read" in answer and "ask an admin" in answer, answer
+    assert "not charged" in answer and "Traceback" not in answer and "<html" not in answer.lower()
+    # The bot always sends its token as a Bearer header; only in the login-page case does the fake take another.
+    sent_the_accepted_token = [download.fields["authorized"] for download in slack.named("download")]
+    assert sent_the_accepted_token == (
+        [False] if "download_token" in refusal else [True] * len(sent_the_accepted_token)
+    )
+    assert await engine._store.jobs(states=list(JobState)) == []
+    assert stored_inputs(engine) == []
+    assert slack.named("chat.postMessage") == []
+
+
+async def test_the_bot_token_goes_only_to_slack(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    """A file whose address files.info gives outside Slack (here the fake under another host name, which would
+    record the request) is not fetched: the request would carry the bot token there."""
+    engine = await edit_engine(make_engine)
+    app = await front_end(engine)
+    shared = slack.add_file("sky.png", tiny_png())
+    outside = shared["url_private_download"].replace("127.0.0.1", "localhost")
+    slack.files[shared["id"]].extra.update(url_private=outside, url_private_download=outside)
+    answer = await open_and_submit_an_edit(app, slack, shared)
+    assert answer.startswith("flux-bot could not download the image: Slack gave an address outside Slack")
+    assert "not charged" in answer and slack.named("download") == []
+    assert await engine._store.jobs(states=list(JobState)) == []
+
+
+async def test_a_file_gone_by_the_submit_is_told(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    """files.info answers file_not_found for a deleted file, and for one shared where the bot is not a member."""
+    app = await front_end(await edit_engine(make_engine))
+    shared = slack.add_file("sky.png", tiny_png())
+    await message_shortcut(app, shared_message(shared))
+    await until(lambda: bool(slack.opened_views))
+    del slack.files[shared["id"]]
+    await submit_view(app, slack.opened_views[0], "make it blue", field="instruction")
+    await until(lambda: bool(slack.named("chat.postEphemeral")))
+    [answer] = slack.named("chat.postEphemeral")
+    assert "could not find the image on Slack" in answer.fields["text"] and "add the app" in answer.fields["text"]
+    assert slack.named("download") == [] and await app.engine._store.jobs(states=list(JobState)) == []
+
+
+async def test_a_file_stored_outside_slack_is_refused_without_a_download(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    app = await front_end(await edit_engine(make_engine))
+    shared = slack.add_file("sky.png", tiny_png(), is_external=True, external_type="gdrive")
+    answer = await open_and_submit_an_edit(app, slack, shared)
+    assert "it is stored outside Slack (gdrive)" in answer and slack.named("download") == []
+
+
+@pytest.mark.parametrize("size_known", [True, False], ids=["size-from-files-info", "size-found-downloading"])
+async def test_an_image_over_the_size_limit_is_refused_without_reading_it_all(
+    make_engine: EngineFactory,
+    make_settings: SettingsFactory,
+    slack: FakeSlack,
+    front_end: FrontEndFactory,
+    size_known: bool,
+) -> None:
+    engine = await edit_engine(make_engine, make_settings(images={"max_input_mb": 0.001}))
+    app = await front_end(engine)
+    shared = slack.add_file(
+        "big.png", tiny_png(size=(64, 64)) + bytes(200_000), **({} if size_known else {"size": None})
+    )
+    answer = await open_and_submit_an_edit(app, slack, shared)
+    assert "at most 0.001 MB are accepted" in answer and "not charged" in answer, answer
+    assert len(slack.named("download")) == (0 if size_known else 1) and stored_inputs(engine) == []
+
+
+async def test_a_file_the_engine_refuses_is_told_and_stored_nowhere(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    """Slack calls an SVG an image; the engine, which decides what is accepted, does not."""
+    engine = await edit_engine(make_engine)
+    app = await front_end(engine)
+    shared = slack.add_file("logo.svg", b'<svg xmlns="http://www.w3.org/2000/svg"/>', "image/svg+xml")
+    answer = await open_and_submit_an_edit(app, slack, shared)
+    assert "an SVG drawing is not accepted" in answer and "not charged" in answer, answer
+    assert await engine._store.jobs(states=list(JobState)) == [] and stored_inputs(engine) == []
+
+
+async def test_the_vary_and_edit_buttons_start_from_the_result(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    app = await front_end(await edit_engine(make_engine))
+    job_id = job_id_of(await slash(app, "/imagine", "a red cat --seed 41"))
+    result = await finished(app, slack, job_id)
+
+    async def answer_to(press: Callable[[], Awaitable[None]]) -> str:
+        count = len(slack.named("chat.postEphemeral"))
+        await press()
+        await until(lambda: len(slack.named("chat.postEphemeral")) == count + 1)
+        return str(slack.named("chat.postEphemeral")[-1].fields["text"])
+
+    subtle = await answer_to(lambda: click(app, result, "vary_subtle", user=BOB))
+    strong = await answer_to(lambda: click(app, result, "vary_strong", user=BOB))
+    # A result posted before there were two Vary buttons still has the old one: it makes a subtle variation.
+    old = await answer_to(lambda: click(app, result, "vary_subtle", user=BOB, old_action_id="flux_vary"))
+
+    async def edit_from_the_button() -> None:
+        await click(app, result, "edit_image", user=BOB)
+        await until(lambda: bool(slack.opened_views))
+        view = slack.opened_views[-1]
+        assert json.loads(view["private_metadata"]) == {"channel": CHANNEL, "job": job_id}
+        await submit_view(app, view, "make the cat blue", user=BOB, field="instruction")
+
+    edited = await answer_to(edit_from_the_button)
+
+    images = app.engine.settings.images
+    assert images.vary_subtle_strength != images.vary_strong_strength
+    edit = await app.engine.get_job(job_id_of(edited))
+    assert (edit.request.task, edit.request.model) == (Task.EDIT, "kontext-pro")
+    assert edit.request.prompt == "make the cat blue" and edit.requester.user_id == BOB
+    original = await app.engine.get_job(job_id)
+    subtle_strength = images.vary_subtle_strength
+    for note, strength in ((subtle, subtle_strength), (strong, images.vary_strong_strength), (old, subtle_strength)):
+        job = await app.engine.get_job(job_id_of(note))
+        assert (job.request.task, job.request.strength) == (Task.VARY, strength)
+        assert (job.request.prompt, job.request.model) == (original.request.prompt, original.request.model)
+        assert job.request.input_image == edit.request.input_image and job.requester.user_id == BOB
+    # All four start from the result itself: one stored input (inputs are stored by content), the result's pixels.
+    [stored] = stored_inputs(app.engine)
+    assert stored.stem == edit.request.input_image
+    with Image.open(stored) as kept, Image.open(io.BytesIO(await app.engine.result_image(job_id))) as made:
+        assert kept.size == made.size and kept.tobytes() == made.convert(kept.mode).tobytes()
+    for note in (subtle, strong, old, edited):
+        await finished(app, slack, job_id_of(note))
+
+
+async def test_the_edit_button_on_a_deleted_image_says_so_without_a_modal(
+    make_engine: EngineFactory, slack: FakeSlack, front_end: FrontEndFactory
+) -> None:
+    app = await front_end(await edit_engine(make_engine))
+    job_id = job_id_of(await slash(app, "/imagine", "a red cat"))
+    result = await finished(app, slack, job_id)
+    requester = Requester(Platform.SLACK, ALICE, guild_id=TEAM_ID, channel_id=CHANNEL)
+    await app.engine.delete_result(requester, job_id)
+    await click(app, result, "edit_image", user=BOB)
+    await until(lambda: bool(slack.named("chat.postEphemeral")))
+    [answer] = slack.named("chat.postEphemeral")
+    assert f"job {job_id} has no stored image" in answer.fields["text"] and slack.named("views.open") == []

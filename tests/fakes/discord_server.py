@@ -1,7 +1,8 @@
 """A fake Discord HTTP API on loopback, driven by the real discord.py client (no gateway).
 
 It answers the REST calls an interactions-only bot makes (login, interaction callbacks, webhook edits and followups,
-channel messages, command sync), records every request in order, and injects the faults a long-running bot meets:
+channel messages, command sync), serves the attachments a test registers from a CDN route with signed, expiring URLs
+(as cdn.discordapp.com does), records every request in order, and injects the faults a long-running bot meets:
 an expired interaction token (401, code 50027) and a rate limit (429 with `Via` and a JSON retry_after).
 """
 
@@ -66,10 +67,30 @@ def bot_message(
     message_id: str, channel_id: str, *, content: str = "", components: list[Any] | None = None, flags: int = 0
 ) -> dict[str, Any]:
     """A message the bot posted, as Discord's API shows it (in answers, and inside a button press's interaction)."""
+    return _message_payload(message_id, channel_id, _user(BOT_ID, "flux-bot", bot=True), content, components, flags)
+
+
+def user_message(
+    message_id: str, channel_id: str, user_id: str, *, content: str = "", attachments: list[Any] | None = None
+) -> dict[str, Any]:
+    """A message a user posted, with its attachments (Discord's attachment objects, see FakeDiscord.attachment)."""
+    payload = _message_payload(message_id, channel_id, _user(user_id, f"user{user_id}"), content, None, 0)
+    payload["attachments"] = attachments or []
+    return payload
+
+
+def _message_payload(
+    message_id: str,
+    channel_id: str,
+    author: dict[str, Any],
+    content: str,
+    components: list[Any] | None,
+    flags: int,
+) -> dict[str, Any]:
     return {
         "id": message_id,
         "channel_id": channel_id,
-        "author": _user(BOT_ID, "flux-bot", bot=True),
+        "author": author,
         "content": content,
         "timestamp": "2026-11-26T12:00:00+00:00",
         "edited_timestamp": None,
@@ -122,8 +143,8 @@ def interaction_payload(
     created: datetime | None = None,
     message: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A raw interaction as Discord sends it (kind 2: a slash command, 3: a button press), for
-    `client._connection.parse_interaction_create`."""
+    """A raw interaction as Discord sends it (kind 2: a slash command or a context menu, 3: a button press, 5: a
+    modal submit), for `client._connection.parse_interaction_create`."""
     payload: dict[str, Any] = {
         "id": _snowflake(created),
         "application_id": APP_ID,
@@ -144,11 +165,30 @@ def interaction_payload(
     return payload
 
 
+@dataclass
+class FakeAttachment:
+    """A file on the fake CDN. `size` is what Discord reports, which a test may set apart from the bytes' length."""
+
+    id: str
+    channel_id: str
+    filename: str
+    content_type: str | None
+    data: bytes
+    size: int
+    width: int | None
+    height: int | None
+
+
 class FakeDiscord:
     """`async with FakeDiscord() as fake:` points discord.py's Route.BASE at it for the duration."""
 
     def __init__(self) -> None:
         self.requests: list[Recorded] = []
+        self.attachments: dict[str, FakeAttachment] = {}
+        # Messages GET /channels/{channel}/messages/{id} answers: (channel id, message id) -> (author id, content,
+        # attachment ids). Their attachments' URLs are signed when the message is fetched, as Discord does.
+        self.messages: dict[tuple[str, str], tuple[str, str, list[str]]] = {}
+        self._url_signature = 1  # the `ex` every CDN URL carries; expire_attachment_urls() moves it on
         self.expired_tokens: set[str] = set()  # webhook calls with these tokens get 401 / 50027
         self.rate_limit_next: set[str] = set()  # methods ("PATCH", "POST") whose next webhook call gets one 429
         self.refused_bot_tokens: set[str] = set()  # GET /users/@me with these answers 401 (a reset token)
@@ -169,9 +209,11 @@ class FakeDiscord:
                 web.delete("/api/v10/webhooks/{app}/{token}/messages/{message}", self._webhook_delete),
                 web.post("/api/v10/webhooks/{app}/{token}", self._webhook_message),
                 web.post("/api/v10/channels/{channel}/messages", self._channel_message),
+                web.get("/api/v10/channels/{channel}/messages/{message}", self._get_message),
                 web.delete("/api/v10/channels/{channel}/messages/{message}", self._no_content),
                 web.put("/api/v10/applications/{app}/commands", self._sync),
                 web.put("/api/v10/applications/{app}/guilds/{guild}/commands", self._sync),
+                web.get("/attachments/{channel}/{attachment}/{filename}", self._cdn),
             ]
         )
         self._runner = web.AppRunner(app)
@@ -209,6 +251,60 @@ class FakeDiscord:
             await asyncio.sleep(0.01)
         seen = [(r.method, r.path, r.status) for r in self.requests]
         raise AssertionError(f"timed out waiting for {what}; got {seen}")
+
+    # ---- attachments and the messages that carry them ----
+
+    def add_attachment(
+        self,
+        data: bytes,
+        filename: str = "image.png",
+        content_type: str | None = "image/png",
+        *,
+        channel_id: str = CHANNEL_ID,
+        size: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+    ) -> dict[str, Any]:
+        """Put `data` on the CDN; returns Discord's attachment object for it (for `data.resolved.attachments`, or a
+        message's `attachments`). `size` defaults to the bytes' length."""
+        attachment_id = str(next(self._ids))
+        self.attachments[attachment_id] = FakeAttachment(
+            attachment_id, channel_id, filename, content_type, data, len(data) if size is None else size, width, height
+        )
+        return self.attachment(attachment_id)
+
+    def attachment(self, attachment_id: str) -> dict[str, Any]:
+        """The attachment object with a URL signed now: valid until the next expire_attachment_urls()."""
+        a = self.attachments[attachment_id]
+        url = f"http://127.0.0.1:{self.port}/attachments/{a.channel_id}/{a.id}/{a.filename}?ex={self._url_signature}"
+        payload: dict[str, Any] = {"id": a.id, "filename": a.filename, "size": a.size, "url": url, "proxy_url": url}
+        if a.content_type is not None:
+            payload["content_type"] = a.content_type
+        if a.width is not None and a.height is not None:
+            payload |= {"width": a.width, "height": a.height}
+        return payload
+
+    def expire_attachment_urls(self) -> None:
+        """Every CDN URL handed out so far now answers 404, as Discord's signed URLs do once they expire; a message
+        fetched again carries fresh ones."""
+        self._url_signature += 1
+
+    def add_message(
+        self, user_id: str, attachments: list[dict[str, Any]], *, content: str = "", channel_id: str = CHANNEL_ID
+    ) -> dict[str, Any]:
+        """A user's message with these attachments (from add_attachment); returns its payload as Discord sends it
+        (e.g. in a message context menu's `data.resolved.messages`). GET on it answers it with fresh URLs."""
+        message_id = str(next(self._ids))
+        self.messages[(channel_id, message_id)] = (user_id, content, [a["id"] for a in attachments])
+        return self._stored_message(channel_id, message_id)
+
+    def cdn_downloads(self) -> list[Recorded]:
+        return [r for r in self.requests if r.method == "GET" and r.path.startswith("/attachments/")]
+
+    def _stored_message(self, channel_id: str, message_id: str) -> dict[str, Any]:
+        user_id, content, attachment_ids = self.messages[(channel_id, message_id)]
+        attachments = [self.attachment(attachment_id) for attachment_id in attachment_ids]
+        return user_message(message_id, channel_id, user_id, content=content, attachments=attachments)
 
     # ---- handlers ----
 
@@ -287,13 +383,33 @@ class FakeDiscord:
     async def _channel_message(self, request: web.Request) -> web.Response:
         return _json(self._message(request.match_info["channel"], None))
 
+    async def _get_message(self, request: web.Request) -> web.Response:
+        key = (request.match_info["channel"], request.match_info["message"])
+        if key not in self.messages:
+            return _json({"message": "Unknown Message", "code": 10008}, status=404)
+        return _json(self._stored_message(*key))
+
+    async def _cdn(self, request: web.Request) -> web.Response:
+        found = self.attachments.get(request.match_info["attachment"])
+        if (
+            found is None
+            or found.channel_id != request.match_info["channel"]
+            or found.filename != request.match_info["filename"]
+            or request.query.get("ex") != str(self._url_signature)
+        ):
+            # What the CDN answers for an unknown file and for an expired signature alike.
+            return web.Response(status=404, text="This content is no longer available.")
+        return web.Response(body=found.data, content_type=found.content_type or "application/octet-stream")
+
     async def _no_content(self, request: web.Request) -> web.Response:
         return web.Response(status=204)
 
     async def _sync(self, request: web.Request) -> web.Response:
         commands = await request.json()  # cached by aiohttp after the recorder read it
+        # Discord answers every command with a description, "" for context menus (which are sent without one).
         answered = [
-            {**command, "id": str(next(self._ids)), "application_id": APP_ID, "version": "1"} for command in commands
+            {"description": "", **command, "id": str(next(self._ids)), "application_id": APP_ID, "version": "1"}
+            for command in commands
         ]
         return _json(answered)
 

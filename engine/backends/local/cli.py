@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--cpu-offload", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--preview-every", type=int, default=4, help="a preview every N steps; 0 = none")
+    parser.add_argument("--kontext-model", default="", help="FLUX.1 Kontext weights for edits (folder or HF id)")
     parser.add_argument(
         "--listen",
         type=Path,
@@ -61,10 +62,11 @@ def options_from_args(args: argparse.Namespace) -> Options:
         vae_tiling=args.vae_tiling,
         cpu_offload=args.cpu_offload,
         preview_every=args.preview_every,
+        kontext_model=args.kontext_model,
     )
 
 
-def worker_args(settings: LocalSettings, model: str) -> list[str]:
+def worker_args(settings: LocalSettings, model: str, kontext_model: str = "") -> list[str]:
     """The command-line arguments that make a worker serve `settings` (the inverse of build_parser)."""
 
     def flag(name: str, on: bool) -> str:
@@ -87,6 +89,8 @@ def worker_args(settings: LocalSettings, model: str) -> list[str]:
         flag("cpu-offload", settings.cpu_offload),
         "--preview-every",
         str(settings.preview_every),
+        "--kontext-model",
+        kontext_model,
     ]
 
 

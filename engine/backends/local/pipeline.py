@@ -31,6 +31,7 @@ from engine.backends.protocol import (
     WorkerFailure,
 )
 from engine.errors import EngineError
+from engine.models import Task
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,7 @@ class Options:
     vae_tiling: bool
     cpu_offload: bool
     preview_every: int
+    kontext_model: str = ""  # Kontext [dev] weights for edits; the same as `model` when it edits itself (demo)
 
 
 def parse_buckets(text: str) -> list[tuple[int, int]]:
@@ -182,6 +184,21 @@ def _png(image: Any) -> bytes:
     return buffer.getvalue()
 
 
+DEFAULT_GUIDE_STRENGTH = 0.8  # image-guided generation without a strength: mostly new, the input's layout kept
+
+
+def img2img_steps(steps: int, strength: float) -> int:
+    """The steps FluxImg2ImgPipeline really runs for `steps` at `strength` (it skips the first ones)."""
+    return steps - int(max(steps - steps * strength, 0))
+
+
+def _decoded(png: bytes) -> Any:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as opened:
+        return opened.convert("RGB")
+
+
 def rss_mb() -> float:
     try:
         with open("/proc/self/statm") as statm:
@@ -236,6 +253,8 @@ class FluxRunner:
         self.fault = fault
         self.jobs_run = 0
         self._on_cuda = device.startswith("cuda")
+        self._image_to_image: Any = None  # built at the first job that needs it
+        self._editor: Any = None
 
     @property
     def dtype(self) -> str:
@@ -266,6 +285,10 @@ class FluxRunner:
             )
 
         stopped_after: int | None = None
+        try:
+            pipe, inputs, steps = self._pipeline_for(spec)
+        except WorkerSetupError as exc:
+            return WorkerFailed(spec.id, WorkerFailure.INTERNAL, str(exc))
 
         def on_step_end(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             nonlocal stopped_after
@@ -279,15 +302,15 @@ class FluxRunner:
                 return {}
             every = self.options.preview_every
             preview = b""
-            if every and step % every == 0 and step < spec.steps:
+            if every and step % every == 0 and step < steps:
                 preview = preview_png(tensors["latents"], spec.width, spec.height, pipe.vae_scale_factor)
-            progress.send(StepProgress(spec.id, step, spec.steps, preview))
+            progress.send(StepProgress(spec.id, step, steps, preview))
             return {}
 
         extra = {} if spec.guidance is None else {"guidance_scale": spec.guidance}
         started = time.perf_counter()
         try:
-            image = self.pipe(
+            image = pipe(
                 prompt=spec.prompt,
                 width=spec.width,
                 height=spec.height,
@@ -295,6 +318,7 @@ class FluxRunner:
                 generator=torch.Generator("cpu").manual_seed(spec.seed),
                 callback_on_step_end=on_step_end,
                 callback_on_step_end_tensor_inputs=["latents"],
+                **inputs,
                 **extra,
             ).images[0]
             if stopped_after is not None:
@@ -316,6 +340,49 @@ class FluxRunner:
             "job %s (%s): %dx%d, %d steps in %.2f s", spec.id, spec.model, spec.width, spec.height, spec.steps, seconds
         )
         return ImageDone(spec.id, spec.seed, seconds, png)
+
+    def _pipeline_for(self, spec: JobSpec) -> tuple[Any, dict[str, Any], int]:
+        """The pipeline for the job's task, its input arguments, and the steps it will really run."""
+        if spec.task is Task.EDIT:
+            return self._kontext(), {"image": _decoded(spec.image), "max_area": spec.width * spec.height}, spec.steps
+        if spec.image:
+            strength = DEFAULT_GUIDE_STRENGTH if spec.strength is None else spec.strength
+            inputs = {"image": _decoded(spec.image), "strength": strength}
+            return self._img2img(), inputs, img2img_steps(spec.steps, strength)
+        return self.pipe, {}, spec.steps
+
+    def _img2img(self) -> Any:
+        """Image to image on the loaded components (no second copy of the weights)."""
+        if self._image_to_image is None:
+            from diffusers import FluxImg2ImgPipeline
+
+            self._image_to_image = FluxImg2ImgPipeline.from_pipe(self.pipe)
+            self._image_to_image.set_progress_bar_config(disable=True)
+        return self._image_to_image
+
+    def _kontext(self) -> Any:
+        """FLUX.1 Kontext on the loaded text encoders and VAE, with Kontext's transformer (loaded once, beside the
+        model's) or, when the Kontext weights are the model's own, on the very same components."""
+        if self._editor is None:
+            from diffusers import FluxKontextPipeline
+
+            weights = self.options.kontext_model
+            if not weights:
+                raise WorkerSetupError("this worker has no Kontext weights ([local] kontext_model is not set)")
+            if weights == self.options.model:
+                editor = FluxKontextPipeline.from_pipe(self.pipe)
+            else:
+                from diffusers import FluxTransformer2DModel
+
+                transformer = FluxTransformer2DModel.from_pretrained(  # type: ignore[no-untyped-call]
+                    weights, subfolder="transformer", torch_dtype=self.pipe.dtype
+                ).to(self.pipe.device)
+                editor = FluxKontextPipeline(  # type: ignore[no-untyped-call]
+                    **{**self.pipe.components, "transformer": transformer}
+                )
+            editor.set_progress_bar_config(disable=True)
+            self._editor = editor
+        return self._editor
 
     def memory(self) -> MemoryStats:
         if not self._on_cuda:

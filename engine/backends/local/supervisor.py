@@ -136,7 +136,8 @@ class LocalBackend:
         self._settings = settings
         self._models = dict(models)
         # str(Path) gives a Hugging Face id back unchanged; a relative folder is resolved here, not in the worker.
-        self._model = str(model_path.resolve()) if model_path.exists() else str(model_path)
+        self._model = _weights(model_path)
+        self._kontext = _weights(Path(settings.kontext_model)) if settings.kontext_model else ""
         self._python = python
         self._extra_env = dict(extra_env or {})
         if sockets := settings.worker_sockets:
@@ -211,7 +212,8 @@ class LocalBackend:
     # ---- the Backend protocol ----
 
     def supports(self, model_name: str, model: ModelSettings) -> bool:
-        return model.local
+        # An edit model (Kontext [dev]) needs its own weights, which the workers load beside the model's.
+        return model.local and (not model.needs_input_image or bool(self._settings.kontext_model))
 
     def capacity(self) -> int:
         return len(self._slots)
@@ -280,6 +282,9 @@ class LocalBackend:
             request.steps,
             request.guidance,
             request.seed,
+            request.task,
+            request.strength,
+            job.input_image or b"",
         )
         sent = settled = False
         try:
@@ -517,7 +522,7 @@ class LocalBackend:
         return process
 
     async def _spawn_worker(self, slot: _Slot) -> ChildPipes:
-        argv = [self._python, "-m", "engine.backends.local", *worker_args(self._settings, self._model)]
+        argv = [self._python, "-m", "engine.backends.local", *worker_args(self._settings, self._model, self._kontext)]
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -618,6 +623,11 @@ async def _attach(path: Path) -> Transport:
             raise _StartFailed(f"cannot attach to {path}: {exc}") from exc
         await asyncio.sleep(delay)
         delay = min(delay * 2, MAX_CONNECT_RETRY_S)
+
+
+def _weights(path: Path) -> str:
+    """A folder as an absolute path (the worker may run elsewhere); a Hugging Face id as it is."""
+    return str(path.resolve()) if path.exists() else str(path)
 
 
 def _shape(request: ResolvedRequest) -> tuple[str, int, int]:

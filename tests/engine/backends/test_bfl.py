@@ -8,6 +8,7 @@ timeout is the point (a hung POST or poll), with sub-second timeouts.
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import logging
 import socket
@@ -36,6 +37,7 @@ from engine.models import (
     ResumeToken,
     Started,
     Submitted,
+    Task,
 )
 from tests.fakes.bfl_server import API_KEY, FakeBfl, Host, Reply
 
@@ -702,18 +704,32 @@ def test_payload_ultra_uses_aspect_ratio(ratio: str) -> None:
     }
 
 
+INPUT_PNG = b"\x89PNG\r\n\x1a\n-an-input-image"
+
+
 @pytest.mark.parametrize("endpoint", ["flux-kontext-pro", "flux-kontext-max"])
-def test_payload_kontext(endpoint: str) -> None:
-    url = "https://cdn.example/input.png"
-    payload = build_payload(endpoint, request("kontext", input_image_url=url, aspect_ratio="16:9"), SETTINGS)
+def test_payload_kontext_sends_the_image_itself_as_base64(endpoint: str) -> None:
+    edit = request("kontext", task=Task.EDIT, input_image="ab" * 32, aspect_ratio="16:9")
+    payload = build_payload(endpoint, edit, SETTINGS, INPUT_PNG)
     assert payload == {
         "prompt": "a red fox in the snow",
         "aspect_ratio": "16:9",
-        "input_image": url,
+        "input_image": base64.b64encode(INPUT_PNG).decode(),
         "seed": 42,
         "safety_tolerance": 3,
         "output_format": "jpeg",
     }
+
+
+def test_payload_image_prompt_guides_pro_and_ultra_varies_by_strength() -> None:
+    guided = build_payload("flux-pro-1.1", request("pro", input_image="ab" * 32), SETTINGS, INPUT_PNG)
+    assert guided["image_prompt"] == base64.b64encode(INPUT_PNG).decode()
+    varied = request("ultra", task=Task.VARY, input_image="ab" * 32, strength=0.3, aspect_ratio="1:1")
+    payload = build_payload("flux-pro-1.1-ultra", varied, SETTINGS, INPUT_PNG)
+    assert (payload["image_prompt"], payload["image_prompt_strength"]) == (base64.b64encode(INPUT_PNG).decode(), 0.7)
+    with pytest.raises(InvalidRequest) as caught:
+        build_payload("flux-dev", request("dev", input_image="ab" * 32), SETTINGS, INPUT_PNG)
+    assert caught.value.field == "image"
 
 
 @pytest.mark.parametrize(
@@ -733,9 +749,9 @@ def test_payload_kontext(endpoint: str) -> None:
         ("flux-pro-1.1-ultra", {"aspect_ratio": "9:22"}, "aspect_ratio"),
         ("flux-pro-1.1-ultra", {"aspect_ratio": "wide"}, "aspect_ratio"),
         ("flux-pro-1.1-ultra", {"aspect_ratio": "16:0"}, "aspect_ratio"),
-        ("flux-kontext-pro", {"input_image_url": "https://x/y.png", "aspect_ratio": "3:1"}, "aspect_ratio"),
-        ("flux-kontext-pro", {"input_image_url": None}, "input_image"),
-        ("flux-kontext-max", {"input_image_url": ""}, "input_image"),
+        ("flux-kontext-pro", {"aspect_ratio": "3:1"}, "aspect_ratio"),
+        ("flux-kontext-pro", {}, "input_image"),
+        ("flux-kontext-max", {"task": Task.EDIT}, "input_image"),
         ("flux-fill", {}, "model"),
     ],
 )

@@ -24,7 +24,7 @@ from engine.backends.nats import RemoteHosts
 from engine.backends.pool import GpuPool
 from engine.backends.protocol import LaneJob, LaneOutcome, LaneResult, encode
 from engine.config import Secrets, Settings
-from engine.models import BackendKind, ImageRequest, JobCancelled, JobDone, JobState
+from engine.models import ASPECT_SIZES, BackendKind, ImageRequest, JobCancelled, JobDone, JobState, Task
 from engine.service import Engine
 from engine.store import Store
 from tests.conftest import SettingsFactory, user, wait_terminal
@@ -437,3 +437,28 @@ async def test_a_host_whose_workers_cannot_start_offers_no_slot(
     await until(lambda: [(beat.host, beat.slots) for beat in bot.remote.hosts()] == [("gpu-broken", 0)], 120)
     assert bot.remote.capacity() == 0 and not bot.pool.status(0).healthy
     assert "failed to start" in broken.output()
+
+
+async def test_a_variation_and_an_edit_carry_their_input_image_to_the_host(
+    make_settings: SettingsFactory,
+    server: NatsServer,
+    hosts: GpuHosts,
+    open_bot: Callable[[Settings], Awaitable[Bot]],
+    tiny_flux: Path,
+) -> None:
+    bot = await open_bot(lane_settings(make_settings, server))
+    # The tiny model is its own Kontext here, as the demo model is: the host then serves edits too.
+    hosts.local = {**hosts.local, "kontext_model": str(tiny_flux)}
+    await hosts.start("gpu-a", model_path=tiny_flux, models="schnell,kontext-dev")
+    await bot.until_slots(1)
+    source = Image.new("RGB", (300, 200), (200, 40, 40))
+    buffer = io.BytesIO()
+    source.save(buffer, format="PNG")
+    vary = ImageRequest("a red fox", "schnell", task=Task.VARY, input_image=buffer.getvalue(), strength=0.5)
+    edit = ImageRequest("make it blue", "kontext-dev", task=Task.EDIT, input_image=buffer.getvalue(), steps=4)
+    jobs = [await bot.engine.submit(user(name), request) for name, request in (("alice", vary), ("bob", edit))]
+    varied, edited = [await wait_terminal(bot.engine, job.job_id, 120) for job in jobs]
+    assert isinstance(varied, JobDone) and isinstance(edited, JobDone), (varied, edited)
+    assert png_size(varied.image) == ASPECT_SIZES["3:2"]  # the input's shape, in its standard size
+    width, height = png_size(edited.image)  # Kontext picks the trained size nearest that shape
+    assert abs(width / height - 1.5) < 0.1
