@@ -11,6 +11,7 @@ import logging
 import re
 import shlex
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import StrEnum
 
 from bot import render
@@ -35,7 +36,8 @@ IMAGINE_OPTIONS = ("model", "aspect", "steps", "guidance", "seed", "mode", "widt
 ADMIN_USAGE = (
     "admin commands: quota show USER | quota set USER LIMIT VALUE | quota grant USER images|gpu-seconds|usd AMOUNT"
     " | quota reset USER | spend [YYYY-MM] | credits | pause local|api | resume local|api | ban USER | unban USER"
-    " | jobs | cancel JOB | report"
+    " | jobs | cancel JOB | report | review [list] | review approve JOB | review reject|reject-and-ban JOB REASON"
+    " | audit [--since YYYY-MM-DD] [--action NAME]"
 )
 
 
@@ -414,6 +416,27 @@ class Commands:
             case ["cancel", job_id]:
                 cancelled = await engine.cancel(requester, job_id)
                 return render.cancelled_text(cancelled)
+            case ["review"] | ["review", "list"]:
+                held = await engine.held_jobs(requester)
+                if not held:
+                    return "No images are held for review."
+                return "\n".join(
+                    f"{j.id} {j.requester.user_key} held: {j.review_detail or j.review_reason}: "
+                    f"{render.shown(j.request.prompt[:60], self.safe)}"
+                    for j in held
+                )
+            case ["review", "approve", job_id]:
+                job = await engine.approve(requester, job_id)
+                return f"Job {job.id} approved: its image goes to {job.requester.user_key} where it was asked for."
+            case ["review", ("reject" | "reject-and-ban") as verdict, job_id, *reason]:
+                ban = verdict == "reject-and-ban"
+                job = await engine.reject(requester, job_id, " ".join(reason), ban=ban)
+                ban_note = f" {job.requester.user_key} is banned." if ban else ""
+                return f"Job {job.id} rejected: its image is deleted and {job.requester.user_key} is told.{ban_note}"
+            case ["audit", *filters]:
+                since, action = _audit_filters(filters)
+                records = await engine.audit_log(requester, since=since, action=action)
+                return render.audit_text(records, self.engine.settings.bot.timezone)
         raise InvalidRequest(f"unknown or incomplete admin command {text.strip()!r}; {ADMIN_USAGE}")
 
     @staticmethod
@@ -433,6 +456,26 @@ class Commands:
         if requester.guild_id and requester.platform.value == "slack":
             return f"slack:{requester.guild_id}:{user}"
         return f"{requester.platform.value}:{user}"
+
+
+def _audit_filters(words: list[str]) -> tuple[float | None, str | None]:
+    """`--since 2026-12-01` (UTC midnight) and `--action review` (a name or a family of names)."""
+    since: float | None = None
+    action: str | None = None
+    rest = list(words)
+    while rest:
+        flag = rest.pop(0)
+        if flag not in ("--since", "--action") or not rest:
+            raise InvalidRequest(f"audit takes --since YYYY-MM-DD and --action NAME, not {flag!r}", field="audit")
+        value = rest.pop(0)
+        if flag == "--action":
+            action = value
+            continue
+        try:
+            since = datetime.strptime(value, "%Y-%m-%d").replace(tzinfo=UTC).timestamp()
+        except ValueError as exc:
+            raise InvalidRequest(f"--since must look like 2026-12-01, not {value!r}", field="since") from exc
+    return since, action
 
 
 def _backend(text: str) -> BackendKind:

@@ -10,6 +10,7 @@ import logging
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 from engine.errors import (
     BackendUnavailable,
@@ -22,6 +23,7 @@ from engine.errors import (
     QuotaExceeded,
 )
 from engine.models import (
+    AuditRecord,
     BackendKind,
     Capabilities,
     FailureReason,
@@ -30,8 +32,10 @@ from engine.models import (
     JobDone,
     JobEvent,
     JobFailed,
+    JobHeld,
     JobProgress,
     JobQueued,
+    JobRejected,
     JobRerouted,
     JobStarted,
     JobState,
@@ -150,12 +154,38 @@ def cancelled_text(event: JobCancelled) -> str:
     return f"Job {event.job_id} cancelled. {NOT_CHARGED}"
 
 
+def held_text(event: JobHeld) -> str:
+    made = "the image was made, so it counts as made"
+    cost = (
+        f"{made}: {format_usd(event.charged_micros)} for the image API"
+        if event.charged_micros
+        else (f"{made}: the GPU time it used counts against your GPU time today")
+    )
+    return (
+        f"Job {event.job_id} is held for review by this server's admins ({event.reason}); you will hear from"
+        f" it here once one has looked at it. {cost[0].upper()}{cost[1:]}."
+    )
+
+
+def rejected_text(event: JobRejected) -> str:
+    charge = (
+        f" It was made, so it still cost {format_usd(event.charged_micros)}."
+        if event.charged_micros
+        else " It was made on this server's GPU, so its GPU time still counts."
+    )
+    return f"An admin rejected the image of job {event.job_id} ({event.reason}): it has been deleted.{charge}"
+
+
 def ended_text(event: JobEvent, capabilities: Capabilities | None = None) -> str:
     """What the user is told when a job ends without an image to show (or as a plain line when it has one)."""
     if isinstance(event, JobFailed):
         return failed_text(event, capabilities)
     if isinstance(event, JobCancelled):
         return cancelled_text(event)
+    if isinstance(event, JobHeld):
+        return held_text(event)
+    if isinstance(event, JobRejected):
+        return rejected_text(event)
     return event_line(event)
 
 
@@ -229,7 +259,30 @@ def event_line(event: JobEvent, capabilities: Capabilities | None = None) -> str
             return f"[{event.job_id}] {failed_text(event, capabilities)}"
         case JobCancelled():
             return f"[{event.job_id}] {cancelled_text(event)}"
+        case JobHeld():
+            return f"[{event.job_id}] {held_text(event)}"
+        case JobRejected():
+            return f"[{event.job_id}] {rejected_text(event)}"
     raise TypeError(f"unknown event {event!r}")
+
+
+def audit_text(records: list[AuditRecord], timezone: str) -> str:
+    """One line per audit record, newest first: when, who, what, to whom or which job, and its details."""
+    if not records:
+        return "No audit lines match."
+    zone = ZoneInfo(timezone)
+    lines = []
+    for record in records:
+        when = datetime.fromtimestamp(record.at, zone).strftime("%Y-%m-%d %H:%M:%S")
+        parts = [when, record.actor, record.action]
+        if record.subject:
+            parts.append(record.subject)
+        if record.job_id:
+            parts.append(f"job {record.job_id}")
+        if record.detail:
+            parts.append(", ".join(f"{key}={value}" for key, value in sorted(record.detail.items())))
+        lines.append(" ".join(parts))
+    return "\n".join(lines)
 
 
 def quota_text(view: QuotaView) -> str:

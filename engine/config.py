@@ -247,6 +247,35 @@ class ImageSettings(_Section):
     vary_strong_strength: float = Field(0.7, gt=0, le=1)
 
 
+class ReviewSettings(_Section):
+    """The review step after generation (engine/review.py): what holds an image for an admin, and where they see it."""
+
+    # Names and trademarks the operator wants a person to look at: the image is made, then held (never blocked).
+    phrases: Strings = ()
+    classifier: Literal["none", "nudenet"] = "none"  # nudenet: the optional `review` extra (AGPL-3.0)
+    # A classifier label at or above its score holds the image (outside age-restricted channels).
+    thresholds: dict[str, float] = Field(
+        default_factory=lambda: {
+            "FEMALE_BREAST_EXPOSED": 0.5,
+            "FEMALE_GENITALIA_EXPOSED": 0.4,
+            "MALE_GENITALIA_EXPOSED": 0.4,
+            "BUTTOCKS_EXPOSED": 0.5,
+            "ANUS_EXPOSED": 0.4,
+        }
+    )
+    discord_channel_id: str = ""  # where held images wait for an admin ("" = none on Discord)
+    slack_channel_id: str = ""  # ("" = none on Slack)
+    age_restricted_slack_channels: Strings = ()  # Slack channels treated as Discord's age-restricted ones
+
+    @field_validator("thresholds")
+    @classmethod
+    def _scores(cls, value: dict[str, float]) -> dict[str, float]:
+        for label, score in value.items():
+            if not 0 < score <= 1:
+                raise ValueError(f"{label}: a score threshold is above 0 and at most 1, got {score}")
+        return value
+
+
 class NatsSettings(_Section):
     """The GPU lane across hosts (engine/backends/nats.py, engine/gpu_host.py): where the NATS server is and what
     the lane's streams and buckets are called. Credentials and TLS files come only from the environment
@@ -396,6 +425,7 @@ class Settings(_Section):
     bfl: BflSettings = BflSettings()
     local: LocalSettings = LocalSettings()
     images: ImageSettings = ImageSettings()
+    review: ReviewSettings = ReviewSettings()
     nats: NatsSettings = NatsSettings()
     policy: PolicySettings = PolicySettings()
     limits: LimitSettings = LimitSettings()

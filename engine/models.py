@@ -244,6 +244,7 @@ class Requester:
     roles: tuple[str, ...] = ()
     is_admin: bool = False
     display_name: str | None = None
+    age_restricted: bool = False  # the channel is for adults (Discord's age-restricted flag, [review] Slack channels)
 
     @property
     def user_key(self) -> str:
@@ -522,8 +523,47 @@ class JobCancelled:
     charged_micros: int
 
 
-JobEvent = JobQueued | JobWaiting | JobRerouted | JobStarted | JobProgress | JobDone | JobFailed | JobCancelled
-TERMINAL_EVENTS = (JobDone, JobFailed, JobCancelled)
+@dataclass(frozen=True, slots=True)
+class JobHeld:
+    """The image was made (and charged) but waits for an admin's review before anyone sees it; `reason` is in
+    general terms, for the requester."""
+
+    job_id: str
+    reason: str
+    charged_micros: int
+
+
+@dataclass(frozen=True, slots=True)
+class JobRejected:
+    """An admin rejected a held image: it is deleted, never shown; what it cost stays charged (it was made)."""
+
+    job_id: str
+    reason: str
+    charged_micros: int
+
+
+JobEvent = (
+    JobQueued
+    | JobWaiting
+    | JobRerouted
+    | JobStarted
+    | JobProgress
+    | JobDone
+    | JobFailed
+    | JobCancelled
+    | JobHeld
+    | JobRejected
+)
+TERMINAL_EVENTS = (JobDone, JobFailed, JobCancelled, JobHeld, JobRejected)
+
+
+class Review(StrEnum):
+    """A done job's review: none needed (delivered as it is), held for an admin, or decided."""
+
+    NONE = ""
+    HELD = "held"
+    APPROVED = "approved"
+    REJECTED = "rejected"
 
 
 @dataclass(slots=True)
@@ -549,6 +589,9 @@ class Job:
     cost_micros: int = 0
     result_path: str | None = None
     delivered: bool = False
+    review: Review = Review.NONE
+    review_reason: str | None = None  # why it was held, in general terms (for the requester)
+    review_detail: str | None = None  # and exactly (for the admins)
 
 
 @dataclass(frozen=True, slots=True)
@@ -570,6 +613,18 @@ class UserRecord:
     banned: bool
     overrides: dict[str, Any]
     settings: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """A stored audit line, as `flux-bot admin audit` prints it."""
+
+    at: float
+    actor: str
+    action: str
+    subject: str | None
+    job_id: str | None
+    detail: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)

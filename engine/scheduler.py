@@ -41,6 +41,7 @@ from engine.models import (
     JobDone,
     JobEvent,
     JobFailed,
+    JobHeld,
     JobProgress,
     JobQueued,
     JobRerouted,
@@ -51,12 +52,14 @@ from engine.models import (
     ResolvedRequest,
     Resource,
     ResumeToken,
+    Review,
     Started,
     Submitted,
     image_format,
 )
 from engine.quota import Quota
 from engine.results import annotated
+from engine.review import ReviewStep
 from engine.store import QueuedJob, Store
 
 log = logging.getLogger(__name__)
@@ -79,9 +82,11 @@ class Scheduler:
         publish: Callable[[JobEvent], None],
         clock: Callable[[], float],
         inputs: InputImages,
+        review: ReviewStep,
     ) -> None:
         self._store = store
         self._inputs = inputs
+        self._review = review
         self._quota = quota
         self._settings = settings
         self._backends = dict(backends)
@@ -468,11 +473,33 @@ class Scheduler:
         image, mime = await asyncio.to_thread(annotated, finished.image, finished.mime, job, display)
         path = self._settings.bot.images_dir / f"{job.id}.{(image_format(mime) or PNG).extension}"
         await asyncio.to_thread(_write_atomically, path, image)
+        # Decided before the job ends, and recorded in the same transaction: a held image is never shown, even
+        # after a crash between the two.
+        if self._review.classifies:
+            decision = await asyncio.to_thread(self._review.decide, job.request.prompt, image, job.requester)
+        else:
+            decision = self._review.decide(job.request.prompt, image, job.requester)
         closes = self._quota.closes_for_success(await self._store.open_reservations(job.id), finished)
         now = self._clock()
         charged = await self._store.posted(job.id, Resource.USD_MICROS) + finished.cost_micros
-        ended = await self._store.finish_job(job.id, JobState.DONE, closes, now=now, result_path=str(path))
-        if ended:
+        held = decision.hold
+        ended = await self._store.finish_job(
+            job.id,
+            JobState.DONE,
+            closes,
+            now=now,
+            result_path=str(path),
+            review=Review.HELD if held else Review.NONE,
+            review_reason=decision.reason if held else None,
+            review_detail=decision.detail if held else None,
+            audit=AuditEntry("review", "review.hold", job.requester.user_key, job.id, {"detail": decision.detail})
+            if held
+            else None,
+        )
+        if ended and held:
+            log.info("job %s: held for review: %s", job.id, decision.detail)
+            self._publish(JobHeld(job.id, decision.reason, charged))
+        elif ended:
             seconds = now - job.created_at
             self._publish(JobDone(job.id, image, mime, finished.seed, job.backend, charged, seconds))
 

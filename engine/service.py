@@ -29,6 +29,7 @@ from engine.models import (
     PNG,
     TERMINAL_EVENTS,
     AuditEntry,
+    AuditRecord,
     BackendKind,
     Capabilities,
     FailureReason,
@@ -39,13 +40,16 @@ from engine.models import (
     JobDone,
     JobEvent,
     JobFailed,
+    JobHeld,
     JobQueued,
+    JobRejected,
     JobState,
     Mode,
     Platform,
     ReportChart,
     Requester,
     Resource,
+    Review,
     SpendRow,
     Task,
     image_format,
@@ -55,6 +59,7 @@ from engine.policy import PromptPolicy
 from engine.quota import Quota, QuotaView
 from engine.report import build_report, render_png, summary_text
 from engine.retention import Retention, image_store
+from engine.review import Classifier, ReviewStep, classifier_for
 from engine.scheduler import Scheduler
 from engine.sd_notify import Notifier, watchdog_interval_s
 from engine.store import Store, totals_differences_in
@@ -113,6 +118,7 @@ class Engine:
         *,
         clock: Callable[[], float] = time.time,
         demo: bool = False,
+        classifier: Classifier | None = None,
     ) -> None:
         self.settings = settings
         self._secrets = secrets
@@ -127,7 +133,11 @@ class Engine:
             max_bytes=round(settings.images.max_input_mb * 1_000_000),
             max_pixels=round(settings.images.max_input_megapixels * 1_000_000),
         )
-        self._scheduler = Scheduler(store, self._quota, settings, backends, self._publish, clock, self._inputs)
+        # The review step's image classifier: the configured one, unless one is given (tests give a marker one).
+        self._review = ReviewStep(settings.review, classifier or classifier_for(settings.review))
+        self._scheduler = Scheduler(
+            store, self._quota, settings, backends, self._publish, clock, self._inputs, self._review
+        )
         self._telemetry = Telemetry(store, self._scheduler, backends, clock)
         self._alerts = Alerts(store, settings, clock)
         self._retention = Retention(store, settings.bot, clock, inputs=self._inputs)
@@ -335,6 +345,8 @@ class Engine:
     async def result_image(self, job_id: str) -> bytes:
         """A done job's stored image, to edit or vary it; InvalidRequest when it is no longer stored."""
         job = await self._store.get_job(job_id)
+        if job.review in (Review.HELD, Review.REJECTED):
+            raise InvalidRequest(f"job {job_id}'s image is held for review, or was rejected", field="job")
         if job.state is not JobState.DONE or job.result_path is None:
             raise InvalidRequest(
                 f"job {job_id} has no stored image (it did not finish, or its image was deleted or is past this"
@@ -403,6 +415,10 @@ class Engine:
         A done job whose image is no longer stored (deleted, past the retention, or gone from the disk) ends as
         a failure to deliver it, charged what the job cost: the image was made, but nobody can be shown it now.
         """
+        if job.state is JobState.DONE and job.review is Review.HELD:
+            return JobHeld(job.id, job.review_reason or "it waits for an admin's review", job.cost_micros)
+        if job.state is JobState.DONE and job.review is Review.REJECTED:
+            return JobRejected(job.id, job.review_reason or "an admin rejected it", job.cost_micros)
         if job.state is JobState.DONE:
             image = await self._stored_image(job)
             if image is None or job.result_path is None:
@@ -581,6 +597,66 @@ class Engine:
             user_key, banned=banned, audit=AuditEntry(actor.user_key, "user.ban" if banned else "user.unban", user_key)
         )
         return seen
+
+    # ---- review ----
+
+    async def held_jobs(self, actor: Requester, limit: int = 100) -> list[Job]:
+        """The images waiting for an admin's review, oldest first."""
+        self.require_admin(actor, "review")
+        return await self._store.held_jobs(limit)
+
+    async def held_image(self, actor: Requester, job_id: str) -> bytes:
+        """A held job's image, for the admins' review channel only."""
+        self.require_admin(actor, "review")
+        job = await self._held(job_id)
+        image = await self._stored_image(job)
+        if image is None:
+            raise InvalidRequest(f"job {job_id}'s image is no longer stored", field="job")
+        return image
+
+    async def approve(self, actor: Requester, job_id: str) -> Job:
+        """Deliver a held image to where it was asked for (the front-ends post it as any result)."""
+        self.require_admin(actor, "review")
+        job = await self._held(job_id)
+        audit = AuditEntry(actor.user_key, "review.approve", job.requester.user_key, job.id)
+        if not await self._store.decide_review(job.id, Review.APPROVED, audit):
+            raise InvalidRequest(f"job {job_id} was decided meanwhile", field="job")
+        approved = await self._store.get_job(job.id)
+        self._publish(await self.terminal_event(approved))
+        return approved
+
+    async def reject(self, actor: Requester, job_id: str, reason: str, *, ban: bool = False) -> Job:
+        """Never show a held image: delete it, tell the requester, and with `ban` ban them too."""
+        self.require_admin(actor, "review")
+        job = await self._held(job_id)
+        why = reason.strip() or "an admin rejected it"
+        detail = {"reason": why, "ban": ban}
+        audit = AuditEntry(actor.user_key, "review.reject", job.requester.user_key, job.id, detail)
+        if not await self._store.decide_review(job.id, Review.REJECTED, audit):
+            raise InvalidRequest(f"job {job_id} was decided meanwhile", field="job")
+        await self._retention.remove(job.id, job.result_path, why=f"rejected in review: {why}", actor=actor.user_key)
+        if ban:
+            await self._store.update_user(
+                job.requester.user_key,
+                banned=True,
+                audit=AuditEntry(actor.user_key, "user.ban", job.requester.user_key, job.id, {"why": "review"}),
+            )
+        self._publish(JobRejected(job.id, why, job.cost_micros))
+        return await self._store.get_job(job.id)
+
+    async def _held(self, job_id: str) -> Job:
+        job = await self._store.get_job(job_id.strip())
+        if job.review is not Review.HELD:
+            state = f"was {job.review.value}" if job.review is not Review.NONE else "was not held for review"
+            raise InvalidRequest(f"job {job_id} {state}: nothing to decide", field="job")
+        return job
+
+    async def audit_log(
+        self, actor: Requester, *, since: float | None = None, action: str | None = None, limit: int = 200
+    ) -> list[AuditRecord]:
+        """The audit trail, newest first: who did what, to whom, when."""
+        self.require_admin(actor, "audit")
+        return await self._store.audit_records(since=since, action=action, limit=limit)
 
     async def admin_jobs(self, actor: Requester, states: list[JobState] | None = None, limit: int = 50) -> list[Job]:
         self.require_admin(actor, "jobs")

@@ -33,8 +33,10 @@ from engine.models import (
     JobDone,
     JobEvent,
     JobFailed,
+    JobHeld,
     JobProgress,
     JobQueued,
+    JobRejected,
     JobRerouted,
     JobStarted,
     JobState,
@@ -260,13 +262,18 @@ class Telemetry:
                 job.started_at, job.queue_s = now, now - job.queued_at
                 self._queue_wait.labels(job.route).observe(job.queue_s)
             job_log.info("%s", self._line("job.started", event.job_id, job).seconds("queue_s", job.queue_s))
+        elif isinstance(event, JobRejected):
+            # An admin's decision about a job counted when it ended (held): a log line, not a second end.
+            job_log.info("%s", _Line().add("event", "job.rejected").add("job", event.job_id))
         elif isinstance(event, TERMINAL_EVENTS):
             self._ended_event(event, now)
 
-    def _ended_event(self, event: JobDone | JobFailed | JobCancelled, now: float) -> None:
+    def _ended_event(self, event: JobDone | JobFailed | JobCancelled | JobHeld, now: float) -> None:
         job = self._jobs.pop(event.job_id, None) or _Tracked()
         if isinstance(event, JobDone):
             job.backend, state, charged = event.backend, JobState.DONE, event.cost_micros
+        elif isinstance(event, JobHeld):
+            state, charged = JobState.DONE, event.charged_micros  # made and charged; only its showing waits
         elif isinstance(event, JobFailed):
             state, charged = JobState.FAILED, event.charged_micros
         else:

@@ -12,6 +12,7 @@ import pytest
 from engine.backends.base import Backend
 from engine.config import Secrets, Settings
 from engine.models import TERMINAL_EVENTS, BackendKind, JobEvent, Platform, Requester
+from engine.review import Classifier
 from engine.service import Engine
 from tests.fakes.notify_socket import NotifyListener
 
@@ -52,13 +53,17 @@ async def make_engine(make_settings: SettingsFactory) -> AsyncIterator[EngineFac
     engines: list[Engine] = []
 
     async def build(
-        backends: Mapping[BackendKind, Backend], settings: Settings | None = None, *, dispatch: bool = True
+        backends: Mapping[BackendKind, Backend],
+        settings: Settings | None = None,
+        *,
+        dispatch: bool = True,
+        classifier: Classifier | None = None,
     ) -> Engine:
         from engine.store import Store
 
         settings = settings or make_settings()
         store = await Store.open(settings.bot.database_path)
-        engine = Engine(settings, Secrets(), store, backends)
+        engine = Engine(settings, Secrets(), store, backends, classifier=classifier)
         await engine.start(dispatch=dispatch)
         engines.append(engine)
         return engine

@@ -20,12 +20,14 @@ from engine.errors import JobNotFound, QuotaExceeded
 from engine.ledger import Close, LimitCheck, OpenReservation, Reservation, Scope, TotalsDifference, UsageKey
 from engine.models import (
     AuditEntry,
+    AuditRecord,
     BackendKind,
     FailureReason,
     Job,
     JobState,
     Resource,
     ResumeToken,
+    Review,
     SpendRow,
     UserRecord,
 )
@@ -163,6 +165,31 @@ class Store:
 
         await self._connection.transaction(add)
 
+    async def held_jobs(self, limit: int = 100) -> list[Job]:
+        """Done jobs whose image waits for an admin's review, oldest first."""
+        rows = await self._read(
+            f"SELECT {JOB_COLUMNS} FROM jobs WHERE review = 'held' ORDER BY finished_at, id LIMIT ?", (limit,)
+        )
+        return [job_from_row(row) for row in rows]
+
+    async def decide_review(self, job_id: str, decision: Review, audit: AuditEntry) -> bool:
+        """A held job approved or rejected, with its audit line, in one transaction; False when it was not held
+        (decided already, by another admin or another button). An approved image is delivered anew: its
+        `delivered` flag is cleared so the delivery path takes it."""
+        assert decision in (Review.APPROVED, Review.REJECTED)
+
+        def decide(db: sqlite3.Connection) -> bool:
+            cursor = db.execute(
+                "UPDATE jobs SET review = ?, delivered = 0 WHERE id = ? AND review = 'held'",
+                (decision.value, job_id),
+            )
+            if cursor.rowcount != 1:
+                return False
+            ops.audit(db, audit, self._clock())
+            return True
+
+        return await self._connection.transaction(decide)
+
     async def input_images_in_use(self) -> set[str]:
         """The input images of jobs still queued or running: retention must leave these."""
         rows = await self._read(
@@ -200,7 +227,7 @@ class Store:
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         order = "DESC" if newest_first else "ASC"
         rows = await self._read(
-            f"SELECT {JOB_COLUMNS} FROM jobs {clause} ORDER BY created_at {order}, id {order} LIMIT ?",
+            f"SELECT {JOB_COLUMNS} FROM jobs {clause} ORDER BY created_at {order}, rowid {order} LIMIT ?",
             (*params, limit),
         )
         return [job_from_row(row) for row in rows]
@@ -208,7 +235,8 @@ class Store:
     async def queued(self, backend: BackendKind, limit: int = 1000) -> list[QueuedJob]:
         """The queue of one backend, oldest first, as little as the dispatcher's pick needs (no Job objects)."""
         rows = await self._read(
-            "SELECT id, user_key FROM jobs WHERE state = 'queued' AND backend = ? ORDER BY created_at, id LIMIT ?",
+            # rowid breaks a tie in the order of submission (two jobs within one tick of the clock).
+            "SELECT id, user_key FROM jobs WHERE state = 'queued' AND backend = ? ORDER BY created_at, rowid LIMIT ?",
             (backend.value, limit),
         )
         return [QueuedJob(row[0], row[1]) for row in rows]
@@ -260,6 +288,9 @@ class Store:
         error: str | None = None,
         result_path: str | None = None,
         audit: AuditEntry | None = None,
+        review: Review = Review.NONE,
+        review_reason: str | None = None,
+        review_detail: str | None = None,
     ) -> bool:
         """Move a non-terminal job to a terminal state and close its reservations in one transaction; the job's
         cost is what its settle lines of money then add up to.
@@ -273,7 +304,9 @@ class Store:
             if not jobs.is_active(db, job_id):
                 return False
             ledger.close_reservations(db, closes, now)
-            jobs.finish(db, job_id, state, now, failure_reason, error, result_path)
+            jobs.finish(
+                db, job_id, state, now, failure_reason, error, result_path, review, review_reason, review_detail
+            )
             if audit:
                 ops.audit(db, audit, now)
             return True
@@ -428,6 +461,22 @@ class Store:
         else:
             rows = await self._read("SELECT * FROM audit WHERE action = ? ORDER BY id DESC LIMIT ?", (action, limit))
         return [dict(row) for row in rows]
+
+    async def audit_records(
+        self, *, since: float | None = None, action: str | None = None, limit: int = 200
+    ) -> list[AuditRecord]:
+        """Audit lines newest first; `action` matches it exactly or as a family ("review" is every "review.*")."""
+        where = ["at >= ?"]
+        params: list[Any] = [since if since is not None else 0.0]
+        if action:
+            where.append("(action = ? OR action LIKE ?)")
+            params += [action, f"{action}.%"]
+        rows = await self._read(
+            f"SELECT at, actor, action, subject, job_id, detail FROM audit WHERE {' AND '.join(where)}"
+            " ORDER BY id DESC LIMIT ?",
+            (*params, limit),
+        )
+        return [AuditRecord(row[0], row[1], row[2], row[3], row[4], json.loads(row[5] or "{}")) for row in rows]
 
     async def get_control(self, name: str) -> str | None:
         rows = await self._read("SELECT value FROM controls WHERE name = ?", (name,))

@@ -20,6 +20,7 @@ from engine.models import (
     Requester,
     ResolvedRequest,
     ResumeToken,
+    Review,
     Task,
 )
 
@@ -27,7 +28,8 @@ JOB_COLUMNS = (
     "id, user_key, guild_key, platform, user_id, guild_id, channel_id, display_name, roles, is_admin, prompt, model,"
     " width, height, aspect_ratio, steps, guidance, seed, mode, input_image, state, backend, reason, attempts,"
     " local_attempts, estimated_cost_micros, estimated_gpu_ms, resume_token, created_at,"
-    " started_at, finished_at, failure_reason, error, cost_micros, result_path, delivered, task, strength"
+    " started_at, finished_at, failure_reason, error, cost_micros, result_path, delivered, task, strength,"
+    " review, review_reason, review_detail"
 )
 
 
@@ -76,10 +78,13 @@ def job_from_row(row: sqlite3.Row) -> Job:
         cost_micros=row["cost_micros"],
         result_path=row["result_path"],
         delivered=bool(row["delivered"]),
+        review=Review(row["review"]),
+        review_reason=row["review_reason"],
+        review_detail=row["review_detail"],
     )
 
 
-INSERT_JOB = f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join('?' * 38)})"
+INSERT_JOB = f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join('?' * 41)})"
 
 
 def job_row(job: Job) -> tuple[Any, ...]:
@@ -125,6 +130,9 @@ def job_row(job: Job) -> tuple[Any, ...]:
         0,
         r.task.value,
         r.strength,
+        Review.NONE.value,
+        None,
+        None,
     )
 
 
@@ -165,14 +173,29 @@ def finish(
     failure_reason: FailureReason | None,
     error: str | None,
     result_path: str | None,
+    review: Review = Review.NONE,
+    review_reason: str | None = None,
+    review_detail: str | None = None,
 ) -> bool:
     """A non-terminal job to its terminal state, its cost what its settle lines of money add up to (so the caller
-    closes its reservations first); False (nothing changed) when it had already ended."""
+    closes its reservations first), held for review where `review` says so; False (nothing changed) when it had
+    already ended."""
     cursor = db.execute(
         "UPDATE jobs SET state = ?, finished_at = ?, failure_reason = ?, error = ?, result_path = ?,"
+        " review = ?, review_reason = ?, review_detail = ?,"
         " cost_micros = (SELECT COALESCE(SUM(amount), 0) FROM ledger"
         " WHERE job_id = jobs.id AND entry = 'settle' AND resource = 'usd_micros')"
         " WHERE id = ? AND state IN ('queued','running')",
-        (state.value, now, failure_reason.value if failure_reason else None, error, result_path, job_id),
+        (
+            state.value,
+            now,
+            failure_reason.value if failure_reason else None,
+            error,
+            result_path,
+            review.value,
+            review_reason,
+            review_detail,
+            job_id,
+        ),
     )
     return cursor.rowcount == 1

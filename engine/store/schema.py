@@ -233,6 +233,13 @@ MIGRATIONS: tuple[Migration, ...] = (
     ALTER TABLE jobs ADD COLUMN strength REAL;
     UPDATE jobs SET input_image = NULL;
     """,
+    # 7: the review step: a done job's image may be held for an admin, then approved or rejected
+    """
+    ALTER TABLE jobs ADD COLUMN review TEXT NOT NULL DEFAULT '' CHECK (review IN ('','held','approved','rejected'));
+    ALTER TABLE jobs ADD COLUMN review_reason TEXT;  -- in general terms, for the requester
+    ALTER TABLE jobs ADD COLUMN review_detail TEXT;  -- for the admins: the phrase, the labels and their scores
+    CREATE INDEX jobs_held ON jobs (finished_at) WHERE review = 'held';
+    """,
 )
 
 

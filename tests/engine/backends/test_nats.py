@@ -368,7 +368,7 @@ async def test_cancel_a_queued_and_a_running_remote_job(
 ) -> None:
     settings = lane_settings(make_settings, server)
     bot = await open_bot(settings)
-    await hosts.start("gpu-a", synthetic_s=20.0)
+    await hosts.start("gpu-a", synthetic_s=12.0)  # 3 s a step: a cancel waits at most one
     await bot.until_slots(1)
     running = await bot.engine.submit(user("alice"), SMALL)
     await until(lambda: observer.start_of(running.job_id) is not None, what="the first job to start")
@@ -383,7 +383,7 @@ async def test_cancel_a_queued_and_a_running_remote_job(
 
     # The host stopped the job at its next step and serves the next one on the same worker.
     follow_up = await bot.engine.submit(user("carol"), SMALL)
-    await until(lambda: observer.start_of(follow_up.job_id) is not None, what="the next job to start", limit_s=30)
+    await until(lambda: observer.start_of(follow_up.job_id) is not None, what="the next job to start")
     assert observer.worker_pid(follow_up.job_id) == first_worker
     assert observer.start_of(queued.job_id) is None  # never published: it was cancelled in SQLite
     assert [beat.recycles for beat in bot.remote.hosts()] == [0]

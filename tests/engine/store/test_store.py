@@ -137,14 +137,14 @@ async def test_the_dispatchers_queue_is_one_backends_queued_jobs_oldest_first(st
     local = await store.queued(BackendKind.LOCAL)
     assert [(q.id, q.user_key) for q in local] == [
         ("a-early", alice.user_key),
+        ("a-tie-2", alice.user_key),  # submitted first, in the same tick of the clock
         ("a-tie-1", alice.user_key),
-        ("a-tie-2", alice.user_key),
         ("b-late", bob.user_key),
     ]
     # The same order as the full read it replaces.
     full = await store.jobs(states=[JobState.QUEUED], backend=BackendKind.LOCAL)
     assert [q.id for q in local] == [job.id for job in full]
-    assert [q.id for q in await store.queued(BackendKind.LOCAL, limit=2)] == ["a-early", "a-tie-1"]
+    assert [q.id for q in await store.queued(BackendKind.LOCAL, limit=2)] == ["a-early", "a-tie-2"]
     assert [q.id for q in await store.queued(BackendKind.API)] == ["b-api"]
 
 
