@@ -19,6 +19,7 @@ from bot.commands import Commands
 from bot.console import Console, Terminal
 from bot.render import error_message
 from bot.systemd_notify import Notifier, watchdog_interval_s, watchdog_loop
+from bot.takedown import take_down
 from engine.config import DEMO_MODEL, SYSTEM_CONFIG, Secrets, Settings, find_config, load_settings
 from engine.errors import ConfigError, EngineError
 from engine.models import Platform, Requester
@@ -376,6 +377,22 @@ async def admin(settings: Settings, secrets: Secrets, words: list[str]) -> int:
                     print(f"{reply.text}\nchart written: {out}")
                     return 0
             print("usage: flux-bot admin report [--out FILE.png]", file=sys.stderr)
+            return 2
+        if words[:1] == ["takedown"]:
+            # `admin takedown JOB --reason WHY...`: the platforms' REST APIs with this host's tokens (no chat client).
+            match words[1:]:
+                case [job_id, "--reason", *why] if why:
+                    report = await take_down(
+                        engine,
+                        operator,
+                        job_id,
+                        " ".join(why),
+                        discord_token=secrets.discord_token,
+                        slack_token=secrets.slack_bot_token,
+                    )
+                    print(report)
+                    return 0
+            print("usage: flux-bot admin takedown JOB --reason WHY", file=sys.stderr)
             return 2
         text = " ".join(_quote(word) for word in words)
         print(await Commands(engine).admin(operator, text))

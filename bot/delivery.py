@@ -18,6 +18,7 @@ from engine.models import (
     JobStarted,
     JobWaiting,
     Platform,
+    Requester,
 )
 from engine.service import Engine
 
@@ -153,3 +154,19 @@ async def forward_alerts(engine: Engine, post: Callable[[str], Awaitable[None]],
             await post(render.alert_text(alert))
         except Exception:
             log.exception("could not post an alert to %s", where)
+
+
+def reviewer(platform: Platform) -> Requester:
+    """The bot itself as an admin: the one reader of a held image, to post it in the admins' review channel."""
+    return Requester(platform, "flux-bot", is_admin=True, display_name="flux-bot")
+
+
+def warn_no_review_channel(job_id: str, setting: str, chat_command: str) -> None:
+    """A held image with nowhere to post it: it waits in the database for an admin's command."""
+    log.warning(
+        "job %s is held for review and no [review] %s is set: its image waits for an admin (%s in chat or"
+        " `flux-bot admin review` list it)",
+        job_id,
+        setting,
+        chat_command,
+    )

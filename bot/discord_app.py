@@ -29,11 +29,19 @@ from discord import app_commands
 
 from bot import render
 from bot.commands import ChartReply, Commands, ImagineArgs, Variation
-from bot.delivery import ChannelDelivery, follow, forward_alerts
-from bot.discord_views import BUTTONS, EditInstructionModal, EditPromptModal, FluxClient, result_view
+from bot.delivery import ChannelDelivery, follow, forward_alerts, reviewer, warn_no_review_channel
+from bot.discord_views import (
+    BUTTONS,
+    EditInstructionModal,
+    EditPromptModal,
+    FluxClient,
+    Verdict,
+    result_view,
+    review_view,
+)
 from bot.images import fit_attachment
 from engine.config import ASPECT_RATIOS
-from engine.errors import EngineError, InvalidRequest
+from engine.errors import EngineError, InvalidRequest, NotAllowed
 from engine.models import (
     BFL_STEPS_MIN,
     MAX_SEED,
@@ -41,6 +49,7 @@ from engine.models import (
     Job,
     JobDone,
     JobEvent,
+    JobHeld,
     JobQueued,
     Platform,
     Requester,
@@ -60,6 +69,9 @@ MODAL_MAX_CHARS = 4000
 EDIT_MENU = "Edit with FLUX"  # the message context menu's name, as Discord shows it
 # The commands whose refusals say whether anything was charged (the ones that make images).
 IMAGE_COMMANDS = frozenset({"imagine", "edit", EDIT_MENU})
+# The bot itself, as the admin that reads a held image for the review channel (and for nothing else).
+REVIEWER = reviewer(Platform.DISCORD)
+REJECTED_IN_REVIEW = "rejected by an admin in review"
 
 
 def user_text(text: str) -> str:
@@ -91,7 +103,16 @@ def requester_of(interaction: discord.Interaction) -> Requester:
         roles=roles,
         is_admin=interaction.guild_id is not None and interaction.permissions.manage_guild,
         display_name=user.display_name,
+        age_restricted=age_restricted(interaction.channel),
     )
+
+
+def age_restricted(channel: object) -> bool:
+    """Discord's age-restricted ("NSFW") flag of the channel (a thread's is its parent's); False where unknown."""
+    is_nsfw = getattr(channel, "is_nsfw", None)
+    if callable(is_nsfw):
+        return bool(is_nsfw())
+    return bool(getattr(channel, "nsfw", False))
 
 
 def clip(text: str) -> str:
@@ -551,6 +572,8 @@ class DiscordFrontEnd:
                 )
         if not delivered:
             await self._deliver_to_channel(job, event)
+        if isinstance(event, JobHeld):
+            await self._post_for_review(job)
         # Shielded: close() cancels this task, and a write cut off mid-transaction would leave the store's
         # connection inside it (the store's transactions are not safe against cancellation).
         await asyncio.shield(self.engine.mark_delivered(job.id))
@@ -586,6 +609,25 @@ class DiscordFrontEnd:
         else:
             text = clip(f"{mention} {render.ended_text(event, self.engine.capabilities())}")
             await channel.send(text, allowed_mentions=mentioning(job.requester.user_id))
+
+    async def _post_for_review(self, job: Job) -> None:
+        """A held image to the admins' review channel, as a spoiler with the review buttons; never raises."""
+        channel_id = self.engine.settings.review.discord_channel_id
+        if not channel_id:
+            warn_no_review_channel(job.id, "discord_channel_id", "/admin review")
+            return
+        try:
+            channel = self.client.get_partial_messageable(int(channel_id))
+            image = await self.engine.held_image(REVIEWER, job.id)
+            data, filename = await asyncio.to_thread(fit_attachment, image, DEFAULT_FILESIZE_LIMIT, job.id)
+            await channel.send(
+                clip(review_caption(job)),
+                file=discord.File(io.BytesIO(data), filename, spoiler=True),
+                view=review_view(job.id),
+                allowed_mentions=discord.AllowedMentions.none(),
+            )
+        except Exception:
+            log.exception("job %s: could not post it to the review channel %s", job.id, channel_id)
 
     async def _result(self, job: Job, event: JobDone, limit: int) -> tuple[bytes, str, str]:
         display = self.commands.model_display(job.request.model)
@@ -646,6 +688,32 @@ class DiscordFrontEnd:
             await interaction.message.delete()
         log.info("job %s: result deleted on Discord by %s", job_id, requester.user_key)
 
+    async def review(self, interaction: discord.Interaction, job_id: str, verdict: Verdict) -> None:
+        """A review button: admins only (checked on every press), then the engine decides and the message says so."""
+        actor = requester_of(interaction)
+        if not self.engine.is_admin(actor):
+            await self._refuse(interaction, error_text(NotAllowed("review", "only admins can review held images")))
+            return
+        await interaction.response.defer()
+        try:
+            if verdict is Verdict.APPROVE:
+                job = await self.engine.approve(actor, job_id)
+            else:
+                job = await self.engine.reject(actor, job_id, REJECTED_IN_REVIEW, ban=verdict is Verdict.BAN)
+        except EngineError as exc:
+            await interaction.followup.send(clip(error_text(exc)), ephemeral=True)
+            return
+        who = user_text(actor.display_name or actor.user_id)
+        asked = f"{user_text(job.requester.display_name or job.requester.user_id)} ({job.requester.user_key})"
+        if verdict is Verdict.APPROVE:
+            text = f"Job {job.id}: approved by {who}; the image has gone to {asked} in the channel it was asked in."
+            await interaction.edit_original_response(content=clip(text), view=None)
+        else:
+            banned = f", and {asked} is banned" if verdict is Verdict.BAN else ""
+            text = f"Job {job.id}: rejected by {who}; the image is deleted and {asked} was told{banned}."
+            await interaction.edit_original_response(content=clip(text), attachments=[], view=None)
+        log.info("job %s: %s in review on Discord by %s", job.id, verdict.value, actor.user_key)
+
     async def _remake(self, interaction: discord.Interaction, args: Awaitable[ImagineArgs]) -> ImagineArgs | None:
         """A button's new request, or None once the refusal (the job is gone) is shown."""
         try:
@@ -653,6 +721,14 @@ class DiscordFrontEnd:
         except EngineError as exc:
             await self._refuse(interaction, error_text(exc))
             return None
+
+
+def review_caption(job: Job) -> str:
+    """What the admins read above a held image: the job, who asked (as text, never a mention), the prompt, why."""
+    requester = job.requester
+    who = f"{user_text(requester.display_name or requester.user_id)} ({requester.user_key})"
+    detail = user_text(job.review_detail or job.review_reason or "no detail recorded")
+    return f'Held for review: job {job.id}, asked by {who}.\nPrompt: "{user_text(job.request.prompt)}"\nWhy: {detail}'
 
 
 def first_image(message: discord.Message) -> discord.Attachment | None:

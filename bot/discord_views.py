@@ -10,12 +10,16 @@ each one's custom id says what its submit is about, so a modal opened before a r
   edit that attachment. Only ids travel, never the attachment's URL: Discord's CDN URLs are signed and expire, so the
   submit fetches the message again for a fresh one.
 
+The review buttons under a held image in the admins' review channel ("flux:review-approve:<job_id>",
+"flux:review-reject:<job_id>", "flux:review-ban:<job_id>") are DynamicItems too, so a review survives a restart.
+
 All of them only route to the front-end's `ResultActions`; what they do is decided there (and in the engine).
 """
 
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 from typing import Any, Protocol
 
 import discord
@@ -32,6 +36,14 @@ EDIT_MESSAGE = re.compile(
 )
 PROMPT_INPUT = "prompt"  # the text input's custom id in the edit-prompt modal
 INSTRUCTION_INPUT = "instruction"  # the text input's custom id in both edit modals
+
+
+class Verdict(StrEnum):
+    """An admin's decision on a held image, as its review button names it."""
+
+    APPROVE = "approve"
+    REJECT = "reject"
+    BAN = "ban"  # reject, and ban the requester
 
 
 class ResultActions(Protocol):
@@ -52,6 +64,8 @@ class ResultActions(Protocol):
     ) -> None: ...
 
     async def delete(self, interaction: discord.Interaction, job_id: str) -> None: ...
+
+    async def review(self, interaction: discord.Interaction, job_id: str, verdict: Verdict) -> None: ...
 
 
 class FluxClient(discord.Client):
@@ -161,6 +175,29 @@ class DeleteButton(_JobButton, template=r"flux:delete:" + JOB_ID):
         await _actions(interaction).delete(interaction, self.job_id)
 
 
+class ReviewApproveButton(_JobButton, template=r"flux:review-approve:" + JOB_ID):
+    action, label, style = "review-approve", "Approve", discord.ButtonStyle.success
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _actions(interaction).review(interaction, self.job_id, Verdict.APPROVE)
+
+
+class ReviewRejectButton(_JobButton, template=r"flux:review-reject:" + JOB_ID):
+    action, label, style = "review-reject", "Reject", discord.ButtonStyle.danger
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _actions(interaction).review(interaction, self.job_id, Verdict.REJECT)
+
+
+class ReviewBanButton(_JobButton, template=r"flux:review-ban:" + JOB_ID):
+    action, label, style = "review-ban", "Reject and ban", discord.ButtonStyle.danger
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _actions(interaction).review(interaction, self.job_id, Verdict.BAN)
+
+
+REVIEW_BUTTONS: tuple[type[_JobButton], ...] = (ReviewApproveButton, ReviewRejectButton, ReviewBanButton)
+
 # Under each result, one row per kind of button (Discord allows five a row): new images from this one, then the
 # ones that change or remove it.
 RESULT_ROWS: tuple[tuple[type[_JobButton], ...], ...] = (
@@ -168,7 +205,11 @@ RESULT_ROWS: tuple[tuple[type[_JobButton], ...], ...] = (
     (EditResultButton, EditPromptButton, DeleteButton),
 )
 # Every button a click can arrive from, the old messages' too.
-BUTTONS: tuple[type[_JobButton], ...] = (*(button for row in RESULT_ROWS for button in row), LegacyVaryButton)
+BUTTONS: tuple[type[_JobButton], ...] = (
+    *(button for row in RESULT_ROWS for button in row),
+    LegacyVaryButton,
+    *REVIEW_BUTTONS,
+)
 
 
 def result_view(job_id: str) -> ui.View:
@@ -176,6 +217,14 @@ def result_view(job_id: str) -> ui.View:
     for row, buttons in enumerate(RESULT_ROWS):
         for button in buttons:
             view.add_item(button(job_id, row=row))
+    return view
+
+
+def review_view(job_id: str) -> ui.View:
+    """Approve, Reject, Reject and ban: under a held image in the admins' review channel."""
+    view = ui.View(timeout=None)
+    for button in REVIEW_BUTTONS:
+        view.add_item(button(job_id))
     return view
 
 

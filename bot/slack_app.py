@@ -44,10 +44,10 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import render
 from bot.commands import Commands, ImagineArgs, Variation, parse_imagine_text
-from bot.delivery import ChannelDelivery, follow, forward_alerts
+from bot.delivery import ChannelDelivery, follow, forward_alerts, reviewer, warn_no_review_channel
 from bot.slack_files import SlackFileError, SlackFiles, first_image_file
 from engine.errors import ConfigError, EngineError, InvalidRequest
-from engine.models import Job, JobDone, JobEvent, JobQueued, Platform, Requester
+from engine.models import Job, JobDone, JobEvent, JobHeld, JobQueued, Platform, Requester, Review
 from engine.service import Engine
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,24 @@ VARIATIONS = {
     ResultAction.VARY_STRONG: Variation.STRONG,
     ResultAction.OLD_VARY: Variation.SUBTLE,
 }
+
+
+class ReviewAction(StrEnum):
+    """The action_ids of the review message's buttons in the admins' review channel; each button's value is the
+    job id, so any process on the same database can act on it. As with ResultAction, ids are never renamed."""
+
+    APPROVE = "flux_review_approve"
+    REJECT = "flux_review_reject"
+    BAN = "flux_review_ban"
+
+
+REVIEW_BUTTONS = (  # in the order shown
+    (ReviewAction.APPROVE, "Approve", "primary"),
+    (ReviewAction.REJECT, "Reject", "danger"),
+    (ReviewAction.BAN, "Reject and ban", "danger"),
+)
+REJECTED_IN_REVIEW = "rejected by an admin in review"
+NOT_AN_ADMIN_FOR_REVIEW = "Only admins can decide on a held image; nothing was changed."
 
 EDIT_VIEW = "flux_editprompt"  # the edit-prompt modal's callback_id; its private_metadata says which job and channel
 EDIT_BLOCK, EDIT_INPUT = "prompt", "prompt"
@@ -193,6 +211,37 @@ def result_blocks(text: str, job_id: str, file_id: str) -> list[dict[str, Any]]:
         {"type": "section", "text": {"type": "mrkdwn", "text": text}},
         {"type": "actions", "block_id": f"flux_result_{job_id}", "elements": buttons},
     ]
+
+
+def review_blocks(text: str, job_id: str) -> list[dict[str, Any]]:
+    """The review message (text already markup) with the REVIEW_BUTTONS, each valued with the job id."""
+    buttons = [
+        {
+            "type": "button",
+            "action_id": action_id.value,
+            "text": {"type": "plain_text", "text": label},
+            "value": job_id,
+            "style": style,
+        }
+        for action_id, label, style in REVIEW_BUTTONS
+    ]
+    return [
+        {"type": "section", "text": {"type": "mrkdwn", "text": text}},
+        {"type": "actions", "block_id": f"flux_review_{job_id}", "elements": buttons},
+    ]
+
+
+def held_comment(job: Job) -> str:
+    """The held image's comment in the review channel (plain text: it is escaped whole when sent). Slack cannot
+    blur an image, so it says first that this one is held and shown to the admins only."""
+    who = job.requester
+    name = f"{who.display_name} ({who.user_id})" if who.display_name else who.user_id
+    where = f" in channel {who.channel_id}" if who.channel_id else ""
+    return (
+        f"HELD FOR REVIEW (shown here only, not to the requester): job {job.id} by {name}{where}\n"
+        f"Prompt: {job.request.prompt}\n"
+        f"Why: {job.review_detail or job.review_reason or 'not recorded'}"
+    )
 
 
 def edit_prompt_view(job: Job, channel: str, max_chars: int) -> dict[str, Any]:
@@ -371,6 +420,8 @@ class SlackFrontEnd:
         self.app.command(names.settings)(self._on_settings)
         for action in ResultAction:
             self.app.action(action.value)(self._on_action)
+        for review in ReviewAction:
+            self.app.action(review.value)(self._on_review)
         self.app.view(EDIT_VIEW)(self._on_edited_prompt)
         self.app.shortcut(EDIT_IMAGE_SHORTCUT)(self._on_edit_image_shortcut)
         self.app.view(EDIT_IMAGE_VIEW)(self._on_edit_image_submitted)
@@ -390,6 +441,7 @@ class SlackFrontEnd:
             channel_id=channel or None,
             is_admin=is_admin,
             display_name=str(name) if name else None,
+            age_restricted=bool(channel) and channel in self.engine.settings.review.age_restricted_slack_channels,
         )
 
     async def _workspace_admin(self, user_id: str) -> bool:
@@ -543,17 +595,31 @@ class SlackFrontEnd:
 
     # ---- the only calls that send text to Slack: plain text in, escaped here (see the module's docstring) ----
 
-    async def _post(self, channel: str, text: str, *, mention: str | None = None) -> str:
-        """chat.postMessage; the new message's ts."""
-        posted = await self.client.chat_postMessage(channel=channel, text=markup(text, mention=mention))
+    async def _post(self, channel: str, text: str, *, mention: str | None = None, review: str | None = None) -> str:
+        """chat.postMessage; `review` (a job id) adds the review buttons under the same text. The new message's ts."""
+        shown = markup(text, mention=mention)
+        blocks = review_blocks(shown, review) if review else None
+        posted = await self.client.chat_postMessage(channel=channel, text=shown, blocks=blocks)
         return str(posted["ts"])
 
     async def _chat_update(
-        self, channel: str, ts: str, text: str, *, mention: str | None = None, buttons: tuple[str, str] | None = None
+        self,
+        channel: str,
+        ts: str,
+        text: str,
+        *,
+        mention: str | None = None,
+        buttons: tuple[str, str] | None = None,
+        without_buttons: bool = False,
     ) -> None:
-        """chat.update; `buttons` (job id, file id) adds the result's blocks, which show the same text."""
+        """chat.update; `buttons` (job id, file id) adds the result's blocks, which show the same text;
+        `without_buttons` replaces a message's blocks (the review buttons) with the text alone."""
         shown = markup(text, mention=mention)
-        blocks = result_blocks(shown, *buttons) if buttons else None
+        blocks: list[dict[str, Any]] | None = None
+        if buttons:
+            blocks = result_blocks(shown, *buttons)
+        elif without_buttons:
+            blocks = [{"type": "section", "text": {"type": "mrkdwn", "text": shown}}]
         await self.client.chat_update(channel=channel, ts=ts, text=shown, blocks=blocks)
 
     async def _upload(
@@ -584,6 +650,8 @@ class SlackFrontEnd:
             else:
                 ended = render.ended_text(event, self.engine.capabilities())
                 await self._chat_update(channel, ts, ended, mention=mention)
+        if isinstance(event, JobHeld):
+            await self._send_to_review(job)
         # Shielded: close() cancels this task, and a store write cut off mid-transaction would break the store.
         await asyncio.shield(self.engine.mark_delivered(job.id))
 
@@ -619,6 +687,74 @@ class SlackFrontEnd:
             log.exception("slack button %s on job %s failed", action_id, job_id)
             note = render.INTERNAL_ERROR
         await self._ephemeral(requester, note)
+
+    # ---- review: held images in the admins' review channel, decided with its buttons ----
+
+    async def _send_to_review(self, job: Job) -> None:
+        """The held image and its Approve / Reject buttons in the review channel; nowhere else. A failure is logged:
+        the image still waits for `/imagine-admin review` or `flux-bot admin review`."""
+        channel = self.engine.settings.review.slack_channel_id
+        if not channel:
+            warn_no_review_channel(job.id, "slack_channel_id", "/imagine-admin review")
+            return
+        try:
+            # The bot reads the image for the admins' channel; only this read uses its admin rights.
+            image = await self.engine.held_image(reviewer(Platform.SLACK), job.id)
+            job = await self.engine.get_job(job.id)  # as stored now: a follower's copy predates the review
+            await self._upload(channel, image, f"{job.id}-held.png", held_comment(job))
+            await self._post(
+                channel,
+                f"Job {job.id} is held for review. Approve posts it in the channel it was asked in; Reject deletes"
+                " it and tells the requester; Reject and ban also bans them.",
+                review=job.id,
+            )
+        except Exception:
+            log.exception(
+                "job %s: could not post it to the review channel %s; it waits for `/imagine-admin review`",
+                job.id,
+                channel,
+            )
+
+    async def _on_review(
+        self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any], context: AsyncBoltContext
+    ) -> None:
+        """Approve, Reject or Reject and ban: admin rights are checked on every press (the engine checks again)."""
+        await ack()
+        job_id = str(action.get("value", "")).strip()
+        decision = ReviewAction(str(action.get("action_id")))
+        admin = await self._requester(context, _user_name(body), check_admin=True)
+        if not self.engine.is_admin(admin):
+            await self._ephemeral(admin, NOT_AN_ADMIN_FOR_REVIEW)
+            return
+        who = f"{admin.display_name} ({admin.user_id})" if admin.display_name else admin.user_id
+        try:
+            job = await self.engine.get_job(job_id)
+            if job.review is not Review.HELD:
+                state = job.review.value or "not held for review"
+                await self._ephemeral(admin, f"Job {job_id} was already {state}; nothing was changed.")
+                return
+            if decision is ReviewAction.APPROVE:
+                await self.engine.approve(admin, job_id)
+                verdict = f"Job {job_id}: approved by {who}; it is posted in the channel it was asked in."
+            else:
+                ban = decision is ReviewAction.BAN
+                await self.engine.reject(admin, job_id, REJECTED_IN_REVIEW, ban=ban)
+                banned = " and its requester banned" if ban else ""
+                verdict = f"Job {job_id}: rejected by {who}{banned}; the image is deleted."
+        except EngineError as exc:
+            await self._ephemeral(admin, render.error_message(exc, self.engine.capabilities()))
+            return
+        except Exception:
+            log.exception("slack review button %s on job %s failed", decision.value, job_id)
+            await self._ephemeral(admin, render.INTERNAL_ERROR)
+            return
+        log.info("job %s: %s in review on Slack by %s", job_id, decision.value, admin.user_key)
+        ts = (body.get("message") or {}).get("ts") or (body.get("container") or {}).get("message_ts")
+        if admin.channel_id and ts:
+            try:
+                await self._chat_update(admin.channel_id, str(ts), verdict, without_buttons=True)
+            except Exception:
+                log.exception("job %s: the review message could not be updated", job_id)
 
     async def _open_edit_prompt(self, body: dict[str, Any], requester: Requester, job_id: str) -> None:
         if requester.channel_id is None:

@@ -592,6 +592,7 @@ class Job:
     review: Review = Review.NONE
     review_reason: str | None = None  # why it was held, in general terms (for the requester)
     review_detail: str | None = None  # and exactly (for the admins)
+    taken_down: str | None = None  # the reason, once an admin took its image down everywhere it was posted
 
 
 @dataclass(frozen=True, slots=True)
@@ -613,6 +614,17 @@ class UserRecord:
     banned: bool
     overrides: dict[str, Any]
     settings: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Posting:
+    """One place a job's image was posted: a Discord message, or a Slack message and its file."""
+
+    job_id: str
+    platform: Platform
+    channel_id: str
+    message_id: str | None = None  # Discord: the message id; Slack: the message ts
+    file_id: str | None = None  # Slack: the uploaded file
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,7 @@ from engine.models import (
     JobState,
     Mode,
     Platform,
+    Posting,
     ReportChart,
     Requester,
     Resource,
@@ -643,6 +644,27 @@ class Engine:
             )
         self._publish(JobRejected(job.id, why, job.cost_micros))
         return await self._store.get_job(job.id)
+
+    async def record_posting(self, posting: Posting) -> None:
+        """A front-end posted a job's image somewhere: remembered, so a take-down can remove it there."""
+        await self._store.record_posting(posting)
+
+    async def take_down(self, actor: Requester, job_id: str, reason: str) -> tuple[Job, list[Posting], bool]:
+        """Take a result down: delete the stored image, keep the job's record with the reason and an audit line;
+        returns the job, the places it was posted (for the caller to delete there) and whether the stored file
+        was there to delete."""
+        self.require_admin(actor, "takedown")
+        why = reason.strip()
+        if not why:
+            raise InvalidRequest("say why: takedown JOB REASON (the reason is kept with the job)", field="reason")
+        job = await self._store.get_job(job_id.strip())
+        postings = await self._store.postings(job.id)
+        removed = await self._retention.remove(job.id, job.result_path, why=f"taken down: {why}", actor=actor.user_key)
+        detail = {"reason": why, "places": len(postings), "stored_file": removed}
+        await self._store.take_down(
+            job.id, why, AuditEntry(actor.user_key, "takedown", job.requester.user_key, job.id, detail)
+        )
+        return await self._store.get_job(job.id), postings, removed
 
     async def _held(self, job_id: str) -> Job:
         job = await self._store.get_job(job_id.strip())

@@ -25,6 +25,8 @@ from engine.models import (
     FailureReason,
     Job,
     JobState,
+    Platform,
+    Posting,
     Resource,
     ResumeToken,
     Review,
@@ -189,6 +191,38 @@ class Store:
             return True
 
         return await self._connection.transaction(decide)
+
+    async def record_posting(self, posting: Posting) -> None:
+        await self._connection.transaction(
+            lambda db: db.execute(
+                "INSERT INTO postings (job_id, platform, channel_id, message_id, file_id, posted_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    posting.job_id,
+                    posting.platform.value,
+                    posting.channel_id,
+                    posting.message_id,
+                    posting.file_id,
+                    self._clock(),
+                ),
+            )
+        )
+
+    async def postings(self, job_id: str) -> list[Posting]:
+        rows = await self._read(
+            "SELECT job_id, platform, channel_id, message_id, file_id FROM postings WHERE job_id = ? ORDER BY id",
+            (job_id,),
+        )
+        return [Posting(row[0], Platform(row[1]), row[2], row[3], row[4]) for row in rows]
+
+    async def take_down(self, job_id: str, reason: str, audit: AuditEntry) -> None:
+        """Keep the job's record with the take-down's reason and its audit line (the image goes separately)."""
+
+        def record(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE jobs SET taken_down = ? WHERE id = ?", (reason, job_id))
+            ops.audit(db, audit, self._clock())
+
+        await self._connection.transaction(record)
 
     async def input_images_in_use(self) -> set[str]:
         """The input images of jobs still queued or running: retention must leave these."""

@@ -29,7 +29,7 @@ JOB_COLUMNS = (
     " width, height, aspect_ratio, steps, guidance, seed, mode, input_image, state, backend, reason, attempts,"
     " local_attempts, estimated_cost_micros, estimated_gpu_ms, resume_token, created_at,"
     " started_at, finished_at, failure_reason, error, cost_micros, result_path, delivered, task, strength,"
-    " review, review_reason, review_detail"
+    " review, review_reason, review_detail, age_restricted, taken_down"
 )
 
 
@@ -42,6 +42,7 @@ def job_from_row(row: sqlite3.Row) -> Job:
         roles=tuple(json.loads(row["roles"])),
         is_admin=bool(row["is_admin"]),
         display_name=row["display_name"],
+        age_restricted=bool(row["age_restricted"]),
     )
     request = ResolvedRequest(
         prompt=row["prompt"],
@@ -81,10 +82,11 @@ def job_from_row(row: sqlite3.Row) -> Job:
         review=Review(row["review"]),
         review_reason=row["review_reason"],
         review_detail=row["review_detail"],
+        taken_down=row["taken_down"],
     )
 
 
-INSERT_JOB = f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join('?' * 41)})"
+INSERT_JOB = f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join('?' * 43)})"
 
 
 def job_row(job: Job) -> tuple[Any, ...]:
@@ -132,6 +134,8 @@ def job_row(job: Job) -> tuple[Any, ...]:
         r.strength,
         Review.NONE.value,
         None,
+        None,
+        int(requester.age_restricted),
         None,
     )
 

@@ -240,6 +240,24 @@ MIGRATIONS: tuple[Migration, ...] = (
     ALTER TABLE jobs ADD COLUMN review_detail TEXT;  -- for the admins: the phrase, the labels and their scores
     CREATE INDEX jobs_held ON jobs (finished_at) WHERE review = 'held';
     """,
+    # 8: whether the job was asked for in an age-restricted channel, which the review step reads when it ends
+    """
+    ALTER TABLE jobs ADD COLUMN age_restricted INTEGER NOT NULL DEFAULT 0;
+    """,
+    # 9: every place a result was posted (for a take-down), and a taken-down job's reason
+    """
+    CREATE TABLE postings (
+        id         INTEGER PRIMARY KEY,
+        job_id     TEXT NOT NULL REFERENCES jobs(id),
+        platform   TEXT NOT NULL,
+        channel_id TEXT NOT NULL,
+        message_id TEXT,  -- Discord: the message id; Slack: the message ts
+        file_id    TEXT,  -- Slack: the uploaded file's id
+        posted_at  REAL NOT NULL
+    );
+    CREATE INDEX postings_by_job ON postings (job_id);
+    ALTER TABLE jobs ADD COLUMN taken_down TEXT;  -- the reason, once an admin took the image down everywhere
+    """,
 )
 
 

@@ -125,23 +125,40 @@ async def click(app: SlackFrontEnd, result: Call, action: str, *, user: str = AL
     """
     button = next(b for b in result.blocks[1]["elements"] if b["action_id"] == f"flux_{action}")
     button = {**button, "action_id": old_action_id} if old_action_id else button
-    message_ts = result.fields["ts"]
+    message = {"type": "message", "ts": result.fields["ts"], "text": "result"}
+    await press_button(app, user, {"id": CHANNEL, "name": "art"}, message, result.blocks[1]["block_id"], button)
+
+
+async def press_button(
+    app: SlackFrontEnd,
+    user: str,
+    channel: dict[str, str],
+    message: dict[str, Any],
+    block_id: str,
+    button: dict[str, Any],
+) -> None:
+    """A button press on a message, as Slack posts the block_actions payload (signed)."""
     payload = {
         "type": "block_actions",
         "team": {"id": TEAM_ID, "domain": "test"},
         "user": {"id": user, "username": user.lower(), "team_id": TEAM_ID},
         "api_app_id": "A1",
         "token": "legacy",
-        "container": {"type": "message", "message_ts": message_ts, "channel_id": CHANNEL, "is_ephemeral": False},
+        "container": {
+            "type": "message",
+            "message_ts": message["ts"],
+            "channel_id": channel["id"],
+            "is_ephemeral": False,
+        },
         "trigger_id": "1.2.3",
-        "channel": {"id": CHANNEL, "name": "art"},
-        "message": {"type": "message", "ts": message_ts, "text": "result"},
+        "channel": channel,
+        "message": message,
         "response_url": "https://hooks.invalid/response",
         "actions": [
             {
                 "type": "button",
                 "action_id": button["action_id"],
-                "block_id": result.blocks[1]["block_id"],
+                "block_id": block_id,
                 "value": button["value"],
                 "action_ts": "1700000001.000001",
             }

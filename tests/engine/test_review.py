@@ -166,3 +166,14 @@ async def test_reject_deletes_the_image_tells_the_requester_and_can_ban(
     assert "review.reject discord:alice job " in text and "reason=not for this server" in text
     assert "review.hold" in text
     assert "user.ban" in await Commands(engine).admin(ADMIN, "audit --since 2000-01-01")
+
+
+async def test_an_age_restricted_channel_is_remembered_with_the_job_and_skips_the_classifier(
+    make_engine: EngineFactory, make_settings: SettingsFactory
+) -> None:
+    local = ScriptedBackend(plan=_marker_plan)
+    engine = await make_engine({BackendKind.LOCAL: local}, make_settings(), classifier=MarkerClassifier())
+    adults = Requester(Platform.DISCORD, "alice", guild_id="g1", channel_id="c9", age_restricted=True)
+    queued = await engine.submit(adults, ImageRequest("a marker portrait", "schnell"))
+    assert isinstance(await wait_terminal(engine, queued.job_id), JobDone)
+    assert (await engine.get_job(queued.job_id)).requester.age_restricted
