@@ -52,6 +52,7 @@ from engine.models import (
     JobHeld,
     JobQueued,
     Platform,
+    Posting,
     Requester,
 )
 from engine.service import Engine
@@ -582,12 +583,14 @@ class DiscordFrontEnd:
         if isinstance(event, JobDone):
             data, filename, caption = await self._result(job, event, interaction.filesize_limit)
             await interaction.edit_original_response(content=clip(render.event_line(event)), attachments=[])
-            await interaction.followup.send(
+            message = await interaction.followup.send(
                 clip(f"<@{job.requester.user_id}> {caption}"),
                 file=discord.File(io.BytesIO(data), filename),
                 view=result_view(job.id),
                 allowed_mentions=mentioning(job.requester.user_id),
+                wait=True,
             )
+            await self._record_posting(job, message)
         else:
             await interaction.delete_original_response()
             await interaction.followup.send(clip(render.ended_text(event, self.engine.capabilities())), ephemeral=True)
@@ -600,15 +603,24 @@ class DiscordFrontEnd:
         mention = f"<@{job.requester.user_id}>"
         if isinstance(event, JobDone):
             data, filename, caption = await self._result(job, event, DEFAULT_FILESIZE_LIMIT)
-            await channel.send(
+            message = await channel.send(
                 clip(f"{mention} {caption}"),
                 file=discord.File(io.BytesIO(data), filename),
                 view=result_view(job.id),
                 allowed_mentions=mentioning(job.requester.user_id),
             )
+            await self._record_posting(job, message)
         else:
             text = clip(f"{mention} {render.ended_text(event, self.engine.capabilities())}")
             await channel.send(text, allowed_mentions=mentioning(job.requester.user_id))
+
+    async def _record_posting(self, job: Job, message: discord.Message) -> None:
+        """Remember where the result went, for a take-down; a failure here never undoes the delivery."""
+        try:
+            posting = Posting(job.id, Platform.DISCORD, str(message.channel.id), str(message.id))
+            await asyncio.shield(self.engine.record_posting(posting))
+        except Exception:
+            log.exception("job %s: could not record its Discord posting (message %s)", job.id, message.id)
 
     async def _post_for_review(self, job: Job) -> None:
         """A held image to the admins' review channel, as a spoiler with the review buttons; never raises."""

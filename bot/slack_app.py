@@ -47,7 +47,7 @@ from bot.commands import Commands, ImagineArgs, Variation, parse_imagine_text
 from bot.delivery import ChannelDelivery, follow, forward_alerts, reviewer, warn_no_review_channel
 from bot.slack_files import SlackFileError, SlackFiles, first_image_file
 from engine.errors import ConfigError, EngineError, InvalidRequest
-from engine.models import Job, JobDone, JobEvent, JobHeld, JobQueued, Platform, Requester, Review
+from engine.models import Job, JobDone, JobEvent, JobHeld, JobQueued, Platform, Posting, Requester, Review
 from engine.service import Engine
 
 log = logging.getLogger(__name__)
@@ -646,6 +646,7 @@ class SlackFrontEnd:
                 caption = render.done_caption(job, event, display, render.plain, demo=self.engine.demo)
                 png = event.image  # the stored result, which already carries its parameters (engine.results)
                 file_id = await self._upload(channel, png, f"{job.id}.png", caption, thread_ts=ts)
+                await self._record_posting(Posting(job.id, Platform.SLACK, channel, ts, file_id))
                 await self._chat_update(channel, ts, caption, mention=mention, buttons=(job.id, file_id))
             else:
                 ended = render.ended_text(event, self.engine.capabilities())
@@ -654,6 +655,13 @@ class SlackFrontEnd:
             await self._send_to_review(job)
         # Shielded: close() cancels this task, and a store write cut off mid-transaction would break the store.
         await asyncio.shield(self.engine.mark_delivered(job.id))
+
+    async def _record_posting(self, posting: Posting) -> None:
+        """Remember the result's message (its ts) and file, for a take-down; a failure never undoes the delivery."""
+        try:
+            await asyncio.shield(self.engine.record_posting(posting))
+        except Exception:
+            log.exception("job %s: could not record its Slack posting (file %s)", posting.job_id, posting.file_id)
 
     # ---- result buttons ----
 

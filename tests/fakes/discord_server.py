@@ -1,9 +1,10 @@
 """A fake Discord HTTP API on loopback, driven by the real discord.py client (no gateway).
 
 It answers the REST calls an interactions-only bot makes (login, interaction callbacks, webhook edits and followups,
-channel messages, command sync), serves the attachments a test registers from a CDN route with signed, expiring URLs
-(as cdn.discordapp.com does), records every request in order, and injects the faults a long-running bot meets:
-an expired interaction token (401, code 50027) and a rate limit (429 with `Via` and a JSON retry_after).
+channel messages and their deletion (404 / 10008 once deleted), command sync), serves the attachments a test
+registers from a CDN route with signed, expiring URLs (as cdn.discordapp.com does), records every request in order,
+and injects the faults a long-running bot meets: an expired interaction token (401, code 50027) and a rate limit
+(429 with `Via` and a JSON retry_after).
 """
 
 from __future__ import annotations
@@ -188,6 +189,10 @@ class FakeDiscord:
         # Messages GET /channels/{channel}/messages/{id} answers: (channel id, message id) -> (author id, content,
         # attachment ids). Their attachments' URLs are signed when the message is fetched, as Discord does.
         self.messages: dict[tuple[str, str], tuple[str, str, list[str]]] = {}
+        # Messages the fake posted (channel id, message id), and those deleted since: DELETE of a deleted one answers
+        # 404 / 10008, as Discord does. Ids the fake never handed out (tests name results e.g. "4242") delete fine.
+        self.sent: list[tuple[str, str]] = []
+        self.deleted: set[tuple[str, str]] = set()
         self._url_signature = 1  # the `ex` every CDN URL carries; expire_attachment_urls() moves it on
         self.expired_tokens: set[str] = set()  # webhook calls with these tokens get 401 / 50027
         self.rate_limit_next: set[str] = set()  # methods ("PATCH", "POST") whose next webhook call gets one 429
@@ -210,7 +215,7 @@ class FakeDiscord:
                 web.post("/api/v10/webhooks/{app}/{token}", self._webhook_message),
                 web.post("/api/v10/channels/{channel}/messages", self._channel_message),
                 web.get("/api/v10/channels/{channel}/messages/{message}", self._get_message),
-                web.delete("/api/v10/channels/{channel}/messages/{message}", self._no_content),
+                web.delete("/api/v10/channels/{channel}/messages/{message}", self._delete_message),
                 web.put("/api/v10/applications/{app}/commands", self._sync),
                 web.put("/api/v10/applications/{app}/guilds/{guild}/commands", self._sync),
                 web.get("/attachments/{channel}/{attachment}/{filename}", self._cdn),
@@ -298,6 +303,11 @@ class FakeDiscord:
         self.messages[(channel_id, message_id)] = (user_id, content, [a["id"] for a in attachments])
         return self._stored_message(channel_id, message_id)
 
+    def delete_by_hand(self, channel_id: str, message_id: str) -> None:
+        """A person deleted this message in Discord: DELETE of it now answers 404 Unknown Message."""
+        self.deleted.add((channel_id, message_id))
+        self.messages.pop((channel_id, message_id), None)
+
     def cdn_downloads(self) -> list[Recorded]:
         return [r for r in self.requests if r.method == "GET" and r.path.startswith("/attachments/")]
 
@@ -365,8 +375,10 @@ class FakeDiscord:
 
     def _message(self, channel_id: str, payload: Any, files: int = 0) -> dict[str, Any]:
         payload = payload if isinstance(payload, dict) else {}
+        message_id = str(next(self._ids))
+        self.sent.append((channel_id, message_id))
         return bot_message(
-            str(next(self._ids)),
+            message_id,
             channel_id,
             content=payload.get("content") or "",
             components=payload.get("components") or [],
@@ -401,7 +413,11 @@ class FakeDiscord:
             return web.Response(status=404, text="This content is no longer available.")
         return web.Response(body=found.data, content_type=found.content_type or "application/octet-stream")
 
-    async def _no_content(self, request: web.Request) -> web.Response:
+    async def _delete_message(self, request: web.Request) -> web.Response:
+        key = (request.match_info["channel"], request.match_info["message"])
+        if key in self.deleted:
+            return _json({"message": "Unknown Message", "code": 10008}, status=404)
+        self.delete_by_hand(*key)
         return web.Response(status=204)
 
     async def _sync(self, request: web.Request) -> web.Response:

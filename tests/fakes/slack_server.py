@@ -1,10 +1,12 @@
 """A fake Slack Web API on loopback, driven by the real slack_sdk AsyncWebClient (and so by slack-bolt's AsyncApp).
 
 It answers the methods the Slack front-end calls, including the three steps of files_upload_v2, views.open (a modal
-opened from a button's trigger_id) and files.info with the download of a registered file, records every call in
-order with its fields (form or JSON, as the client sent them) and the uploaded bytes, and injects one 429 with
-Retry-After for a chosen method. Downloads behave as Slack's do: the bytes only for `Authorization: Bearer` with the
-bot token of an app that has the files:read scope, otherwise a 200 with an HTML login page (not an error).
+opened from a button's trigger_id), files.info with the download of a registered file, and chat.delete and
+files.delete of what it posted or stored (message_not_found / file_not_found for anything else, e.g. once deleted);
+it records every call in order with its fields (form or JSON, as the client sent them) and the uploaded bytes, and
+injects one 429 with Retry-After for a chosen method. Downloads behave as Slack's do: the bytes only for
+`Authorization: Bearer` with the bot token of an app that has the files:read scope, otherwise a 200 with an HTML
+login page (not an error).
 """
 
 from __future__ import annotations
@@ -81,6 +83,11 @@ class FakeSlack:
     files_read_scope: bool = True
     download_token: str = BOT_TOKEN  # the token downloads accept: set another to see a good token refused
     download_status: int = 200  # another status (401, 403, 404, 503) answers every download with it
+    # What chat.delete and files.delete can remove: the ts of every message chat.postMessage posted, the id of every
+    # file uploaded (files.getUploadURLExternal) or shared (add_file). A deletion (or delete_by_hand) takes it out,
+    # and deleting it again answers message_not_found / file_not_found, as Slack does.
+    posted: set[str] = field(default_factory=set)
+    stored_files: set[str] = field(default_factory=set)
     port: int = 0
     _ts: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _runner: web.AppRunner | None = None
@@ -115,7 +122,13 @@ class FakeSlack:
         appears in the `files` of the message it was shared in (what a message shortcut's payload carries)."""
         shared = SharedFile(f"F{next(self._ts):08d}", name, mimetype, data, extra)
         self.files[shared.id] = shared
+        self.stored_files.add(shared.id)
         return shared.described(f"http://127.0.0.1:{self.port}")
+
+    def delete_by_hand(self, *, ts: str | None = None, file_id: str | None = None) -> None:
+        """A person deleted this message or file in Slack: chat.delete / files.delete of it now find nothing."""
+        self.posted.discard(ts or "")
+        self.stored_files.discard(file_id or "")
 
     @property
     def opened_views(self) -> list[dict[str, Any]]:
@@ -152,9 +165,21 @@ class FakeSlack:
             case "auth.test":
                 return {"team_id": TEAM_ID, "user_id": BOT_USER_ID, "bot_id": "B1", "url": "https://fake.slack.com/"}
             case "chat.postMessage":
-                return {"channel": channel, "ts": f"1700000000.{next(self._ts):06d}"}
-            case "chat.update" | "chat.delete" | "files.delete":
+                ts = f"1700000000.{next(self._ts):06d}"
+                self.posted.add(ts)
+                return {"channel": channel, "ts": ts}
+            case "chat.update":
                 return {"channel": channel, "ts": fields.get("ts")}
+            case "chat.delete":
+                if str(fields.get("ts")) not in self.posted:
+                    return {"ok": False, "error": "message_not_found"}
+                self.posted.discard(str(fields.get("ts")))
+                return {"channel": channel, "ts": fields.get("ts")}
+            case "files.delete":
+                if str(fields.get("file")) not in self.stored_files:
+                    return {"ok": False, "error": "file_not_found"}
+                self.stored_files.discard(str(fields.get("file")))
+                return {}
             case "chat.postEphemeral":
                 return {"message_ts": f"1700000000.{next(self._ts):06d}"}
             case "users.info":
@@ -162,6 +187,7 @@ class FakeSlack:
                 return {"user": {"id": user, "is_admin": user in self.admins, "is_owner": False}}
             case "files.getUploadURLExternal":
                 file_id = f"F{next(self._ts)}"
+                self.stored_files.add(file_id)
                 return {"file_id": file_id, "upload_url": f"http://127.0.0.1:{self.port}/upload/{file_id}"}
             case "views.open":
                 view = json.loads(fields["view"]) if isinstance(fields["view"], str) else dict(fields["view"])
