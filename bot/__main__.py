@@ -19,7 +19,6 @@ from bot.commands import Commands
 from bot.console import Console, Terminal
 from bot.render import error_message
 from bot.systemd_notify import Notifier, watchdog_interval_s, watchdog_loop
-from bot.takedown import take_down
 from engine.config import DEMO_MODEL, SYSTEM_CONFIG, Secrets, Settings, find_config, load_settings
 from engine.errors import ConfigError, EngineError
 from engine.models import Platform, Requester
@@ -382,6 +381,8 @@ async def admin(settings: Settings, secrets: Secrets, words: list[str]) -> int:
             # `admin takedown JOB --reason WHY...`: the platforms' REST APIs with this host's tokens (no chat client).
             match words[1:]:
                 case [job_id, "--reason", *why] if why:
+                    from bot.takedown import take_down  # the chat platforms' clients, needed only here
+
                     report = await take_down(
                         engine,
                         operator,
