@@ -128,30 +128,30 @@ class RerollButton(_JobButton, template=r"flux:reroll:" + JOB_ID):
         await _actions(interaction).reroll(interaction, self.job_id)
 
 
-class VarySubtleButton(_JobButton, template=r"flux:vary-subtle:" + JOB_ID):
-    action, label = "vary-subtle", "Vary (subtle)"
+class _VaryButton(_JobButton, template=r"flux:(?P<action>vary[\w-]*):" + JOB_ID):
+    """A variation of the result, as near to it as `variation` says."""
+
+    variation = Variation.SUBTLE
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        await _actions(interaction).vary(interaction, self.job_id, Variation.SUBTLE)
+        await _actions(interaction).vary(interaction, self.job_id, self.variation)
 
 
-class VaryStrongButton(_JobButton, template=r"flux:vary-strong:" + JOB_ID):
-    action, label = "vary-strong", "Vary (strong)"
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        await _actions(interaction).vary(interaction, self.job_id, Variation.STRONG)
+class VarySubtleButton(_VaryButton, template=r"flux:vary-subtle:" + JOB_ID):
+    action, label, variation = "vary-subtle", "Vary (subtle)", Variation.SUBTLE
 
 
-class LegacyVaryButton(_JobButton, template=r"flux:vary:" + JOB_ID):
+class VaryStrongButton(_VaryButton, template=r"flux:vary-strong:" + JOB_ID):
+    action, label, variation = "vary-strong", "Vary (strong)", Variation.STRONG
+
+
+class LegacyVaryButton(_VaryButton, template=r"flux:vary:" + JOB_ID):
     """The single Vary button of results posted before there were two: still answered, as the subtle variation.
 
     Never put under new results (result_view leaves it out); registered only so old messages keep working.
     """
 
-    action, label = "vary", "Vary"
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        await _actions(interaction).vary(interaction, self.job_id, Variation.SUBTLE)
+    action, label, variation = "vary", "Vary", Variation.SUBTLE
 
 
 class EditResultButton(_JobButton, template=r"flux:edit-image:" + JOB_ID):

@@ -244,60 +244,79 @@ def held_comment(job: Job) -> str:
     )
 
 
-def edit_prompt_view(job: Job, channel: str, max_chars: int) -> dict[str, Any]:
-    """The edit-prompt modal: the old prompt as plain input text (never rendered as mrkdwn), the job and channel in
-    private_metadata, so whichever process is running when it is submitted can make the new job."""
+def text_modal(
+    callback_id: str,
+    metadata: dict[str, str],
+    title: str,
+    submit: str,
+    field: tuple[str, str],
+    label: str,
+    hint: str,
+    max_chars: int,
+    *,
+    initial: str | None = None,
+    placeholder: str | None = None,
+) -> dict[str, Any]:
+    """A modal with one multi-line plain-text input (`field` is its block and action id); `metadata`, its
+    private_metadata, says what it is about, so whichever process is running when it is submitted can act on it."""
+    element: dict[str, Any] = {
+        "type": "plain_text_input",
+        "action_id": field[1],
+        "multiline": True,
+        "max_length": max_chars,
+    }
+    if initial is not None:
+        element["initial_value"] = initial[:max_chars]
+    if placeholder is not None:
+        element["placeholder"] = {"type": "plain_text", "text": placeholder}
     return {
         "type": "modal",
-        "callback_id": EDIT_VIEW,
-        "private_metadata": json.dumps({"job": job.id, "channel": channel}),
-        "title": {"type": "plain_text", "text": "Edit prompt"},
-        "submit": {"type": "plain_text", "text": "Make it"},
+        "callback_id": callback_id,
+        "private_metadata": json.dumps(metadata),
+        "title": {"type": "plain_text", "text": title},
+        "submit": {"type": "plain_text", "text": submit},
         "close": {"type": "plain_text", "text": "Cancel"},
         "blocks": [
             {
                 "type": "input",
-                "block_id": EDIT_BLOCK,
-                "label": {"type": "plain_text", "text": "Prompt"},
-                "hint": {"type": "plain_text", "text": "Made again with the same seed and settings."},
-                "element": {
-                    "type": "plain_text_input",
-                    "action_id": EDIT_INPUT,
-                    "multiline": True,
-                    "initial_value": job.request.prompt[:max_chars],
-                    "max_length": max_chars,
-                },
+                "block_id": field[0],
+                "label": {"type": "plain_text", "text": label},
+                "hint": {"type": "plain_text", "text": hint},
+                "element": element,
             }
         ],
     }
+
+
+def edit_prompt_view(job: Job, channel: str, max_chars: int) -> dict[str, Any]:
+    """The edit-prompt modal: the old prompt as plain input text (never rendered as mrkdwn)."""
+    return text_modal(
+        EDIT_VIEW,
+        {"job": job.id, "channel": channel},
+        "Edit prompt",
+        "Make it",
+        (EDIT_BLOCK, EDIT_INPUT),
+        "Prompt",
+        "Made again with the same seed and settings.",
+        max_chars,
+        initial=job.request.prompt,
+    )
 
 
 def edit_image_view(source: dict[str, str], max_chars: int) -> dict[str, Any]:
-    """The edit-image modal, asking for the instruction. `source` (its private_metadata) says which image: the channel
-    with a shared file's id ("file", "ts") or a result's job id ("job"), so any process can act on the submit."""
-    return {
-        "type": "modal",
-        "callback_id": EDIT_IMAGE_VIEW,
-        "private_metadata": json.dumps(source),
-        "title": {"type": "plain_text", "text": "Edit with FLUX"},
-        "submit": {"type": "plain_text", "text": "Edit it"},
-        "close": {"type": "plain_text", "text": "Cancel"},
-        "blocks": [
-            {
-                "type": "input",
-                "block_id": INSTRUCTION_BLOCK,
-                "label": {"type": "plain_text", "text": "What should change?"},
-                "hint": {"type": "plain_text", "text": "The new image is posted in the channel, as /imagine's are."},
-                "element": {
-                    "type": "plain_text_input",
-                    "action_id": INSTRUCTION_INPUT,
-                    "multiline": True,
-                    "max_length": max_chars,
-                    "placeholder": {"type": "plain_text", "text": "make the sky stormy, keep everything else"},
-                },
-            }
-        ],
-    }
+    """The edit-image modal, asking for the instruction. `source` says which image: the channel with a shared
+    file's id ("file", "ts") or a result's job id ("job")."""
+    return text_modal(
+        EDIT_IMAGE_VIEW,
+        source,
+        "Edit with FLUX",
+        "Edit it",
+        (INSTRUCTION_BLOCK, INSTRUCTION_INPUT),
+        "What should change?",
+        "The new image is posted in the channel, as /imagine's are.",
+        max_chars,
+        placeholder="make the sky stormy, keep everything else",
+    )
 
 
 class ChannelPacer:

@@ -21,21 +21,21 @@ import signal
 import socket
 import sys
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-import nats.errors
-import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from engine.backends.jetstream import (
     CANCEL_ALL,
+    ERRORS,
+    RETRY_S,
     Lane,
     NatsUnavailable,
     bind_lane,
@@ -46,6 +46,7 @@ from engine.backends.jetstream import (
     message_id,
     results_subject,
     token,
+    until_done,
 )
 from engine.backends.local.supervisor import LocalBackend
 from engine.backends.protocol import (
@@ -63,18 +64,16 @@ from engine.backends.protocol import (
 )
 from engine.config import DEMO_MODEL, NatsCredentials, NatsSettings, Secrets, Settings, find_config, load_settings
 from engine.errors import ConfigError
-from engine.models import BackendJob, Failed, FailureReason, Finished, Mode, Progress, ResolvedRequest, Started
+from engine.models import Failed, FailureReason, Finished, Progress, Started
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 EMA_WEIGHT = 0.3
-RETRY_S = 1.0
 FETCH_TIMEOUT_S = 1.0
 STOP_GRACE_S = 5.0  # at shutdown, how long the results of interrupted jobs may take to reach the server
 RECENT_CANCELS = 10_000
-_NATS_ERRORS = (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError)
 
 
 def version() -> str:
@@ -147,11 +146,11 @@ class GpuHost:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            with contextlib.suppress(*_NATS_ERRORS):
+            with contextlib.suppress(*ERRORS):
                 await lane.hosts.delete(self.name)  # the bot need not wait for the heartbeat to expire
         finally:
             await self._backend.close()
-            with contextlib.suppress(*_NATS_ERRORS):
+            with contextlib.suppress(*ERRORS):
                 await client.close()
 
     async def _bind(self, client: Client, stop: asyncio.Event) -> Lane | None:
@@ -189,7 +188,7 @@ class GpuHost:
         while True:
             try:
                 await lane.hosts.put(self.name, encode(self.heartbeat()))
-            except _NATS_ERRORS as exc:
+            except ERRORS as exc:
                 log.debug("heartbeat failed: %s", exc)
             await asyncio.sleep(self._settings.heartbeat_interval_s)
 
@@ -216,7 +215,7 @@ class GpuHost:
                 messages = await subscription.fetch(1, timeout=timeout)
             except TimeoutError:
                 continue
-            except _NATS_ERRORS as exc:
+            except ERRORS as exc:
                 # A pull subscription does not survive a server restart: bind a new one once it is back.
                 log.debug("slot %d: pulling %s failed (%s); subscribing again", slot, model, exc)
                 subscriptions.pop(model, None)
@@ -232,7 +231,7 @@ class GpuHost:
                 raise ProtocolError(f"expected lane_job, got {job.TYPE}")
         except ProtocolError as exc:
             log.error("dropping an unreadable job message: %s", exc)
-            with contextlib.suppress(*_NATS_ERRORS):
+            with contextlib.suppress(*ERRORS):
                 await message.term()
             return
         if self._cancelled.get(job.id, 0) >= job.attempt:
@@ -273,23 +272,10 @@ class GpuHost:
         job = held.job
         image = None
         if job.input_image is not None:
-            stored = await self._until_done_with(partial(lane.images.get, job.input_image), f"job {job.id}: input")
+            stored = await until_done(partial(lane.images.get, job.input_image), f"job {job.id}: input")
             image = stored.data
-        request = ResolvedRequest(
-            job.prompt,
-            job.model,
-            job.width,
-            job.height,
-            "",
-            job.steps,
-            job.guidance,
-            job.seed,
-            Mode.RELAX,
-            task=job.task,
-            strength=job.strength,
-        )
         events_at = events_subject(job.id, job.attempt)
-        backend_job = BackendJob(job.id, request, attempt=job.attempt, input_image=image)
+        backend_job = job.backend_job(image)
         async with aclosing(self._backend.run(backend_job)) as events:
             async for event in events:
                 if isinstance(event, Started):
@@ -298,11 +284,11 @@ class GpuHost:
                 elif isinstance(event, Progress):
                     progress = StepProgress(job.id, event.step, event.total, event.preview_png or b"")
                     await self._tell(lane, events_at, encode(progress))
-                    with contextlib.suppress(*_NATS_ERRORS):
+                    with contextlib.suppress(*ERRORS):
                         await held.message.in_progress()
                 elif isinstance(event, Finished):
                     name = image_name(job.id, job.attempt)
-                    await self._until_done(partial(lane.images.put, name, event.image), f"job {job.id}: storing")
+                    await until_done(partial(lane.images.put, name, event.image), f"job {job.id}: storing")
                     seconds = event.gpu_ms / 1000
                     self._measured(seconds / max(job.steps, 1))
                     return LaneResult(
@@ -333,34 +319,23 @@ class GpuHost:
         """Publish the result until JetStream has it, then ack the job: never the other way round."""
         # The message id makes a publish repeated after a lost confirmation one result, not two.
         headers = {"Nats-Msg-Id": message_id(result.id, result.attempt)}
-        await self._until_done(
+        await until_done(
             lambda: lane.js.publish(
                 results_subject(result.id), encode(result), stream=self._settings.results_stream, headers=headers
             ),
             f"job {result.id}: publishing its result",
         )
-        with contextlib.suppress(*_NATS_ERRORS):
+        with contextlib.suppress(*ERRORS):
             await message.ack()
-
-    async def _until_done(self, action: Callable[[], Awaitable[object]], what: str) -> None:
-        await self._until_done_with(action, what)
-
-    async def _until_done_with(self, action: Callable[[], Awaitable[T]], what: str) -> T:
-        while True:
-            try:
-                return await action()
-            except _NATS_ERRORS as exc:
-                log.warning("%s failed (%s); retrying", what, exc)
-                await asyncio.sleep(RETRY_S)
 
     async def _keep_leased(self, message: Msg) -> None:
         while True:
             await asyncio.sleep(self._settings.ack_wait_s / 3)
-            with contextlib.suppress(*_NATS_ERRORS):
+            with contextlib.suppress(*ERRORS):
                 await message.in_progress()
 
     async def _tell(self, lane: Lane, subject: str, data: bytes) -> None:
-        with contextlib.suppress(*_NATS_ERRORS):
+        with contextlib.suppress(*ERRORS):
             await lane.client.publish(subject, data)
 
     async def _on_cancel(self, message: Msg) -> None:

@@ -15,12 +15,13 @@ JetStream administration rights (docs/OPERATIONS.md, "Adding GPU hosts", has the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 import nats.errors
@@ -53,11 +54,25 @@ LEFTOVER_AGE_S = 24 * 3600.0
 # The bot may take this long between receiving a result and acking it (it stores the image first).
 RESULT_ACK_WAIT_S = 120.0
 CONNECT_TIMEOUT_S = 5
+RETRY_S = 1.0  # between two tries of a lane operation that must not be lost (the server restarts, say)
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+ERRORS = (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError)  # what a lane operation may raise
+T = TypeVar("T")
 
 
 class NatsUnavailable(EngineError):
     """The NATS server cannot be reached, refused our credentials, or lacks the lane's streams."""
+
+
+async def until_done(action: Callable[[], Awaitable[T]], what: str) -> T:
+    """`action` tried until it succeeds: what must reach the server (a job, a result, an image) waits out an outage
+    rather than being lost; a repeated publish is deduped by its message id."""
+    while True:
+        try:
+            return await action()
+        except ERRORS as exc:
+            log.warning("%s failed (%s); retrying", what, exc)
+        await asyncio.sleep(RETRY_S)
 
 
 def token(name: str) -> str:

@@ -25,7 +25,7 @@ import logging
 import statistics
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Callable, Coroutine, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +35,9 @@ from nats.aio.msg import Msg
 
 from engine.backends.base import Resumption, Unresumable
 from engine.backends.jetstream import (
+    ERRORS,
     RESULTS_CONSUMER,
+    RETRY_S,
     Lane,
     NatsUnavailable,
     cancel_subject,
@@ -45,6 +47,7 @@ from engine.backends.jetstream import (
     jobs_consumer,
     jobs_subject,
     message_id,
+    until_done,
 )
 from engine.backends.protocol import (
     PROTOCOL_VERSION,
@@ -59,6 +62,7 @@ from engine.backends.protocol import (
     decode,
     encode,
 )
+from engine.backends.upkeep import DEFAULT_SECONDS_PER_STEP, JobTimes, Tasks
 from engine.config import ModelSettings, NatsCredentials, NatsSettings
 from engine.models import (
     PNG,
@@ -80,7 +84,6 @@ from engine.models import (
 
 log = logging.getLogger(__name__)
 
-EMA_WEIGHT = 0.3  # weight of the newest measurement in the moving average of seconds per job shape
 # A result for a job nobody follows yet is offered again this many times (a second apart) before it is dropped:
 # a restarting bot resumes its jobs within seconds of connecting.
 UNCLAIMED_DELIVERIES = 30
@@ -88,8 +91,6 @@ RECENTLY_ENDED = 10_000  # jobs remembered as ended, whose late results are drop
 # One result per pull: a larger batch leaves a pull request behind that can hold the next result until it expires
 # (measured here: a second's stall; nats.py #986), and one pull per result costs a round trip on loopback.
 RESULTS_BATCH = 1
-RETRY_S = 1.0
-_NATS_ERRORS = (nats.errors.Error, OSError, TimeoutError)
 
 
 @dataclass(slots=True)
@@ -156,9 +157,9 @@ class RemoteHosts:
         self._flights: dict[str, _Flight] = {}
         self._subscriptions: dict[str, Any] = {}  # the events subscription of each flight
         self._ended: OrderedDict[str, None] = OrderedDict()
-        self._seconds: dict[tuple[str, int, int], float] = {}
+        self._times = JobTimes()
         self._changed = asyncio.Condition()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Tasks("GPU hosts")
         self._detached = False
         self._closed = False
 
@@ -171,7 +172,7 @@ class RemoteHosts:
         return sum(host.beat.slots for host in self._live_hosts())
 
     def estimate_seconds(self, request: ResolvedRequest) -> float:
-        measured = self._seconds.get(_shape(request))
+        measured = self._times.get(request)
         if measured is not None:
             return measured
         per_step = [
@@ -182,7 +183,7 @@ class RemoteHosts:
         if per_step:
             return request.steps * statistics.median(per_step)
         model = self._models.get(request.model)
-        return request.steps * (model.local_seconds_per_step if model else 0.25)
+        return request.steps * (model.local_seconds_per_step if model else DEFAULT_SECONDS_PER_STEP)
 
     def status(self, queued_ahead: int, request: ResolvedRequest | None = None) -> BackendStatus:
         serving = self._live_hosts(request.model if request else None)
@@ -206,7 +207,7 @@ class RemoteHosts:
         except NatsUnavailable as exc:
             self._problem = str(exc)
             log.warning("GPU hosts on NATS unavailable for now (retrying): %s", exc)
-            self._spawn(self._connect_later())
+            self._tasks.spawn(self._connect_later())
 
     def detach(self) -> None:
         self._detached = True
@@ -215,11 +216,9 @@ class RemoteHosts:
         self._closed = True
         async with self._changed:
             self._changed.notify_all()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         if self._lane is not None:
-            with contextlib.suppress(*_NATS_ERRORS):
+            with contextlib.suppress(*ERRORS):
                 await self._lane.close()
 
     async def run(self, job: BackendJob) -> AsyncGenerator[BackendEvent, None]:
@@ -241,22 +240,10 @@ class RemoteHosts:
             if job.input_image and request.input_image:
                 # Over a message's 1 MiB: through the images bucket, by content (its TTL drops it later).
                 input_name = f"input.{request.input_image}.png"
-                await self._until_stored(lane, input_name, job.input_image)
-            lane_job = LaneJob(
-                job.job_id,
-                job.attempt,
-                model,
-                request.prompt,
-                request.width,
-                request.height,
-                request.steps,
-                request.guidance,
-                request.seed,
-                request.task,
-                request.strength,
-                input_name,
-            )
-            flight.seq = await self._publish_job(lane_job)
+                image = job.input_image
+                await until_done(lambda: lane.images.put(input_name, image), f"storing input image {input_name}")
+            lane_job = LaneJob.of(job, input_name)
+            flight.seq = await self._publish_job(lane, lane_job)
             state = {"seq": flight.seq, "attempt": job.attempt, "model": model}
             yield Submitted(ResumeToken(json.dumps(state, separators=(",", ":"))))
             async for event in self._follow(flight, job.request):
@@ -308,15 +295,15 @@ class RemoteHosts:
         )
         try:
             lane = await create_lane(client, self._settings, models)
-        except (*_NATS_ERRORS, nats.js.errors.Error) as exc:
+        except ERRORS as exc:
             await client.close()
             raise NatsUnavailable(f"cannot create the GPU lane's streams on {self._settings.url}: {exc}") from exc
         self._lane = lane
         self._mark_reachable()
         await self._notify()
         log.info("GPU hosts: connected to NATS at %s", self._settings.url)
-        self._spawn(self._watch_hosts(lane))
-        self._spawn(self._consume_results(lane))
+        self._tasks.spawn(self._watch_hosts(lane))
+        self._tasks.spawn(self._consume_results(lane))
 
     async def _connect_later(self) -> None:
         while not self._closed:
@@ -374,7 +361,7 @@ class RemoteHosts:
         while not self._closed:
             try:
                 await self._read_heartbeats(lane)
-            except _NATS_ERRORS as exc:
+            except ERRORS as exc:
                 log.debug("GPU hosts: cannot read heartbeats: %s", exc)
             else:
                 self._mark_reachable()
@@ -456,29 +443,15 @@ class RemoteHosts:
         subscription = await lane.client.subscribe(events_subject(flight.job_id, flight.attempt), cb=on_event)
         self._subscriptions[flight.job_id] = subscription
 
-    async def _until_stored(self, lane: Lane, name: str, data: bytes) -> None:
-        while True:
-            try:
-                await lane.images.put(name, data)
-                return
-            except (*_NATS_ERRORS, nats.js.errors.Error) as exc:
-                log.warning("storing input image %s for the GPU hosts failed (%s); retrying", name, exc)
-            await asyncio.sleep(RETRY_S)
-
-    async def _publish_job(self, job: LaneJob) -> int:
+    async def _publish_job(self, lane: Lane, job: LaneJob) -> int:
         """Publish until JetStream confirms it (a repeat after a lost confirmation is deduped by the message id)."""
         headers = {"Nats-Msg-Id": message_id(job.id, job.attempt)}
-        while True:
-            lane = self._lane
-            if lane is not None:
-                try:
-                    ack = await lane.js.publish(
-                        jobs_subject(job.model), encode(job), stream=self._settings.jobs_stream, headers=headers
-                    )
-                    return int(ack.seq)
-                except _NATS_ERRORS as exc:
-                    log.warning("job %s: publishing to the GPU hosts failed (%s); retrying", job.id, exc)
-            await asyncio.sleep(RETRY_S)
+        subject, stream = jobs_subject(job.model), self._settings.jobs_stream
+        ack = await until_done(
+            lambda: lane.js.publish(subject, encode(job), stream=stream, headers=headers),
+            f"job {job.id}: publishing to the GPU hosts",
+        )
+        return int(ack.seq)
 
     async def _follow(self, flight: _Flight, request: ResolvedRequest) -> AsyncGenerator[BackendEvent, None]:
         started = self._clock()
@@ -492,14 +465,14 @@ class RemoteHosts:
             elif isinstance(signal, _Lost):
                 flight.ended = True
                 log.warning("job %s: lost on the GPU hosts: %s", flight.job_id, signal.detail)
-                self._spawn(self._withdraw(flight))
+                self._tasks.spawn(self._withdraw(flight))
                 yield Failed(FailureReason.HOST_LOST, signal.detail, retryable=True)
                 return
             else:
                 event = await self._terminal(signal.result)
                 flight.ended = True
                 if isinstance(event, Finished):
-                    self._measured(request, self._clock() - started)
+                    self._times.add(request, self._clock() - started)
                 yield event
                 # The scheduler has recorded the result: only now may the stream forget it.
                 await self._collect(signal)
@@ -531,7 +504,7 @@ class RemoteHosts:
             return False
         try:
             info = await lane.js.consumer_info(self._settings.jobs_stream, jobs_consumer(flight.model))
-        except _NATS_ERRORS:
+        except ERRORS:
             return True  # cannot tell now: ask again after another lease rather than give up a job that may run
         taken = info.delivered is not None and (info.delivered.stream_seq or 0) >= flight.seq
         return not taken and bool(self._live_hosts(flight.model))
@@ -546,7 +519,7 @@ class RemoteHosts:
                 image = stored.data or b""
                 if not image:
                     raise ValueError("an empty image")
-            except (*_NATS_ERRORS, nats.js.errors.Error, ValueError) as exc:
+            except (*ERRORS, ValueError) as exc:
                 detail = f"GPU host {result.host} made the image, but it could not be fetched ({exc})"
                 return Failed(FailureReason.HOST_LOST, detail, retryable=True)
             return Finished(image, PNG.mime, result.seed or 0, gpu_ms=round((result.seconds or 0.0) * 1000))
@@ -561,14 +534,14 @@ class RemoteHosts:
 
     async def _collect(self, delivery: _Delivery) -> None:
         """Ack a recorded result and delete its image from the bucket."""
-        with contextlib.suppress(*_NATS_ERRORS):
+        with contextlib.suppress(*ERRORS):
             await delivery.message.ack()
         await self._delete_image(delivery.result)
 
     async def _delete_image(self, result: LaneResult) -> None:
         lane = self._lane
         if lane is not None and result.image:
-            with contextlib.suppress(*_NATS_ERRORS, nats.js.errors.Error):
+            with contextlib.suppress(*ERRORS):
                 await lane.images.delete(result.image)
 
     def _close_flight(self, flight: _Flight) -> None:
@@ -576,27 +549,27 @@ class RemoteHosts:
         # Results nobody will read now (a repeat of the one recorded, one that came as the job was cancelled).
         while not flight.inbox.empty():
             if isinstance(left := flight.inbox.get_nowait(), _Delivery):
-                self._spawn(self._collect(left))
+                self._tasks.spawn(self._collect(left))
         subscription = self._subscriptions.pop(flight.job_id, None)
         if subscription is not None:
-            self._spawn(_unsubscribe(subscription))
+            self._tasks.spawn(_unsubscribe(subscription))
         self._ended[flight.job_id] = None
         while len(self._ended) > RECENTLY_ENDED:
             self._ended.popitem(last=False)
         if not flight.ended and not self._detached:
             # The user cancelled it (a bot that stops leaves its jobs running, to follow them after the restart).
-            self._spawn(self._withdraw(flight))
-        self._spawn(self._notify())
+            self._tasks.spawn(self._withdraw(flight))
+        self._tasks.spawn(self._notify())
 
     async def _withdraw(self, flight: _Flight) -> None:
         """Take a job back: out of the stream if no host has taken it, and a cancel for the host that has."""
         lane = self._lane
         if lane is None:
             return
-        with contextlib.suppress(*_NATS_ERRORS):
+        with contextlib.suppress(*ERRORS):
             await lane.client.publish(cancel_subject(flight.job_id), encode(LaneCancel(flight.job_id, flight.attempt)))
         if flight.seq is not None:
-            with contextlib.suppress(*_NATS_ERRORS, nats.js.errors.Error):
+            with contextlib.suppress(*ERRORS):
                 await lane.js.delete_msg(self._settings.jobs_stream, flight.seq)
 
     async def _notify(self) -> None:
@@ -631,11 +604,11 @@ class RemoteHosts:
                 messages = await subscription.fetch(RESULTS_BATCH, timeout=RETRY_S)
             except TimeoutError:
                 continue
-            except (*_NATS_ERRORS, nats.js.errors.Error) as exc:
+            except ERRORS as exc:
                 # A pull subscription does not survive a server restart: bind a new one once it is back.
                 log.debug("GPU hosts: reading results failed (%s); subscribing again", exc)
                 if subscription is not None:
-                    self._spawn(_unsubscribe(subscription))
+                    self._tasks.spawn(_unsubscribe(subscription))
                 subscription = None
                 await asyncio.sleep(RETRY_S)
                 continue
@@ -649,7 +622,7 @@ class RemoteHosts:
                 raise ProtocolError(f"expected lane_result, got {result.TYPE}")
         except ProtocolError as exc:
             log.error("GPU hosts: dropping an unreadable result: %s", exc)
-            with contextlib.suppress(*_NATS_ERRORS):
+            with contextlib.suppress(*ERRORS):
                 await message.term()
             return
         flight = self._flights.get(result.id)
@@ -659,39 +632,18 @@ class RemoteHosts:
             return
         unclaimed = flight is None and result.id not in self._ended
         if unclaimed and message.metadata.num_delivered < UNCLAIMED_DELIVERIES:
-            with contextlib.suppress(*_NATS_ERRORS):
+            with contextlib.suppress(*ERRORS):
                 await message.nak(delay=RETRY_S)
             return
         log.info(
             "job %s: dropping GPU host %s's result of attempt %d: not followed", result.id, result.host, result.attempt
         )
-        self._spawn(self._collect(_Delivery(result, message)))
-
-    # ---- inside ----
-
-    def _measured(self, request: ResolvedRequest, seconds: float) -> None:
-        shape = _shape(request)
-        previous = self._seconds.get(shape)
-        self._seconds[shape] = seconds if previous is None else previous + EMA_WEIGHT * (seconds - previous)
-
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("GPU hosts task failed", exc_info=task.exception())
+        self._tasks.spawn(self._collect(_Delivery(result, message)))
 
 
 async def _unsubscribe(subscription: Any) -> None:
-    with contextlib.suppress(*_NATS_ERRORS, nats.js.errors.Error):
+    with contextlib.suppress(*ERRORS):
         await subscription.unsubscribe()
-
-
-def _shape(request: ResolvedRequest) -> tuple[str, int, int]:
-    return request.model, request.width * request.height, request.steps
 
 
 async def lane_report(settings: NatsSettings, credentials: NatsCredentials) -> GpuLaneReport:
@@ -739,8 +691,8 @@ async def lane_report(settings: NatsSettings, credentials: NatsCredentials) -> G
                         )
                     )
         return GpuLaneReport(settings.url, missing=tuple(missing), hosts=tuple(hosts))
-    except (*_NATS_ERRORS, nats.js.errors.Error) as exc:
+    except ERRORS as exc:
         return GpuLaneReport(settings.url, problem=f"NATS at {settings.url}: {exc or type(exc).__name__}")
     finally:
-        with contextlib.suppress(*_NATS_ERRORS):
+        with contextlib.suppress(*ERRORS):
             await client.close()

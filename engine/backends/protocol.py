@@ -56,7 +56,7 @@ from enum import StrEnum
 from typing import Any, ClassVar, TypeVar
 
 from engine.errors import EngineError
-from engine.models import Task
+from engine.models import BackendJob, Mode, ResolvedRequest, Task
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,14 @@ class JobSpec(Message):
     task: Task = Task.GENERATE
     strength: float | None = None  # image to image: how far from the input (0 = the same, 1 = unrelated)
     image: bytes = b""  # the input image (PNG), for an edit or image to image
+
+    @classmethod
+    def of(cls, job: BackendJob) -> JobSpec:
+        r = job.request
+        return cls(
+            job.job_id, r.model, r.prompt, r.width, r.height, r.steps, r.guidance, r.seed, r.task, r.strength,
+            job.input_image or b"",
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,20 +255,22 @@ class LaneJob(Message):
     strength: float | None = None
     input_image: str | None = None  # its object in the images bucket
 
-    def spec(self, image: bytes = b"") -> JobSpec:
-        return JobSpec(
-            self.id,
-            self.model,
-            self.prompt,
-            self.width,
-            self.height,
-            self.steps,
-            self.guidance,
-            self.seed,
-            self.task,
-            self.strength,
-            image,
-        )
+    @classmethod
+    def of(cls, job: BackendJob, input_image: str | None) -> LaneJob:
+        """The job of the bot's scheduler as a host takes it; `input_image` names its input in the images bucket."""
+        r = job.request
+        return cls(
+            job.job_id, job.attempt, r.model, r.prompt, r.width, r.height, r.steps, r.guidance, r.seed, r.task,
+            r.strength, input_image,
+        )  # fmt: skip
+
+    def backend_job(self, image: bytes | None) -> BackendJob:
+        """The job for the host's own supervisor (which serves it as the GPU lane would: relax, no money)."""
+        request = ResolvedRequest(
+            self.prompt, self.model, self.width, self.height, "", self.steps, self.guidance, self.seed, Mode.RELAX,
+            task=self.task, strength=self.strength,
+        )  # fmt: skip
+        return BackendJob(self.id, request, attempt=self.attempt, input_image=image)
 
 
 @dataclass(frozen=True, slots=True)

@@ -151,6 +151,13 @@ class LaneObserver:
     def start_of(self, job_id: str) -> LaneStarted | None:
         return next((event for event in reversed(self.started) if event.id == job_id), None)
 
+    async def until_started(self, job_id: str, limit_s: float = 60.0) -> LaneStarted:
+        """The job's start, once a host has said it (the limit only guards against a hung test)."""
+        async with asyncio.timeout(limit_s):
+            while (started := self.start_of(job_id)) is None:
+                await asyncio.sleep(0.05)
+        return started
+
     def worker_pid(self, job_id: str) -> int:
         started = self.start_of(job_id)
         assert started is not None, f"no start seen for {job_id}"

@@ -26,10 +26,9 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Coroutine, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import engine
 from engine.backends.base import Requeue, Resumption
@@ -53,6 +52,7 @@ from engine.backends.protocol import (
     expect,
     job_id_of,
 )
+from engine.backends.upkeep import DEFAULT_SECONDS_PER_STEP, JobTimes, Tasks
 from engine.config import LocalSettings, ModelSettings
 from engine.errors import EngineError
 from engine.models import (
@@ -77,9 +77,7 @@ MAX_START_BACKOFF_S = 60.0
 # a socket that stays unreachable this long belongs to a unit that is stopped or failing: that is a failed start.
 CONNECT_WAIT_S = 30.0
 MAX_CONNECT_RETRY_S = 1.0
-EMA_WEIGHT = 0.3  # weight of the newest measurement in the moving average of seconds per job shape
 RECENT_JOBS = 50  # the window of the failure rate that the router sees
-DEFAULT_SECONDS_PER_STEP: float = ModelSettings.model_fields["local_seconds_per_step"].default
 # The folder that holds the `engine` package, so `python -m engine.backends.local` works from any cwd.
 PACKAGE_ROOT = Path(engine.__file__).resolve().parent.parent
 
@@ -147,7 +145,7 @@ class LocalBackend:
             self._slots = [_Slot(i, gpu) for i, gpu in enumerate(settings.gpus or (None,))]
         self._idle: deque[WorkerProcess] = deque()
         self._changed = asyncio.Condition()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Tasks("local backend")
         self._live: set[WorkerProcess] = set()
         self._closed = False
         self._recycles = 0
@@ -155,7 +153,7 @@ class LocalBackend:
         self._jobs_served = 0
         self._failures = 0
         self._recent: deque[bool] = deque(maxlen=RECENT_JOBS)
-        self._seconds: dict[tuple[str, int, int], float] = {}
+        self._times = JobTimes()
         self._last_seconds: float | None = None
         self._gpu_probe = GpuProbe()
 
@@ -219,7 +217,7 @@ class LocalBackend:
         return len(self._slots)
 
     def estimate_seconds(self, request: ResolvedRequest) -> float:
-        measured = self._seconds.get(_shape(request))
+        measured = self._times.get(request)
         if measured is not None:
             return measured
         model = self._models.get(request.model)
@@ -257,9 +255,7 @@ class LocalBackend:
         self._closed = True
         async with self._changed:
             self._changed.notify_all()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel_all()
         await asyncio.gather(*(process.stop(graceful=True) for process in list(self._live)), return_exceptions=True)
 
     def resume(self, job: BackendJob) -> Resumption:
@@ -273,19 +269,7 @@ class LocalBackend:
             yield Failed(reason, self._unavailable_detail(), retryable=True)
             return
         request = job.request
-        spec = JobSpec(
-            job.job_id,
-            request.model,
-            request.prompt,
-            request.width,
-            request.height,
-            request.steps,
-            request.guidance,
-            request.seed,
-            request.task,
-            request.strength,
-            job.input_image or b"",
-        )
+        spec = JobSpec.of(job)
         sent = settled = False
         try:
             yield Started(self.kind, f"worker {process.slot} (pid {process.pid}, {process.device})")
@@ -308,9 +292,9 @@ class LocalBackend:
                 if self._closed:
                     self._replace(process, f"job {job.job_id} was abandoned at shutdown", graceful=False)
                 else:
-                    self._spawn(self._stop_job(process, spec.id))
+                    self._tasks.spawn(self._stop_job(process, spec.id))
             elif not settled:
-                self._spawn(self._make_idle(process))
+                self._tasks.spawn(self._make_idle(process))
 
     # ---- jobs ----
 
@@ -420,15 +404,13 @@ class LocalBackend:
         if succeeded:
             # What the user waits for, pipe and PNG included, is what the router's ETA should predict.
             seconds = time.monotonic() - started
-            shape = _shape(request)
-            previous = self._seconds.get(shape)
-            self._seconds[shape] = seconds if previous is None else previous + EMA_WEIGHT * (seconds - previous)
+            self._times.add(request, seconds)
             self._last_seconds = seconds
         else:
             self._failures += 1
         if not process.retired:
             # Between-jobs checks run in the background so the result reaches the user without waiting for them.
-            self._spawn(self._after_job(process))
+            self._tasks.spawn(self._after_job(process))
 
     async def _after_job(self, process: WorkerProcess) -> None:
         settings = self._settings
@@ -471,7 +453,7 @@ class LocalBackend:
     def _ensure_launch(self, slot: _Slot) -> None:
         if not slot.launching and not self._closed:
             slot.launching = True
-            self._spawn(self._launch(slot))
+            self._tasks.spawn(self._launch(slot))
 
     async def _launch(self, slot: _Slot) -> None:
         """Start a worker for the slot, retrying with backoff until one is ready or the backend closes."""
@@ -558,7 +540,7 @@ class LocalBackend:
         slot = self._slots[process.slot]
         slot.process = None
         slot.launching = True  # so that no job waiting for a worker starts a second successor meanwhile
-        self._spawn(self._retire(process, slot, graceful=graceful))
+        self._tasks.spawn(self._retire(process, slot, graceful=graceful))
 
     async def _retire(self, process: WorkerProcess, slot: _Slot, *, graceful: bool) -> None:
         # The successor starts only after its predecessor exits: two copies of FLUX rarely fit on one GPU.
@@ -572,16 +554,6 @@ class LocalBackend:
         self._live.discard(process)
         if not (process.retired or process.busy or self._closed):
             self._replace(process, f"died while idle: {process.exit_detail()}", graceful=False)
-
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("local backend task failed", exc_info=task.exception())
 
     # ---- health ----
 
@@ -628,10 +600,6 @@ async def _attach(path: Path) -> Transport:
 def _weights(path: Path) -> str:
     """A folder as an absolute path (the worker may run elsewhere); a Hugging Face id as it is."""
     return str(path.resolve()) if path.exists() else str(path)
-
-
-def _shape(request: ResolvedRequest) -> tuple[str, int, int]:
-    return request.model, request.width * request.height, request.steps
 
 
 def _elapsed_ms(started: float) -> int:

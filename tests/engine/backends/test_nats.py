@@ -208,7 +208,7 @@ async def test_a_worker_killed_mid_job_is_retried_once_and_charged_once(
     await hosts.start("gpu-a", synthetic_s=4.0)
     await bot.until_slots(1)
     job = await bot.engine.submit(user(), SMALL)
-    await until(lambda: observer.start_of(job.job_id) is not None, what="the job to start")
+    await observer.until_started(job.job_id)
     os.kill(observer.worker_pid(job.job_id), signal.SIGKILL)
 
     result = await wait_terminal(bot.engine, job.job_id, 120)
@@ -231,7 +231,7 @@ async def test_a_killed_host_is_declared_gone_and_its_job_runs_on_another(
     first = await hosts.start("gpu-a", synthetic_s=30.0)
     await bot.until_slots(1)
     job = await bot.engine.submit(user(), SMALL)
-    await until(lambda: observer.start_of(job.job_id) is not None, what="the job to start")
+    await observer.until_started(job.job_id)
     assert observer.start_of(job.job_id).host == "gpu-a"  # type: ignore[union-attr]
     await hosts.start("gpu-b", synthetic_s=0.5)
     await bot.until_slots(2)
@@ -257,7 +257,7 @@ async def test_a_lost_host_with_no_other_fails_the_job_unpaid(
     host = await hosts.start("gpu-a", synthetic_s=30.0)
     await bot.until_slots(1)
     job = await bot.engine.submit(user(), SMALL)
-    await until(lambda: observer.start_of(job.job_id) is not None, what="the job to start")
+    await observer.until_started(job.job_id)
     await hosts.kill(host)
 
     result = await wait_terminal(bot.engine, job.job_id, 60)
@@ -279,7 +279,7 @@ async def test_a_nats_server_restart_loses_no_job(
     await hosts.start("gpu-a", synthetic_s=2.0)
     await bot.until_slots(1)
     jobs = [await bot.engine.submit(user(name), SMALL) for name in ("alice", "bob", "carol")]
-    await until(lambda: observer.start_of(jobs[0].job_id) is not None, what="the first job to start")
+    await observer.until_started(jobs[0].job_id)
     await server.stop()
     await asyncio.sleep(1.5)
     await server.start()
@@ -300,7 +300,7 @@ async def test_a_bot_restart_resumes_jobs_in_flight_without_publishing_them_agai
     await hosts.start("gpu-a", synthetic_s=3.0)
     await first.until_slots(1)
     job = await first.engine.submit(user(), SMALL)
-    await until(lambda: observer.start_of(job.job_id) is not None, what="the job to start")
+    await observer.until_started(job.job_id)
     stored = await first.engine.get_job(job.job_id)
     assert stored.resume is not None, "the token is stored before the bot waits"
     await first.close()
@@ -371,7 +371,7 @@ async def test_cancel_a_queued_and_a_running_remote_job(
     await hosts.start("gpu-a", synthetic_s=12.0)  # 3 s a step: a cancel waits at most one
     await bot.until_slots(1)
     running = await bot.engine.submit(user("alice"), SMALL)
-    await until(lambda: observer.start_of(running.job_id) is not None, what="the first job to start")
+    await observer.until_started(running.job_id)
     queued = await bot.engine.submit(user("bob"), SMALL)
 
     cancelled = await bot.engine.cancel(user("bob"), queued.job_id)
@@ -383,7 +383,7 @@ async def test_cancel_a_queued_and_a_running_remote_job(
 
     # The host stopped the job at its next step and serves the next one on the same worker.
     follow_up = await bot.engine.submit(user("carol"), SMALL)
-    await until(lambda: observer.start_of(follow_up.job_id) is not None, what="the next job to start")
+    await observer.until_started(follow_up.job_id)
     assert observer.worker_pid(follow_up.job_id) == first_worker
     assert observer.start_of(queued.job_id) is None  # never published: it was cancelled in SQLite
     assert [beat.recycles for beat in bot.remote.hosts()] == [0]
