@@ -25,8 +25,9 @@ from engine.backends.protocol import LaneStarted, ProtocolError, StepProgress, d
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Short intervals for tests: a host is gone after a second of silence, a job lost after 3 s unheard of.
-FAST_LANE = {"heartbeat_interval_s": 0.2, "heartbeat_ttl_s": 1.0, "ack_wait_s": 3.0}
+# Short intervals for tests, yet wide enough that a busy 2-core CI box never misses a beat by chance: a host is gone
+# after 5 s of silence, a job lost after 10 s unheard of.
+FAST_LANE = {"heartbeat_interval_s": 0.25, "heartbeat_ttl_s": 5.0, "ack_wait_s": 10.0}
 
 
 # The tiny model on a CPU: nothing to warm up or compile, previews every other step, one OpenMP thread per worker.
