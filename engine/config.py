@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -340,6 +341,47 @@ class ModelSettings(_Section):
         return credits_to_micros(self.price_credits)
 
 
+class StyleAdapter(_Section):
+    """One LoRA adapter of a style: a .safetensors file, its sha256 (checked before it is loaded) and its weight."""
+
+    # A local path, or "hf:OWNER/REPO/FILE.safetensors" for a file already in the Hugging Face cache (no download:
+    # GPU hosts run offline; fetch it once with `huggingface-cli download OWNER/REPO FILE`).
+    file: str = Field(min_length=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    weight: float = Field(1.0, ge=-4.0, le=4.0)
+
+
+class StyleSettings(_Section):
+    """[styles.NAME]: a preset an admin chose and tested. A style without adapters is only a prompt template and
+    defaults (it runs on the API too); one with adapters runs on the GPU lane only, where workers load them at start."""
+
+    display_name: str = Field(min_length=1)
+    description: str = ""
+    template: str = "{prompt}"  # the text the model receives; {prompt} is the user's prompt as typed
+    model: str | None = None  # the default model for this style (else the user's, then routing.default_model)
+    steps: int | None = Field(None, ge=1)
+    guidance: float | None = None
+    aspect: str | None = None  # "16:9"
+    models: Strings = ()  # the models it may run with (empty: any model that can run its adapters)
+    adapters: tuple[StyleAdapter, ...] = Field((), max_length=3)
+    sample_image: str = ""  # an image URL that /styles shows with the style
+
+    @field_validator("template")
+    @classmethod
+    def _one_prompt(cls, value: str) -> str:
+        if value.count("{prompt}") != 1:
+            raise ValueError("the template must contain {prompt} exactly once (where the user's prompt goes)")
+        return value
+
+    def apply(self, prompt: str) -> str:
+        """The template filled with the user's prompt; other braces in it are left as written."""
+        return self.template.replace("{prompt}", prompt)
+
+    @property
+    def gpu_only(self) -> bool:
+        return bool(self.adapters)
+
+
 class PolicySettings(_Section):
     min_prompt_chars: int = Field(3, ge=1)
     max_prompt_chars: int = Field(1500, ge=1)
@@ -431,6 +473,7 @@ class Settings(_Section):
     limits: LimitSettings = LimitSettings()
     models: dict[str, ModelSettings] = Field(default_factory=_default_models)
     tiers: dict[str, TierSettings] = Field(default_factory=lambda: {"default": _DEFAULT_TIER})
+    styles: dict[str, StyleSettings] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -444,6 +487,21 @@ class Settings(_Section):
             )
         if "default" not in self.tiers:
             raise ValueError("[tiers.default] is required: it holds the limits of users with no other tier")
+        for name, style in self.styles.items():
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", name):
+                raise ValueError(f"[styles.{name}]: a style's name is 1-32 lowercase letters, digits, - or _")
+            for model in (*style.models, *([style.model] if style.model else [])):
+                if model not in self.models:
+                    raise ValueError(f"[styles.{name}] names the model {model!r}, which is not one of [models.*]")
+            if style.model and style.models and style.model not in style.models:
+                raise ValueError(f"[styles.{name}]: its default model {style.model!r} is not in its models")
+            if style.adapters:
+                runnable = [m for m in (style.models or tuple(self.models)) if self.models[m].local]
+                if not runnable:
+                    raise ValueError(
+                        f"[styles.{name}] has LoRA adapters, which run on the GPU lane only, but none of its models"
+                        " runs there (local = true)"
+                    )
         return self
 
 

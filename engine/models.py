@@ -231,6 +231,7 @@ class ImageRequest:
     task: Task = Task.GENERATE
     input_image: bytes | None = None  # as downloaded by the adapter: the engine checks it before anything else
     strength: float | None = None  # VARY: how far from the input (config's subtle or strong when unset)
+    style: str | None = None  # a [styles.NAME] preset; None: the user's default style, if any, else none
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,6 +275,14 @@ class ResolvedRequest:
     task: Task = Task.GENERATE
     input_image: str | None = None  # the sha256 of the stored input (engine/inputs.py)
     strength: float | None = None
+    style: str | None = None  # the [styles.NAME] it runs with (its adapters, if any, on the GPU lane)
+    # The style's template filled with the prompt; empty when there is no style. `prompt` stays the user's text.
+    styled_prompt: str = ""
+
+    @property
+    def for_model(self) -> str:
+        """The text the model receives: the style's template around the user's prompt, or the prompt as typed."""
+        return self.styled_prompt or self.prompt
 
     @property
     def megapixels(self) -> float:

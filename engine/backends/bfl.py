@@ -93,12 +93,12 @@ def build_payload(
     Checking here, before anything is sent, turns a would-be 422 (or a billed request we cannot use) into a
     clear message with the field at fault.
     """
-    if not request.prompt.strip():
+    if not request.for_model.strip():
         raise InvalidRequest("the prompt is empty", field="prompt")
     limits = BFL_ENDPOINTS.get(endpoint)
     if limits is None:
         raise InvalidRequest(f"unknown BFL endpoint {endpoint!r}", field="model")
-    payload: dict[str, Any] = {"prompt": request.prompt}
+    payload: dict[str, Any] = {"prompt": request.for_model}
     if limits.sizing == "pixels":
         for name, side in (("width", request.width), ("height", request.height)):
             if not BFL_SIDE_MIN <= side <= BFL_SIDE_MAX or side % BFL_SIDE_MULTIPLE:

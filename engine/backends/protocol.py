@@ -60,7 +60,7 @@ from engine.models import BackendJob, Mode, ResolvedRequest, Task
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 PREFIX = struct.Struct(">II")
 # Bounds that catch a stray print() on the protocol stream long before it could make us allocate gigabytes.
@@ -128,13 +128,14 @@ class JobSpec(Message):
     task: Task = Task.GENERATE
     strength: float | None = None  # image to image: how far from the input (0 = the same, 1 = unrelated)
     image: bytes = b""  # the input image (PNG), for an edit or image to image
+    style: str = ""  # the style whose adapters the worker sets for this job ("": the base model)
 
     @classmethod
     def of(cls, job: BackendJob) -> JobSpec:
         r = job.request
         return cls(
-            job.job_id, r.model, r.prompt, r.width, r.height, r.steps, r.guidance, r.seed, r.task, r.strength,
-            job.input_image or b"",
+            job.job_id, r.model, r.for_model, r.width, r.height, r.steps, r.guidance, r.seed, r.task, r.strength,
+            job.input_image or b"", r.style or "",
         )  # fmt: skip
 
 
@@ -254,21 +255,22 @@ class LaneJob(Message):
     task: Task = Task.GENERATE
     strength: float | None = None
     input_image: str | None = None  # its object in the images bucket
+    style: str = ""  # "": the base model
 
     @classmethod
     def of(cls, job: BackendJob, input_image: str | None) -> LaneJob:
         """The job of the bot's scheduler as a host takes it; `input_image` names its input in the images bucket."""
         r = job.request
         return cls(
-            job.job_id, job.attempt, r.model, r.prompt, r.width, r.height, r.steps, r.guidance, r.seed, r.task,
-            r.strength, input_image,
+            job.job_id, job.attempt, r.model, r.for_model, r.width, r.height, r.steps, r.guidance, r.seed, r.task,
+            r.strength, input_image, r.style or "",
         )  # fmt: skip
 
     def backend_job(self, image: bytes | None) -> BackendJob:
         """The job for the host's own supervisor (which serves it as the GPU lane would: relax, no money)."""
         request = ResolvedRequest(
             self.prompt, self.model, self.width, self.height, "", self.steps, self.guidance, self.seed, Mode.RELAX,
-            task=self.task, strength=self.strength,
+            task=self.task, strength=self.strength, style=self.style or None,
         )  # fmt: skip
         return BackendJob(self.id, request, attempt=self.attempt, input_image=image)
 
@@ -326,6 +328,7 @@ class HostBeat(Message):
     seconds_per_step: float | None
     recycles: int
     jobs: tuple[str, ...]
+    styles: tuple[str, ...] = ()  # the styles with adapters its workers have loaded (styles without any run anywhere)
 
 
 MESSAGES: tuple[type[Message], ...] = (

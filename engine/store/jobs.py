@@ -29,7 +29,7 @@ JOB_COLUMNS = (
     " width, height, aspect_ratio, steps, guidance, seed, mode, input_image, state, backend, reason, attempts,"
     " local_attempts, estimated_cost_micros, estimated_gpu_ms, resume_token, created_at,"
     " started_at, finished_at, failure_reason, error, cost_micros, result_path, delivered, task, strength,"
-    " review, review_reason, review_detail, age_restricted, taken_down"
+    " review, review_reason, review_detail, age_restricted, taken_down, style, styled_prompt"
 )
 
 
@@ -57,6 +57,8 @@ def job_from_row(row: sqlite3.Row) -> Job:
         task=Task(row["task"]),
         input_image=row["input_image"],
         strength=row["strength"],
+        style=row["style"],
+        styled_prompt=row["styled_prompt"],
     )
     token = row["resume_token"]
     return Job(
@@ -86,7 +88,7 @@ def job_from_row(row: sqlite3.Row) -> Job:
     )
 
 
-INSERT_JOB = f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join('?' * 43)})"
+INSERT_JOB = f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join('?' * 45)})"
 
 
 def job_row(job: Job) -> tuple[Any, ...]:
@@ -137,6 +139,8 @@ def job_row(job: Job) -> tuple[Any, ...]:
         None,
         int(requester.age_restricted),
         None,
+        r.style,
+        r.styled_prompt,
     )
 
 

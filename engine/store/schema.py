@@ -258,6 +258,11 @@ MIGRATIONS: tuple[Migration, ...] = (
     CREATE INDEX postings_by_job ON postings (job_id);
     ALTER TABLE jobs ADD COLUMN taken_down TEXT;  -- the reason, once an admin took the image down everywhere
     """,
+    # 10: the style a job runs with, and the text its template made of the prompt (the model's input)
+    """
+    ALTER TABLE jobs ADD COLUMN style TEXT;
+    ALTER TABLE jobs ADD COLUMN styled_prompt TEXT NOT NULL DEFAULT '';
+    """,
 )
 
 
