@@ -372,9 +372,13 @@ class RemoteHosts:
 
     async def _read_heartbeats(self, lane: Lane) -> None:
         try:
-            keys = await lane.hosts.keys()
+            listed = await lane.hosts.keys()
         except nats.js.errors.NoKeysError:
-            keys = []
+            listed = []
+        # keys() can miss a live key: its watcher may mark the listing done before a delivered entry is handled
+        # (nats-py 2.16 races consumer_info against delivery). So a known host is gone only when a direct get
+        # says its key is deleted or expired, never because one listing lacked it.
+        keys = [*listed, *(name for name in self._hosts if name not in listed)]
         now = self._clock()
         seen: dict[str, _Host] = {}
         for key in keys:
