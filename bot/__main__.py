@@ -234,6 +234,10 @@ async def chat(settings: Settings, secrets: Secrets, sync_guild: int | None) -> 
         loop.add_signal_handler(signum, stop.set)
     closers: list[Callable[[], Awaitable[None]]] = []
     serving: list[asyncio.Task[None]] = []
+    from bot.takedown import remover
+
+    # One take-down for both front-ends: a result posted on both platforms is removed from both.
+    take_down = remover(engine, discord_token=secrets.discord_token, slack_token=secrets.slack_bot_token)
     try:
         if secrets.slack_bot_token:
             from bot.slack_app import CommandNames, SlackFrontEnd
@@ -254,6 +258,7 @@ async def chat(settings: Settings, secrets: Secrets, sync_guild: int | None) -> 
                     slack_settings.command_settings,
                 ),
                 admin_via_users_info=slack_settings.workspace_admins,
+                take_down=take_down,
             )
             closers.append(slack.close)
             await slack.start(host=slack_settings.host, port=slack_settings.port, path=slack_settings.path)
@@ -261,7 +266,7 @@ async def chat(settings: Settings, secrets: Secrets, sync_guild: int | None) -> 
         if secrets.discord_token:
             from bot.discord_app import DiscordFrontEnd
 
-            discord_front_end = DiscordFrontEnd(engine)
+            discord_front_end = DiscordFrontEnd(engine, take_down=take_down)
             closers.append(discord_front_end.close)
             serving.append(asyncio.create_task(discord_front_end.start(secrets.discord_token, sync_guild)))
         async with systemd_service(engine), operations(settings, engine):

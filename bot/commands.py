@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import shlex
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -37,8 +38,13 @@ ADMIN_USAGE = (
     "admin commands: quota show USER | quota set USER LIMIT VALUE | quota grant USER images|gpu-seconds|usd AMOUNT"
     " | quota reset USER | spend [YYYY-MM] | credits | pause local|api | resume local|api | ban USER | unban USER"
     " | jobs | cancel JOB | report | review [list] | review approve JOB | review reject|reject-and-ban JOB REASON"
+    " | review allow APPEAL | review deny APPEAL REASON | takedown JOB REASON"
     " | audit [--since YYYY-MM-DD] [--action NAME]"
 )
+
+# Removes a job's image everywhere it was posted and answers with what was removed (bot.takedown, which holds the
+# chat platforms' clients; given by whoever has their tokens, so the CLI imports them only for a take-down).
+TakeDown = Callable[[Requester, str, str], Awaitable[str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,9 +204,12 @@ def _without(text: str, spans: list[tuple[int, int]]) -> str:
 class Commands:
     """`safe` is how the front-end shows user text (prompts) inside its own texts; see render.UserText."""
 
-    def __init__(self, engine: Engine, safe: render.UserText = render.plain) -> None:
+    def __init__(
+        self, engine: Engine, safe: render.UserText = render.plain, *, take_down: TakeDown | None = None
+    ) -> None:
         self.engine = engine
         self.safe = safe
+        self.take_down = take_down
 
     def model_display(self, name: str) -> str:
         model = self.engine.settings.models.get(name)
@@ -418,13 +427,28 @@ class Commands:
                 return render.cancelled_text(cancelled)
             case ["review"] | ["review", "list"]:
                 held = await engine.held_jobs(requester)
-                if not held:
-                    return "No images are held for review."
-                return "\n".join(
+                appeals = await engine.pending_appeals(requester)
+                if not held and not appeals:
+                    return "No images are held for review and no appeals wait."
+                lines = [
                     f"{j.id} {j.requester.user_key} held: {j.review_detail or j.review_reason}: "
                     f"{render.shown(j.request.prompt[:60], self.safe)}"
                     for j in held
+                ]
+                return "\n".join([*lines, render.appeals_text(appeals, self.safe)] if appeals else lines)
+            case ["review", "allow", appeal_id]:
+                appeal, queued = await engine.allow_appeal(requester, appeal_id)
+                return (
+                    f"Appeal {appeal.id} allowed: job {queued.job_id} runs for {appeal.requester.user_key}, charged"
+                    " as usual, and is posted where they asked."
                 )
+            case ["review", "deny", appeal_id, *reason]:
+                appeal = await engine.deny_appeal(requester, appeal_id, " ".join(reason))
+                return f"Appeal {appeal.id} kept refused ({appeal.reason})."
+            case ["takedown", job_id, *reason]:
+                if self.take_down is None:
+                    raise InvalidRequest("take-downs are not available here: use flux-bot admin takedown", field="job")
+                return await self.take_down(requester, job_id, " ".join(reason))
             case ["review", "approve", job_id]:
                 job = await engine.approve(requester, job_id)
                 return f"Job {job.id} approved: its image goes to {job.requester.user_key} where it was asked for."

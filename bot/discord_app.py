@@ -25,10 +25,10 @@ from datetime import timedelta
 from typing import Any, Literal
 
 import discord
-from discord import app_commands
+from discord import app_commands, ui
 
 from bot import render
-from bot.commands import ChartReply, Commands, ImagineArgs, Variation
+from bot.commands import ChartReply, Commands, ImagineArgs, TakeDown, Variation
 from bot.delivery import ChannelDelivery, follow, forward_alerts, reviewer, warn_no_review_channel
 from bot.discord_views import (
     BUTTONS,
@@ -36,12 +36,14 @@ from bot.discord_views import (
     EditPromptModal,
     FluxClient,
     Verdict,
+    appeal_decision_view,
+    appeal_view,
     result_view,
     review_view,
 )
 from bot.images import fit_attachment
 from engine.config import ASPECT_RATIOS
-from engine.errors import EngineError, InvalidRequest, NotAllowed
+from engine.errors import EngineError, InvalidRequest, NotAllowed, PolicyBlocked
 from engine.models import (
     BFL_STEPS_MIN,
     MAX_SEED,
@@ -126,9 +128,10 @@ class DiscordFrontEnd:
         engine: Engine,
         *,
         edit_interval_s: float = 1.5,
+        take_down: TakeDown | None = None,
     ) -> None:
         self.engine = engine
-        self.commands = Commands(engine, user_text)
+        self.commands = Commands(engine, user_text, take_down=take_down)
         self.edit_interval_s = edit_interval_s
         # Interactions arrive whatever the intents; `guilds` (not privileged) keeps guild and channel caches warm.
         self.client = FluxClient(
@@ -376,6 +379,33 @@ class DiscordFrontEnd:
         async def cancel(interaction: discord.Interaction, job: str) -> None:
             await self._admin(interaction, "cancel", job)
 
+        @command(admin, "review", "Held images and appeals: list them, or decide one")
+        @app_commands.describe(
+            decision="What to do (list: what waits)",
+            target="The held job's id, or the appeal's (for allow and deny)",
+            reason="Why (for a rejection or a denial; the requester reads it)",
+        )
+        async def review(
+            interaction: discord.Interaction,
+            decision: Literal["list", "approve", "reject", "reject-and-ban", "allow", "deny"] = "list",
+            target: str | None = None,
+            reason: str | None = None,
+        ) -> None:
+            await self._admin(
+                interaction, "review", decision, *([target] if target else []), *([reason] if reason else [])
+            )
+
+        @command(admin, "takedown", "Delete a posted image everywhere it was posted, and from the state folder")
+        @app_commands.describe(job="The job id", reason="Why (kept with the job's record)")
+        async def takedown(interaction: discord.Interaction, job: str, reason: str) -> None:
+            await self._admin(interaction, "takedown", job, reason)
+
+        @command(admin, "audit", "Who did what: reviews, take-downs, appeals, bans, limits")
+        @app_commands.describe(since="YYYY-MM-DD (UTC)", action="An action or a family of them, e.g. review")
+        async def audit(interaction: discord.Interaction, since: str | None = None, action: str | None = None) -> None:
+            filters = [*(["--since", since] if since else []), *(["--action", action] if action else [])]
+            await self._admin(interaction, "audit", *filters)
+
         return admin
 
     async def _admin(self, interaction: discord.Interaction, *words: str) -> None:
@@ -414,16 +444,17 @@ class DiscordFrontEnd:
             text = f"That option can't be used: {user_text(repr(error.value))}.{charge}"
         await self._refuse(interaction, text)
 
-    async def _refuse(self, interaction: discord.Interaction, text: str) -> None:
+    async def _refuse(self, interaction: discord.Interaction, text: str, view: ui.View | None = None) -> None:
         """An ephemeral message, removing the public 'thinking…' placeholder if there is one."""
+        extra: dict[str, Any] = {"view": view} if view is not None else {}
         if not interaction.response.is_done():
-            await interaction.response.send_message(clip(text), ephemeral=True)
+            await interaction.response.send_message(clip(text), ephemeral=True, **extra)
             return
         try:
             await interaction.delete_original_response()
         except discord.HTTPException:
             log.debug("no original response to remove for interaction %s", interaction.id)
-        await interaction.followup.send(clip(text), ephemeral=True)
+        await interaction.followup.send(clip(text), ephemeral=True, **extra)
 
     # ---- making an image: submit, follow, deliver ----
 
@@ -436,6 +467,13 @@ class DiscordFrontEnd:
         """Submit for an interaction that is already deferred (publicly), then follow the job to its end."""
         try:
             queued = await submission(requester_of(interaction))
+        except PolicyBlocked as exc:
+            if exc.appeal_id is None:
+                await self._refuse(interaction, error_text(exc))
+            else:
+                text = f"{error_text(exc)} {render.APPEAL_OFFER}"
+                await self._refuse(interaction, text, appeal_view(exc.appeal_id))
+            return
         except EngineError as exc:
             await self._refuse(interaction, error_text(exc, self.engine.capabilities()))
             return
@@ -632,12 +670,14 @@ class DiscordFrontEnd:
             channel = self.client.get_partial_messageable(int(channel_id))
             image = await self.engine.held_image(REVIEWER, job.id)
             data, filename = await asyncio.to_thread(fit_attachment, image, DEFAULT_FILESIZE_LIMIT, job.id)
-            await channel.send(
+            message = await channel.send(
                 clip(review_caption(job)),
                 file=discord.File(io.BytesIO(data), filename, spoiler=True),
                 view=review_view(job.id),
                 allowed_mentions=discord.AllowedMentions.none(),
             )
+            # A posting too: an approved image stays under its review message, which a take-down must remove.
+            await self._record_posting(job, message)
         except Exception:
             log.exception("job %s: could not post it to the review channel %s", job.id, channel_id)
 
@@ -725,6 +765,63 @@ class DiscordFrontEnd:
             text = f"Job {job.id}: rejected by {who}; the image is deleted and {asked} was told{banned}."
             await interaction.edit_original_response(content=clip(text), attachments=[], view=None)
         log.info("job %s: %s in review on Discord by %s", job.id, verdict.value, actor.user_key)
+
+    # ---- appeals ----
+
+    async def appeal(self, interaction: discord.Interaction, appeal_id: str) -> None:
+        """The Appeal button under a refused prompt: to the admins, and the button goes (one appeal per refusal)."""
+        try:
+            appeal = await self.engine.appeal(requester_of(interaction), appeal_id)
+        except EngineError as exc:
+            await self._refuse(interaction, error_text(exc))
+            return
+        await interaction.response.edit_message(content=clip(render.APPEAL_FILED), view=None)
+        log.info("appeal %s filed on Discord by %s", appeal.id, appeal.requester.user_key)
+        channel_id = self.engine.settings.review.discord_channel_id
+        if not channel_id:
+            log.warning(
+                "appeal %s waits for an admin and no [review] discord_channel_id is set: /admin review lists it",
+                appeal.id,
+            )
+            return
+        try:
+            channel = self.client.get_partial_messageable(int(channel_id))
+            await channel.send(
+                clip(render.appeal_caption(appeal, user_text)),
+                view=appeal_decision_view(appeal.id),
+                allowed_mentions=discord.AllowedMentions.none(),
+            )
+        except Exception:
+            log.exception("appeal %s: could not post it to the review channel %s", appeal.id, channel_id)
+
+    async def decide_appeal(self, interaction: discord.Interaction, appeal_id: str, allow: bool) -> None:
+        """Allow and run / Keep refused: admins only (checked on every press); the requester hears where they asked."""
+        actor = requester_of(interaction)
+        if not self.engine.is_admin(actor):
+            await self._refuse(interaction, error_text(NotAllowed("review", "only admins can decide appeals")))
+            return
+        await interaction.response.defer()
+        try:
+            if allow:
+                appeal, queued = await self.engine.allow_appeal(actor, appeal_id)
+                log.info("appeal %s allowed on Discord by %s: job %s", appeal.id, actor.user_key, queued.job_id)
+            else:
+                appeal = await self.engine.deny_appeal(actor, appeal_id, "")
+                log.info("appeal %s kept refused on Discord by %s", appeal.id, actor.user_key)
+        except EngineError as exc:
+            await interaction.followup.send(clip(error_text(exc)), ephemeral=True)
+            return
+        who = user_text(actor.display_name or actor.user_id)
+        await interaction.edit_original_response(content=clip(render.appeal_decided_text(appeal, who)), view=None)
+        if appeal.requester.channel_id and appeal.requester.platform is Platform.DISCORD:
+            try:
+                channel = self.client.get_partial_messageable(int(appeal.requester.channel_id))
+                await channel.send(
+                    clip(render.appeal_outcome_text(appeal, user_text)),
+                    allowed_mentions=discord.AllowedMentions.none(),
+                )
+            except Exception:
+                log.exception("appeal %s: could not tell its requester in %s", appeal.id, appeal.requester.channel_id)
 
     async def _remake(self, interaction: discord.Interaction, args: Awaitable[ImagineArgs]) -> ImagineArgs | None:
         """A button's new request, or None once the refusal (the job is gone) is shown."""

@@ -11,7 +11,9 @@ each one's custom id says what its submit is about, so a modal opened before a r
   submit fetches the message again for a fresh one.
 
 The review buttons under a held image in the admins' review channel ("flux:review-approve:<job_id>",
-"flux:review-reject:<job_id>", "flux:review-ban:<job_id>") are DynamicItems too, so a review survives a restart.
+"flux:review-reject:<job_id>", "flux:review-ban:<job_id>") are DynamicItems too, so a review survives a restart, and
+so are the appeal buttons: "flux:appeal:<appeal_id>" under a refused prompt, "flux:appeal-allow:<appeal_id>" and
+"flux:appeal-deny:<appeal_id>" under the appeal in the review channel.
 
 All of them only route to the front-end's `ResultActions`; what they do is decided there (and in the engine).
 """
@@ -28,6 +30,7 @@ from discord import ui
 from bot.commands import Variation
 
 JOB_ID = r"(?P<job_id>j[0-9a-z]{1,40})"
+APPEAL_ID = r"(?P<appeal_id>a[0-9a-z]{1,40})"
 _SNOWFLAKE = r"[0-9]{1,20}"
 EDIT_PROMPT = re.compile(r"flux:editprompt:" + JOB_ID)
 EDIT_RESULT = re.compile(r"flux:editresult:" + JOB_ID)
@@ -66,6 +69,10 @@ class ResultActions(Protocol):
     async def delete(self, interaction: discord.Interaction, job_id: str) -> None: ...
 
     async def review(self, interaction: discord.Interaction, job_id: str, verdict: Verdict) -> None: ...
+
+    async def appeal(self, interaction: discord.Interaction, appeal_id: str) -> None: ...
+
+    async def decide_appeal(self, interaction: discord.Interaction, appeal_id: str, allow: bool) -> None: ...
 
 
 class FluxClient(discord.Client):
@@ -198,6 +205,49 @@ class ReviewBanButton(_JobButton, template=r"flux:review-ban:" + JOB_ID):
 
 REVIEW_BUTTONS: tuple[type[_JobButton], ...] = (ReviewApproveButton, ReviewRejectButton, ReviewBanButton)
 
+
+class _AppealButton(ui.DynamicItem[ui.Button[ui.View]], template=r"flux:(?P<action>appeal[\w-]*):" + APPEAL_ID):
+    """Base of the appeal buttons: a refused prompt's Appeal, and Allow / Keep refused for the admins."""
+
+    action = ""
+    label = ""
+    style = discord.ButtonStyle.secondary
+
+    def __init__(self, appeal_id: str) -> None:
+        button: ui.Button[ui.View] = ui.Button(
+            label=self.label, style=self.style, custom_id=f"flux:{self.action}:{appeal_id}"
+        )
+        super().__init__(button)
+        self.appeal_id = appeal_id
+
+    @classmethod
+    async def from_custom_id(
+        cls, interaction: discord.Interaction, item: ui.Item[Any], match: re.Match[str], /
+    ) -> _AppealButton:
+        return cls(match["appeal_id"])
+
+
+class AppealButton(_AppealButton, template=r"flux:appeal:" + APPEAL_ID):
+    action, label, style = "appeal", "Appeal", discord.ButtonStyle.primary
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _actions(interaction).appeal(interaction, self.appeal_id)
+
+
+class AppealAllowButton(_AppealButton, template=r"flux:appeal-allow:" + APPEAL_ID):
+    action, label, style = "appeal-allow", "Allow and run", discord.ButtonStyle.success
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _actions(interaction).decide_appeal(interaction, self.appeal_id, True)
+
+
+class AppealDenyButton(_AppealButton, template=r"flux:appeal-deny:" + APPEAL_ID):
+    action, label, style = "appeal-deny", "Keep refused", discord.ButtonStyle.danger
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await _actions(interaction).decide_appeal(interaction, self.appeal_id, False)
+
+
 # Under each result, one row per kind of button (Discord allows five a row): new images from this one, then the
 # ones that change or remove it.
 RESULT_ROWS: tuple[tuple[type[_JobButton], ...], ...] = (
@@ -205,10 +255,13 @@ RESULT_ROWS: tuple[tuple[type[_JobButton], ...], ...] = (
     (EditResultButton, EditPromptButton, DeleteButton),
 )
 # Every button a click can arrive from, the old messages' too.
-BUTTONS: tuple[type[_JobButton], ...] = (
+BUTTONS: tuple[type[_JobButton] | type[_AppealButton], ...] = (
     *(button for row in RESULT_ROWS for button in row),
     LegacyVaryButton,
     *REVIEW_BUTTONS,
+    AppealButton,
+    AppealAllowButton,
+    AppealDenyButton,
 )
 
 
@@ -225,6 +278,21 @@ def review_view(job_id: str) -> ui.View:
     view = ui.View(timeout=None)
     for button in REVIEW_BUTTONS:
         view.add_item(button(job_id))
+    return view
+
+
+def appeal_view(appeal_id: str) -> ui.View:
+    """Under a prompt refused for a blocked word: the requester may ask an admin to allow it."""
+    view = ui.View(timeout=None)
+    view.add_item(AppealButton(appeal_id))
+    return view
+
+
+def appeal_decision_view(appeal_id: str) -> ui.View:
+    """Under an appeal in the admins' review channel."""
+    view = ui.View(timeout=None)
+    view.add_item(AppealAllowButton(appeal_id))
+    view.add_item(AppealDenyButton(appeal_id))
     return view
 
 

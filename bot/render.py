@@ -23,6 +23,8 @@ from engine.errors import (
     QuotaExceeded,
 )
 from engine.models import (
+    Appeal,
+    AppealState,
     AuditRecord,
     BackendKind,
     Capabilities,
@@ -264,6 +266,51 @@ def event_line(event: JobEvent, capabilities: Capabilities | None = None) -> str
         case JobRejected():
             return f"[{event.job_id}] {rejected_text(event)}"
     raise TypeError(f"unknown event {event!r}")
+
+
+APPEAL_OFFER = "If this prompt should be allowed, appeal: an admin will read it and can run it for you."
+APPEAL_FILED = (
+    "Your appeal went to the admins with your prompt. If one allows it, the image is made and posted here, and"
+    " charged as any of your images; until then nothing is charged."
+)
+
+
+def appeal_caption(appeal: Appeal, safe: UserText) -> str:
+    """What the admins read about an appeal: who (as text, never a mention), the prompt as typed, which rule."""
+    requester = appeal.requester
+    who = f"{shown(requester.display_name or requester.user_id, safe)} ({requester.user_key})"
+    rule = f'the blocked word "{shown(appeal.matched, safe)}"' if appeal.matched else appeal.rule
+    image = " (with an image to work from)" if appeal.input_image else ""
+    return (
+        f"Appeal {appeal.id}: {who} asks to run a refused prompt{image} with {appeal.request.model}.\n"
+        f'Prompt: "{shown(appeal.request.prompt, safe)}"\nRefused for: {rule}.\n'
+        "Allowing runs it once for them, charged as usual."
+    )
+
+
+def appeal_decided_text(appeal: Appeal, actor: str) -> str:
+    """The review channel's line once an admin decided; `actor` is already shown safely."""
+    if appeal.state is AppealState.ALLOWED:
+        return f"Appeal {appeal.id}: allowed by {actor}; job {appeal.job_id} runs for {appeal.requester.user_key}."
+    return f"Appeal {appeal.id}: kept refused by {actor} ({appeal.reason})."
+
+
+def appeal_outcome_text(appeal: Appeal, safe: UserText) -> str:
+    """For the requester, where they asked."""
+    who = shown(appeal.requester.display_name or appeal.requester.user_id, safe)
+    if appeal.state is AppealState.ALLOWED:
+        return f"An admin allowed the appeal of {who}: job {appeal.job_id} is being made and will be posted here."
+    return (
+        f"An admin read the appeal of {who} and kept the prompt refused ({shown(appeal.reason or '', safe)})."
+        f" {NOT_CHARGED}"
+    )
+
+
+def appeals_text(appeals: list[Appeal], safe: UserText) -> str:
+    return "\n".join(
+        f"{a.id} {a.requester.user_key} appeals: {a.matched or a.rule}: {shown(a.request.prompt[:60], safe)}"
+        for a in appeals
+    )
 
 
 def audit_text(records: list[AuditRecord], timezone: str) -> str:

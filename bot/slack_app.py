@@ -43,10 +43,10 @@ from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetry
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import render
-from bot.commands import Commands, ImagineArgs, Variation, parse_imagine_text
+from bot.commands import Commands, ImagineArgs, TakeDown, Variation, parse_imagine_text
 from bot.delivery import ChannelDelivery, follow, forward_alerts, reviewer, warn_no_review_channel
 from bot.slack_files import SlackFileError, SlackFiles, first_image_file
-from engine.errors import ConfigError, EngineError, InvalidRequest
+from engine.errors import ConfigError, EngineError, InvalidRequest, PolicyBlocked
 from engine.models import Job, JobDone, JobEvent, JobHeld, JobQueued, Platform, Posting, Requester, Review
 from engine.service import Engine
 
@@ -98,6 +98,17 @@ REVIEW_BUTTONS = (  # in the order shown
     (ReviewAction.BAN, "Reject and ban", "danger"),
 )
 REJECTED_IN_REVIEW = "rejected by an admin in review"
+
+
+class AppealAction(StrEnum):
+    """The action_ids of the appeal buttons: under a refused prompt, and under the appeal in the review channel.
+    Each button's value is the appeal id."""
+
+    FILE = "flux_appeal"
+    ALLOW = "flux_appeal_allow"
+    DENY = "flux_appeal_deny"
+
+
 NOT_AN_ADMIN_FOR_REVIEW = "Only admins can decide on a held image; nothing was changed."
 
 EDIT_VIEW = "flux_editprompt"  # the edit-prompt modal's callback_id; its private_metadata says which job and channel
@@ -231,6 +242,29 @@ def review_blocks(text: str, job_id: str) -> list[dict[str, Any]]:
     ]
 
 
+def appeal_blocks(text: str, appeal_id: str, *, for_admins: bool) -> list[dict[str, Any]]:
+    """A message (text already markup) with the requester's Appeal button, or the admins' Allow / Keep refused."""
+    buttons = (
+        [(AppealAction.ALLOW, "Allow and run", "primary"), (AppealAction.DENY, "Keep refused", "danger")]
+        if for_admins
+        else [(AppealAction.FILE, "Appeal", "primary")]
+    )
+    elements = [
+        {
+            "type": "button",
+            "action_id": action_id.value,
+            "text": {"type": "plain_text", "text": label},
+            "value": appeal_id,
+            "style": style,
+        }
+        for action_id, label, style in buttons
+    ]
+    return [
+        {"type": "section", "text": {"type": "mrkdwn", "text": text}},
+        {"type": "actions", "block_id": f"flux_appeal_{appeal_id}", "elements": elements},
+    ]
+
+
 def held_comment(job: Job) -> str:
     """The held image's comment in the review channel (plain text: it is escaped whole when sent). Slack cannot
     blur an image, so it says first that this one is held and shown to the admins only."""
@@ -347,13 +381,14 @@ class SlackFrontEnd:
         command_names: CommandNames = CommandNames(),
         edit_interval_s: float = 1.5,
         admin_via_users_info: bool = False,
+        take_down: TakeDown | None = None,
     ) -> None:
         if app_token is None and not signing_secret:
             raise ConfigError(
                 "environment", "SLACK_SIGNING_SECRET", "Slack HTTP mode needs the signing secret to verify requests"
             )
         self.engine = engine
-        self.commands = Commands(engine)
+        self.commands = Commands(engine, take_down=take_down)
         self.edit_interval_s = edit_interval_s
         self.admin_via_users_info = admin_via_users_info
         self.command_names = command_names
@@ -441,6 +476,9 @@ class SlackFrontEnd:
             self.app.action(action.value)(self._on_action)
         for review in ReviewAction:
             self.app.action(review.value)(self._on_review)
+        self.app.action(AppealAction.FILE.value)(self._on_appeal)
+        for decision in (AppealAction.ALLOW, AppealAction.DENY):
+            self.app.action(decision.value)(self._on_appeal_decision)
         self.app.view(EDIT_VIEW)(self._on_edited_prompt)
         self.app.shortcut(EDIT_IMAGE_SHORTCUT)(self._on_edit_image_shortcut)
         self.app.view(EDIT_IMAGE_VIEW)(self._on_edit_image_submitted)
@@ -490,6 +528,12 @@ class SlackFrontEnd:
         answer: str | Markup
         try:
             answer = await handler(await self._requester(context, command.get("user_name"), check_admin=check_admin))
+        except PolicyBlocked as exc:
+            if exc.appeal_id is None:
+                answer = render.error_message(exc)
+            else:
+                await self._ack(ack, f"{render.error_message(exc)} {render.APPEAL_OFFER}", appeal=exc.appeal_id)
+                return
         except EngineError as exc:
             answer = render.error_message(exc, self.engine.capabilities())
         except Exception:
@@ -498,9 +542,11 @@ class SlackFrontEnd:
         await self._ack(ack, answer)
 
     @staticmethod
-    async def _ack(ack: AsyncAck, answer: str | Markup) -> None:
+    async def _ack(ack: AsyncAck, answer: str | Markup, *, appeal: str | None = None) -> None:
+        """`appeal` (an appeal id) adds the requester's Appeal button under the same text."""
         text = answer.text if isinstance(answer, Markup) else markup(answer)
-        await ack(text=text, response_type="ephemeral")
+        blocks = appeal_blocks(text, appeal, for_admins=False) if appeal else None
+        await ack(text=text, blocks=blocks, response_type="ephemeral")
 
     async def _on_quota(self, ack: AsyncAck, command: dict[str, Any], context: AsyncBoltContext) -> None:
         await self._answer(ack, command, context, self.commands.quota)
@@ -614,10 +660,23 @@ class SlackFrontEnd:
 
     # ---- the only calls that send text to Slack: plain text in, escaped here (see the module's docstring) ----
 
-    async def _post(self, channel: str, text: str, *, mention: str | None = None, review: str | None = None) -> str:
-        """chat.postMessage; `review` (a job id) adds the review buttons under the same text. The new message's ts."""
+    async def _post(
+        self,
+        channel: str,
+        text: str,
+        *,
+        mention: str | None = None,
+        review: str | None = None,
+        appeal: str | None = None,
+    ) -> str:
+        """chat.postMessage; `review` (a job id) adds the review buttons under the same text, `appeal` (an appeal id)
+        the admins' Allow / Keep refused. The new message's ts."""
         shown = markup(text, mention=mention)
-        blocks = review_blocks(shown, review) if review else None
+        blocks = None
+        if review:
+            blocks = review_blocks(shown, review)
+        elif appeal:
+            blocks = appeal_blocks(shown, appeal, for_admins=True)
         posted = await self.client.chat_postMessage(channel=channel, text=shown, blocks=blocks)
         return str(posted["ts"])
 
@@ -728,7 +787,9 @@ class SlackFrontEnd:
             # The bot reads the image for the admins' channel; only this read uses its admin rights.
             image = await self.engine.held_image(reviewer(Platform.SLACK), job.id)
             job = await self.engine.get_job(job.id)  # as stored now: a follower's copy predates the review
-            await self._upload(channel, image, f"{job.id}-held.png", held_comment(job))
+            file_id = await self._upload(channel, image, f"{job.id}-held.png", held_comment(job))
+            # A posting too: an approved image stays in the review channel, which a take-down must clear.
+            await self._record_posting(Posting(job.id, Platform.SLACK, channel, None, file_id))
             await self._post(
                 channel,
                 f"Job {job.id} is held for review. Approve posts it in the channel it was asked in; Reject deletes"
@@ -782,6 +843,67 @@ class SlackFrontEnd:
                 await self._chat_update(admin.channel_id, str(ts), verdict, without_buttons=True)
             except Exception:
                 log.exception("job %s: the review message could not be updated", job_id)
+
+    # ---- appeals: a refused prompt to the admins, who allow it (it runs, charged as usual) or keep it refused ----
+
+    async def _on_appeal(
+        self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any], context: AsyncBoltContext
+    ) -> None:
+        """The Appeal button under a refused prompt (a second press is answered: appealed already)."""
+        await ack()
+        requester = await self._requester(context, _user_name(body))
+        try:
+            appeal = await self.engine.appeal(requester, str(action.get("value", "")))
+        except EngineError as exc:
+            await self._ephemeral(requester, render.error_message(exc))
+            return
+        await self._ephemeral(requester, render.APPEAL_FILED)
+        log.info("appeal %s filed on Slack by %s", appeal.id, requester.user_key)
+        channel = self.engine.settings.review.slack_channel_id
+        if not channel:
+            log.warning("appeal %s waits for an admin and no [review] slack_channel_id is set", appeal.id)
+            return
+        try:
+            await self._post(channel, render.appeal_caption(appeal, render.plain), appeal=appeal.id)
+        except Exception:
+            log.exception("appeal %s: could not post it to the review channel %s", appeal.id, channel)
+
+    async def _on_appeal_decision(
+        self, ack: AsyncAck, body: dict[str, Any], action: dict[str, Any], context: AsyncBoltContext
+    ) -> None:
+        """Allow and run / Keep refused: admin rights checked on every press (the engine checks again)."""
+        await ack()
+        appeal_id = str(action.get("value", "")).strip()
+        admin = await self._requester(context, _user_name(body), check_admin=True)
+        if not self.engine.is_admin(admin):
+            await self._ephemeral(admin, "Only admins can decide appeals; nothing was changed.")
+            return
+        try:
+            if AppealAction(str(action.get("action_id"))) is AppealAction.ALLOW:
+                appeal, queued = await self.engine.allow_appeal(admin, appeal_id)
+                log.info("appeal %s allowed on Slack by %s: job %s", appeal.id, admin.user_key, queued.job_id)
+            else:
+                appeal = await self.engine.deny_appeal(admin, appeal_id, "")
+                log.info("appeal %s kept refused on Slack by %s", appeal.id, admin.user_key)
+        except EngineError as exc:
+            await self._ephemeral(admin, render.error_message(exc, self.engine.capabilities()))
+            return
+        except Exception:
+            log.exception("slack appeal button on %s failed", appeal_id)
+            await self._ephemeral(admin, render.INTERNAL_ERROR)
+            return
+        who = f"{admin.display_name} ({admin.user_id})" if admin.display_name else admin.user_id
+        ts = (body.get("message") or {}).get("ts") or (body.get("container") or {}).get("message_ts")
+        with contextlib.suppress(Exception):
+            if admin.channel_id and ts:
+                await self._chat_update(
+                    admin.channel_id, str(ts), render.appeal_decided_text(appeal, who), without_buttons=True
+                )
+        if appeal.requester.platform is Platform.SLACK:
+            try:
+                await self._ephemeral(appeal.requester, render.appeal_outcome_text(appeal, render.plain))
+            except Exception:
+                log.exception("appeal %s: could not tell its requester", appeal.id)
 
     async def _open_edit_prompt(self, body: dict[str, Any], requester: Requester, job_id: str) -> None:
         if requester.channel_id is None:

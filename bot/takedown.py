@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import discord
@@ -31,6 +32,25 @@ class Outcome:
     place: str
     removed: bool
     why: str = ""  # when not removed: already gone, or what the platform said
+
+
+def remover(
+    engine: Engine, *, discord_token: str | None, slack_token: str | None, slack_api_url: str | None = None
+) -> Callable[[Requester, str, str], Awaitable[str]]:
+    """`take_down` with this host's tokens, as the chat front-ends' `/admin takedown` runs it."""
+
+    async def remove(actor: Requester, job_id: str, reason: str) -> str:
+        return await take_down(
+            engine,
+            actor,
+            job_id,
+            reason,
+            discord_token=discord_token,
+            slack_token=slack_token,
+            slack_api_url=slack_api_url,
+        )
+
+    return remove
 
 
 async def take_down(

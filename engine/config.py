@@ -267,6 +267,8 @@ class ReviewSettings(_Section):
     discord_channel_id: str = ""  # where held images wait for an admin ("" = none on Discord)
     slack_channel_id: str = ""  # ("" = none on Slack)
     age_restricted_slack_channels: Strings = ()  # Slack channels treated as Discord's age-restricted ones
+    # A prompt refused for a blocked word offers an Appeal button; an admin who allows it runs it, charged as usual.
+    appeals: bool = True
 
     @field_validator("thresholds")
     @classmethod

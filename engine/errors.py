@@ -49,12 +49,13 @@ class InvalidRequest(EngineError):
 
 
 class PolicyBlocked(EngineError):
-    """The prompt policy refused the prompt."""
+    """The prompt policy refused the prompt. `appeal_id` is set when the requester may appeal it to an admin."""
 
-    def __init__(self, rule: str, detail: str) -> None:
+    def __init__(self, rule: str, detail: str, *, appeal_id: str | None = None) -> None:
         super().__init__(f"{rule}: {detail}")
         self.rule = rule
         self.detail = detail
+        self.appeal_id = appeal_id
 
 
 class QuotaExceeded(EngineError):

@@ -128,7 +128,7 @@ def format_duration(seconds: float) -> str:
     return f"{math.floor(seconds / 3600 + 0.5)} h"
 
 
-def new_job_id() -> str:
+def new_job_id(prefix: str = "j") -> str:
     """Short enough to type, time-ordered, unguessable: 'j' + 8 base-36 digits of milliseconds + 8 random hex digits.
 
     8 digits wrap only after 89 years, and 32 random bits make two ids of one millisecond collide once in about
@@ -139,7 +139,12 @@ def new_job_id() -> str:
     for _ in range(8):
         stamp, rest = divmod(stamp, 36)
         digits = "0123456789abcdefghijklmnopqrstuvwxyz"[rest] + digits
-    return f"j{digits}{secrets.token_hex(4)}"
+    return f"{prefix}{digits}{secrets.token_hex(4)}"
+
+
+def new_appeal_id() -> str:
+    """An appeal's id: shaped as a job's, with 'a' first so the two are never mistaken for each other."""
+    return new_job_id("a")
 
 
 class Task(StrEnum):
@@ -634,6 +639,33 @@ class Posting:
     channel_id: str
     message_id: str | None = None  # Discord: the message id; Slack: the message ts
     file_id: str | None = None  # Slack: the uploaded file
+
+
+class AppealState(StrEnum):
+    """A prompt the policy refused: appealable (nobody appealed yet), waiting for an admin, or decided."""
+
+    REFUSED = "refused"
+    PENDING = "pending"
+    ALLOWED = "allowed"
+    DENIED = "denied"
+
+
+@dataclass(frozen=True, slots=True)
+class Appeal:
+    """A refusal of the prompt policy that the requester may appeal; an admin who allows it runs the request for
+    them (charged as any job). `request` is what they asked, its input image (if any) stored as `input_image`."""
+
+    id: str
+    requester: Requester
+    request: ImageRequest
+    rule: str
+    matched: str | None
+    state: AppealState
+    created_at: float
+    input_image: str | None = None  # the sha256 of the stored input, for an edit or a guided image
+    decided_by: str | None = None
+    reason: str | None = None  # a denial's reason, for the requester
+    job_id: str | None = None  # the job an allowed appeal ran
 
 
 @dataclass(frozen=True, slots=True)

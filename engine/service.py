@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from engine import router
 from engine.alerts import Alert, Alerts, FailureAlert, SpendAlert
@@ -28,6 +28,8 @@ from engine.inputs import InputImages
 from engine.models import (
     PNG,
     TERMINAL_EVENTS,
+    Appeal,
+    AppealState,
     AuditEntry,
     AuditRecord,
     BackendKind,
@@ -54,9 +56,10 @@ from engine.models import (
     SpendRow,
     Task,
     image_format,
+    new_appeal_id,
     new_job_id,
 )
-from engine.policy import PromptPolicy
+from engine.policy import PolicyDecision, PromptPolicy
 from engine.quota import Quota, QuotaView
 from engine.report import build_report, render_png, summary_text
 from engine.retention import Retention, image_store
@@ -129,6 +132,7 @@ class Engine:
         self._clock = clock
         self._quota = Quota(store, settings, clock)
         self._policy = PromptPolicy(settings.policy)
+        self._deciding = asyncio.Lock()
         self._inputs = InputImages(
             settings.bot.inputs_dir,
             max_bytes=round(settings.images.max_input_mb * 1_000_000),
@@ -254,6 +258,10 @@ class Engine:
     @refuses_a_charge
     async def submit(self, requester: Requester, request: ImageRequest) -> JobQueued:
         """Validate, apply the policy, route, reserve and persist; the job is queued when this returns."""
+        return await self._submit(requester, request)
+
+    async def _submit(self, requester: Requester, request: ImageRequest, appeal: Appeal | None = None) -> JobQueued:
+        """`appeal`: an admin allowed this request on appeal, so the policy's verdict is theirs, not the lists'."""
         # The stored user (for the ban), the limits and their use so far, in one read: the pre-check and the router
         # use them; the reserving transaction checks every limit again.
         standing = await self._quota.standing(requester)
@@ -263,16 +271,20 @@ class Engine:
         if model is None:
             known = ", ".join(self.settings.models)
             raise InvalidRequest(f"unknown model {request.model!r}; choose one of: {known}", field="model")
-        decision_of_policy = self._policy.check(request.prompt)
-        policy_audit = AuditEntry(
-            requester.user_key,
-            "policy.allow" if decision_of_policy.allowed else "policy.block",
-            requester.user_key,
-            detail={"rule": decision_of_policy.rule, "matched": decision_of_policy.matched},
-        )
-        if not decision_of_policy.allowed:
-            await self._store.audit(policy_audit)
-            raise PolicyBlocked(decision_of_policy.rule, decision_of_policy.detail)
+        if appeal is None:
+            decision_of_policy = self._policy.check(request.prompt)
+            policy_audit = AuditEntry(
+                requester.user_key,
+                "policy.allow" if decision_of_policy.allowed else "policy.block",
+                requester.user_key,
+                detail={"rule": decision_of_policy.rule, "matched": decision_of_policy.matched},
+            )
+            if not decision_of_policy.allowed:
+                await self._refuse(requester, request, decision_of_policy, policy_audit)
+        else:
+            policy_audit = AuditEntry(
+                requester.user_key, "policy.allow", requester.user_key, detail={"rule": "appeal", "appeal": appeal.id}
+            )
         # The image is checked (and stored) before anything is reserved: a bad one is refused with nothing kept.
         stored = None
         if request.input_image is not None:
@@ -329,6 +341,89 @@ class Engine:
         self._publish(queued)
         self._scheduler.wake()
         return queued
+
+    async def _refuse(
+        self, requester: Requester, request: ImageRequest, decision: PolicyDecision, audit: AuditEntry
+    ) -> NoReturn:
+        """Refuse the prompt; a blocked word (a judgement an admin may see otherwise) is kept for an appeal."""
+        if decision.rule != "blocked_word" or not self.settings.review.appeals:
+            await self._store.audit(audit)
+            raise PolicyBlocked(decision.rule, decision.detail)
+        stored = None
+        if request.input_image is not None:
+            stored = await asyncio.to_thread(self._inputs.accept, request.input_image)
+        appeal = Appeal(
+            new_appeal_id(),
+            requester,
+            replace(request, input_image=None),
+            decision.rule,
+            decision.matched,
+            AppealState.REFUSED,
+            self._clock(),
+            input_image=stored.sha256 if stored else None,
+        )
+        await self._store.add_refusal(appeal, audit)
+        raise PolicyBlocked(decision.rule, decision.detail, appeal_id=appeal.id)
+
+    # ---- appeals ----
+
+    async def appeal(self, requester: Requester, appeal_id: str) -> Appeal:
+        """The requester asks an admin to allow a refused prompt; the front-end shows it in the review channel."""
+        appeal = await self._appeal(appeal_id)
+        if appeal.requester.user_key != requester.user_key:
+            raise NotAllowed("appeal", "only the person whose prompt was refused can appeal it")
+        audit = AuditEntry(
+            requester.user_key, "appeal.file", requester.user_key, detail={"appeal": appeal.id, "rule": appeal.rule}
+        )
+        if not await self._store.move_appeal(appeal.id, AppealState.REFUSED, AppealState.PENDING, audit):
+            raise InvalidRequest(f"that prompt was appealed already ({(await self._appeal(appeal_id)).state})")
+        return await self._appeal(appeal.id)
+
+    async def pending_appeals(self, actor: Requester, limit: int = 100) -> list[Appeal]:
+        """Appeals waiting for an admin, oldest first."""
+        self.require_admin(actor, "review")
+        return await self._store.pending_appeals(limit)
+
+    @refuses_a_charge
+    async def allow_appeal(self, actor: Requester, appeal_id: str) -> tuple[Appeal, JobQueued]:
+        """Run the refused request for its requester, charged as any job of theirs (their limits apply)."""
+        self.require_admin(actor, "review")
+        async with self._deciding:  # one decision at a time: two admins pressing Allow run it once
+            appeal = await self._pending(appeal_id)
+            image = None
+            if appeal.input_image is not None:
+                image = await asyncio.to_thread(self._inputs.read, appeal.input_image)
+            queued = await self._submit(appeal.requester, replace(appeal.request, input_image=image), appeal)
+            audit = AuditEntry(
+                actor.user_key, "appeal.allow", appeal.requester.user_key, queued.job_id, {"appeal": appeal.id}
+            )
+            await self._store.move_appeal(
+                appeal.id, AppealState.PENDING, AppealState.ALLOWED, audit, job_id=queued.job_id
+            )
+        return await self._appeal(appeal.id), queued
+
+    async def deny_appeal(self, actor: Requester, appeal_id: str, reason: str) -> Appeal:
+        self.require_admin(actor, "review")
+        why = reason.strip() or "an admin kept the refusal"
+        async with self._deciding:
+            appeal = await self._pending(appeal_id)
+            audit = AuditEntry(
+                actor.user_key, "appeal.deny", appeal.requester.user_key, detail={"appeal": appeal.id, "reason": why}
+            )
+            await self._store.move_appeal(appeal.id, AppealState.PENDING, AppealState.DENIED, audit, reason=why)
+        return await self._appeal(appeal.id)
+
+    async def _appeal(self, appeal_id: str) -> Appeal:
+        appeal = await self._store.get_appeal(appeal_id.strip())
+        if appeal is None:
+            raise InvalidRequest(f"no appeal has the id {appeal_id!r}", field="appeal")
+        return appeal
+
+    async def _pending(self, appeal_id: str) -> Appeal:
+        appeal = await self._appeal(appeal_id)
+        if appeal.state is not AppealState.PENDING:
+            raise InvalidRequest(f"appeal {appeal.id} was {appeal.state.value}: nothing to decide", field="appeal")
+        return appeal
 
     async def cancel(self, requester: Requester, job_id: str) -> JobCancelled:
         job = await self.job(requester, job_id)

@@ -19,6 +19,8 @@ from typing import Any
 from engine.errors import JobNotFound, QuotaExceeded
 from engine.ledger import Close, LimitCheck, OpenReservation, Reservation, Scope, TotalsDifference, UsageKey
 from engine.models import (
+    Appeal,
+    AppealState,
     AuditEntry,
     AuditRecord,
     BackendKind,
@@ -33,7 +35,7 @@ from engine.models import (
     SpendRow,
     UserRecord,
 )
-from engine.store import jobs, ledger, ops
+from engine.store import appeals, jobs, ledger, ops
 from engine.store.connection import Connection
 from engine.store.jobs import INSERT_JOB, JOB_COLUMNS, QueuedJob, StoredResult, job_from_row, job_row
 from engine.store.ops import DaySpend, EndedJob
@@ -225,11 +227,60 @@ class Store:
         await self._connection.transaction(record)
 
     async def input_images_in_use(self) -> set[str]:
-        """The input images of jobs still queued or running: retention must leave these."""
+        """The input images of jobs still queued or running, and of appeals an admin may yet allow (a refusal not
+        yet appealed for a day, after which nobody still waits for it): retention must leave these."""
         rows = await self._read(
-            "SELECT DISTINCT input_image FROM jobs WHERE state IN ('queued','running') AND input_image IS NOT NULL"
+            "SELECT input_image FROM jobs WHERE state IN ('queued','running') AND input_image IS NOT NULL"
+            " UNION SELECT input_image FROM appeals WHERE input_image IS NOT NULL"
+            " AND (state = 'pending' OR (state = 'refused' AND created_at > ?))",
+            (self._clock() - 86_400,),
         )
         return {row[0] for row in rows}
+
+    # ---- appeals ----
+
+    async def add_refusal(self, appeal: Appeal, audit: AuditEntry) -> None:
+        """A refused prompt its requester may appeal, with the policy's audit line, in one transaction."""
+
+        def add(db: sqlite3.Connection) -> None:
+            appeals.insert(db, appeal)
+            ops.audit(db, audit, self._clock())
+
+        await self._connection.transaction(add)
+
+    async def get_appeal(self, appeal_id: str) -> Appeal | None:
+        rows = await self._read(f"SELECT {appeals.APPEAL_COLUMNS} FROM appeals WHERE id = ?", (appeal_id,))
+        return appeals.appeal_from_row(rows[0]) if rows else None
+
+    async def pending_appeals(self, limit: int = 100) -> list[Appeal]:
+        rows = await self._read(
+            f"SELECT {appeals.APPEAL_COLUMNS} FROM appeals WHERE state = 'pending' ORDER BY created_at LIMIT ?",
+            (limit,),
+        )
+        return [appeals.appeal_from_row(row) for row in rows]
+
+    async def move_appeal(
+        self,
+        appeal_id: str,
+        before: AppealState,
+        after: AppealState,
+        audit: AuditEntry,
+        *,
+        reason: str | None = None,
+        job_id: str | None = None,
+    ) -> bool:
+        """An appeal from `before` to `after` with its audit line; False when it was no longer in `before`."""
+
+        def move(db: sqlite3.Connection) -> bool:
+            moved = appeals.move(
+                db, appeal_id, before, after, decided_by=audit.actor if after is not AppealState.PENDING else None,
+                reason=reason, job_id=job_id,
+            )  # fmt: skip
+            if moved:
+                ops.audit(db, audit, self._clock())
+            return moved
+
+        return await self._connection.transaction(move)
 
     async def get_job(self, job_id: str) -> Job:
         rows = await self._read(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))

@@ -263,6 +263,24 @@ MIGRATIONS: tuple[Migration, ...] = (
     ALTER TABLE jobs ADD COLUMN style TEXT;
     ALTER TABLE jobs ADD COLUMN styled_prompt TEXT NOT NULL DEFAULT '';
     """,
+    # 11: prompts the policy refused that their requester may appeal to an admin
+    """
+    CREATE TABLE appeals (
+        id          TEXT PRIMARY KEY,
+        user_key    TEXT NOT NULL,
+        requester   TEXT NOT NULL,  -- JSON: platform, ids, roles, display name, age-restricted channel
+        request     TEXT NOT NULL,  -- JSON: the ImageRequest's options as asked (no image bytes)
+        input_image TEXT,           -- the sha256 of its stored input image, if any
+        rule        TEXT NOT NULL,
+        matched     TEXT,
+        state       TEXT NOT NULL CHECK (state IN ('refused','pending','allowed','denied')),
+        created_at  REAL NOT NULL,
+        decided_by  TEXT,
+        reason      TEXT,
+        job_id      TEXT
+    );
+    CREATE INDEX appeals_pending ON appeals (created_at) WHERE state = 'pending';
+    """,
 )
 
 
