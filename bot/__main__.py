@@ -256,6 +256,7 @@ async def chat(settings: Settings, secrets: Secrets, sync_guild: int | None) -> 
                     slack_settings.command_queue,
                     slack_settings.command_job,
                     slack_settings.command_settings,
+                    slack_settings.command_styles,
                 ),
                 admin_via_users_info=slack_settings.workspace_admins,
                 take_down=take_down,

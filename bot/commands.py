@@ -33,7 +33,8 @@ from engine.service import Engine, parse_grant
 
 log = logging.getLogger(__name__)
 
-IMAGINE_OPTIONS = ("model", "aspect", "steps", "guidance", "seed", "mode", "width", "height")
+IMAGINE_OPTIONS = ("model", "aspect", "steps", "guidance", "seed", "mode", "width", "height", "style")
+NO_STYLE = "none"  # style=none: no style, even where the user's /settings name one
 ADMIN_USAGE = (
     "admin commands: quota show USER | quota set USER LIMIT VALUE | quota grant USER images|gpu-seconds|usd AMOUNT"
     " | quota reset USER | spend [YYYY-MM] | credits | pause local|api | resume local|api | ban USER | unban USER"
@@ -222,25 +223,37 @@ class Commands:
         """Submit, filling unset options from the user's /settings, then the server's defaults; with `image`, a new
         image guided by it (with an edit model: that image edited as the prompt says)."""
         defaults = await self.engine.user_settings(requester)
-        model = options.get("model") or defaults.get("model") or self.engine.settings.routing.default_model
+        style_name = (options.get("style") or defaults.get("style") or NO_STYLE).lower()
+        style = self.engine.settings.styles.get(style_name)
+        # What was asked now comes first, then the style's own defaults, then the user's /settings, then the server's.
+        model = (
+            options.get("model")
+            or (style.model if style else None)
+            or defaults.get("model")
+            or self.engine.settings.routing.default_model
+        )
         mode_text = options.get("mode") or defaults.get("mode") or Mode.AUTO.value
         try:
             mode = Mode(mode_text.lower())
         except ValueError as exc:
             raise InvalidRequest(f"mode must be auto, fast or relax, not {mode_text!r}", field="mode") from exc
         sized = "width" in options or "height" in options
+        style_aspect = style.aspect if style else None
+        style_steps = style.steps if style else None
+        style_guidance = style.guidance if style else None
         request = ImageRequest(
             prompt=prompt,
             model=model.lower(),
             width=parse_int("width", options["width"]) if "width" in options else None,
             height=parse_int("height", options["height"]) if "height" in options else None,
-            # A width and height asked for now outrank the aspect ratio saved in /settings.
-            aspect_ratio=options.get("aspect") or (None if sized else defaults.get("aspect")),
-            steps=parse_int("steps", options["steps"]) if "steps" in options else None,
-            guidance=parse_float("guidance", options["guidance"]) if "guidance" in options else None,
+            # A width and height asked for now outrank the aspect ratio of the style or of /settings.
+            aspect_ratio=options.get("aspect") or (None if sized else style_aspect or defaults.get("aspect")),
+            steps=parse_int("steps", options["steps"]) if "steps" in options else style_steps,
+            guidance=parse_float("guidance", options["guidance"]) if "guidance" in options else style_guidance,
             seed=parse_int("seed", options["seed"]) if "seed" in options else None,
             mode=mode,
             input_image=image,
+            style=None if style_name == NO_STYLE else style_name,
         )
         return await self.engine.submit(requester, request)
 
@@ -351,7 +364,12 @@ class Commands:
 
     async def job(self, requester: Requester, job_id: str) -> str:
         job = await self.engine.job(requester, job_id)
-        return render.job_text(job, self.model_display(job.request.model), self.safe)
+        style = self.engine.settings.styles.get(job.request.style) if job.request.style else None
+        return render.job_text(job, self.model_display(job.request.model), self.safe, style)
+
+    def styles(self) -> str:
+        models = {name: model.display_name for name, model in self.engine.settings.models.items()}
+        return render.styles_text(self.engine.settings.styles, models)
 
     async def settings(self, requester: Requester, name: str | None, value: str | None) -> str:
         if name and value:

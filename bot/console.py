@@ -42,9 +42,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 HELP = """commands:
-  /imagine PROMPT [model=..] [aspect=16:9] [steps=N] [guidance=X] [seed=N] [mode=auto|fast|relax] [image=PATH]
+  /imagine PROMPT [model=..] [aspect=16:9] [steps=N] [guidance=X] [seed=N] [mode=auto|fast|relax] [style=NAME]
+          [image=PATH]
   /edit PATH INSTRUCTION   (e.g. /edit ~/cat.png make the cat wear a hat)
-  /quota   /queue   /cancel JOB   /job JOB   /settings [NAME VALUE]   /admin ...   /help   /quit"""
+  /styles   /quota   /queue   /cancel JOB   /job JOB   /settings [NAME VALUE]   /admin ...   /help   /quit"""
 
 INTERRUPTED = 130  # the exit status of a program ended by SIGINT, as shells report it
 # Filesystems that cannot hard-link (another device, FAT, some network mounts) get a copy instead.
@@ -382,6 +383,8 @@ class Console:
                 if not image_path or not instruction:
                     raise InvalidRequest("say which image and what to change: /edit PATH INSTRUCTION", field="image")
                 self._track(await c.edit(self.requester, await _read_image(image_path), instruction))
+            case "/styles":
+                self.write(c.styles())
             case "/quota":
                 self.write(await c.quota(self.requester))
             case "/queue":

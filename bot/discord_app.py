@@ -218,6 +218,7 @@ class DiscordFrontEnd:
             seed="Seed, to repeat an image (random if left out)",
             mode="auto: the bot decides; fast: the API first (costs money); relax: the free local GPU only",
             image="An image to start from (PNG, JPEG or WebP)",
+            style="A style this server's admins set up (see /styles); none for no style",
         )
         @app_commands.choices(model=model_choices, aspect=aspect_choices)
         async def imagine(
@@ -230,10 +231,12 @@ class DiscordFrontEnd:
             seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
             mode: Literal["auto", "fast", "relax"] | None = None,
             image: discord.Attachment | None = None,
+            style: str | None = None,
         ) -> None:
             # Acknowledge first: Discord drops an interaction not answered within 3 seconds.
             await interaction.response.defer(thinking=True)
             chosen = {"model": model, "aspect": aspect, "steps": steps, "guidance": guidance, "seed": seed}
+            chosen |= {"style": style}
             options = {k: str(v) for k, v in (chosen | {"mode": mode}).items() if v is not None}
 
             async def submit(requester: Requester) -> JobQueued:
@@ -241,6 +244,16 @@ class DiscordFrontEnd:
                 return await self.commands.imagine(requester, prompt, options, image=data)
 
             await self._submit(interaction, submit)
+
+        @imagine.autocomplete("style")
+        async def style_choices(interaction: discord.Interaction, typed: str) -> list[app_commands.Choice[str]]:
+            return self._style_choices(typed)
+
+        @self.tree.command(name="styles", description="The styles this server's admins set up")
+        async def styles(interaction: discord.Interaction) -> None:
+            await interaction.response.send_message(
+                clip(self.commands.styles()), embeds=self._style_samples(), ephemeral=True
+            )
 
         @self.tree.command(name="edit", description="Edit an image with FLUX.1 Kontext, as you describe")
         @app_commands.describe(
@@ -283,14 +296,32 @@ class DiscordFrontEnd:
         async def job(interaction: discord.Interaction, id: str) -> None:
             await self._reply(interaction, lambda r: self.commands.job(r, id))
 
-        @self.tree.command(name="settings", description="Show or set your defaults: model, aspect, mode")
-        @app_commands.describe(name="model, aspect or mode (leave out to show)", value="The new default")
+        @self.tree.command(name="settings", description="Show or set your defaults: model, aspect, mode, style")
+        @app_commands.describe(name="model, aspect, mode or style (leave out to show)", value="The new default")
         async def settings(
             interaction: discord.Interaction,
-            name: Literal["model", "aspect", "mode"] | None = None,
+            name: Literal["model", "aspect", "mode", "style"] | None = None,
             value: str | None = None,
         ) -> None:
             await self._reply(interaction, lambda r: self.commands.settings(r, name, value))
+
+    def _style_choices(self, typed: str) -> list[app_commands.Choice[str]]:
+        """The configured styles whose name or display name contains what was typed (Discord shows at most 25)."""
+        wanted = typed.strip().casefold()
+        choices = [
+            app_commands.Choice(name=f"{style.display_name} ({name})"[:100], value=name)
+            for name, style in self.engine.settings.styles.items()
+            if wanted in name or wanted in style.display_name.casefold()
+        ]
+        return [*choices, app_commands.Choice(name="No style", value="none")][:25]
+
+    def _style_samples(self) -> list[discord.Embed]:
+        """An embed with each style's sample image (Discord allows ten a message)."""
+        return [
+            discord.Embed(title=style.display_name, description=name).set_image(url=style.sample_image)
+            for name, style in self.engine.settings.styles.items()
+            if style.sample_image
+        ][:10]
 
     def _admin_group(self) -> app_commands.Group:
         # Only a hint to Discord's UI (server admins can change it): Commands.admin checks rights at run time.

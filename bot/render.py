@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
+from engine.config import StyleSettings
 from engine.errors import (
     BackendUnavailable,
     ConfigError,
@@ -386,11 +387,33 @@ def alert_text(alert: Alert) -> str:
     raise TypeError(f"unknown alert {alert!r}")
 
 
-def job_text(job: Job, model_display: str, safe: UserText) -> str:
+def styles_text(styles: Mapping[str, StyleSettings], models: Mapping[str, str]) -> str:
+    """/styles: each style an admin set up, what it does and where it runs (`models`: name -> display name)."""
+    if not styles:
+        return "No styles are set up on this server; an admin adds them as [styles.NAME] in config.toml."
+    lines = ["Styles (style=NAME, or /settings style NAME to make one your default):"]
+    for name, style in styles.items():
+        runs = ", ".join(models.get(model, model) for model in style.models) if style.models else "any model"
+        where = f"GPU lane only ({len(style.adapters)} LoRA adapter{'s' if len(style.adapters) != 1 else ''})"
+        about = f": {style.description}" if style.description else ""
+        lines.append(
+            f"- {name}: {style.display_name}{about}. Runs with {runs}; {where if style.gpu_only else 'any lane'}."
+        )
+        if style.sample_image:
+            lines.append(f"  sample: {style.sample_image}")
+    return "\n".join(lines)
+
+
+def job_text(job: Job, model_display: str, safe: UserText, style: StyleSettings | None = None) -> str:
     r = job.request
     lines = [
         f"Job {job.id}: {job.state.value} — {model_display} on {backend_name(job.backend)}",
         f"  prompt: {shown(r.prompt, safe)}",
+    ]
+    if r.style:
+        adapters = f"; adapters {style.adapters_text()}" if style and style.adapters else ""
+        lines.append(f"  style: {r.style}{adapters}")
+    lines += [
         f"  size {r.width}x{r.height} ({r.aspect_ratio}), steps {r.steps}, "
         + (f"guidance {r.guidance}, " if r.guidance is not None else "")
         + f"seed {r.seed}, mode {r.mode.value}",

@@ -139,6 +139,7 @@ class CommandNames:
     queue: str = "/imagine-queue"
     job: str = "/imagine-job"
     settings: str = "/imagine-settings"
+    styles: str = "/imagine-styles"
 
 
 def clip(text: str) -> str:
@@ -472,6 +473,7 @@ class SlackFrontEnd:
         self.app.command(names.queue)(self._on_queue)
         self.app.command(names.job)(self._on_job)
         self.app.command(names.settings)(self._on_settings)
+        self.app.command(names.styles)(self._on_styles)
         for action in ResultAction:
             self.app.action(action.value)(self._on_action)
         for review in ReviewAction:
@@ -563,6 +565,12 @@ class SlackFrontEnd:
         await self._answer(
             ack, command, context, lambda r: self.commands.settings(r, name or None, value.strip() or None)
         )
+
+    async def _on_styles(self, ack: AsyncAck, command: dict[str, Any], context: AsyncBoltContext) -> None:
+        async def styles(_requester: Requester) -> str:
+            return self.commands.styles()
+
+        await self._answer(ack, command, context, styles)
 
     async def _on_cancel(self, ack: AsyncAck, command: dict[str, Any], context: AsyncBoltContext) -> None:
         async def run(requester: Requester) -> str:

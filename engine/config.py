@@ -143,6 +143,7 @@ class SlackSettings(_Section):
     command_queue: str = "/imagine-queue"
     command_job: str = "/imagine-job"
     command_settings: str = "/imagine-settings"
+    command_styles: str = "/imagine-styles"
 
 
 class OpsSettings(_Section):
@@ -365,7 +366,7 @@ class StyleSettings(_Section):
     guidance: float | None = None
     aspect: str | None = None  # "16:9"
     models: Strings = ()  # the models it may run with (empty: any model that can run its adapters)
-    adapters: tuple[StyleAdapter, ...] = Field((), max_length=3)
+    adapters: Annotated[tuple[StyleAdapter, ...], BeforeValidator(_as_tuple)] = Field((), max_length=3)
     sample_image: str = ""  # an image URL that /styles shows with the style
 
     @field_validator("template")
@@ -382,6 +383,10 @@ class StyleSettings(_Section):
     @property
     def gpu_only(self) -> bool:
         return bool(self.adapters)
+
+    def adapters_text(self) -> str:
+        """'sha256:<hash> x<weight>' per adapter, comma separated: what the PNG and /job say made an image."""
+        return ", ".join(f"sha256:{adapter.sha256} x{adapter.weight:g}" for adapter in self.adapters)
 
 
 class PolicySettings(_Section):

@@ -12,15 +12,22 @@ import logging
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from engine.config import StyleSettings
 from engine.models import PNG, Job
 
 log = logging.getLogger(__name__)
 
 
-def png_with_parameters(image: bytes, job: Job, model_display: str) -> bytes:
-    """Re-encode as PNG (lossless) carrying the generation parameters in text chunks."""
+def png_with_parameters(image: bytes, job: Job, model_display: str, style: StyleSettings | None = None) -> bytes:
+    """Re-encode as PNG (lossless) carrying the generation parameters in text chunks; with a style, its name and
+    its adapters' hashes and weights (which say exactly which LoRA files made it)."""
     info = PngInfo()
     r = job.request
+    if r.style:
+        info.add_text("style", r.style)
+        info.add_text("styled prompt", r.for_model)
+        if style is not None and style.adapters:
+            info.add_text("adapters", style.adapters_text())
     for key, value in (
         ("prompt", r.prompt),
         ("seed", str(r.seed)),
@@ -39,11 +46,13 @@ def png_with_parameters(image: bytes, job: Job, model_display: str) -> bytes:
     return out.getvalue()
 
 
-def annotated(image: bytes, mime: str, job: Job, model_display: str) -> tuple[bytes, str]:
+def annotated(
+    image: bytes, mime: str, job: Job, model_display: str, style: StyleSettings | None = None
+) -> tuple[bytes, str]:
     """What to store and its type: the PNG with parameters; the bytes as made when they cannot be decoded (logged,
     so the user still gets what the backend produced and the operator learns of it)."""
     try:
-        return png_with_parameters(image, job, model_display), PNG.mime
+        return png_with_parameters(image, job, model_display, style), PNG.mime
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         log.warning("job %s: the %s result could not be decoded to add its parameters (%s)", job.id, mime, exc)
         return image, mime

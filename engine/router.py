@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from engine.config import ModelSettings, RoutingSettings
+from engine.config import ModelSettings, RoutingSettings, StyleSettings
 from engine.errors import BackendUnavailable
 from engine.models import (
     BFL_ENDPOINTS,
@@ -69,16 +69,17 @@ def route(
     local: BackendStatus | None,
     api: BackendStatus | None,
     room: BudgetRoom,
+    style: StyleSettings | None = None,
 ) -> RouteDecision:
     """Pick the backend for a new job, or raise `BackendUnavailable` saying what would help.
 
     `local` / `api` are None when that backend is not configured at all. `room` is what the requester may
-    still spend across every limit that applies (None = no limit).
+    still spend across every limit that applies (None = no limit). `style` is the job's style, if any.
     """
     gpu_ms = _gpu_ms(request, model)
     cost = model.price_micros
     local_lane = _local_lane(model, routing, local, room, gpu_ms)
-    api_lane = _api_lane(request, model, routing, api, room, cost)
+    api_lane = _api_lane(request, model, routing, api, room, cost, style)
 
     if request.mode is Mode.RELAX:
         if isinstance(local_lane, BackendStatus):
@@ -132,6 +133,7 @@ def failover(
     local: BackendStatus | None,
     api: BackendStatus | None,
     room: BudgetRoom,
+    style: StyleSettings | None = None,
 ) -> RouteDecision | None:
     """A new route for a job that failed on `failed_on`, or None when it should not (or cannot) be rescued.
 
@@ -153,7 +155,7 @@ def failover(
         # The user asked for free images: a paid rescue would break that promise.
         if request.mode is Mode.RELAX:
             return None
-        api_lane = _api_lane(request, model, routing, api, room, cost)
+        api_lane = _api_lane(request, model, routing, api, room, cost, style)
         if not isinstance(api_lane, BackendStatus):
             return None
         why_not_local = local_lane.why if isinstance(local_lane, _Blocker) else "no local retries left"
@@ -212,10 +214,16 @@ def _api_lane(
     api: BackendStatus | None,
     room: BudgetRoom,
     cost: int,
+    style: StyleSettings | None = None,
 ) -> BackendStatus | _Blocker:
     """The API status when the API can take the job, else what blocks it."""
     if (images := _images_blocker(room)) is not None:
         return images
+    if style is not None and style.gpu_only:
+        return _Blocker(
+            f"the style {style.display_name} uses LoRA adapters, which run on the GPU lane only",
+            ("choose a style without adapters for the API",),
+        )
     if model.api_endpoint is None:
         other = ("choose a model that the API offers",) if api is not None and routing.api_enabled else ()
         return _Blocker(f"{model.display_name} runs only on the local GPU", other)

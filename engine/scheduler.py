@@ -470,7 +470,8 @@ class Scheduler:
         # The parameters go into the one stored copy, which every front-end posts or links as it is.
         model = self._settings.models.get(job.request.model)
         display = model.display_name if model else job.request.model
-        image, mime = await asyncio.to_thread(annotated, finished.image, finished.mime, job, display)
+        style = self._settings.styles.get(job.request.style) if job.request.style else None
+        image, mime = await asyncio.to_thread(annotated, finished.image, finished.mime, job, display, style)
         path = self._settings.bot.images_dir / f"{job.id}.{(image_format(mime) or PNG).extension}"
         await asyncio.to_thread(_write_atomically, path, image)
         # Decided before the job ends, and recorded in the same transaction: a held image is never shown, even
@@ -527,6 +528,7 @@ class Scheduler:
             await self.status(BackendKind.LOCAL, job.request),
             await self.status(BackendKind.API, job.request),
             room,
+            self._settings.styles.get(job.request.style) if job.request.style else None,
         )
         if decision is None:
             return False

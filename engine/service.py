@@ -102,7 +102,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-USER_SETTINGS = {"model", "aspect", "mode"}
+USER_SETTINGS = {"model", "aspect", "mode", "style"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,6 +297,7 @@ class Engine:
             guided=self._guided,
             edit_models=self.edit_models,
             input_image=stored,
+            styles=self.settings.styles,
         )
         # The image allowance does not depend on the route: say so plainly, with its reset time, before routing.
         standing.ensure_room(Resource.IMAGES, 1)
@@ -313,6 +314,7 @@ class Engine:
             lanes[BackendKind.LOCAL],
             lanes[BackendKind.API],
             standing.room(),
+            self.settings.styles.get(resolved.style) if resolved.style else None,
         )
         job = Job(
             id=new_job_id(),
@@ -583,6 +585,9 @@ class Engine:
                 raise InvalidRequest("mode must be auto, fast or relax", field="mode") from exc
         if name == "aspect" and value not in ASPECT_RATIOS:
             raise InvalidRequest(f"aspect must be one of {', '.join(ASPECT_RATIOS)}", field="aspect")
+        if name == "style" and value != "none" and value not in self.settings.styles:
+            known = ", ".join([*self.settings.styles, "none"])
+            raise InvalidRequest(f"there is no style {value!r}; choose one of: {known}", field="style")
         settings = await self.user_settings(requester)
         settings[name] = value
         await self._store.update_user(requester.user_key, display_name=requester.display_name, settings=settings)

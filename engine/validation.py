@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+from collections.abc import Mapping
 
-from engine.config import ASPECT_RATIOS, ModelSettings
+from engine.config import ASPECT_RATIOS, ModelSettings, StyleSettings
 from engine.errors import InvalidRequest
 from engine.inputs import StoredInput
 from engine.models import (
@@ -38,9 +39,12 @@ def resolve(
     guided: tuple[str, ...] = (),
     edit_models: tuple[str, ...] = (),
     input_image: StoredInput | None = None,
+    styles: Mapping[str, StyleSettings] | None = None,
 ) -> ResolvedRequest:
     """Fill and check every option; `guided` and `edit_models` name the configured models that take guidance and
-    that edit images, for the advice; `input_image` is the request's image, checked and stored already."""
+    that edit images, for the advice; `input_image` is the request's image, checked and stored already; `styles`
+    are the configured [styles.*] (a style's defaults are filled by the caller, which knows what was asked)."""
+    styled_prompt = _styled(request, model, styles or {})
     task = Task.EDIT if model.needs_input_image else request.task
     if task is Task.EDIT and not model.needs_input_image:
         other = f": use {', '.join(edit_models)}" if edit_models else ", and none is configured here"
@@ -91,7 +95,31 @@ def resolve(
         task=task,
         input_image=input_image.sha256 if input_image else None,
         strength=strength,
+        style=request.style,
+        styled_prompt=styled_prompt,
     )
+
+
+def _styled(request: ImageRequest, model: ModelSettings, styles: Mapping[str, StyleSettings]) -> str:
+    """The style's template around the prompt ("" without a style), once the style is known to suit the model."""
+    if request.style is None:
+        return ""
+    style = styles.get(request.style)
+    if style is None:
+        known = f"choose one of: {', '.join(styles)}" if styles else "this server has no styles configured"
+        raise InvalidRequest(f"there is no style {request.style!r}; {known}", field="style")
+    if style.models and request.model not in style.models:
+        raise InvalidRequest(
+            f"the style {style.display_name} works with {', '.join(style.models)}, not {model.display_name}",
+            field="style",
+        )
+    if style.gpu_only and not model.local:
+        raise InvalidRequest(
+            f"the style {style.display_name} uses LoRA adapters, which run on the GPU lane only, and"
+            f" {model.display_name} runs only on the API: choose a model of the GPU lane",
+            field="style",
+        )
+    return style.apply(request.prompt)
 
 
 def nearest_aspect(image: StoredInput) -> str:
