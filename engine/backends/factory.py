@@ -114,7 +114,7 @@ async def build_backends(settings: Settings, secrets: Secrets) -> tuple[dict[Bac
     if settings.nats.url:
         from engine.backends.nats import RemoteHosts
 
-        members.append(Member(GPU_HOSTS, RemoteHosts(settings.nats, secrets.nats, settings.models)))
+        members.append(Member(GPU_HOSTS, RemoteHosts(settings.nats, secrets.nats, settings.models, settings.styles)))
     if not members:
         return backends, False
     backends[BackendKind.LOCAL] = GpuPool(members, settings.models)

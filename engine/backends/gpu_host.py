@@ -21,7 +21,7 @@ import signal
 import socket
 import sys
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from functools import partial
@@ -38,12 +38,13 @@ from engine.backends.jetstream import (
     RETRY_S,
     Lane,
     NatsUnavailable,
+    Queue,
     bind_lane,
     connect,
     events_subject,
     image_name,
-    jobs_consumer,
     message_id,
+    queues,
     results_subject,
     token,
     until_done,
@@ -62,7 +63,17 @@ from engine.backends.protocol import (
     decode,
     encode,
 )
-from engine.config import DEMO_MODEL, NatsCredentials, NatsSettings, Secrets, Settings, find_config, load_settings
+from engine.config import (
+    DEMO_MODEL,
+    ModelSettings,
+    NatsCredentials,
+    NatsSettings,
+    Secrets,
+    Settings,
+    StyleSettings,
+    find_config,
+    load_settings,
+)
 from engine.errors import ConfigError
 from engine.models import Failed, FailureReason, Finished, Progress, Started
 
@@ -100,7 +111,11 @@ class GpuHost:
         backend: LocalBackend,
         models: Sequence[str],
         name: str,
+        styles: Mapping[str, StyleSettings] | None = None,
+        all_models: Mapping[str, ModelSettings] | None = None,
     ) -> None:
+        """`styles` and `all_models` are the host's [styles.*] and [models.*]: a style with adapters that one of
+        `models` may run gets its own queue, which this host serves (its workers load the adapters at start)."""
         if not models:
             raise ConfigError("(command line)", "--models", "a GPU host must serve at least one model")
         for model in models:
@@ -112,6 +127,8 @@ class GpuHost:
         self._credentials = credentials
         self._backend = backend
         self._models = tuple(models)
+        self._queues = queues(all_models or {}, styles or {}, models)
+        self._styles = tuple(sorted({queue.style for queue in self._queues if queue.style}))
         self.name = name
         self._lane: Lane | None = None
         self._held: dict[str, _Held] = {}  # by job id
@@ -137,7 +154,7 @@ class GpuHost:
             log.info(
                 "GPU host %s serving %s with %d slots on %s",
                 self.name,
-                ", ".join(self._models),
+                ", ".join(str(queue) for queue in self._queues),
                 self._backend.capacity(),
                 self._settings.url,
             )
@@ -182,6 +199,7 @@ class GpuHost:
             seconds_per_step=self._seconds_per_step,
             recycles=self._backend.recycles,
             jobs=tuple(f"{held.job.id}:{held.job.attempt}" for held in self._held.values()),
+            styles=self._styles,
         )
 
     async def _beat(self, lane: Lane) -> None:
@@ -195,30 +213,30 @@ class GpuHost:
     # ---- jobs ----
 
     async def _pull(self, lane: Lane, slot: int) -> None:
-        subscriptions: dict[str, JetStreamContext.PullSubscription] = {}
-        turn = slot  # hosts serving several models start their slots on different ones
+        subscriptions: dict[Queue, JetStreamContext.PullSubscription] = {}
+        turn = slot  # hosts serving several queues start their slots on different ones
         while True:
             if not self._serving():
                 # Workers that cannot start would fail every job taken: take none, and say 0 slots in the heartbeat.
                 await asyncio.sleep(RETRY_S)
                 continue
-            model = self._models[turn % len(self._models)]
+            queue = self._queues[turn % len(self._queues)]
             turn += 1
             try:
-                subscription = subscriptions.get(model)
+                subscription = subscriptions.get(queue)
                 if subscription is None:
                     subscription = await lane.js.pull_subscribe_bind(
-                        durable=jobs_consumer(model), stream=self._settings.jobs_stream
+                        durable=queue.consumer, stream=self._settings.jobs_stream
                     )
-                    subscriptions[model] = subscription
-                timeout = FETCH_TIMEOUT_S / len(self._models)
+                    subscriptions[queue] = subscription
+                timeout = FETCH_TIMEOUT_S / len(self._queues)
                 messages = await subscription.fetch(1, timeout=timeout)
             except TimeoutError:
                 continue
             except ERRORS as exc:
                 # A pull subscription does not survive a server restart: bind a new one once it is back.
-                log.debug("slot %d: pulling %s failed (%s); subscribing again", slot, model, exc)
-                subscriptions.pop(model, None)
+                log.debug("slot %d: pulling %s failed (%s); subscribing again", slot, queue, exc)
+                subscriptions.pop(queue, None)
                 await asyncio.sleep(RETRY_S)
                 continue
             for message in messages:
@@ -448,7 +466,15 @@ async def _serve(args: argparse.Namespace, settings: Settings, secrets: Secrets)
     backend = LocalBackend(local, settings.models, model_path, extra_env=extra_env)
     # By default every local model these workers can run: an edit model only with Kontext weights.
     models = asked or [name for name, model in settings.models.items() if backend.supports(name, model)]
-    host = GpuHost(nats_settings, secrets.nats, backend, models, args.name or socket.gethostname())
+    host = GpuHost(
+        nats_settings,
+        secrets.nats,
+        backend,
+        models,
+        args.name or socket.gethostname(),
+        styles=settings.styles,
+        all_models=settings.models,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

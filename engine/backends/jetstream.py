@@ -1,9 +1,11 @@
 """The GPU lane on NATS JetStream: its names, its streams and buckets, and the one way to connect to the server.
 
 Shared by the engine's side (engine/backends/nats.py) and a GPU host's (engine/backends/gpu_host.py):
-- stream `FLUX_JOBS` (work queue, file storage, a dedupe window), subjects `flux.jobs.<model>`, one durable pull
-  consumer per model (`jobs-<model>`) that every host serving the model shares: explicit ack, `max_deliver = 1`
-  (retrying and failing over are the scheduler's decisions), `ack_wait` extended by the host while it works;
+- stream `FLUX_JOBS` (work queue, file storage, a dedupe window), one `Queue` per model and per style with LoRA
+  adapters on that model: subjects `flux.jobs.<model>` and `flux.jobs.<model>.<style>`, one durable pull consumer
+  each (`jobs-<model>`, `jobs-<model>__<style>`) that every host serving it shares (so a style's jobs reach only
+  hosts whose workers loaded its adapters): explicit ack, `max_deliver = 1` (retrying and failing over are the
+  scheduler's decisions), `ack_wait` extended by the host while it works;
 - stream `FLUX_RESULTS`, subjects `flux.results.<job>`, one durable consumer (`engine`) for the bot;
 - core subjects `flux.events.<job>.<attempt>` (start, progress, previews) and `flux.cancel.<job>`;
 - the images bucket (an Object Store: images exceed a message's 1 MiB) and the hosts bucket (a KV of heartbeats
@@ -19,7 +21,7 @@ import asyncio
 import logging
 import re
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -41,7 +43,7 @@ from nats.js.api import (
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
-from engine.config import NatsCredentials, NatsSettings
+from engine.config import ModelSettings, NatsCredentials, NatsSettings, StyleSettings
 from engine.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -82,12 +84,50 @@ def token(name: str) -> str:
     return name
 
 
-def jobs_subject(model: str) -> str:
-    return f"flux.jobs.{token(model)}"
+@dataclass(frozen=True, slots=True)
+class Queue:
+    """Where the jobs of one model, with one style's LoRA adapters or none, wait for a host that serves them."""
+
+    model: str
+    style: str | None = None  # a style with adapters; a style without any is a prompt template, on the model's queue
+
+    @property
+    def subject(self) -> str:
+        base = f"flux.jobs.{token(self.model)}"
+        return base if self.style is None else f"{base}.{token(self.style)}"
+
+    @property
+    def consumer(self) -> str:
+        # Consumer names cannot hold '.'; '__' cannot be mistaken for the '-' and '_' inside model and style names
+        # as long as no model name contains '__', which token() names avoid by convention and queues() checks.
+        base = f"jobs-{token(self.model)}"
+        return base if self.style is None else f"{base}__{token(self.style)}"
+
+    def __str__(self) -> str:
+        return self.model if self.style is None else f"{self.model} with style {self.style}"
 
 
-def jobs_consumer(model: str) -> str:
-    return f"jobs-{token(model)}"
+def queues(
+    models: Mapping[str, ModelSettings], styles: Mapping[str, StyleSettings], serving: Iterable[str]
+) -> list[Queue]:
+    """The queues of the `serving` models: each model's own, and one per style with adapters that it may run."""
+    found: list[Queue] = []
+    for model in serving:
+        if "__" in model:
+            raise ValueError(f"{model!r}: a model served on the GPU lane cannot have '__' in its name")
+        found.append(Queue(model))
+        found += [
+            Queue(model, name)
+            for name, style in styles.items()
+            if style.gpu_only and models[model].local and (not style.models or model in style.models)
+        ]
+    return found
+
+
+def queue_of(model: str, style: str | None, styles: Mapping[str, StyleSettings]) -> Queue:
+    """The queue of a job: its style's when that style has adapters, else its model's."""
+    chosen = styles.get(style) if style else None
+    return Queue(model, style if chosen is not None and chosen.gpu_only else None)
 
 
 def events_subject(job_id: str, attempt: int) -> str:
@@ -211,7 +251,7 @@ async def _quietly_close(client: Client) -> None:
         log.debug("closing a NATS client that did not connect", exc_info=True)
 
 
-async def create_lane(client: Client, settings: NatsSettings, models: list[str]) -> Lane:
+async def create_lane(client: Client, settings: NatsSettings, lane_queues: list[Queue]) -> Lane:
     """The bot's side: create (or update) the streams, consumers and buckets, then the lane over them."""
     js = client.jetstream()
     await _ensure_stream(
@@ -236,13 +276,13 @@ async def create_lane(client: Client, settings: NatsSettings, models: list[str])
             max_age=LEFTOVER_AGE_S,
         ),
     )
-    for model in models:
+    for queue in lane_queues:
         await js.add_consumer(
             settings.jobs_stream,
             ConsumerConfig(
-                name=jobs_consumer(model),
-                durable_name=jobs_consumer(model),
-                filter_subject=jobs_subject(model),
+                name=queue.consumer,
+                durable_name=queue.consumer,
+                filter_subject=queue.subject,
                 ack_policy=AckPolicy.EXPLICIT,
                 ack_wait=settings.ack_wait_s,
                 max_deliver=1,

@@ -40,13 +40,14 @@ from engine.backends.jetstream import (
     RETRY_S,
     Lane,
     NatsUnavailable,
+    Queue,
     cancel_subject,
     connect,
     create_lane,
     events_subject,
-    jobs_consumer,
-    jobs_subject,
     message_id,
+    queue_of,
+    queues,
     until_done,
 )
 from engine.backends.protocol import (
@@ -63,7 +64,7 @@ from engine.backends.protocol import (
     encode,
 )
 from engine.backends.upkeep import DEFAULT_SECONDS_PER_STEP, JobTimes, Tasks
-from engine.config import ModelSettings, NatsCredentials, NatsSettings
+from engine.config import ModelSettings, NatsCredentials, NatsSettings, StyleSettings
 from engine.models import (
     PNG,
     BackendEvent,
@@ -120,7 +121,7 @@ class _Flight:
 
     job_id: str
     attempt: int
-    model: str
+    queue: Queue
     last_sign: float
     seq: int | None = None
     host: str | None = None
@@ -142,12 +143,14 @@ class RemoteHosts:
         settings: NatsSettings,
         credentials: NatsCredentials,
         models: Mapping[str, ModelSettings],
+        styles: Mapping[str, StyleSettings] | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
         self._credentials = credentials
         self._models = dict(models)
+        self._styles = dict(styles or {})
         self._clock = clock
         self._lane: Lane | None = None
         self._problem = "not connected yet"
@@ -177,7 +180,7 @@ class RemoteHosts:
             return measured
         per_step = [
             host.beat.seconds_per_step
-            for host in self._live_hosts(request.model)
+            for host in self._live_hosts(self._queue(request))
             if host.beat.seconds_per_step is not None
         ]
         if per_step:
@@ -186,9 +189,12 @@ class RemoteHosts:
         return request.steps * (model.local_seconds_per_step if model else DEFAULT_SECONDS_PER_STEP)
 
     def status(self, queued_ahead: int, request: ResolvedRequest | None = None) -> BackendStatus:
-        serving = self._live_hosts(request.model if request else None)
+        queue = self._queue(request) if request else None
+        serving = self._live_hosts(queue)
         capacity = sum(host.beat.slots for host in serving)
         run_s = self.estimate_seconds(request) if request else 0.0
+        # Hosts online, none with this style's adapters: a matter of set-up, not of waiting for a host to return.
+        unserved = queue is not None and queue.style is not None and not serving and bool(self._live_hosts())
         return BackendStatus(
             kind=self.kind,
             healthy=self._lane is not None and capacity > 0,
@@ -197,7 +203,8 @@ class RemoteHosts:
             ahead=queued_ahead,
             in_flight=len(self._flights),
             capacity=capacity,
-            detail=self.describe(),
+            detail=f"no GPU host online has the style {queue.style}" if unserved and queue else self.describe(),
+            serves_model=not unserved,
         )
 
     async def start(self) -> None:
@@ -222,17 +229,17 @@ class RemoteHosts:
                 await self._lane.close()
 
     async def run(self, job: BackendJob) -> AsyncGenerator[BackendEvent, None]:
-        model = job.request.model
-        if self._lane is None or not self._live_hosts(model):
-            yield Failed(FailureReason.HOST_LOST, self._unavailable(model), retryable=True)
+        queue = self._queue(job.request)
+        if self._lane is None or not self._live_hosts(queue):
+            yield Failed(FailureReason.HOST_LOST, self._unavailable(queue), retryable=True)
             return
         async with self._changed:
-            await self._changed.wait_for(lambda: self._closed or self._free(model) > 0 or not self._live_hosts(model))
+            await self._changed.wait_for(lambda: self._closed or self._free(queue) > 0 or not self._live_hosts(queue))
         lane = self._lane
-        if lane is None or self._closed or not self._live_hosts(model):
-            yield Failed(FailureReason.HOST_LOST, self._unavailable(model), retryable=True)
+        if lane is None or self._closed or not self._live_hosts(queue):
+            yield Failed(FailureReason.HOST_LOST, self._unavailable(queue), retryable=True)
             return
-        flight = self._open(job.job_id, job.attempt, model)
+        flight = self._open(job.job_id, job.attempt, queue)
         try:
             await self._listen(lane, flight)
             request = job.request
@@ -244,7 +251,7 @@ class RemoteHosts:
                 await until_done(lambda: lane.images.put(input_name, image), f"storing input image {input_name}")
             lane_job = LaneJob.of(job, input_name)
             flight.seq = await self._publish_job(lane, lane_job)
-            state = {"seq": flight.seq, "attempt": job.attempt, "model": model}
+            state = {"seq": flight.seq, "attempt": job.attempt, "model": queue.model, "style": queue.style}
             yield Submitted(ResumeToken(json.dumps(state, separators=(",", ":"))))
             async for event in self._follow(flight, job.request):
                 yield event
@@ -257,9 +264,10 @@ class RemoteHosts:
         try:
             state = json.loads(job.resume.state)
             seq, attempt, model = int(state["seq"]), int(state["attempt"]), str(state["model"])
+            style = state.get("style")
         except (TypeError, KeyError, ValueError) as exc:
             return Unresumable(f"its stored NATS resume token cannot be read ({exc})")
-        return self._resumed(job, seq, attempt, model)
+        return self._resumed(job, seq, attempt, Queue(model, None if style is None else str(style)))
 
     # ---- operators' view ----
 
@@ -285,7 +293,7 @@ class RemoteHosts:
     # ---- connection ----
 
     async def _connect(self) -> None:
-        models = [name for name, model in self._models.items() if model.local]
+        local = [name for name, model in self._models.items() if model.local]
         client = await connect(
             self._settings,
             self._credentials,
@@ -294,7 +302,7 @@ class RemoteHosts:
             on_reconnect=self._on_reconnect,
         )
         try:
-            lane = await create_lane(client, self._settings, models)
+            lane = await create_lane(client, self._settings, queues(self._models, self._styles, local))
         except ERRORS as exc:
             await client.close()
             raise NatsUnavailable(f"cannot create the GPU lane's streams on {self._settings.url}: {exc}") from exc
@@ -329,7 +337,11 @@ class RemoteHosts:
 
     # ---- hosts ----
 
-    def _live_hosts(self, model: str | None = None) -> list[_Host]:
+    def _queue(self, request: ResolvedRequest) -> Queue:
+        return queue_of(request.model, request.style, self._styles)
+
+    def _live_hosts(self, queue: Queue | None = None) -> list[_Host]:
+        """The hosts heard from within the heartbeat TTL; with `queue`, those serving its model (and style)."""
         if self._lane is None:
             return []
         ttl = self._settings.heartbeat_ttl_s
@@ -338,24 +350,24 @@ class RemoteHosts:
             host
             for host in self._hosts.values()
             if host.beat.protocol == PROTOCOL_VERSION
-            and (model is None or model in host.beat.models)
+            and (queue is None or _serves(host.beat, queue))
             and (not self._reachable or now - max(host.seen_at, self._reachable_since) <= ttl)
         ]
 
-    def _free(self, model: str) -> int:
-        serving = self._live_hosts(model)
+    def _free(self, queue: Queue) -> int:
+        serving = self._live_hosts(queue)
         names = {host.beat.host for host in serving}
         busy = sum(
             1
             for flight in self._flights.values()
-            if flight.host in names or (flight.host is None and flight.model == model)
+            if flight.host in names or (flight.host is None and flight.queue == queue)
         )
         return sum(host.beat.slots for host in serving) - busy
 
-    def _unavailable(self, model: str) -> str:
+    def _unavailable(self, queue: Queue) -> str:
         if self._lane is None:
             return f"the GPU hosts cannot be reached: {self._problem}"
-        return f"no GPU host serving {model!r} is online"
+        return f"no GPU host serving {queue} is online"
 
     async def _watch_hosts(self, lane: Lane) -> None:
         while not self._closed:
@@ -428,8 +440,8 @@ class RemoteHosts:
 
     # ---- jobs ----
 
-    def _open(self, job_id: str, attempt: int, model: str) -> _Flight:
-        flight = _Flight(job_id, attempt, model, last_sign=self._clock())
+    def _open(self, job_id: str, attempt: int, queue: Queue) -> _Flight:
+        flight = _Flight(job_id, attempt, queue, last_sign=self._clock())
         self._flights[job_id] = flight
         return flight
 
@@ -450,7 +462,8 @@ class RemoteHosts:
     async def _publish_job(self, lane: Lane, job: LaneJob) -> int:
         """Publish until JetStream confirms it (a repeat after a lost confirmation is deduped by the message id)."""
         headers = {"Nats-Msg-Id": message_id(job.id, job.attempt)}
-        subject, stream = jobs_subject(job.model), self._settings.jobs_stream
+        subject = queue_of(job.model, job.style or None, self._styles).subject
+        stream = self._settings.jobs_stream
         ack = await until_done(
             lambda: lane.js.publish(subject, encode(job), stream=stream, headers=headers),
             f"job {job.id}: publishing to the GPU hosts",
@@ -507,11 +520,11 @@ class RemoteHosts:
         if lane is None or flight.host is not None or flight.seq is None:
             return False
         try:
-            info = await lane.js.consumer_info(self._settings.jobs_stream, jobs_consumer(flight.model))
+            info = await lane.js.consumer_info(self._settings.jobs_stream, flight.queue.consumer)
         except ERRORS:
             return True  # cannot tell now: ask again after another lease rather than give up a job that may run
         taken = info.delivered is not None and (info.delivered.stream_seq or 0) >= flight.seq
-        return not taken and bool(self._live_hosts(flight.model))
+        return not taken and bool(self._live_hosts(flight.queue))
 
     async def _terminal(self, result: LaneResult) -> Finished | Failed:
         if result.outcome is LaneOutcome.DONE:
@@ -580,13 +593,15 @@ class RemoteHosts:
         async with self._changed:
             self._changed.notify_all()
 
-    async def _resumed(self, job: BackendJob, seq: int, attempt: int, model: str) -> AsyncGenerator[BackendEvent, None]:
+    async def _resumed(
+        self, job: BackendJob, seq: int, attempt: int, queue: Queue
+    ) -> AsyncGenerator[BackendEvent, None]:
         async with self._changed:
             await self._changed.wait_for(lambda: self._lane is not None or self._closed)
         lane = self._lane
         if lane is None:
             return
-        flight = self._open(job.job_id, attempt, model)
+        flight = self._open(job.job_id, attempt, queue)
         flight.seq = seq
         try:
             await self._listen(lane, flight)
@@ -643,6 +658,10 @@ class RemoteHosts:
             "job %s: dropping GPU host %s's result of attempt %d: not followed", result.id, result.host, result.attempt
         )
         self._tasks.spawn(self._collect(_Delivery(result, message)))
+
+
+def _serves(beat: HostBeat, queue: Queue) -> bool:
+    return queue.model in beat.models and (queue.style is None or queue.style in beat.styles)
 
 
 async def _unsubscribe(subscription: Any) -> None:

@@ -105,6 +105,9 @@ class GpuPool:
         if len(self.members) == 1:
             return self.members[0].backend.status(queued_ahead, request)
         statuses = [member.backend.status(0, request) for member in self.members]
+        if not any(status.serves_model for status in statuses):  # e.g. no member has the job's style
+            detail = "; ".join(status.detail for status in statuses)
+            return BackendStatus(kind=self.kind, healthy=False, ahead=queued_ahead, serves_model=False, detail=detail)
         healthy = [status for status in statuses if status.healthy]
         capacity = sum(status.capacity for status in healthy) or sum(status.capacity for status in statuses)
         run_s = self.estimate_seconds(request) if request else 0.0

@@ -82,11 +82,13 @@ class GpuHosts:
         models: str = "schnell",
         env: Mapping[str, str] | None = None,
         extra: tuple[str, ...] = (),
+        config_tail: str = "",
     ) -> GpuHost:
+        """`config_tail`: more of the host's config.toml, e.g. its [styles.*] tables."""
         folder = self.folder / name
         folder.mkdir(parents=True, exist_ok=True)
         config = folder / "config.toml"
-        config.write_text(host_config(folder / "state", self.nats, self.local))
+        config.write_text(host_config(folder / "state", self.nats, self.local) + config_tail)
         argv = [sys.executable, "-m", "bot", "worker", "--nats", self.url, "--config", str(config), "--name", name]
         if synthetic_s is not None:
             argv += ["--synthetic-for-bench", str(synthetic_s)]

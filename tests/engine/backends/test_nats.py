@@ -19,11 +19,12 @@ import pytest
 from PIL import Image
 
 from engine.backends.factory import GPU_HOSTS, build_backends
-from engine.backends.jetstream import jobs_consumer, message_id, results_subject
+from engine.backends.jetstream import Queue, message_id, results_subject
 from engine.backends.nats import RemoteHosts
 from engine.backends.pool import GpuPool
 from engine.backends.protocol import LaneJob, LaneOutcome, LaneResult, encode
 from engine.config import Secrets, Settings
+from engine.errors import BackendUnavailable
 from engine.models import ASPECT_SIZES, BackendKind, ImageRequest, JobCancelled, JobDone, JobState, Task
 from engine.service import Engine
 from engine.store import Store
@@ -179,6 +180,46 @@ async def test_jobs_run_end_to_end_on_two_hosts_with_the_tiny_model(
     await ledger_consistent(settings)
 
 
+INK_HASH = "cd" * 32
+INK_STYLE = {
+    "inkwash": {
+        "display_name": "Ink wash",
+        "template": "{prompt}, sumi-e",
+        "adapters": [{"file": "/srv/loras/inkwash.safetensors", "sha256": INK_HASH}],
+    }
+}
+INK_CONFIG = f"""
+[styles.inkwash]
+display_name = "Ink wash"
+template = "{{prompt}}, sumi-e"
+adapters = [{{ file = "/srv/loras/inkwash.safetensors", sha256 = "{INK_HASH}" }}]
+"""
+
+
+async def test_a_style_job_goes_only_to_a_host_serving_the_style(
+    make_settings: SettingsFactory,
+    server: NatsServer,
+    hosts: GpuHosts,
+    observer: LaneObserver,
+    open_bot: Callable[[Settings], Awaitable[Bot]],
+) -> None:
+    bot = await open_bot(lane_settings(make_settings, server, styles=INK_STYLE))
+    # The synthetic worker loads no weights: its host still serves the queues its config gives it.
+    await hosts.start("gpu-plain", synthetic_s=0.2)
+    await bot.until_slots(1)
+    styled = ImageRequest("a heron", "schnell", width=256, height=256, style="inkwash")
+    with pytest.raises(BackendUnavailable, match="no GPU host online has the style inkwash"):
+        await bot.engine.submit(user(), styled)
+
+    await hosts.start("gpu-ink", synthetic_s=0.2, config_tail=INK_CONFIG)
+    await bot.until_slots(2)
+    assert {beat.host: beat.styles for beat in bot.remote.hosts()} == {"gpu-plain": (), "gpu-ink": ("inkwash",)}
+    jobs = [await bot.engine.submit(user(name), styled) for name in ("alice", "bob", "carol")]
+    for job in jobs:
+        assert isinstance(await wait_terminal(bot.engine, job.job_id, 60), JobDone)
+    assert {observer.start_of(job.job_id).host for job in jobs} == {"gpu-ink"}  # type: ignore[union-attr]
+
+
 async def test_an_image_larger_than_one_message_goes_through_the_object_store(
     make_settings: SettingsFactory,
     server: NatsServer,
@@ -313,7 +354,7 @@ async def test_a_bot_restart_resumes_jobs_in_flight_without_publishing_them_agai
         await second.close()
     client = await nats.connect(server.url)
     try:
-        info = await client.jetstream().consumer_info("FLUX_JOBS", jobs_consumer("schnell"))
+        info = await client.jetstream().consumer_info("FLUX_JOBS", Queue("schnell").consumer)
         assert info.delivered.consumer_seq == 1  # published once, taken once
     finally:
         await client.close()
