@@ -133,4 +133,4 @@ async def _in_host(settings: Settings, lane: LocalLane) -> Member:
         model_path = await asyncio.to_thread(ensure_demo_model, settings.bot.state_dir / "demo-model")
         # The demo model edits with its own tiny transformer, as Kontext [dev] would with its weights.
         local = local.model_copy(update={**_DEMO_SWITCHES, "kontext_model": str(model_path)})
-    return Member(IN_HOST, LocalBackend(local, settings.models, model_path))
+    return Member(IN_HOST, LocalBackend(local, settings.models, model_path, styles=settings.styles))

@@ -463,7 +463,7 @@ async def _serve(args: argparse.Namespace, settings: Settings, secrets: Secrets)
         raise ConfigError(
             "(command line)", "--model-path", "no weights: set [local] model, pass --model-path or --demo"
         )
-    backend = LocalBackend(local, settings.models, model_path, extra_env=extra_env)
+    backend = LocalBackend(local, settings.models, model_path, extra_env=extra_env, styles=settings.styles)
     # By default every local model these workers can run: an edit model only with Kontext weights.
     models = asked or [name for name, model in settings.models.items() if backend.supports(name, model)]
     host = GpuHost(

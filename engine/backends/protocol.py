@@ -18,7 +18,7 @@ Version 3 messages (supervisor -> worker):
     stats    {}                                             answered by `memory`
     shutdown {}                                             the worker exits cleanly
 Worker -> supervisor:
-    ready     {version, pid, device, dtype, model, load_s}
+    ready     {version, pid, device, dtype, model, load_s, styles}
     progress  {id, step, total}          + preview PNG payload (optional)
     done      {id, seed, seconds}        + PNG payload
     failed    {id, reason: "oom" | "internal", detail}      id is null for a failure outside any job
@@ -167,6 +167,7 @@ class Ready(Message):
     dtype: str
     model: str  # what the worker loaded: a folder or a Hugging Face id
     load_s: float
+    styles: tuple[str, ...] = ()  # the LoRA styles whose adapters it loaded
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,12 +40,13 @@ class Tasks:
             log.error("%s task failed", self._owner, exc_info=task.exception())
 
 
-Shape = tuple[str, int, int]
+Shape = tuple[str, str, int, int]
 
 
 def shape_of(request: ResolvedRequest) -> Shape:
-    """What a job's time depends on: its model, its pixels and its steps."""
-    return request.model, request.width * request.height, request.steps
+    """What a job's time depends on: its model, its style (LoRA adapters add their layers' work), its pixels and
+    its steps."""
+    return request.model, request.style or "", request.width * request.height, request.steps
 
 
 class JobTimes:

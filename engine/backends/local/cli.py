@@ -7,21 +7,36 @@ The supervisor spawns it with `worker_args` (the inverse of `build_parser`); a s
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from pydantic import TypeAdapter, ValidationError
 
 from engine.backends.local.faults import FAULT_ENV, Fault, parse_fault
 from engine.backends.local.pipeline import Options, WorkerSetupError, parse_buckets
 from engine.backends.local.serving import PipeChannel, serve_pipe, serve_socket
-from engine.config import LocalSettings
+from engine.config import LocalSettings, StyleAdapter
 from engine.sd_notify import Notifier
 
 log = logging.getLogger(__name__)
 
 ALLOC_CONF = "expandable_segments:True"
+
+StyleAdapters = dict[str, tuple[StyleAdapter, ...]]
+_STYLES = TypeAdapter(StyleAdapters)
+
+
+def parse_styles(text: str) -> StyleAdapters:
+    """`--styles`: JSON {style: [{file, sha256, weight}, ...]}, checked as the config checks a style's adapters."""
+    try:
+        return _STYLES.validate_json(text)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors())
+        raise argparse.ArgumentTypeError(f"not {{style: [{{file, sha256, weight}}]}} JSON: {problems}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpu-offload", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--preview-every", type=int, default=4, help="a preview every N steps; 0 = none")
     parser.add_argument("--kontext-model", default="", help="FLUX.1 Kontext weights for edits (folder or HF id)")
+    parser.add_argument(
+        "--styles",
+        type=parse_styles,
+        default={},
+        metavar="JSON",
+        help='LoRA styles to load: {"STYLE": [{"file": PATH or "hf:OWNER/REPO/FILE", "sha256": HEX, "weight": W}]}',
+    )
     parser.add_argument(
         "--listen",
         type=Path,
@@ -63,11 +85,18 @@ def options_from_args(args: argparse.Namespace) -> Options:
         cpu_offload=args.cpu_offload,
         preview_every=args.preview_every,
         kontext_model=args.kontext_model,
+        styles=args.styles,
     )
 
 
-def worker_args(settings: LocalSettings, model: str, kontext_model: str = "") -> list[str]:
-    """The command-line arguments that make a worker serve `settings` (the inverse of build_parser)."""
+def worker_args(
+    settings: LocalSettings,
+    model: str,
+    kontext_model: str = "",
+    styles: Mapping[str, Sequence[StyleAdapter]] | None = None,
+) -> list[str]:
+    """The command-line arguments that make a worker serve `settings` and load the adapters of `styles` (the inverse
+    of build_parser)."""
 
     def flag(name: str, on: bool) -> str:
         return f"--{name}" if on else f"--no-{name}"
@@ -91,6 +120,11 @@ def worker_args(settings: LocalSettings, model: str, kontext_model: str = "") ->
         str(settings.preview_every),
         "--kontext-model",
         kontext_model,
+        "--styles",
+        json.dumps(
+            {name: [adapter.model_dump() for adapter in adapters] for name, adapters in (styles or {}).items()},
+            separators=(",", ":"),
+        ),
     ]
 
 

@@ -5,6 +5,10 @@ it (cli.py sets it first), and the supervisor imports the worker's command line 
 
 A job is stopped between steps: its step callback sees the cancel (noted at once by the inbox's reader thread) and
 sets FluxPipeline's `interrupt`, so the pipeline skips the steps left and the model stays loaded for the next job.
+
+LoRA styles (styles.py) are loaded once after the model and before compiling; each job sets its own style, or the
+base model, before the pipeline runs. Image to image and Kontext on the model's own weights share its transformer,
+so styles apply to them too.
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.backends.local.faults import Fault, inject
 from engine.backends.protocol import (
@@ -30,8 +34,13 @@ from engine.backends.protocol import (
     WorkerFailed,
     WorkerFailure,
 )
+from engine.config import StyleAdapter
 from engine.errors import EngineError
 from engine.models import Task
+
+if TYPE_CHECKING:
+    # styles.py builds on this module (Options, WorkerSetupError): imported where it is used, not at import time.
+    from engine.backends.local.styles import Styles
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +90,8 @@ class Options:
     cpu_offload: bool
     preview_every: int
     kontext_model: str = ""  # Kontext [dev] weights for edits; the same as `model` when it edits itself (demo)
+    # The LoRA styles to load at start, with their adapters in order (styles without adapters need no worker).
+    styles: dict[str, tuple[StyleAdapter, ...]] = field(default_factory=dict)
 
 
 def parse_buckets(text: str) -> list[tuple[int, int]]:
@@ -93,12 +104,17 @@ def parse_buckets(text: str) -> list[tuple[int, int]]:
     return buckets
 
 
-def load_pipeline(options: Options) -> tuple[Any, str]:
-    """FluxPipeline with the configured switches applied, and the device it runs on."""
+def load_pipeline(options: Options) -> tuple[Any, str, Styles]:
+    """FluxPipeline with the configured switches applied, the device it runs on, and its LoRA styles loaded."""
     import torch
     from diffusers import FluxPipeline
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
+
+    from engine.backends.local.styles import check_styles, load_styles
+
+    # Before the model loads: a wrong file or switch should cost seconds, not the minutes FLUX takes to load.
+    style_files = check_styles(options)
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
@@ -127,11 +143,14 @@ def load_pipeline(options: Options) -> tuple[Any, str]:
         pipe.to(device)
     if options.fp8:
         quantize_fp8(pipe.transformer)
+    # On the device (so the adapters land there) and before compiling (so the graph has them); compiled, styles
+    # switch by hot-swapping weights into fixed slots, which needs no new graph.
+    styles = load_styles(pipe, style_files, hotswap=options.compile)
     if options.vae_tiling:
         pipe.vae.enable_tiling()
     if options.compile:
         compile_pipeline(pipe, len(options.buckets))
-    return pipe, str(device)
+    return pipe, str(device), styles
 
 
 def quantize_fp8(module: Any) -> None:
@@ -246,11 +265,12 @@ class Runner(Protocol):
 class FluxRunner:
     """One loaded pipeline on one device, running one job at a time."""
 
-    def __init__(self, pipe: Any, device: str, options: Options, fault: Fault | None) -> None:
+    def __init__(self, pipe: Any, device: str, options: Options, fault: Fault | None, styles: Styles) -> None:
         self.pipe = pipe
         self.device = device
         self.options = options
         self.fault = fault
+        self.styles = styles
         self.jobs_run = 0
         self._on_cuda = device.startswith("cuda")
         self._image_to_image: Any = None  # built at the first job that needs it
@@ -287,7 +307,10 @@ class FluxRunner:
         stopped_after: int | None = None
         try:
             pipe, inputs, steps = self._pipeline_for(spec)
+            # Every job sets its style, the base model included: the last job's adapters must not carry over.
+            self.styles.apply(spec.style)
         except WorkerSetupError as exc:
+            log.error("job %s: %s", spec.id, exc)
             return WorkerFailed(spec.id, WorkerFailure.INTERNAL, str(exc))
 
         def on_step_end(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
@@ -344,6 +367,11 @@ class FluxRunner:
     def _pipeline_for(self, spec: JobSpec) -> tuple[Any, dict[str, Any], int]:
         """The pipeline for the job's task, its input arguments, and the steps it will really run."""
         if spec.task is Task.EDIT:
+            if spec.style and self.options.kontext_model != self.options.model:
+                raise WorkerSetupError(
+                    f"style {spec.style!r} adapts {self.options.model}'s transformer, not the Kontext weights"
+                    " this worker edits with: edits cannot use a LoRA style here"
+                )
             return self._kontext(), {"image": _decoded(spec.image), "max_area": spec.width * spec.height}, spec.steps
         if spec.image:
             strength = DEFAULT_GUIDE_STRENGTH if spec.strength is None else spec.strength
@@ -352,7 +380,7 @@ class FluxRunner:
         return self.pipe, {}, spec.steps
 
     def _img2img(self) -> Any:
-        """Image to image on the loaded components (no second copy of the weights)."""
+        """Image to image on the loaded components (no second copy of the weights, the styles' adapters included)."""
         if self._image_to_image is None:
             from diffusers import FluxImg2ImgPipeline
 

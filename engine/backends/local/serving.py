@@ -224,7 +224,8 @@ def serve(runner: Runner, channel: Channel, heartbeat: Heartbeat) -> int:
 
 
 def ready_message(runner: Runner, load_s: float) -> Ready:
-    return Ready(PROTOCOL_VERSION, os.getpid(), runner.device, runner.dtype, runner.model, round(load_s, 3))
+    styles = runner.styles.names if isinstance(runner, FluxRunner) else ()  # a synthetic runner loads no adapters
+    return Ready(PROTOCOL_VERSION, os.getpid(), runner.device, runner.dtype, runner.model, round(load_s, 3), styles)
 
 
 def bind_socket(path: Path) -> socket.socket:
@@ -334,8 +335,8 @@ def load(options: Options, fault: Fault | None) -> tuple[Runner, float] | Worker
         log.warning("%s is set: serving synthetic images (benchmarks and tests only)", SYNTHETIC_ENV)
         return SyntheticRunner(synthetic), time.perf_counter() - started
     try:
-        pipe, device = load_pipeline(options)
-        runner = FluxRunner(pipe, device, options, fault)
+        pipe, device, styles = load_pipeline(options)
+        runner = FluxRunner(pipe, device, options, fault, styles)
         if options.warmup:
             runner.warm_up()
     except Exception as exc:

@@ -27,7 +27,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import engine
@@ -53,7 +53,7 @@ from engine.backends.protocol import (
     job_id_of,
 )
 from engine.backends.upkeep import DEFAULT_SECONDS_PER_STEP, JobTimes, Tasks
-from engine.config import LocalSettings, ModelSettings
+from engine.config import LocalSettings, ModelSettings, StyleAdapter, StyleSettings
 from engine.errors import EngineError
 from engine.models import (
     PNG,
@@ -111,6 +111,7 @@ class _Slot:
     launching: bool = False
     start_failures: int = 0  # consecutive
     last_error: str = ""
+    styles: tuple[str, ...] = ()  # the LoRA styles its running worker loaded (its `ready` says)
 
     @property
     def broken(self) -> bool:
@@ -130,12 +131,14 @@ class LocalBackend:
         *,
         python: str = sys.executable,
         extra_env: Mapping[str, str] | None = None,
+        styles: Mapping[str, StyleSettings] | None = None,
     ) -> None:
         self._settings = settings
         self._models = dict(models)
         # str(Path) gives a Hugging Face id back unchanged; a relative folder is resolved here, not in the worker.
         self._model = _weights(model_path)
         self._kontext = _weights(Path(settings.kontext_model)) if settings.kontext_model else ""
+        self._styles = self._adapters_to_load(styles or {})
         self._python = python
         self._extra_env = dict(extra_env or {})
         if sockets := settings.worker_sockets:
@@ -178,6 +181,14 @@ class LocalBackend:
     def failures(self) -> int:
         return self._failures
 
+    @property
+    def loaded_styles(self) -> tuple[str, ...]:
+        """The LoRA styles every running worker has loaded (any of them may take a job), none while none runs."""
+        running = [slot.styles for slot in self._slots if slot.process is not None]
+        if not running:
+            return ()
+        return tuple(style for style in running[0] if all(style in styles for styles in running[1:]))
+
     def workers(self) -> list[WorkerInfo]:
         return [
             WorkerInfo(slot.index, p.pid, p.device, p.jobs, p.busy, p.rss_start_mb, p.rss_mb)
@@ -206,6 +217,15 @@ class LocalBackend:
                     or all(slot.broken or (slot.process is not None and not slot.process.busy) for slot in self._slots)
                 )
             )
+
+    def _adapters_to_load(self, styles: Mapping[str, StyleSettings]) -> dict[str, tuple[StyleAdapter, ...]]:
+        """The adapters of the styles these workers can run: with adapters, for any model or one they serve."""
+        served = {name for name, model in self._models.items() if self.supports(name, model)}
+        return {
+            name: tuple(adapter.model_copy(update={"file": _adapter_file(adapter.file)}) for adapter in style.adapters)
+            for name, style in styles.items()
+            if style.adapters and (not style.models or served.intersection(style.models))
+        }
 
     # ---- the Backend protocol ----
 
@@ -270,6 +290,9 @@ class LocalBackend:
             return
         request = job.request
         spec = JobSpec.of(job)
+        if spec.style not in self._styles:
+            # A style without adapters is only its template, already in the prompt: the worker runs the base model.
+            spec = replace(spec, style="")
         sent = settled = False
         try:
             yield Started(self.kind, f"worker {process.slot} (pid {process.pid}, {process.device})")
@@ -490,6 +513,7 @@ class LocalBackend:
             if not isinstance(ready, Ready) or ready.version != PROTOCOL_VERSION:
                 raise _StartFailed(f"expected ready (protocol {PROTOCOL_VERSION}), got {ready}")
             process.device = ready.device
+            slot.styles = ready.styles
             process.rss_start_mb = (await self._memory(process)).rss_mb
         except (TimeoutError, WorkerGone, ProtocolError, ConnectionError, _StartFailed) as exc:
             await process.stop(graceful=False)
@@ -504,7 +528,8 @@ class LocalBackend:
         return process
 
     async def _spawn_worker(self, slot: _Slot) -> ChildPipes:
-        argv = [self._python, "-m", "engine.backends.local", *worker_args(self._settings, self._model, self._kontext)]
+        arguments = worker_args(self._settings, self._model, self._kontext, self._styles)
+        argv = [self._python, "-m", "engine.backends.local", *arguments]
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -600,6 +625,11 @@ async def _attach(path: Path) -> Transport:
 def _weights(path: Path) -> str:
     """A folder as an absolute path (the worker may run elsewhere); a Hugging Face id as it is."""
     return str(path.resolve()) if path.exists() else str(path)
+
+
+def _adapter_file(file: str) -> str:
+    """A local adapter file as an absolute path (the worker may run elsewhere); an hf: file as it is."""
+    return file if file.startswith("hf:") else str(Path(file).resolve())
 
 
 def _elapsed_ms(started: float) -> int:
