@@ -194,11 +194,11 @@ def main(argv: Sequence[str] | None = None, *, system_config: Path = SYSTEM_CONF
     try:
         match args.command:
             case "run":
-                return asyncio.run(run(settings, secrets, args.sync_guild, admin=args.admin))
+                return asyncio.run(run(settings, secrets, args.sync_guild, admin=args.admin, config=source.path))
             case "console":
                 user = args.user or getpass.getuser()
                 out = args.out or settings.bot.state_dir / "out"
-                return asyncio.run(console(settings, secrets, user, out, admin=args.admin))
+                return asyncio.run(console(settings, secrets, user, out, admin=args.admin, config=source.path))
             case "admin":
                 return asyncio.run(admin(settings, secrets, list(args.words)))
             case "doctor":
@@ -218,20 +218,38 @@ def demo_settings(settings: Settings, secrets: Secrets) -> tuple[Settings, Secre
     return settings.model_copy(update={"local": local, "routing": routing}), replace(secrets, bfl_api_key=None)
 
 
-async def run(settings: Settings, secrets: Secrets, sync_guild: int | None = None, *, admin: bool = False) -> int:
+async def run(
+    settings: Settings,
+    secrets: Secrets,
+    sync_guild: int | None = None,
+    *,
+    admin: bool = False,
+    config: Path | None = None,
+) -> int:
+    """`config`: the file the settings came from, which a reload of the styles reads again."""
     if secrets.discord_token or secrets.slack_bot_token:
-        return await chat(settings, secrets, sync_guild)
+        return await chat(settings, secrets, sync_guild, config=config)
     print("No chat token is set (DISCORD_TOKEN, SLACK_BOT_TOKEN): starting the console front-end.")
-    return await console(settings, secrets, getpass.getuser(), settings.bot.state_dir / "out", admin=admin)
+    out = settings.bot.state_dir / "out"
+    return await console(settings, secrets, getpass.getuser(), out, admin=admin, config=config)
 
 
-async def chat(settings: Settings, secrets: Secrets, sync_guild: int | None) -> int:
-    """Serve Discord and/or Slack (whichever tokens are set) on one engine until stopped (SIGTERM or SIGINT)."""
-    engine = await Engine.open(settings, secrets)
+async def chat(settings: Settings, secrets: Secrets, sync_guild: int | None, *, config: Path | None = None) -> int:
+    """Serve Discord and/or Slack (whichever tokens are set) on one engine until stopped (SIGTERM or SIGINT);
+    SIGHUP (`systemctl reload flux-bot`) reloads the styles."""
+    engine = await Engine.open(settings, secrets, config_path=config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload_on_hangup() -> None:
+        task = asyncio.create_task(reload_styles(engine), name="reload styles")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_on_hangup)
     closers: list[Callable[[], Awaitable[None]]] = []
     serving: list[asyncio.Task[None]] = []
     from bot.takedown import remover
@@ -279,13 +297,23 @@ async def chat(settings: Settings, secrets: Secrets, sync_guild: int | None) -> 
                 task.result()  # a front-end that failed (e.g. a refused token) ends the process with its error
             log.info("stopping: %s", "signal received" if stop.is_set() else "a front-end ended")
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         for close in reversed(closers):
             await close()
         await asyncio.gather(*serving, return_exceptions=True)
         await engine.close()
     return 0
+
+
+async def reload_styles(engine: Engine) -> None:
+    """SIGHUP: [styles.*] read again; the outcome (or why not) goes to the log, as for any signal."""
+    try:
+        log.info("%s", await engine.reload_styles(Requester(Platform.CONSOLE, "sighup", is_admin=True)))
+    except EngineError as exc:
+        log.error("styles not reloaded: %s", error_message(exc))
+    except Exception:
+        log.exception("styles not reloaded")
 
 
 @asynccontextmanager
@@ -336,8 +364,10 @@ async def systemd_service(engine: Engine) -> AsyncIterator[None]:
         notifier.close()
 
 
-async def console(settings: Settings, secrets: Secrets, user: str, out: Path, *, admin: bool) -> int:
-    engine = await Engine.open(settings, secrets)
+async def console(
+    settings: Settings, secrets: Secrets, user: str, out: Path, *, admin: bool, config: Path | None = None
+) -> int:
+    engine = await Engine.open(settings, secrets, config_path=config)
     try:
         requester = Requester(Platform.CONSOLE, user, is_admin=admin, display_name=user)
         return await Console(engine, requester, out, terminal=Terminal()).run()
@@ -382,6 +412,14 @@ async def admin(settings: Settings, secrets: Secrets, words: list[str]) -> int:
                     print(f"{reply.text}\nchart written: {out}")
                     return 0
             print("usage: flux-bot admin report [--out FILE.png]", file=sys.stderr)
+            return 2
+        if words == ["styles", "reload"]:
+            # This process serves no worker: the running bot reloads its own, on SIGHUP.
+            print(
+                "flux-bot admin: reload the running bot's styles with `systemctl reload flux-bot` (SIGHUP), or"
+                " /admin styles reload in chat",
+                file=sys.stderr,
+            )
             return 2
         if words[:1] == ["takedown"]:
             # `admin takedown JOB --reason WHY...`: the platforms' REST APIs with this host's tokens (no chat client).

@@ -39,7 +39,7 @@ ADMIN_USAGE = (
     "admin commands: quota show USER | quota set USER LIMIT VALUE | quota grant USER images|gpu-seconds|usd AMOUNT"
     " | quota reset USER | spend [YYYY-MM] | credits | pause local|api | resume local|api | ban USER | unban USER"
     " | jobs | cancel JOB | report | review [list] | review approve JOB | review reject|reject-and-ban JOB REASON"
-    " | review allow APPEAL | review deny APPEAL REASON | takedown JOB REASON"
+    " | review allow APPEAL | review deny APPEAL REASON | takedown JOB REASON | styles [list|reload|check]"
     " | audit [--since YYYY-MM-DD] [--action NAME]"
 )
 
@@ -463,6 +463,12 @@ class Commands:
             case ["review", "deny", appeal_id, *reason]:
                 appeal = await engine.deny_appeal(requester, appeal_id, " ".join(reason))
                 return f"Appeal {appeal.id} kept refused ({appeal.reason})."
+            case ["styles"] | ["styles", "list"]:
+                return render.style_report_text(engine.style_report(requester))
+            case ["styles", "reload"]:
+                return await engine.reload_styles(requester)
+            case ["styles", "check"]:
+                return render.style_checks_text(await engine.check_styles(requester))
             case ["takedown", job_id, *reason]:
                 if self.take_down is None:
                     raise InvalidRequest("take-downs are not available here: use flux-bot admin takedown", field="job")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from bot import render
@@ -23,6 +24,10 @@ from engine.models import (
 from engine.service import Engine
 
 log = logging.getLogger(__name__)
+
+SWEEP_EVERY_S = 15.0
+# A result that ended this long ago and is still undelivered has no delivery of its own under way.
+SWEEP_GRACE_S = 120.0
 
 
 class ThrottledEditor:
@@ -128,10 +133,24 @@ class ChannelDelivery:
                 continue
             await self._deliver_once(event.job_id, event)
 
-    async def backlog(self) -> None:
+    async def backlog(self, *, ended_before: float | None = None) -> None:
+        """Deliver what ended undelivered (while the bot was down); with `ended_before`, only what ended by then."""
         for job in await self._engine.undelivered():
+            if ended_before is not None and (job.finished_at or 0.0) > ended_before:
+                continue
             if job.requester.platform is self._platform and job.id not in self._followed:
                 await self._deliver_once(job.id, None)
+
+    async def sweep(self, every_s: float = SWEEP_EVERY_S, grace_s: float = SWEEP_GRACE_S) -> None:
+        """Now and then, the backlog of what ended a while ago: an image approved with `flux-bot admin review`
+        (another process, whose events this one never sees) is posted without waiting for a restart. Jobs that
+        ended lately are left to their own delivery, which may still be posting them."""
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await self.backlog(ended_before=time.time() - grace_s)
+            except Exception:
+                log.exception("the %s delivery sweep failed; trying again later", self._platform.value)
 
     async def _deliver_once(self, job_id: str, event: JobEvent | None) -> None:
         """Failures are logged and the job stays undelivered for the next start."""

@@ -175,6 +175,7 @@ class DiscordFrontEnd:
         # read, so a job ending in between is seen by one of them (ChannelDelivery stops a second post).
         self._spawn(self._orphans.run(), "discord: results for the channel")
         self._spawn(self._orphans.backlog(), "discord: results after a restart")
+        self._spawn(self._orphans.sweep(), "discord: results decided by another process")
         alert_channel = self.engine.settings.ops.alert_discord_channel_id
         if alert_channel:
             self._spawn(self._forward_alerts(alert_channel), "discord: alerts")

@@ -44,6 +44,8 @@ from engine.models import (
     JobState,
     JobWaiting,
     Resource,
+    StyleCheck,
+    StyleServing,
     format_duration,
     format_usd,
 )
@@ -401,6 +403,37 @@ def styles_text(styles: Mapping[str, StyleSettings], models: Mapping[str, str]) 
         )
         if style.sample_image:
             lines.append(f"  sample: {style.sample_image}")
+    return "\n".join(lines)
+
+
+def style_report_text(styles: list[StyleServing]) -> str:
+    """`/admin styles`: each style's adapters and the GPU slots that have them loaded now."""
+    if not styles:
+        return "No styles are configured ([styles.NAME] in config.toml)."
+    lines = []
+    for style in styles:
+        if not style.adapters:
+            lines.append(f"{style.name} ({style.display_name}): a template, no adapters: runs on any lane")
+            continue
+        if style.serving is None:
+            where = "ask the running bot (/admin styles in chat) which GPU slots have it"
+        else:
+            where = "served by " + ", ".join(style.serving) if style.serving else "NOT loaded on any GPU slot now"
+        lines.append(f"{style.name} ({style.display_name}): {style.adapters}; {where}")
+    return "\n".join(lines)
+
+
+def style_checks_text(checks: list[StyleCheck]) -> str:
+    """`flux-bot admin styles check`: per style with adapters, its files and hashes, then its test render."""
+    if not checks:
+        return "No style has LoRA adapters: nothing to check."
+    lines = []
+    for check in checks:
+        if check.problems:
+            lines += [f"{check.name}: FAILED", *(f"  - {problem}" for problem in check.problems)]
+        else:
+            render = f"test render job {check.job_id}: {check.rendered}" if check.job_id else check.rendered
+            lines.append(f"{check.name}: files and sha256 ok; {render}")
     return "\n".join(lines)
 
 

@@ -423,6 +423,7 @@ class SlackFrontEnd:
         """Start delivering, then serve: Socket Mode with an app token, else HTTP on host:port (loopback default)."""
         self._spawn(self._orphans.run(), "slack: results for the channel")
         self._spawn(self._orphans.backlog(), "slack: results after a restart")
+        self._spawn(self._orphans.sweep(), "slack: results decided by another process")
         if self.alert_channel:
             self._spawn(
                 forward_alerts(self.engine, self._post_alert, f"Slack channel {self.alert_channel}"), "slack: alerts"

@@ -641,6 +641,27 @@ class Posting:
     file_id: str | None = None  # Slack: the uploaded file
 
 
+@dataclass(frozen=True, slots=True)
+class StyleServing:
+    """A configured style, and where its LoRA adapters are loaded now (`/admin styles`)."""
+
+    name: str
+    display_name: str
+    adapters: str  # "sha256:... x0.8, ..."; "" for a template-only style, which runs anywhere
+    # "in-host worker 0 (1 slot)", "GPU host gpu-a (2 slots)"; None where this process has no GPU lane (the CLI)
+    serving: tuple[str, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class StyleCheck:
+    """`flux-bot admin styles check` for one style: its files and hashes, then a test render on the GPU lane."""
+
+    name: str
+    problems: tuple[str, ...]  # a missing file, a wrong hash: empty when every adapter checked out
+    job_id: str | None = None  # the test render, when the files were fine
+    rendered: str = ""  # how the render ended: "done in 12.3 s", or why it did not
+
+
 class AppealState(StrEnum):
     """A prompt the policy refused: appealable (nobody appealed yet), waiting for an admin, or decided."""
 

@@ -70,6 +70,7 @@ _FORECAST_DEPTH = 1000
 _NEW_JOB = ""
 # Queued jobs hear their new place at most this often per lane (the chat edits are throttled again on top).
 WAIT_UPDATES_EVERY_S = 2.0
+DATABASE_POLL_S = 2.0  # how soon a job queued by another process (the admin CLI) is picked up
 
 
 class Scheduler:
@@ -284,7 +285,10 @@ class Scheduler:
 
     async def _dispatch_loop(self) -> None:
         while True:
-            await self._wakeup.wait()
+            # Woken by this process's submits and endings, and now and then for jobs that another process queued
+            # in the database (`flux-bot admin review allow`, `admin styles check`).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), DATABASE_POLL_S)
             self._wakeup.clear()
             try:
                 await self._dispatch_once()
@@ -315,6 +319,10 @@ class Scheduler:
                     self._spawn(running)
             if picked or kind in self._waits_due:
                 await self._publish_waits(kind, backend)
+
+    def use_settings(self, settings: Settings) -> None:
+        """Settings reloaded while running ([styles.*]): the jobs dispatched from now on read these."""
+        self._settings = settings
 
     def told(self, queued: JobQueued) -> None:
         """What a submit's note said, so that the next round tells the job only what has changed since."""

@@ -21,9 +21,18 @@ from engine import router
 from engine.alerts import Alert, Alerts, FailureAlert, SpendAlert
 from engine.backends.base import Backend
 from engine.backends.factory import LocalLane, gpu_extra_installed, local_lane, local_off_line, serving_settings
+from engine.backends.pool import GpuPool
 from engine.backup import backup, backup_dir, backup_every, integrity_problem, list_backups, restore
-from engine.config import ASPECT_RATIOS, Secrets, Settings
-from engine.errors import BackendUnavailable, InvalidRequest, JobNotFound, NotAllowed, PolicyBlocked, refuses_a_charge
+from engine.config import ASPECT_RATIOS, Secrets, Settings, load_settings
+from engine.errors import (
+    BackendUnavailable,
+    EngineError,
+    InvalidRequest,
+    JobNotFound,
+    NotAllowed,
+    PolicyBlocked,
+    refuses_a_charge,
+)
 from engine.inputs import InputImages
 from engine.models import (
     PNG,
@@ -54,6 +63,8 @@ from engine.models import (
     Resource,
     Review,
     SpendRow,
+    StyleCheck,
+    StyleServing,
     Task,
     image_format,
     new_appeal_id,
@@ -123,8 +134,10 @@ class Engine:
         clock: Callable[[], float] = time.time,
         demo: bool = False,
         classifier: Classifier | None = None,
+        config_path: Path | None = None,
     ) -> None:
         self.settings = settings
+        self._config_path = config_path  # where `reload_styles` reads [styles.*] again (None: built-in defaults)
         self._secrets = secrets
         self._store = store
         self.demo = demo  # the local backend runs the tiny random-weights model: its images are noise
@@ -167,6 +180,7 @@ class Engine:
         *,
         backends: Mapping[BackendKind, Backend] | None = None,
         clock: Callable[[], float] = time.time,
+        config_path: Path | None = None,
     ) -> Engine:
         """Open the database, build the configured backends (unless given) and start dispatching."""
         from engine.backends.factory import build_backends
@@ -178,7 +192,7 @@ class Engine:
             demo = False
             if backends is None:
                 backends, demo = await build_backends(settings, secrets)
-            engine = cls(settings, secrets, store, backends, clock=clock, demo=demo)
+            engine = cls(settings, secrets, store, backends, clock=clock, demo=demo, config_path=config_path)
         except BaseException:
             await store.close()
             raise
@@ -190,15 +204,20 @@ class Engine:
         return engine
 
     @classmethod
-    async def open_admin(cls, settings: Settings, secrets: Secrets) -> Engine:
-        """For the admin CLI: the database and the BFL API (its balance), without dispatching any job."""
+    async def open_admin(cls, settings: Settings, secrets: Secrets, *, config_path: Path | None = None) -> Engine:
+        """For the admin CLI: the database, the BFL API (its balance) and the running bot's GPU lane as a route for
+        the jobs the CLI queues, without dispatching any job (the bot runs them)."""
+        from engine.backends.elsewhere import RunningBotsLane
+
         backends: dict[BackendKind, Backend] = {}
+        if local_lane(settings, secrets) not in (LocalLane.NO_WEIGHTS, LocalLane.DISABLED):
+            backends[BackendKind.LOCAL] = RunningBotsLane(settings.models)
         if secrets.bfl_api_key:
             from engine.backends.bfl import BflBackend
 
             backends[BackendKind.API] = BflBackend(settings.bfl, settings.models, secrets.bfl_api_key)
         store = await Store.open(settings.bot.database_path)
-        engine = cls(settings, secrets, store, backends)
+        engine = cls(settings, secrets, store, backends, config_path=config_path)
         try:
             await engine.start(dispatch=False)
         except BaseException:
@@ -700,6 +719,106 @@ class Engine:
         return seen
 
     # ---- review ----
+
+    # ---- styles ----
+
+    def style_report(self, actor: Requester) -> list[StyleServing]:
+        """Each configured style and the GPU slots that have its adapters loaded now."""
+        self.require_admin(actor, "styles")
+        lane = self._backends.get(BackendKind.LOCAL)
+        slots = lane.style_slots() if isinstance(lane, GpuPool) else None
+
+        def serving(name: str) -> tuple[str, ...] | None:
+            if slots is None:
+                return None
+            return tuple(f"{where} ({n} slot{'s' if n != 1 else ''})" for where, n, loaded in slots if name in loaded)
+
+        return [
+            StyleServing(name, style.display_name, style.adapters_text(), serving(name) if style.gpu_only else ())
+            for name, style in self.settings.styles.items()
+        ]
+
+    async def reload_styles(self, actor: Requester) -> str:
+        """Read [styles.*] from the config file again and serve them without a restart: workers are replaced between
+        jobs to load new adapters, so no job is lost. Other changes to the file need a restart (said so)."""
+        self.require_admin(actor, "styles")
+        if self._config_path is None:
+            raise InvalidRequest("this bot runs on the built-in defaults: there is no config file to reload")
+        fresh, _ = await asyncio.to_thread(load_settings, self._config_path)
+        for name, style in fresh.styles.items():
+            unknown = [
+                model
+                for model in (*style.models, *([style.model] if style.model else []))
+                if model not in self.settings.models
+            ]
+            if unknown:
+                raise InvalidRequest(
+                    f"[styles.{name}] names {', '.join(unknown)}, which this running bot does not have: restart it to"
+                    " add models",
+                    field="styles",
+                )
+        old = self.settings.styles
+        added = [name for name in fresh.styles if name not in old]
+        removed = [name for name in old if name not in fresh.styles]
+        changed = [name for name in fresh.styles if name in old and fresh.styles[name] != old[name]]
+        self.settings = self.settings.model_copy(update={"styles": fresh.styles})
+        self._scheduler.use_settings(self.settings)
+        lane = self._backends.get(BackendKind.LOCAL)
+        if isinstance(lane, GpuPool):
+            await lane.reload_styles(fresh.styles)
+        detail = {"added": added, "removed": removed, "changed": changed}
+        await self._store.audit(AuditEntry(actor.user_key, "styles.reload", None, detail=detail))
+        if not (added or removed or changed):
+            return "Styles reloaded: nothing changed."
+        parts = [f"{what}: {', '.join(names)}" for what, names in detail.items() if names]
+        return (
+            f"Styles reloaded ({'; '.join(parts)}). Workers load new adapters between jobs; no job is lost. GPU hosts"
+            " read their own config: reload them too (systemctl reload flux-bot-gpu-host)."
+        )
+
+    async def check_styles(self, actor: Requester, *, render_limit_s: float = 600.0) -> list[StyleCheck]:
+        """Each style with adapters: its files and hashes, then one test render on the GPU lane (relax mode, as the
+        admin asking: it counts against their GPU time like any image)."""
+        self.require_admin(actor, "styles")
+        from engine.backends.local.pipeline import WorkerSetupError
+        from engine.backends.local.styles import verified
+
+        checks = []
+        for name, style in self.settings.styles.items():
+            if not style.gpu_only:
+                continue
+            problems = []
+            for adapter in style.adapters:
+                try:
+                    await asyncio.to_thread(verified, name, adapter)
+                except (WorkerSetupError, OSError) as exc:
+                    problems.append(str(exc))
+            if problems:
+                checks.append(StyleCheck(name, tuple(problems)))
+                continue
+            model = style.model or (style.models[0] if style.models else self.settings.routing.default_model)
+            request = ImageRequest(
+                f"a test render of the style {style.display_name}", model, style=name, mode=Mode.RELAX
+            )
+            try:
+                queued = await self.submit(actor, request)
+            except EngineError as exc:
+                checks.append(StyleCheck(name, (), rendered=f"not rendered: {exc}"))
+                continue
+            checks.append(StyleCheck(name, (), queued.job_id, await self._rendered(queued.job_id, render_limit_s)))
+        return checks
+
+    async def _rendered(self, job_id: str, limit_s: float) -> str:
+        """How a test render ended, read from the store (a render queued by the CLI runs in the bot's process)."""
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            job = await self._store.get_job(job_id)
+            if job.state.terminal:
+                if job.state is JobState.DONE and job.started_at and job.finished_at:
+                    return f"done in {job.finished_at - job.started_at:.1f} s ({job.result_path})"
+                return f"{job.state.value}: {job.error or job.failure_reason or 'no detail'}"
+            await asyncio.sleep(0.2)
+        return f"not finished after {limit_s:g} s (is the bot running? `flux-bot admin jobs` shows the job)"
 
     async def held_jobs(self, actor: Requester, limit: int = 100) -> list[Job]:
         """The images waiting for an admin's review, oldest first."""

@@ -183,6 +183,19 @@ class GpuHost:
                 await asyncio.wait_for(stop.wait(), RETRY_S * 2)
         return None
 
+    async def reload_styles(self, config: Path | None) -> None:
+        """SIGHUP: [styles.*] read again from `config`; workers load the new adapters between jobs (none is lost)
+        and the host serves the new styles' queues (the bot creates them on its own reload). Logged, never raised."""
+        try:
+            settings, _ = await asyncio.to_thread(load_settings, config)
+        except ConfigError as exc:
+            log.error("styles not reloaded: %s", _one_line(exc))
+            return
+        await self._backend.reload_styles(settings.styles)
+        self._queues = queues(settings.models, settings.styles, self._models)
+        self._styles = tuple(sorted({queue.style for queue in self._queues if queue.style}))
+        log.info("styles reloaded: serving %s", ", ".join(str(queue) for queue in self._queues))
+
     def _serving(self) -> bool:
         return self._backend.status(0).healthy
 
@@ -479,5 +492,14 @@ async def _serve(args: argparse.Namespace, settings: Settings, secrets: Secrets)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    config = find_config(args.config).path
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload_on_hangup() -> None:
+        task = asyncio.create_task(host.reload_styles(config), name="reload styles")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload_on_hangup)  # systemctl reload flux-bot-gpu-host
     await host.serve(stop)
     return 0

@@ -276,19 +276,7 @@ async def create_lane(client: Client, settings: NatsSettings, lane_queues: list[
             max_age=LEFTOVER_AGE_S,
         ),
     )
-    for queue in lane_queues:
-        await js.add_consumer(
-            settings.jobs_stream,
-            ConsumerConfig(
-                name=queue.consumer,
-                durable_name=queue.consumer,
-                filter_subject=queue.subject,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=settings.ack_wait_s,
-                max_deliver=1,
-                max_ack_pending=-1,
-            ),
-        )
+    await add_queues(js, settings, lane_queues)
     await js.add_consumer(
         settings.results_stream,
         ConsumerConfig(
@@ -305,6 +293,23 @@ async def create_lane(client: Client, settings: NatsSettings, lane_queues: list[
     images = await _object_store(js, settings.images_bucket)
     hosts = await _hosts_bucket(js, settings)
     return Lane(client, js, images, hosts)
+
+
+async def add_queues(js: JetStreamContext, settings: NatsSettings, lane_queues: list[Queue]) -> None:
+    """Each queue's durable consumer (adding one that exists with the same config changes nothing)."""
+    for queue in lane_queues:
+        await js.add_consumer(
+            settings.jobs_stream,
+            ConsumerConfig(
+                name=queue.consumer,
+                durable_name=queue.consumer,
+                filter_subject=queue.subject,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=settings.ack_wait_s,
+                max_deliver=1,
+                max_ack_pending=-1,
+            ),
+        )
 
 
 async def bind_lane(client: Client, settings: NatsSettings) -> Lane:

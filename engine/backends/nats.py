@@ -41,6 +41,7 @@ from engine.backends.jetstream import (
     Lane,
     NatsUnavailable,
     Queue,
+    add_queues,
     cancel_subject,
     connect,
     create_lane,
@@ -280,6 +281,20 @@ class RemoteHosts:
         slots = sum(host.beat.slots for host in live)
         busy = sum(host.beat.busy for host in live)
         return f"{len(live)} GPU host{'s' if len(live) != 1 else ''} online, {busy} of {slots} GPUs busy"
+
+    def style_slots(self) -> list[tuple[str, int, tuple[str, ...]]]:
+        """(where, slots, the LoRA styles served there) for each live GPU host, for `/admin styles`."""
+        return [(f"GPU host {host.beat.host}", host.beat.slots, host.beat.styles) for host in self._live_hosts()]
+
+    async def reload_styles(self, styles: Mapping[str, StyleSettings]) -> None:
+        """Route by `styles` from now on, with a queue for each new style with adapters (GPU hosts reload their own
+        [styles.*] and serve the new queues once their workers have the adapters)."""
+        self._styles = dict(styles)
+        lane = self._lane
+        if lane is not None:
+            local = [name for name, model in self._models.items() if model.local]
+            wanted = queues(self._models, self._styles, local)
+            await until_done(lambda: add_queues(lane.js, self._settings, wanted), "adding the styles' queues")
 
     async def wait_for_slots(self, slots: int) -> None:
         """Return once the live hosts have `slots` slots together (or this closes): for a start that waits."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from engine.backends.base import Backend, Requeue, Resumption, Unresumable
-from engine.config import ModelSettings
+from engine.config import ModelSettings, StyleSettings
 from engine.models import (
     BackendEvent,
     BackendJob,
@@ -50,6 +50,15 @@ class Supervisor(Protocol):
     def workers(self) -> list[WorkerInfo]: ...
 
     def gpu_readings(self) -> list[GpuReading]: ...
+
+
+@runtime_checkable
+class ServesStyles(Protocol):
+    """A member whose workers load styles' LoRA adapters (the in-host supervisor, the GPU hosts)."""
+
+    def style_slots(self) -> list[tuple[str, int, tuple[str, ...]]]: ...
+
+    async def reload_styles(self, styles: Mapping[str, StyleSettings]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +181,18 @@ class GpuPool:
     def gpu_readings(self) -> list[GpuReading]:
         return [reading for supervisor in self._supervisors() for reading in supervisor.gpu_readings()]
 
+    def style_slots(self) -> list[tuple[str, int, tuple[str, ...]]]:
+        """(where, slots, LoRA styles loaded there) across the members, for `/admin styles`."""
+        return [slot for member in self._styled() for slot in member.style_slots()]
+
+    async def reload_styles(self, styles: Mapping[str, StyleSettings]) -> None:
+        for member in self._styled():
+            await member.reload_styles(styles)
+
     # ---- inside ----
+
+    def _styled(self) -> list[ServesStyles]:
+        return [member.backend for member in self.members if isinstance(member.backend, ServesStyles)]
 
     def _serving(self, model_name: str) -> list[Member]:
         model = self._models.get(model_name)

@@ -6,15 +6,17 @@ The real discord.py client against the fake Discord HTTP API, the real engine be
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from typing import Any
 
 import pytest
 
-from engine.config import Settings
+from engine.config import Secrets, Settings
 from engine.errors import NotAllowed
 from engine.models import BackendKind, ImageRequest, JobDone, JobState, Mode, Platform, Requester, Review
+from engine.service import Engine
 from tests.bot.test_discord import (
     ALICE,
     BOB,
@@ -258,3 +260,27 @@ async def test_the_requester_carries_the_channels_age_restricted_flag(
     [requester] = seen
     assert requester.age_restricted is nsfw
     await wait_delivered(engine)
+
+
+async def test_an_image_approved_by_another_process_is_posted_by_the_running_bot(
+    make_engine: EngineFactory, make_settings: SettingsFactory, front_end: FrontEndFactory, fake: FakeDiscord
+) -> None:
+    settings = review_settings(make_settings)
+    engine = await make_engine({BackendKind.LOCAL: ScriptedBackend()}, settings)
+    app = await front_end(engine)
+    job_id, _ = await held_job(fake, app)
+    await wait_delivered(engine)
+    # `flux-bot admin review approve` runs in its own process: its events never reach this one.
+    cli = await Engine.open_admin(settings, Secrets())
+    try:
+        await cli.approve(Requester(Platform.CONSOLE, "cli-ops", is_admin=True), job_id)
+    finally:
+        await cli.close()
+    sweeping = asyncio.create_task(app._orphans.sweep(every_s=0.01, grace_s=0.0))
+    try:
+        await fake.wait_for(lambda _: bool(posts_to(fake, CHANNEL_ID)), "the approved image in its channel")
+        await wait_delivered(engine)
+    finally:
+        sweeping.cancel()
+    [post] = posts_to(fake, CHANNEL_ID)
+    assert content(post).startswith(f"<@{ALICE}> ") and post.files

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from bot.commands import Commands
+from engine.config import Secrets
 from engine.errors import InvalidRequest, NotAllowed, PolicyBlocked, QuotaExceeded
 from engine.models import AppealState, BackendKind, ImageRequest, JobDone, Mode, Resource, Task
 from engine.service import Engine
@@ -107,3 +108,20 @@ async def test_admin_review_lists_and_denies_appeals(
         await commands.admin(ADMIN, f"review allow {appeal_id}")
     audit = "\n".join(f"{line.action} {line.detail}" for line in await engine.audit_log(ADMIN, action="appeal"))
     assert "appeal.deny" in audit and "not for this server" in audit and "appeal.file" in audit
+
+
+async def test_an_appeal_allowed_at_a_shell_runs_in_the_running_bot(
+    make_engine: EngineFactory, make_settings: SettingsFactory
+) -> None:
+    settings = make_settings(policy={"blocked_words": ["gun"]})
+    bot = await make_engine({BackendKind.LOCAL: ScriptedBackend()}, settings)
+    appeal_id = (await refusal(bot, ImageRequest("a gun", "schnell"))).appeal_id
+    assert appeal_id is not None
+    await bot.appeal(user("alice"), appeal_id)
+    # `flux-bot admin review allow` runs in its own process, which dispatches nothing: the bot finds the job.
+    cli = await Engine.open_admin(settings, Secrets())
+    try:
+        _, queued = await cli.allow_appeal(ADMIN, appeal_id)
+    finally:
+        await cli.close()
+    assert isinstance(await wait_terminal(bot, queued.job_id), JobDone)

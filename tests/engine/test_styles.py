@@ -5,7 +5,9 @@ tests/engine/backends/local/test_styles.py."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,14 +16,17 @@ from pydantic import ValidationError
 
 from bot.commands import Commands
 from engine.backends.bfl import BflBackend
-from engine.config import Secrets, Settings
-from engine.errors import InvalidRequest
+from engine.backends.pool import GpuPool, Member
+from engine.config import Secrets, Settings, load_settings
+from engine.errors import ConfigError, InvalidRequest, NotAllowed
 from engine.models import BackendKind, ImageRequest, JobDone, Mode
 from engine.service import Engine
 from engine.store import Store
 from tests.conftest import EngineFactory, SettingsFactory, user, wait_terminal
 from tests.fakes.backends import ScriptedBackend
 from tests.fakes.bfl_server import API_KEY, FakeBfl
+
+ADMIN = user("root", admin=True)
 
 HASH = "ab" * 32
 STYLES: dict[str, Any] = {
@@ -147,3 +152,96 @@ async def test_styles_lists_what_each_style_does_and_where_it_runs(
     assert "sample: https://example.com/inkwash.png" in text
     bare = await make_engine({BackendKind.LOCAL: ScriptedBackend()}, make_settings())
     assert "No styles are set up" in Commands(bare).styles()
+
+
+def _lora_file(folder: Path, name: str) -> tuple[Path, str]:
+    """A file standing in for an adapter: the check reads only its bytes' sha256 (the worker loads real ones)."""
+    path = folder / f"{name}.safetensors"
+    path.write_bytes(name.encode() * 100)
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _style_toml(name: str, file: Path, sha256: str) -> str:
+    return (
+        f'[styles.{name}]\ndisplay_name = "{name.title()}"\nmodels = ["schnell"]\n'
+        f'adapters = [{{ file = "{file}", sha256 = "{sha256}" }}]\n'
+    )
+
+
+async def _styled_engine(make_settings: SettingsFactory, tmp_path: Path, toml: str) -> tuple[Engine, ScriptedBackend]:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[bot]\nstate_dir = "{tmp_path / "state"}"\n\n{toml}')
+    settings, _ = load_settings(config, env={})
+    workers = ScriptedBackend(styles=tuple(settings.styles))
+    lane = GpuPool([Member("in-host", workers)], settings.models)
+    store = await Store.open(settings.bot.database_path)
+    engine = Engine(settings, Secrets(), store, {BackendKind.LOCAL: lane}, config_path=config)
+    await engine.start()
+    return engine, workers
+
+
+async def test_admin_styles_lists_them_with_the_slots_serving_each_and_reloads_without_a_restart(
+    make_settings: SettingsFactory, tmp_path: Path
+) -> None:
+    ink, ink_hash = _lora_file(tmp_path, "ink")
+    engine, workers = await _styled_engine(make_settings, tmp_path, _style_toml("ink", ink, ink_hash))
+    commands = Commands(engine)
+    try:
+        listed = await commands.admin(ADMIN, "styles")
+        assert listed == f"ink (Ink): sha256:{ink_hash} x1; served by scripted workers (1 slot)"
+
+        # A new style in the file, and a change to the old one: reloaded while running, audited.
+        oils, oils_hash = _lora_file(tmp_path, "oils")
+        config = tmp_path / "config.toml"
+        config.write_text(
+            config.read_text().replace('models = ["schnell"]', 'models = ["schnell", "dev"]', 1)
+            + _style_toml("oils", oils, oils_hash)
+        )
+        answer = await commands.admin(ADMIN, "styles reload")
+        assert answer.startswith("Styles reloaded (added: oils; changed: ink).")
+        assert workers.reloaded == [("ink", "oils")]
+        queued = await engine.submit(user(), ImageRequest("a pond", "schnell", style="oils"))
+        assert isinstance(await wait_terminal(engine, queued.job_id), JobDone)
+        [line] = await engine.audit_log(ADMIN, action="styles.reload")
+        assert line.detail == {"added": ["oils"], "removed": [], "changed": ["ink"]}
+
+        # A broken file is refused with its problem, and the running styles stay.
+        config.write_text(config.read_text().replace('display_name = "Oils"', 'display_name = ""'))
+        with pytest.raises(ConfigError, match="display_name"):
+            await commands.admin(ADMIN, "styles reload")
+        assert set(engine.settings.styles) == {"ink", "oils"}
+        with pytest.raises(NotAllowed):
+            await commands.admin(user(), "styles reload")
+    finally:
+        await engine.close()
+
+
+async def test_styles_check_reports_bad_files_and_test_renders_the_good_ones(
+    make_settings: SettingsFactory, tmp_path: Path
+) -> None:
+    ink, ink_hash = _lora_file(tmp_path, "ink")
+    oils, _ = _lora_file(tmp_path, "oils")
+    toml = (
+        _style_toml("ink", ink, ink_hash)
+        + _style_toml("oils", oils, "0" * 64)
+        + _style_toml("gone", tmp_path / "gone.safetensors", ink_hash)
+    )
+    engine, _ = await _styled_engine(make_settings, tmp_path, toml)
+    try:
+        report = (await Commands(engine).admin(ADMIN, "styles check")).splitlines()
+        assert report[0].startswith("ink: files and sha256 ok; test render job j") and ": done in " in report[0]
+        assert report[1:3] == [
+            "oils: FAILED",
+            f"  - style oils: {oils} has sha256 {_digest(oils)}, expected {'0' * 64}"
+            " (a changed or damaged file: check it, then correct the sha256 in the style's config)",
+        ]
+        assert report[3:] == [
+            "gone: FAILED",
+            f"  - style gone: adapter file {tmp_path / 'gone.safetensors'} does not exist",
+        ]
+    finally:
+        await engine.close()
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 
 from PIL import Image
 
 from engine.backends.base import Requeue, Resumption, Unresumable
-from engine.config import ModelSettings
+from engine.config import ModelSettings, StyleSettings
 from engine.models import (
     BackendEvent,
     BackendJob,
@@ -53,6 +53,8 @@ class ScriptedBackend:
     max_in_flight: int = 0
     started: list[str] = field(default_factory=list)
     started_event: asyncio.Event = field(default_factory=asyncio.Event)
+    styles: tuple[str, ...] = ()  # the LoRA styles its "workers" have loaded, as a supervisor reports them
+    reloaded: list[tuple[str, ...]] = field(default_factory=list)  # the style names of each reload_styles
 
     def supports(self, model_name: str, model: ModelSettings) -> bool:
         return model.local if self.kind is BackendKind.LOCAL else model.api_endpoint is not None
@@ -71,6 +73,13 @@ class ScriptedBackend:
 
     def capacity(self) -> int:
         return self.slots
+
+    def style_slots(self) -> list[tuple[str, int, tuple[str, ...]]]:
+        return [("scripted workers", self.slots, self.styles)]
+
+    async def reload_styles(self, styles: Mapping[str, StyleSettings]) -> None:
+        self.styles = tuple(name for name, style in styles.items() if style.gpu_only)
+        self.reloaded.append(tuple(styles))
 
     def estimate_seconds(self, request: ResolvedRequest) -> float:
         return self.seconds_per_job

@@ -67,14 +67,15 @@ def check_styles(options: Options) -> dict[str, tuple[AdapterFile, ...]]:
         )
     return {
         style: tuple(
-            AdapterFile(style, position, _verified(style, adapter), adapter.weight)
+            AdapterFile(style, position, verified(style, adapter), adapter.weight)
             for position, adapter in enumerate(adapters)
         )
         for style, adapters in options.styles.items()
     }
 
 
-def _verified(style: str, adapter: StyleAdapter) -> Path:
+def verified(style: str, adapter: StyleAdapter) -> Path:
+    """The adapter's file, found and its sha256 checked; WorkerSetupError saying what is wrong otherwise."""
     path = _resolved(style, adapter.file)
     with path.open("rb") as file:
         found = hashlib.file_digest(file, "sha256").hexdigest()

@@ -112,6 +112,7 @@ class _Slot:
     start_failures: int = 0  # consecutive
     last_error: str = ""
     styles: tuple[str, ...] = ()  # the LoRA styles its running worker loaded (its `ready` says)
+    styles_version: int = 0  # the LocalBackend's styles version its running worker was started with
 
     @property
     def broken(self) -> bool:
@@ -139,6 +140,7 @@ class LocalBackend:
         self._model = _weights(model_path)
         self._kontext = _weights(Path(settings.kontext_model)) if settings.kontext_model else ""
         self._styles = self._adapters_to_load(styles or {})
+        self._styles_version = 0  # raised by reload_styles: workers started before it are replaced between jobs
         self._python = python
         self._extra_env = dict(extra_env or {})
         if sockets := settings.worker_sockets:
@@ -217,6 +219,18 @@ class LocalBackend:
                     or all(slot.broken or (slot.process is not None and not slot.process.busy) for slot in self._slots)
                 )
             )
+
+    def style_slots(self) -> list[tuple[str, int, tuple[str, ...]]]:
+        """(where, slots, the LoRA styles loaded there) for each running worker, for `/admin styles`."""
+        return [(f"in-host worker {slot.index}", 1, slot.styles) for slot in self._slots if slot.process is not None]
+
+    async def reload_styles(self, styles: Mapping[str, StyleSettings]) -> None:
+        """Serve `styles` from now on: idle workers are replaced at once, busy ones after their job (none is lost);
+        their successors load the new adapters at start."""
+        self._styles = self._adapters_to_load(styles)
+        self._styles_version += 1
+        while self._idle:
+            self._replace(self._idle.popleft(), "the styles were reloaded", graceful=True)
 
     def _adapters_to_load(self, styles: Mapping[str, StyleSettings]) -> dict[str, tuple[StyleAdapter, ...]]:
         """The adapters of the styles these workers can run: with adapters, for any model or one they serve."""
@@ -438,7 +452,9 @@ class LocalBackend:
     async def _after_job(self, process: WorkerProcess) -> None:
         settings = self._settings
         reason = ""
-        if process.jobs >= settings.recycle_after_jobs:
+        if self._slots[process.slot].styles_version != self._styles_version:
+            reason = "the styles were reloaded"
+        elif process.jobs >= settings.recycle_after_jobs:
             reason = f"served {process.jobs} jobs (recycle_after_jobs = {settings.recycle_after_jobs})"
         else:
             try:
@@ -529,6 +545,7 @@ class LocalBackend:
 
     async def _spawn_worker(self, slot: _Slot) -> ChildPipes:
         arguments = worker_args(self._settings, self._model, self._kontext, self._styles)
+        slot.styles_version = self._styles_version
         argv = [self._python, "-m", "engine.backends.local", *arguments]
         try:
             proc = await asyncio.create_subprocess_exec(

@@ -7,6 +7,7 @@ must give the same bytes whatever ran before it on that worker.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import shutil
 from collections.abc import Iterator
@@ -383,3 +384,26 @@ async def finished(backend: LocalBackend, job: BackendJob) -> bytes:
     last = events[-1]
     assert isinstance(last, Finished), kinds(events)
     return png_pixels(last.image)
+
+
+async def test_reloaded_styles_reach_the_workers_between_jobs_and_no_job_is_lost(
+    tiny_flux: Path, loras: dict[str, Lora]
+) -> None:
+    models = {MODEL: ModelSettings(display_name="tiny", local=True, default_steps=4, max_steps=8)}
+    ink = {"ink": StyleSettings(display_name="Ink", adapters=(loras["wide"].adapter(),))}
+    backend = LocalBackend(tiny_settings(), models, tiny_flux, extra_env={"OMP_NUM_THREADS": "1"}, styles=ink)
+    await backend.start()
+    try:
+        assert backend.loaded_styles == ("ink",)
+        # A job submitted as the styles are reloaded ends, on the old worker or its successor, and is not lost.
+        running = asyncio.create_task(finished(backend, BackendJob("j-during", replace(tiny_request(), style="ink"))))
+        await asyncio.sleep(0)
+        await backend.reload_styles({**ink, "q": StyleSettings(display_name="Q", adapters=(loras["q-v"].adapter(),))})
+        during = await running
+        after = await finished(backend, BackendJob("j-after", replace(tiny_request(), style="q")))
+        again = await finished(backend, BackendJob("j-ink", replace(tiny_request(), style="ink")))
+        assert backend.loaded_styles == ("ink", "q")
+    finally:
+        await backend.close()
+    assert during == again != after
+    assert backend.recycles == 1
