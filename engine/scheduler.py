@@ -287,8 +287,11 @@ class Scheduler:
         while True:
             # Woken by this process's submits and endings, and now and then for jobs that another process queued
             # in the database (`flux-bot admin review allow`, `admin styles check`).
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the stop's cancel when a wake-up lands at
+            # the same moment, and the stop would then wait forever for this loop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), DATABASE_POLL_S)
+                async with asyncio.timeout(DATABASE_POLL_S):
+                    await self._wakeup.wait()
             self._wakeup.clear()
             try:
                 await self._dispatch_once()
