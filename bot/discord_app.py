@@ -237,7 +237,7 @@ class DiscordFrontEnd:
             # Acknowledge first: Discord drops an interaction not answered within 3 seconds.
             await interaction.response.defer(thinking=True)
             chosen = {"model": model, "aspect": aspect, "steps": steps, "guidance": guidance, "seed": seed}
-            chosen |= {"style": style}
+            chosen["style"] = style
             options = {k: str(v) for k, v in (chosen | {"mode": mode}).items() if v is not None}
 
             async def submit(requester: Requester) -> JobQueued:
@@ -426,6 +426,11 @@ class DiscordFrontEnd:
             await self._admin(
                 interaction, "review", decision, *([target] if target else []), *([reason] if reason else [])
             )
+
+        @command(admin, "styles", "The styles and the GPU slots serving each; reload them, or check their files")
+        @app_commands.describe(action="list (default), reload ([styles.*] read again) or check (files and a render)")
+        async def styles(interaction: discord.Interaction, action: Literal["list", "reload", "check"] = "list") -> None:
+            await self._admin(interaction, "styles", action)
 
         @command(admin, "takedown", "Delete a posted image everywhere it was posted, and from the state folder")
         @app_commands.describe(job="The job id", reason="Why (kept with the job's record)")
