@@ -506,6 +506,7 @@ async def test_sync_commands_guild_or_global(
         "cancel",
         "job",
         "settings",
+        "styles",
         "admin",
     }
     commands = {c["name"]: c for c in put.json}
@@ -516,6 +517,7 @@ async def test_sync_commands_guild_or_global(
     options = {o["name"]: o for o in commands["imagine"]["options"]}
     assert all(o["description"] for o in options.values())
     assert options["image"]["type"] == 11 and not options["image"].get("required")
+    assert options["style"]["autocomplete"] is True and not options["style"].get("required")
     assert (options["steps"]["min_value"], options["steps"]["max_value"]) == (BFL_STEPS_MIN, BFL_STEPS_MAX)
     assert (options["guidance"]["min_value"], options["guidance"]["max_value"]) == (BFL_GUIDANCE_MIN, BFL_GUIDANCE_MAX)
     assert (options["seed"]["min_value"], options["seed"]["max_value"]) == (0, MAX_SEED)
