@@ -15,22 +15,22 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from engine import router
 from engine.alerts import Alert, Alerts, FailureAlert, SpendAlert
+from engine.appeals import AppealDesk
 from engine.backends.base import Backend
 from engine.backends.factory import LocalLane, gpu_extra_installed, local_lane, local_off_line, serving_settings
 from engine.backends.pool import GpuPool
 from engine.backup import backup, backup_dir, backup_every, integrity_problem, list_backups, restore
-from engine.config import ASPECT_RATIOS, Secrets, Settings, load_settings
+from engine.config import ASPECT_RATIOS, Secrets, Settings
 from engine.errors import (
     BackendUnavailable,
     EngineError,
     InvalidRequest,
     JobNotFound,
     NotAllowed,
-    PolicyBlocked,
     refuses_a_charge,
 )
 from engine.inputs import InputImages
@@ -38,7 +38,6 @@ from engine.models import (
     PNG,
     TERMINAL_EVENTS,
     Appeal,
-    AppealState,
     AuditEntry,
     AuditRecord,
     BackendKind,
@@ -67,10 +66,9 @@ from engine.models import (
     StyleServing,
     Task,
     image_format,
-    new_appeal_id,
     new_job_id,
 )
-from engine.policy import PolicyDecision, PromptPolicy
+from engine.policy import PromptPolicy
 from engine.quota import Quota, QuotaView
 from engine.report import build_report, render_png, summary_text
 from engine.retention import Retention, image_store
@@ -78,6 +76,7 @@ from engine.review import Classifier, ReviewStep, classifier_for
 from engine.scheduler import Scheduler
 from engine.sd_notify import Notifier, watchdog_interval_s
 from engine.store import Store, totals_differences_in
+from engine.styles import adapter_problems, read_styles, style_report
 from engine.telemetry import Health, Telemetry
 from engine.validation import resolve
 
@@ -145,12 +144,12 @@ class Engine:
         self._clock = clock
         self._quota = Quota(store, settings, clock)
         self._policy = PromptPolicy(settings.policy)
-        self._deciding = asyncio.Lock()
         self._inputs = InputImages(
             settings.bot.inputs_dir,
             max_bytes=round(settings.images.max_input_mb * 1_000_000),
             max_pixels=round(settings.images.max_input_megapixels * 1_000_000),
         )
+        self._appeals = AppealDesk(store, self._inputs, clock, enabled=settings.review.appeals, submit=self._submit)
         # The review step's image classifier: the configured one, unless one is given (tests give a marker one).
         self._review = ReviewStep(settings.review, classifier or classifier_for(settings.review))
         self._scheduler = Scheduler(
@@ -299,7 +298,7 @@ class Engine:
                 detail={"rule": decision_of_policy.rule, "matched": decision_of_policy.matched},
             )
             if not decision_of_policy.allowed:
-                await self._refuse(requester, request, decision_of_policy, policy_audit)
+                await self._appeals.refuse(requester, request, decision_of_policy, policy_audit)
         else:
             policy_audit = AuditEntry(
                 requester.user_key, "policy.allow", requester.user_key, detail={"rule": "appeal", "appeal": appeal.id}
@@ -363,88 +362,26 @@ class Engine:
         self._scheduler.wake()
         return queued
 
-    async def _refuse(
-        self, requester: Requester, request: ImageRequest, decision: PolicyDecision, audit: AuditEntry
-    ) -> NoReturn:
-        """Refuse the prompt; a blocked word (a judgement an admin may see otherwise) is kept for an appeal."""
-        if decision.rule != "blocked_word" or not self.settings.review.appeals:
-            await self._store.audit(audit)
-            raise PolicyBlocked(decision.rule, decision.detail)
-        stored = None
-        if request.input_image is not None:
-            stored = await asyncio.to_thread(self._inputs.accept, request.input_image)
-        appeal = Appeal(
-            new_appeal_id(),
-            requester,
-            replace(request, input_image=None),
-            decision.rule,
-            decision.matched,
-            AppealState.REFUSED,
-            self._clock(),
-            input_image=stored.sha256 if stored else None,
-        )
-        await self._store.add_refusal(appeal, audit)
-        raise PolicyBlocked(decision.rule, decision.detail, appeal_id=appeal.id)
-
-    # ---- appeals ----
+    # ---- appeals (engine/appeals.py) ----
 
     async def appeal(self, requester: Requester, appeal_id: str) -> Appeal:
         """The requester asks an admin to allow a refused prompt; the front-end shows it in the review channel."""
-        appeal = await self._appeal(appeal_id)
-        if appeal.requester.user_key != requester.user_key:
-            raise NotAllowed("appeal", "only the person whose prompt was refused can appeal it")
-        audit = AuditEntry(
-            requester.user_key, "appeal.file", requester.user_key, detail={"appeal": appeal.id, "rule": appeal.rule}
-        )
-        if not await self._store.move_appeal(appeal.id, AppealState.REFUSED, AppealState.PENDING, audit):
-            raise InvalidRequest(f"that prompt was appealed already ({(await self._appeal(appeal_id)).state})")
-        return await self._appeal(appeal.id)
+        return await self._appeals.file(requester, appeal_id)
 
     async def pending_appeals(self, actor: Requester, limit: int = 100) -> list[Appeal]:
         """Appeals waiting for an admin, oldest first."""
         self.require_admin(actor, "review")
-        return await self._store.pending_appeals(limit)
+        return await self._appeals.pending(limit)
 
     @refuses_a_charge
     async def allow_appeal(self, actor: Requester, appeal_id: str) -> tuple[Appeal, JobQueued]:
         """Run the refused request for its requester, charged as any job of theirs (their limits apply)."""
         self.require_admin(actor, "review")
-        async with self._deciding:  # one decision at a time: two admins pressing Allow run it once
-            appeal = await self._pending(appeal_id)
-            image = None
-            if appeal.input_image is not None:
-                image = await asyncio.to_thread(self._inputs.read, appeal.input_image)
-            queued = await self._submit(appeal.requester, replace(appeal.request, input_image=image), appeal)
-            audit = AuditEntry(
-                actor.user_key, "appeal.allow", appeal.requester.user_key, queued.job_id, {"appeal": appeal.id}
-            )
-            await self._store.move_appeal(
-                appeal.id, AppealState.PENDING, AppealState.ALLOWED, audit, job_id=queued.job_id
-            )
-        return await self._appeal(appeal.id), queued
+        return await self._appeals.allow(actor, appeal_id)
 
     async def deny_appeal(self, actor: Requester, appeal_id: str, reason: str) -> Appeal:
         self.require_admin(actor, "review")
-        why = reason.strip() or "an admin kept the refusal"
-        async with self._deciding:
-            appeal = await self._pending(appeal_id)
-            audit = AuditEntry(
-                actor.user_key, "appeal.deny", appeal.requester.user_key, detail={"appeal": appeal.id, "reason": why}
-            )
-            await self._store.move_appeal(appeal.id, AppealState.PENDING, AppealState.DENIED, audit, reason=why)
-        return await self._appeal(appeal.id)
-
-    async def _appeal(self, appeal_id: str) -> Appeal:
-        appeal = await self._store.get_appeal(appeal_id.strip())
-        if appeal is None:
-            raise InvalidRequest(f"no appeal has the id {appeal_id!r}", field="appeal")
-        return appeal
-
-    async def _pending(self, appeal_id: str) -> Appeal:
-        appeal = await self._appeal(appeal_id)
-        if appeal.state is not AppealState.PENDING:
-            raise InvalidRequest(f"appeal {appeal.id} was {appeal.state.value}: nothing to decide", field="appeal")
-        return appeal
+        return await self._appeals.deny(actor, appeal_id, reason)
 
     async def cancel(self, requester: Requester, job_id: str) -> JobCancelled:
         job = await self.job(requester, job_id)
@@ -720,88 +657,42 @@ class Engine:
 
     # ---- review ----
 
-    # ---- styles ----
+    # ---- styles (engine/styles.py) ----
 
     def style_report(self, actor: Requester) -> list[StyleServing]:
         """Each configured style and the GPU slots that have its adapters loaded now."""
         self.require_admin(actor, "styles")
         lane = self._backends.get(BackendKind.LOCAL)
-        slots = lane.style_slots() if isinstance(lane, GpuPool) else None
-
-        def serving(name: str) -> tuple[str, ...] | None:
-            if slots is None:
-                return None
-            return tuple(f"{where} ({n} slot{'s' if n != 1 else ''})" for where, n, loaded in slots if name in loaded)
-
-        return [
-            StyleServing(name, style.display_name, style.adapters_text(), serving(name) if style.gpu_only else ())
-            for name, style in self.settings.styles.items()
-        ]
+        return style_report(self.settings.styles, lane.style_slots() if isinstance(lane, GpuPool) else None)
 
     async def reload_styles(self, actor: Requester) -> str:
         """Read [styles.*] from the config file again and serve them without a restart: workers are replaced between
-        jobs to load new adapters, so no job is lost. Other changes to the file need a restart (said so)."""
+        jobs to load new adapters, so no job is lost."""
         self.require_admin(actor, "styles")
-        if self._config_path is None:
-            raise InvalidRequest("this bot runs on the built-in defaults: there is no config file to reload")
-        fresh, _ = await asyncio.to_thread(load_settings, self._config_path)
-        for name, style in fresh.styles.items():
-            unknown = [
-                model
-                for model in (*style.models, *([style.model] if style.model else []))
-                if model not in self.settings.models
-            ]
-            if unknown:
-                raise InvalidRequest(
-                    f"[styles.{name}] names {', '.join(unknown)}, which this running bot does not have: restart it to"
-                    " add models",
-                    field="styles",
-                )
-        old = self.settings.styles
-        added = [name for name in fresh.styles if name not in old]
-        removed = [name for name in old if name not in fresh.styles]
-        changed = [name for name in fresh.styles if name in old and fresh.styles[name] != old[name]]
-        self.settings = self.settings.model_copy(update={"styles": fresh.styles})
+        reload = await read_styles(self._config_path, self.settings)
+        self.settings = self.settings.model_copy(update={"styles": reload.styles})
         self._scheduler.use_settings(self.settings)
         lane = self._backends.get(BackendKind.LOCAL)
         if isinstance(lane, GpuPool):
-            await lane.reload_styles(fresh.styles)
-        detail = {"added": added, "removed": removed, "changed": changed}
-        await self._store.audit(AuditEntry(actor.user_key, "styles.reload", None, detail=detail))
-        if not (added or removed or changed):
-            return "Styles reloaded: nothing changed."
-        parts = [f"{what}: {', '.join(names)}" for what, names in detail.items() if names]
-        return (
-            f"Styles reloaded ({'; '.join(parts)}). Workers load new adapters between jobs; no job is lost. GPU hosts"
-            " read their own config: reload them too (systemctl reload flux-bot-gpu-host)."
-        )
+            await lane.reload_styles(reload.styles)
+        await self._store.audit(AuditEntry(actor.user_key, "styles.reload", None, detail=reload.detail()))
+        return reload.summary()
 
     async def check_styles(self, actor: Requester, *, render_limit_s: float = 600.0) -> list[StyleCheck]:
         """Each style with adapters: its files and hashes, then one test render on the GPU lane (relax mode, as the
         admin asking: it counts against their GPU time like any image)."""
         self.require_admin(actor, "styles")
-        from engine.backends.local.pipeline import WorkerSetupError
-        from engine.backends.local.styles import verified
-
         checks = []
         for name, style in self.settings.styles.items():
             if not style.gpu_only:
                 continue
-            problems = []
-            for adapter in style.adapters:
-                try:
-                    await asyncio.to_thread(verified, name, adapter)
-                except (WorkerSetupError, OSError) as exc:
-                    problems.append(str(exc))
-            if problems:
-                checks.append(StyleCheck(name, tuple(problems)))
+            if problems := await adapter_problems(name, style):
+                checks.append(StyleCheck(name, problems))
                 continue
             model = style.model or (style.models[0] if style.models else self.settings.routing.default_model)
-            request = ImageRequest(
-                f"a test render of the style {style.display_name}", model, style=name, mode=Mode.RELAX
-            )
+            prompt = f"a test render of the style {style.display_name}"
             try:
-                queued = await self.submit(actor, request)
+                queued = await self.submit(actor, ImageRequest(prompt, model, style=name, mode=Mode.RELAX))
             except EngineError as exc:
                 checks.append(StyleCheck(name, (), rendered=f"not rendered: {exc}"))
                 continue
