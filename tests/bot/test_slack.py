@@ -27,7 +27,8 @@ from slack_sdk.signature import SignatureVerifier
 
 import bot.slack_app
 from bot.commands import Commands, ImagineArgs
-from bot.slack_app import CommandNames, SlackFrontEnd, parse_imagine, plain_text
+from bot.slack_app import CommandNames, SlackFrontEnd
+from bot.slack_blocks import parse_imagine, plain_text
 from engine.config import Settings
 from engine.errors import ConfigError, InvalidRequest
 from engine.models import BackendKind, FailureReason, JobState, Platform, Requester, Task

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from bot.slack_app import NOT_AN_ADMIN_FOR_REVIEW, SlackFrontEnd
+from bot.slack_app import SlackFrontEnd
+from bot.slack_blocks import NOT_AN_ADMIN_FOR_REVIEW
 from engine.config import Settings
 from engine.models import BackendKind, JobDone, JobHeld, JobQueued, Requester, Review
 from engine.service import Engine
