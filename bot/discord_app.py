@@ -30,6 +30,7 @@ from discord import app_commands, ui
 from bot import render
 from bot.commands import ChartReply, Commands, ImagineArgs, TakeDown, Variation
 from bot.delivery import ChannelDelivery, follow, forward_alerts, reviewer, warn_no_review_channel
+from bot.discord_admin import admin_group
 from bot.discord_views import (
     BUTTONS,
     EditInstructionModal,
@@ -144,7 +145,9 @@ class DiscordFrontEnd:
         # Jobs an interaction follows are delivered there; the rest (a restart's) go to their channel.
         self._orphans = ChannelDelivery(engine, Platform.DISCORD, lambda job, event: self._deliver(event, None))
         self._add_commands()
-        self.tree.add_command(self._admin_group())
+        self.tree.add_command(
+            admin_group(self._admin, lambda interaction: self._reply(interaction, self.commands.report))
+        )
 
     # ---- life cycle ----
 
@@ -324,126 +327,8 @@ class DiscordFrontEnd:
             if style.sample_image
         ][:10]
 
-    def _admin_group(self) -> app_commands.Group:
-        # Only a hint to Discord's UI (server admins can change it): Commands.admin checks rights at run time.
-        admin = app_commands.Group(
-            name="admin",
-            description="flux-bot administration (admins only)",
-            default_permissions=discord.Permissions(manage_guild=True),
-            guild_only=True,
-        )
-        quota = app_commands.Group(name="quota", description="A user's quota", parent=admin)
-
-        def command(group: app_commands.Group, name: str, description: str) -> Callable[[Any], Any]:
-            return group.command(name=name, description=description)
-
-        def key(user: discord.User) -> str:
-            return f"discord:{user.id}"
-
-        @command(quota, "show", "Show a user's usage and limits")
-        @app_commands.describe(user="Whose quota")
-        async def quota_show(interaction: discord.Interaction, user: discord.User) -> None:
-            await self._admin(interaction, "quota", "show", key(user))
-
-        @command(quota, "set", "Override one of a user's limits")
-        @app_commands.describe(
-            user="Whose limit",
-            limit="images_per_day, gpu_seconds_per_day, api_usd_per_month or concurrent_jobs",
-            value="The new limit ('none' removes it)",
-        )
-        async def quota_set(interaction: discord.Interaction, user: discord.User, limit: str, value: str) -> None:
-            await self._admin(interaction, "quota", "set", key(user), limit, value)
-
-        @command(quota, "grant", "Give a user extra for the current period")
-        @app_commands.describe(user="Who gets it", resource="What to grant", amount="How much")
-        async def quota_grant(
-            interaction: discord.Interaction,
-            user: discord.User,
-            resource: Literal["images", "gpu-seconds", "usd"],
-            amount: str,
-        ) -> None:
-            await self._admin(interaction, "quota", "grant", key(user), resource, amount)
-
-        @command(quota, "reset", "Start a user's current day and month afresh")
-        @app_commands.describe(user="Whose usage")
-        async def quota_reset(interaction: discord.Interaction, user: discord.User) -> None:
-            await self._admin(interaction, "quota", "reset", key(user))
-
-        @command(admin, "spend", "Spend report for a month, per user and backend")
-        @app_commands.describe(month="YYYY-MM (default: this month)")
-        async def spend(interaction: discord.Interaction, month: str | None = None) -> None:
-            await self._admin(interaction, "spend", *([month] if month else []))
-
-        @command(admin, "credits", "The BFL API credits balance")
-        async def credits(interaction: discord.Interaction) -> None:
-            await self._admin(interaction, "credits")
-
-        @command(admin, "pause", "Stop routing new jobs to the local GPU or the API")
-        @app_commands.describe(backend="local or api")
-        async def pause(interaction: discord.Interaction, backend: Literal["local", "api"]) -> None:
-            await self._admin(interaction, "pause", backend)
-
-        @command(admin, "resume", "Route jobs to the local GPU or the API again")
-        @app_commands.describe(backend="local or api")
-        async def resume(interaction: discord.Interaction, backend: Literal["local", "api"]) -> None:
-            await self._admin(interaction, "resume", backend)
-
-        @command(admin, "ban", "Stop a user from generating images")
-        @app_commands.describe(user="Who")
-        async def ban(interaction: discord.Interaction, user: discord.User) -> None:
-            await self._admin(interaction, "ban", key(user))
-
-        @command(admin, "unban", "Let a banned user generate images again")
-        @app_commands.describe(user="Who")
-        async def unban(interaction: discord.Interaction, user: discord.User) -> None:
-            await self._admin(interaction, "unban", key(user))
-
-        @command(admin, "jobs", "Every job waiting or running")
-        async def jobs(interaction: discord.Interaction) -> None:
-            await self._admin(interaction, "jobs")
-
-        @command(admin, "report", "Spend, images, failures and latency over the last 30 days, as a chart")
-        async def report(interaction: discord.Interaction) -> None:
-            await self._reply(interaction, self.commands.report)
-
-        @command(admin, "cancel", "Cancel any job")
-        @app_commands.describe(job="The job id")
-        async def cancel(interaction: discord.Interaction, job: str) -> None:
-            await self._admin(interaction, "cancel", job)
-
-        @command(admin, "review", "Held images and appeals: list them, or decide one")
-        @app_commands.describe(
-            decision="What to do (list: what waits)",
-            target="The held job's id, or the appeal's (for allow and deny)",
-            reason="Why (for a rejection or a denial; the requester reads it)",
-        )
-        async def review(
-            interaction: discord.Interaction,
-            decision: Literal["list", "approve", "reject", "reject-and-ban", "allow", "deny"] = "list",
-            target: str | None = None,
-            reason: str | None = None,
-        ) -> None:
-            await self._admin(
-                interaction, "review", decision, *([target] if target else []), *([reason] if reason else [])
-            )
-
-        @command(admin, "styles", "The styles and the GPU slots serving each; reload them, or check their files")
-        @app_commands.describe(action="list (default), reload ([styles.*] read again) or check (files and a render)")
-        async def styles(interaction: discord.Interaction, action: Literal["list", "reload", "check"] = "list") -> None:
-            await self._admin(interaction, "styles", action)
-
-        @command(admin, "takedown", "Delete a posted image everywhere it was posted, and from the state folder")
-        @app_commands.describe(job="The job id", reason="Why (kept with the job's record)")
-        async def takedown(interaction: discord.Interaction, job: str, reason: str) -> None:
-            await self._admin(interaction, "takedown", job, reason)
-
-        @command(admin, "audit", "Who did what: reviews, take-downs, appeals, bans, limits")
-        @app_commands.describe(since="YYYY-MM-DD (UTC)", action="An action or a family of them, e.g. review")
-        async def audit(interaction: discord.Interaction, since: str | None = None, action: str | None = None) -> None:
-            filters = [*(["--since", since] if since else []), *(["--action", action] if action else [])]
-            await self._admin(interaction, "audit", *filters)
-
-        return admin
+    async def _send_report(self, interaction: discord.Interaction) -> None:
+        await self._reply(interaction, self.commands.report)
 
     async def _admin(self, interaction: discord.Interaction, *words: str) -> None:
         text = shlex.join(words)
