@@ -76,7 +76,7 @@ from engine.review import Classifier, ReviewStep, classifier_for
 from engine.scheduler import Scheduler
 from engine.sd_notify import Notifier, watchdog_interval_s
 from engine.store import Store, totals_differences_in
-from engine.styles import adapter_problems, read_styles, style_report
+from engine.styles import adapter_problems, read_styles, render_outcome, style_report
 from engine.telemetry import Health, Telemetry
 from engine.validation import resolve
 
@@ -655,8 +655,6 @@ class Engine:
         )
         return seen
 
-    # ---- review ----
-
     # ---- styles (engine/styles.py) ----
 
     def style_report(self, actor: Requester) -> list[StyleServing]:
@@ -696,20 +694,12 @@ class Engine:
             except EngineError as exc:
                 checks.append(StyleCheck(name, (), rendered=f"not rendered: {exc}"))
                 continue
-            checks.append(StyleCheck(name, (), queued.job_id, await self._rendered(queued.job_id, render_limit_s)))
+            checks.append(
+                StyleCheck(name, (), queued.job_id, await render_outcome(self._store, queued.job_id, render_limit_s))
+            )
         return checks
 
-    async def _rendered(self, job_id: str, limit_s: float) -> str:
-        """How a test render ended, read from the store (a render queued by the CLI runs in the bot's process)."""
-        deadline = time.monotonic() + limit_s
-        while time.monotonic() < deadline:
-            job = await self._store.get_job(job_id)
-            if job.state.terminal:
-                if job.state is JobState.DONE and job.started_at and job.finished_at:
-                    return f"done in {job.finished_at - job.started_at:.1f} s ({job.result_path})"
-                return f"{job.state.value}: {job.error or job.failure_reason or 'no detail'}"
-            await asyncio.sleep(0.2)
-        return f"not finished after {limit_s:g} s (is the bot running? `flux-bot admin jobs` shows the job)"
+    # ---- review ----
 
     async def held_jobs(self, actor: Requester, limit: int = 100) -> list[Job]:
         """The images waiting for an admin's review, oldest first."""

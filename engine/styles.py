@@ -5,13 +5,15 @@ The worker's side, loading and switching adapters, is engine/backends/local/styl
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config import Settings, StyleSettings, load_settings
 from engine.errors import InvalidRequest
-from engine.models import StyleServing
+from engine.models import JobState, StyleServing
+from engine.store import Store
 
 # (where, slots, the LoRA styles loaded there), as the GPU lane's members report their workers.
 Slots = list[tuple[str, int, tuple[str, ...]]]
@@ -87,3 +89,17 @@ async def adapter_problems(name: str, style: StyleSettings) -> tuple[str, ...]:
         except (WorkerSetupError, OSError) as exc:
             problems.append(str(exc))
     return tuple(problems)
+
+
+async def render_outcome(store: Store, job_id: str, limit_s: float) -> str:
+    """How a style's test render ended, read from the store: a render the CLI queued runs in the bot's process, whose
+    events this one never sees."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        job = await store.get_job(job_id)
+        if job.state.terminal:
+            if job.state is JobState.DONE and job.started_at and job.finished_at:
+                return f"done in {job.finished_at - job.started_at:.1f} s ({job.result_path})"
+            return f"{job.state.value}: {job.error or job.failure_reason or 'no detail'}"
+        await asyncio.sleep(0.2)
+    return f"not finished after {limit_s:g} s (is the bot running? `flux-bot admin jobs` shows the job)"
