@@ -157,59 +157,46 @@ def result_blocks(text: str, job_id: str, file_id: str) -> list[dict[str, Any]]:
     Delete's value also names the uploaded image, which lives in the thread and would outlive its parent message.
     """
     buttons = [
-        {
-            "type": "button",
-            "action_id": action_id.value,
-            "text": {"type": "plain_text", "text": label},
-            "value": f"{job_id}:{file_id}" if action_id is ResultAction.DELETE else job_id,
-            **({"style": "danger"} if action_id is ResultAction.DELETE else {}),
-        }
+        _button(action_id, label, f"{job_id}:{file_id}", "danger")
+        if action_id is ResultAction.DELETE
+        else _button(action_id, label, job_id)
         for action_id, label in RESULT_BUTTONS
     ]
-    return [
-        {"type": "section", "text": {"type": "mrkdwn", "text": text}},
-        {"type": "actions", "block_id": f"flux_result_{job_id}", "elements": buttons},
-    ]
+    return _with_buttons(text, f"flux_result_{job_id}", buttons)
 
 
 def review_blocks(text: str, job_id: str) -> list[dict[str, Any]]:
     """The review message (text already markup) with the REVIEW_BUTTONS, each valued with the job id."""
-    buttons = [
-        {
-            "type": "button",
-            "action_id": action_id.value,
-            "text": {"type": "plain_text", "text": label},
-            "value": job_id,
-            "style": style,
-        }
-        for action_id, label, style in REVIEW_BUTTONS
-    ]
-    return [
-        {"type": "section", "text": {"type": "mrkdwn", "text": text}},
-        {"type": "actions", "block_id": f"flux_review_{job_id}", "elements": buttons},
-    ]
+    buttons = [_button(action_id, label, job_id, style) for action_id, label, style in REVIEW_BUTTONS]
+    return _with_buttons(text, f"flux_review_{job_id}", buttons)
 
 
 def appeal_blocks(text: str, appeal_id: str, *, for_admins: bool) -> list[dict[str, Any]]:
     """A message (text already markup) with the requester's Appeal button, or the admins' Allow / Keep refused."""
-    buttons = (
+    choices = (
         [(AppealAction.ALLOW, "Allow and run", "primary"), (AppealAction.DENY, "Keep refused", "danger")]
         if for_admins
         else [(AppealAction.FILE, "Appeal", "primary")]
     )
-    elements = [
-        {
-            "type": "button",
-            "action_id": action_id.value,
-            "text": {"type": "plain_text", "text": label},
-            "value": appeal_id,
-            "style": style,
-        }
-        for action_id, label, style in buttons
-    ]
+    buttons = [_button(action_id, label, appeal_id, style) for action_id, label, style in choices]
+    return _with_buttons(text, f"flux_appeal_{appeal_id}", buttons)
+
+
+def _button(action_id: StrEnum, label: str, value: str, style: str | None = None) -> dict[str, Any]:
+    button: dict[str, Any] = {
+        "type": "button",
+        "action_id": action_id.value,
+        "text": {"type": "plain_text", "text": label},
+        "value": value,
+    }
+    return button | ({"style": style} if style else {})
+
+
+def _with_buttons(text: str, block_id: str, buttons: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A section with the text, and under it an actions block with the buttons."""
     return [
         {"type": "section", "text": {"type": "mrkdwn", "text": text}},
-        {"type": "actions", "block_id": f"flux_appeal_{appeal_id}", "elements": elements},
+        {"type": "actions", "block_id": block_id, "elements": buttons},
     ]
 
 
