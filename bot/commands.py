@@ -19,6 +19,7 @@ from bot import render
 from engine.errors import InvalidRequest, refuses_a_charge
 from engine.models import (
     ASPECT_SIZES,
+    Appeal,
     BackendKind,
     ImageRequest,
     Job,
@@ -367,6 +368,18 @@ class Commands:
         style = self.engine.settings.styles.get(job.request.style) if job.request.style else None
         return render.job_text(job, self.model_display(job.request.model), self.safe, style)
 
+    @refuses_a_charge
+    async def decide_appeal(self, actor: Requester, appeal_id: str, allow: bool, reason: str = "") -> Appeal:
+        """An admin's Allow and run (the request runs for its requester) or Keep refused (with `reason`, told to the
+        requester), from any front-end."""
+        if allow:
+            appeal, queued = await self.engine.allow_appeal(actor, appeal_id)
+            log.info("appeal %s allowed by %s: job %s", appeal.id, actor.user_key, queued.job_id)
+        else:
+            appeal = await self.engine.deny_appeal(actor, appeal_id, reason)
+            log.info("appeal %s kept refused by %s", appeal.id, actor.user_key)
+        return appeal
+
     def styles(self) -> str:
         models = {name: model.display_name for name, model in self.engine.settings.models.items()}
         return render.styles_text(self.engine.settings.styles, models)
@@ -455,13 +468,13 @@ class Commands:
                 ]
                 return "\n".join([*lines, render.appeals_text(appeals, self.safe)] if appeals else lines)
             case ["review", "allow", appeal_id]:
-                appeal, queued = await engine.allow_appeal(requester, appeal_id)
+                appeal = await self.decide_appeal(requester, appeal_id, True)
                 return (
-                    f"Appeal {appeal.id} allowed: job {queued.job_id} runs for {appeal.requester.user_key}, charged"
+                    f"Appeal {appeal.id} allowed: job {appeal.job_id} runs for {appeal.requester.user_key}, charged"
                     " as usual, and is posted where they asked."
                 )
             case ["review", "deny", appeal_id, *reason]:
-                appeal = await engine.deny_appeal(requester, appeal_id, " ".join(reason))
+                appeal = await self.decide_appeal(requester, appeal_id, False, " ".join(reason))
                 return f"Appeal {appeal.id} kept refused ({appeal.reason})."
             case ["styles"] | ["styles", "list"]:
                 return render.style_report_text(engine.style_report(requester))

@@ -724,12 +724,7 @@ class DiscordFrontEnd:
             return
         await interaction.response.defer()
         try:
-            if allow:
-                appeal, queued = await self.engine.allow_appeal(actor, appeal_id)
-                log.info("appeal %s allowed on Discord by %s: job %s", appeal.id, actor.user_key, queued.job_id)
-            else:
-                appeal = await self.engine.deny_appeal(actor, appeal_id, "")
-                log.info("appeal %s kept refused on Discord by %s", appeal.id, actor.user_key)
+            appeal = await self.commands.decide_appeal(actor, appeal_id, allow)
         except EngineError as exc:
             await interaction.followup.send(clip(error_text(exc)), ephemeral=True)
             return

@@ -627,13 +627,9 @@ class SlackFrontEnd:
         if not self.engine.is_admin(admin):
             await self._ephemeral(admin, "Only admins can decide appeals; nothing was changed.")
             return
+        allow = AppealAction(str(action.get("action_id"))) is AppealAction.ALLOW
         try:
-            if AppealAction(str(action.get("action_id"))) is AppealAction.ALLOW:
-                appeal, queued = await self.engine.allow_appeal(admin, appeal_id)
-                log.info("appeal %s allowed on Slack by %s: job %s", appeal.id, admin.user_key, queued.job_id)
-            else:
-                appeal = await self.engine.deny_appeal(admin, appeal_id, "")
-                log.info("appeal %s kept refused on Slack by %s", appeal.id, admin.user_key)
+            appeal = await self.commands.decide_appeal(admin, appeal_id, allow)
         except EngineError as exc:
             await self._ephemeral(admin, render.error_message(exc, self.engine.capabilities()))
             return
