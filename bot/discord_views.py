@@ -107,25 +107,34 @@ def _actions(interaction: discord.Interaction) -> ResultActions:
     return client.actions
 
 
-class _JobButton(ui.DynamicItem[ui.Button[ui.View]], template=r"flux:(?P<action>[\w-]+):" + JOB_ID):
-    """Base of the result buttons: the action and job id both come from the custom id."""
+class _IdButton(ui.DynamicItem[ui.Button[ui.View]], template=r"flux:(?P<action>[\w-]+):(?P<id>[ja][0-9a-z]{1,40})"):
+    """Base of every button: its custom id is "flux:<action>:<id>", the id a job's or an appeal's (the last group of
+    each subclass's template)."""
 
     action = ""
     label = ""
     style = discord.ButtonStyle.secondary
 
-    def __init__(self, job_id: str, row: int | None = None) -> None:
+    def __init__(self, item_id: str, row: int | None = None) -> None:
         button: ui.Button[ui.View] = ui.Button(
-            label=self.label, style=self.style, custom_id=f"flux:{self.action}:{job_id}", row=row
+            label=self.label, style=self.style, custom_id=f"flux:{self.action}:{item_id}", row=row
         )
         super().__init__(button)
-        self.job_id = job_id
+        self.item_id = item_id
 
     @classmethod
     async def from_custom_id(
         cls, interaction: discord.Interaction, item: ui.Item[Any], match: re.Match[str], /
-    ) -> _JobButton:
-        return cls(match["job_id"])
+    ) -> _IdButton:
+        return cls(match[match.re.groups])
+
+
+class _JobButton(_IdButton, template=r"flux:(?P<action>[\w-]+):" + JOB_ID):
+    """Base of the result and review buttons: the action and job id both come from the custom id."""
+
+    @property
+    def job_id(self) -> str:
+        return self.item_id
 
 
 class RerollButton(_JobButton, template=r"flux:reroll:" + JOB_ID):
@@ -206,25 +215,12 @@ class ReviewBanButton(_JobButton, template=r"flux:review-ban:" + JOB_ID):
 REVIEW_BUTTONS: tuple[type[_JobButton], ...] = (ReviewApproveButton, ReviewRejectButton, ReviewBanButton)
 
 
-class _AppealButton(ui.DynamicItem[ui.Button[ui.View]], template=r"flux:(?P<action>appeal[\w-]*):" + APPEAL_ID):
+class _AppealButton(_IdButton, template=r"flux:(?P<action>appeal[\w-]*):" + APPEAL_ID):
     """Base of the appeal buttons: a refused prompt's Appeal, and Allow / Keep refused for the admins."""
 
-    action = ""
-    label = ""
-    style = discord.ButtonStyle.secondary
-
-    def __init__(self, appeal_id: str) -> None:
-        button: ui.Button[ui.View] = ui.Button(
-            label=self.label, style=self.style, custom_id=f"flux:{self.action}:{appeal_id}"
-        )
-        super().__init__(button)
-        self.appeal_id = appeal_id
-
-    @classmethod
-    async def from_custom_id(
-        cls, interaction: discord.Interaction, item: ui.Item[Any], match: re.Match[str], /
-    ) -> _AppealButton:
-        return cls(match["appeal_id"])
+    @property
+    def appeal_id(self) -> str:
+        return self.item_id
 
 
 class AppealButton(_AppealButton, template=r"flux:appeal:" + APPEAL_ID):
@@ -255,7 +251,7 @@ RESULT_ROWS: tuple[tuple[type[_JobButton], ...], ...] = (
     (EditResultButton, EditPromptButton, DeleteButton),
 )
 # Every button a click can arrive from, the old messages' too.
-BUTTONS: tuple[type[_JobButton] | type[_AppealButton], ...] = (
+BUTTONS: tuple[type[_IdButton], ...] = (
     *(button for row in RESULT_ROWS for button in row),
     LegacyVaryButton,
     *REVIEW_BUTTONS,
