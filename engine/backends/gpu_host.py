@@ -128,7 +128,6 @@ class GpuHost:
         self._backend = backend
         self._models = tuple(models)
         self._queues = queues(all_models or {}, styles or {}, models)
-        self._styles = tuple(sorted({queue.style for queue in self._queues if queue.style}))
         self.name = name
         self._lane: Lane | None = None
         self._held: dict[str, _Held] = {}  # by job id
@@ -193,7 +192,6 @@ class GpuHost:
             return
         await self._backend.reload_styles(settings.styles)
         self._queues = queues(settings.models, settings.styles, self._models)
-        self._styles = tuple(sorted({queue.style for queue in self._queues if queue.style}))
         log.info("styles reloaded: serving %s", ", ".join(str(queue) for queue in self._queues))
 
     def _serving(self) -> bool:
@@ -212,7 +210,7 @@ class GpuHost:
             seconds_per_step=self._seconds_per_step,
             recycles=self._backend.recycles,
             jobs=tuple(f"{held.job.id}:{held.job.attempt}" for held in self._held.values()),
-            styles=self._styles,
+            styles=tuple(sorted({queue.style for queue in self._queues if queue.style})),
         )
 
     async def _beat(self, lane: Lane) -> None:

@@ -292,8 +292,7 @@ class RemoteHosts:
         self._styles = dict(styles)
         lane = self._lane
         if lane is not None:
-            local = [name for name, model in self._models.items() if model.local]
-            wanted = queues(self._models, self._styles, local)
+            wanted = self._lane_queues()
             await until_done(lambda: add_queues(lane.js, self._settings, wanted), "adding the styles' queues")
 
     async def wait_for_slots(self, slots: int) -> None:
@@ -308,7 +307,6 @@ class RemoteHosts:
     # ---- connection ----
 
     async def _connect(self) -> None:
-        local = [name for name, model in self._models.items() if model.local]
         client = await connect(
             self._settings,
             self._credentials,
@@ -317,7 +315,7 @@ class RemoteHosts:
             on_reconnect=self._on_reconnect,
         )
         try:
-            lane = await create_lane(client, self._settings, queues(self._models, self._styles, local))
+            lane = await create_lane(client, self._settings, self._lane_queues())
         except ERRORS as exc:
             await client.close()
             raise NatsUnavailable(f"cannot create the GPU lane's streams on {self._settings.url}: {exc}") from exc
@@ -351,6 +349,10 @@ class RemoteHosts:
             self._reachable_since = self._clock()
 
     # ---- hosts ----
+
+    def _lane_queues(self) -> list[Queue]:
+        """Every queue the lane has: each GPU-lane model's, and each of its styles with adapters."""
+        return queues(self._models, self._styles, [name for name, model in self._models.items() if model.local])
 
     def _queue(self, request: ResolvedRequest) -> Queue:
         return queue_of(request.model, request.style, self._styles)
